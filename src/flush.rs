@@ -1,0 +1,272 @@
+//! The flusher: the one task that moves pending deltas into the store.
+//!
+//! Every flush interval, or sooner when asked (too many pending keys, or `ack=store`
+//! requests waiting), it seals the live generation into a batch numbered `(instance_id, seq)`
+//! and applies it in one transaction. While a batch is being written, ingest goes on into
+//! the next generation. A batch that fails is retried *as it was*, with capped exponential
+//! backoff, until the store takes it; no newer batch is sealed meanwhile, so seqs reach the
+//! store in order and a retry after an unknown commit outcome is skipped by the store
+//! instead of counted twice.
+//!
+//! A batch the store rejects for a data reason (a sum beyond 64 bits) is searched for the
+//! offending keys, which are moved to the dead-letter table in the same transaction as the
+//! rest of the batch: a poison key never wedges the flusher.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{Aggregator, Sealed};
+use crate::journal::Journal;
+use crate::metrics as m;
+use crate::store::{Applied, Batch, DeadLetter, Store, StoreError};
+
+/// First retry delay after a failed batch.
+const BACKOFF_START: Duration = Duration::from_millis(50);
+/// Longest retry delay: an outage is noticed within this long after the store returns.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The flusher's view of the store, read by `/readyz`.
+#[derive(Debug, Default)]
+pub struct FlushHealth {
+    /// The error of the last attempt, if it failed; cleared by the next success.
+    last_error: Mutex<Option<String>>,
+}
+
+impl FlushHealth {
+    /// The reason the last flush attempt failed, if it did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, error: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+}
+
+/// The flusher task's state. Built by `startup`, consumed by [`Flusher::run`].
+pub struct Flusher {
+    pub aggregator: Arc<Aggregator>,
+    pub store: Arc<dyn Store>,
+    pub journal: Option<Arc<Journal>>,
+    pub instance_id: Arc<str>,
+    pub interval: Duration,
+    /// Publishes the seq of each batch the store holds; `ack=store` requests wait on it.
+    pub applied: watch::Sender<u64>,
+    pub health: Arc<FlushHealth>,
+}
+
+/// What one call of [`Flusher::flush`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Nothing was pending.
+    Nothing,
+    /// A batch with this many keys is in the store.
+    Batch { seq: u64, keys: usize },
+}
+
+impl Flusher {
+    /// Flushes on every tick or request until `shutdown`, then drains: flushes until nothing
+    /// is pending, giving up after `drain_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// If the drain could not finish in time; what was left is still in the journal when
+    /// `ack=journal`, and lost otherwise (the error says how many keys).
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                () = self.aggregator.flush_requested() => {}
+            }
+            self.flush().await;
+            metrics::gauge!(m::PENDING_KEYS).set(self.aggregator.live_keys() as f64);
+            metrics::gauge!(m::FLUSH_LAG).set(self.aggregator.lag().as_secs_f64());
+        }
+        tracing::info!("Draining: flushing every pending delta.");
+        let drained = tokio::time::timeout(drain_timeout, async {
+            while let Flushed::Batch { .. } = self.flush().await {}
+        })
+        .await;
+        if drained.is_err() {
+            let left =
+                self.aggregator.live_keys() + self.aggregator.inflight().map_or(0, |b| b.len());
+            bail!("final flush did not finish within {drain_timeout:?}: {left} keys not written");
+        }
+        if let Some(journal) = &self.journal {
+            journal.close(self.aggregator.applied_seq()).await?;
+        }
+        tracing::info!(
+            seq = self.aggregator.applied_seq(),
+            "Drained: everything is in the store."
+        );
+        Ok(())
+    }
+
+    /// Writes the batch in flight, or seals and writes the live generation; retries until
+    /// the store has it.
+    pub async fn flush(&self) -> Flushed {
+        let Some(batch) = self
+            .aggregator
+            .inflight()
+            .or_else(|| self.aggregator.seal())
+        else {
+            return Flushed::Nothing;
+        };
+        let keys = self.write(&batch).await;
+        self.aggregator.complete(batch.seq);
+        self.applied.send_replace(batch.seq);
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.trim(batch.seq) {
+                tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
+            }
+        }
+        Flushed::Batch {
+            seq: batch.seq,
+            keys,
+        }
+    }
+
+    /// Applies `batch`, retrying with backoff until it is in the store; returns its key count.
+    async fn write(&self, batch: &Sealed) -> usize {
+        let mut entries = batch.sorted();
+        let mut dead_letters = Vec::new();
+        let mut backoff = BACKOFF_START;
+        let mut attempt = 1u32;
+        loop {
+            let started = Instant::now();
+            let result = self
+                .store
+                .apply(Batch {
+                    instance_id: &self.instance_id,
+                    seq: batch.seq,
+                    entries: &entries,
+                    dead_letters: &dead_letters,
+                })
+                .await;
+            metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed());
+            let error = match result {
+                Ok(applied) => {
+                    let result = match applied {
+                        Applied::Committed => "committed",
+                        Applied::AlreadyApplied => "already_applied",
+                    };
+                    metrics::counter!(m::FLUSH_BATCHES, "result" => result).increment(1);
+                    metrics::histogram!(m::FLUSH_KEYS).record(entries.len() as f64);
+                    self.health.set(None);
+                    tracing::debug!(
+                        seq = batch.seq,
+                        keys = entries.len(),
+                        dead_letters = dead_letters.len(),
+                        duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                        result,
+                        "Flushed batch."
+                    );
+                    return entries.len();
+                }
+                Err(StoreError::Rejected { reason, keys }) => {
+                    metrics::counter!(m::FLUSH_BATCHES, "result" => "rejected").increment(1);
+                    match self
+                        .set_aside(&mut entries, &mut dead_letters, &reason, keys)
+                        .await
+                    {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            metrics::counter!(m::FLUSH_BATCHES, "result" => "failed").increment(1);
+            self.health.set(Some(error.to_string()));
+            tracing::warn!(
+                error = %error, seq = batch.seq, keys = entries.len(), attempt,
+                retry_in_ms = backoff.as_millis() as u64,
+                "Batch not written; retrying."
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            attempt += 1;
+        }
+    }
+
+    /// Moves the keys the store refuses from `entries` to `dead_letters`. Uses the store's
+    /// list when it names them, else bisects with [`Store::probe`].
+    async fn set_aside(
+        &self,
+        entries: &mut Vec<(&str, i64)>,
+        dead_letters: &mut Vec<DeadLetter>,
+        reason: &str,
+        named: Vec<String>,
+    ) -> Result<(), StoreError> {
+        let bad: Vec<usize> = if named.is_empty() {
+            self.find_rejected(entries).await?
+        } else {
+            entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (k, _))| named.iter().any(|n| n == k))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        if bad.is_empty() {
+            // The store refused the batch but accepts every part of it: nothing to set aside,
+            // so treat it as a failure that may pass.
+            return Err(StoreError::Rejected {
+                reason: reason.to_owned(),
+                keys: named,
+            });
+        }
+        for &i in bad.iter().rev() {
+            let (key, delta) = entries.remove(i);
+            tracing::error!(
+                key,
+                delta,
+                reason,
+                "Store refused a delta; moved it to tally_dead_letters."
+            );
+            dead_letters.push(DeadLetter {
+                key: key.to_owned(),
+                delta,
+                reason: reason.to_owned(),
+            });
+        }
+        metrics::counter!(m::DEAD_LETTERS).increment(bad.len() as u64);
+        Ok(())
+    }
+
+    /// Indexes of the entries the store refuses, found by bisection: O(bad · log n) probes.
+    async fn find_rejected(&self, entries: &[(&str, i64)]) -> Result<Vec<usize>, StoreError> {
+        let mut bad = Vec::new();
+        let mut ranges = vec![0..entries.len()];
+        while let Some(range) = ranges.pop() {
+            match self.store.probe(&entries[range.clone()]).await {
+                Ok(()) => {}
+                Err(StoreError::Rejected { .. }) if range.len() == 1 => bad.push(range.start),
+                Err(StoreError::Rejected { .. }) => {
+                    let mid = range.start + range.len() / 2;
+                    ranges.push(mid..range.end);
+                    ranges.push(range.start..mid);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        bad.sort_unstable();
+        Ok(bad)
+    }
+}

@@ -1,0 +1,268 @@
+//! Pure request-body parsers: bytes + Content-Type → validated [`Increment`]s.
+//!
+//! No I/O and no state, so they can be fuzzed and table-tested. Well-formedness errors
+//! (400) are told apart from wrong or missing values (422) with serde_json's error
+//! classification.
+
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::key::{Increment, Key};
+
+/// Body formats tally reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/json` (or any `+json` type).
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+    /// `application/x-ndjson`: one JSON object per line.
+    Ndjson,
+}
+
+/// Limits applied while parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_batch_items: usize,
+}
+
+/// One increment as it travels on the wire. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct Wire {
+    key: String,
+    value: i64,
+}
+
+impl Wire {
+    fn validate(self, limits: &Limits) -> Result<Increment, ApiError> {
+        let key = Key::parse(self.key, limits.max_key_bytes)
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
+        Ok(Increment {
+            key,
+            delta: self.value,
+        })
+    }
+}
+
+/// Reads the Content-Type's media type and checks that it is one of `accepted`.
+///
+/// # Errors
+///
+/// [`ApiError::UnsupportedMediaType`] naming what the route accepts.
+pub fn format(content_type: Option<&str>, accepted: &[Format]) -> Result<Format, ApiError> {
+    let essence = content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let found = match essence.as_str() {
+        "application/x-www-form-urlencoded" => Some(Format::Form),
+        "application/x-ndjson" | "application/jsonl" => Some(Format::Ndjson),
+        e if e == "application/json" || (e.starts_with("application/") && e.ends_with("+json")) => {
+            Some(Format::Json)
+        }
+        _ => None,
+    };
+    found.filter(|f| accepted.contains(f)).ok_or_else(|| {
+        let names: Vec<&str> = accepted
+            .iter()
+            .map(|f| match f {
+                Format::Json => "application/json",
+                Format::Form => "application/x-www-form-urlencoded",
+                Format::Ndjson => "application/x-ndjson",
+            })
+            .collect();
+        let got = if essence.is_empty() {
+            "no Content-Type".to_owned()
+        } else {
+            format!("Content-Type {essence:?}")
+        };
+        ApiError::UnsupportedMediaType(format!("got {got}; send one of: {}", names.join(", ")))
+    })
+}
+
+fn json_error(e: &serde_json::Error, context: &str) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Data => ApiError::Invalid(format!("{context}{e}")),
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::Malformed(format!("{context}{e}"))
+        }
+    }
+}
+
+/// Parses the body of `POST /increment`: one JSON object or a form.
+///
+/// # Errors
+///
+/// 400 for malformed JSON, 422 for a missing/ill-typed field or an invalid key.
+pub fn parse_one(format: Format, body: &[u8], limits: &Limits) -> Result<Increment, ApiError> {
+    let wire: Wire = match format {
+        Format::Json | Format::Ndjson => {
+            serde_json::from_slice(body).map_err(|e| json_error(&e, ""))?
+        }
+        Format::Form => serde_urlencoded::from_bytes(body)
+            .map_err(|e| ApiError::Invalid(format!("form body: {e}")))?,
+    };
+    wire.validate(limits)
+}
+
+/// Parses the body of `POST /increments`: a JSON array of objects, or NDJSON. Validates
+/// every item before returning, so the caller can accept all or none.
+///
+/// # Errors
+///
+/// 400 / 422 as [`parse_one`], naming the item; 413 if there are more items than allowed.
+pub fn parse_many(
+    format: Format,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<Vec<Increment>, ApiError> {
+    let wires: Vec<Wire> = match format {
+        Format::Json => serde_json::from_slice(body).map_err(|e| json_error(&e, ""))?,
+        Format::Ndjson => body
+            .split(|&b| b == b'\n')
+            .enumerate()
+            .filter(|(_, line)| !line.trim_ascii().is_empty())
+            .map(|(n, line)| {
+                serde_json::from_slice(line)
+                    .map_err(|e| json_error(&e, &format!("line {}: ", n + 1)))
+            })
+            .collect::<Result<_, _>>()?,
+        Format::Form => {
+            return Err(ApiError::UnsupportedMediaType(
+                "batches are JSON or NDJSON".into(),
+            ));
+        }
+    };
+    if wires.len() > limits.max_batch_items {
+        return Err(ApiError::TooLarge(format!(
+            "batch has {} items; the limit is {} (--max-batch-items)",
+            wires.len(),
+            limits.max_batch_items
+        )));
+    }
+    wires
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            w.validate(limits)
+                .map_err(|e| ApiError::Invalid(format!("item {i}: {e}")))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_key_bytes: 8,
+        max_batch_items: 3,
+    };
+
+    fn one(format: Format, body: &str) -> Result<Increment, ApiError> {
+        parse_one(format, body.as_bytes(), &LIMITS)
+    }
+
+    #[test]
+    fn reads_json_and_form() {
+        let want = Increment {
+            key: Key::parse("abc", 8).expect("valid"),
+            delta: -5,
+        };
+        assert_eq!(
+            one(Format::Json, r#"{"key":"abc","value":-5}"#).ok(),
+            Some(want.clone())
+        );
+        assert_eq!(one(Format::Form, "key=abc&value=-5").ok(), Some(want));
+    }
+
+    #[test]
+    fn tells_malformed_from_invalid() {
+        let cases: &[(Format, &str, &str)] = &[
+            (Format::Json, r#"{"key":"a","value":1"#, "400"),
+            (Format::Json, "not json", "400"),
+            (Format::Json, "", "400"),
+            (Format::Json, r#"{"key":"a"}"#, "422"),
+            (Format::Json, r#"{"value":1}"#, "422"),
+            (Format::Json, r#"{"key":"a","value":1.5}"#, "422"),
+            (Format::Json, r#"{"key":"a","value":"1"}"#, "422"),
+            (
+                Format::Json,
+                r#"{"key":"a","value":9223372036854775808}"#,
+                "422",
+            ),
+            (Format::Json, r#"{"key":1,"value":1}"#, "422"),
+            (Format::Json, r#"{"key":"","value":1}"#, "422"),
+            (Format::Json, r#"{"key":"123456789","value":1}"#, "422"),
+            (Format::Json, r#"{"key":"a\u0000","value":1}"#, "422"),
+            (Format::Json, "[]", "422"),
+            (Format::Form, "key=a", "422"),
+            (Format::Form, "key=a&value=x", "422"),
+            (Format::Form, "key=&value=1", "422"),
+        ];
+        for (format, body, want) in cases {
+            let got = match one(*format, body) {
+                Err(ApiError::Malformed(_)) => "400",
+                Err(ApiError::Invalid(_)) => "422",
+                other => panic!("{body:?}: unexpected {other:?}"),
+            };
+            assert_eq!(got, *want, "body {body:?}");
+        }
+    }
+
+    #[test]
+    fn batches_are_all_or_nothing_and_bounded() {
+        let ok = parse_many(
+            Format::Json,
+            br#"[{"key":"a","value":1},{"key":"b","value":2}]"#,
+            &LIMITS,
+        );
+        assert_eq!(ok.map(|v| v.len()).ok(), Some(2));
+        let nd = parse_many(
+            Format::Ndjson,
+            b"{\"key\":\"a\",\"value\":1}\n\n{\"key\":\"b\",\"value\":2}\n",
+            &LIMITS,
+        );
+        assert_eq!(nd.map(|v| v.len()).ok(), Some(2));
+        let bad = parse_many(
+            Format::Json,
+            br#"[{"key":"a","value":1},{"key":"","value":2}]"#,
+            &LIMITS,
+        );
+        assert!(matches!(bad, Err(ApiError::Invalid(m)) if m.starts_with("item 1")));
+        let nd_bad = parse_many(
+            Format::Ndjson,
+            b"{\"key\":\"a\",\"value\":1}\n{oops\n",
+            &LIMITS,
+        );
+        assert!(matches!(nd_bad, Err(ApiError::Malformed(m)) if m.starts_with("line 2")));
+        let many = parse_many(
+            Format::Json,
+            &serde_json::to_vec(&vec![serde_json::json!({"key":"a","value":1}); 4]).expect("json"),
+            &LIMITS,
+        );
+        assert!(matches!(many, Err(ApiError::TooLarge(_))));
+    }
+
+    #[test]
+    fn reads_content_types() {
+        let all = [Format::Json, Format::Form];
+        assert_eq!(
+            format(Some("application/json; charset=utf-8"), &all).ok(),
+            Some(Format::Json)
+        );
+        assert_eq!(
+            format(Some("Application/JSON"), &all).ok(),
+            Some(Format::Json)
+        );
+        assert_eq!(
+            format(Some("application/x-www-form-urlencoded"), &all).ok(),
+            Some(Format::Form)
+        );
+        assert!(format(Some("text/plain"), &all).is_err());
+        assert!(format(None, &all).is_err());
+        assert!(format(Some("application/x-ndjson"), &all).is_err());
+    }
+}

@@ -1,0 +1,69 @@
+//! `GET /counters/{key}`: the stored value plus this instance's pending delta.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use serde::Serialize;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::key::Key;
+
+/// How often to re-read when a flush completes between the store read and the memory read.
+const READ_ATTEMPTS: usize = 20;
+
+#[derive(Serialize)]
+pub struct Counter {
+    key: String,
+    /// i128: stored + pending may exceed i64 for a moment (the flusher will set the
+    /// offending delta aside); the sum is reported as it is, never wrapped.
+    value: i128,
+}
+
+/// Answers `{"key", "value"}`, or 404 if neither the store nor this instance knows the key.
+#[tracing::instrument(name = "GET /counters", skip_all)]
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json<Counter>, ApiError> {
+    let Path(raw) = key.map_err(ApiError::from_path)?;
+    let key = Key::parse(raw, state.limits.max_key_bytes)
+        .map_err(|e| ApiError::Invalid(e.to_string()))?;
+    for _ in 0..READ_ATTEMPTS {
+        let stored = state
+            .store
+            .read(key.as_str(), &state.instance_id)
+            .await
+            .map_err(ApiError::StoreUnavailable)?;
+        let (pending, applied) = state.aggregator.pending(key.as_str());
+        // A batch completed after the store read: its deltas left memory but are not in
+        // `stored`. Read again.
+        if applied > stored.applied_seq {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        // The in-flight batch counts only if the store had not applied it yet.
+        let inflight = pending
+            .inflight
+            .filter(|(seq, _)| *seq > stored.applied_seq)
+            .map(|(_, d)| d);
+        if stored.value.is_none() && pending.live.is_none() && inflight.is_none() {
+            return Err(ApiError::NotFound(format!("key {key:?} has no value")));
+        }
+        let value = [stored.value, pending.live, inflight]
+            .into_iter()
+            .flatten()
+            .map(i128::from)
+            .sum();
+        return Ok(Json(Counter {
+            key: key.to_string(),
+            value,
+        }));
+    }
+    Err(ApiError::StoreUnavailable(
+        crate::store::StoreError::unavailable("flushes kept completing during the read; retry"),
+    ))
+}

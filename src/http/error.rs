@@ -1,0 +1,143 @@
+//! The one HTTP error type: every failure a client can see, mapped to a status and the JSON
+//! body `{"error": "<code>", "message": "<what to fix>"}`.
+//!
+//! 4xx messages tell the client what to change. 5xx bodies stay generic; the cause chain goes
+//! to the log.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::aggregate::AddError;
+use crate::metrics as m;
+use crate::store::StoreError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// Every error an HTTP client can get from tally.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not well-formed JSON / NDJSON. 400.
+    #[error("{0}")]
+    Malformed(String),
+    /// The body is well-formed but a field is missing, has the wrong type or an invalid
+    /// value. 422.
+    #[error("{0}")]
+    Invalid(String),
+    /// The Content-Type is missing or not one this route reads. 415.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The body or the batch is larger than the configured limit. 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// No such key or route. 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not with this method. 405.
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
+    /// Pending-key cap reached: back-pressure. 503 with `Retry-After`.
+    #[error(transparent)]
+    Shedding(AddError),
+    /// The store cannot be read right now. 503 with `Retry-After`.
+    #[error("the store is unavailable")]
+    StoreUnavailable(#[source] StoreError),
+    /// The instance is shutting down and can no longer confirm this request. 503.
+    #[error("tally is shutting down")]
+    ShuttingDown,
+    /// Anything else: a bug or a local failure (e.g. the journal's disk). 500.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_value"),
+            Self::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::Shedding(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Maps axum's body rejection: too large (413) or unreadable (400).
+    pub fn from_body(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Self::TooLarge("request body is larger than the limit (--max-body-bytes)".to_owned())
+        } else {
+            Self::Malformed(format!(
+                "could not read the request body: {}",
+                rejection.body_text()
+            ))
+        }
+    }
+
+    /// Maps axum's path rejection (e.g. a percent-encoded key that is not UTF-8): 400.
+    pub fn from_path(rejection: PathRejection) -> Self {
+        Self::Malformed(format!("bad path: {}", rejection.body_text()))
+    }
+}
+
+impl From<AddError> for ApiError {
+    fn from(e: AddError) -> Self {
+        match e {
+            AddError::Overflow { .. } => Self::Invalid(e.to_string()),
+            AddError::Full { .. } => Self::Shedding(e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Shedding(_) = &self {
+            metrics::counter!(m::SHED).increment(1);
+        }
+        let message = if status.is_server_error() {
+            tracing::warn!(error = ?anyhow::Error::from(self), code, "Request failed.");
+            match code {
+                "overloaded" => {
+                    "too many keys are pending; retry after the Retry-After delay".to_owned()
+                }
+                "store_unavailable" => "the store is unavailable; retry later".to_owned(),
+                "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
+                _ => "internal error; see the server log".to_owned(),
+            }
+        } else {
+            self.to_string()
+        };
+        metrics::counter!(m::REJECTED, "reason" => code).increment(1);
+        let mut response = (
+            status,
+            Json(Body {
+                error: code,
+                message,
+            }),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        response
+    }
+}

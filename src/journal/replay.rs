@@ -1,0 +1,65 @@
+//! Reading the segments back on open, and cutting what a crash left half-written.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use super::{JournalError, Replay, io_err, record, segment};
+
+/// Replays segments `numbers` (ascending) of `dir`. Returns the records and, for every
+/// segment kept, its highest seq. A bad tail of the last segment is truncated off; the
+/// rest of an older segment after a bad record is skipped; empty segments are deleted.
+pub(super) fn replay(
+    dir: &Path,
+    numbers: &[u64],
+) -> Result<(Replay, BTreeMap<u64, u64>), JournalError> {
+    let mut out = Replay::default();
+    let mut kept = BTreeMap::new();
+    let mut deleted_any = false;
+    for (i, &n) in numbers.iter().enumerate() {
+        let is_last = i + 1 == numbers.len();
+        let path = segment::path(dir, n);
+        let data = fs::read(&path).map_err(io_err("read segment", &path))?;
+
+        let mut offset = 0;
+        let mut max_seq = 0;
+        while offset < data.len() {
+            match record::decode(&data[offset..]) {
+                Ok((rec, used)) => {
+                    max_seq = max_seq.max(rec.seq);
+                    out.records.push(rec);
+                    offset += used;
+                }
+                Err(reason) => {
+                    let cut = data.len() - offset;
+                    out.cut_bytes += cut as u64;
+                    if is_last {
+                        tracing::warn!(
+                            segment = %path.display(), offset, bytes_cut = cut, %reason,
+                            "journal: cutting torn or corrupt tail off the last segment"
+                        );
+                        segment::truncate(&path, offset as u64)?;
+                    } else {
+                        tracing::error!(
+                            segment = %path.display(), offset, bytes_skipped = cut, %reason,
+                            "journal: corrupt record inside an older segment; skipping its rest"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        // Nothing left in the file (it was empty, or all of it was a cut tail): drop it.
+        if offset == 0 && (is_last || data.is_empty()) {
+            segment::remove(dir, n)?;
+            deleted_any = true;
+            continue;
+        }
+        out.max_seq = out.max_seq.max(max_seq);
+        kept.insert(n, max_seq);
+    }
+    if deleted_any {
+        segment::sync_dir(dir)?;
+    }
+    Ok((out, kept))
+}

@@ -1,0 +1,241 @@
+//! Segment files (naming, listing, creating, cutting, deleting, directory fsync) and the
+//! writer thread that appends to the active segment with group commit.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::{GroupStats, JournalError, Shared, io_err};
+
+const PREFIX: &str = "journal-";
+const SUFFIX: &str = ".log";
+const DIGITS: usize = 20;
+
+/// Path of segment number `n` in `dir`.
+pub(super) fn path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{PREFIX}{n:0DIGITS$}{SUFFIX}"))
+}
+
+/// The segment number in a file name, if it is a segment's name.
+fn parse_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    if digits.len() != DIGITS || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Segment numbers present in `dir`, ascending. Other files are ignored.
+pub(super) fn list(dir: &Path) -> Result<Vec<u64>, JournalError> {
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let entry = entry.map_err(io_err("list", dir))?;
+        if let Some(n) = entry.file_name().to_str().and_then(parse_name) {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// Creates segment `n` (it must not exist) and fsyncs the directory, so that records
+/// acknowledged from it can be found after a crash.
+pub(super) fn create(dir: &Path, n: u64) -> Result<File, JournalError> {
+    let path = path(dir, n);
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io_err("create segment", &path))?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Cuts the segment at `path` down to `len` bytes, durably.
+pub(super) fn truncate(path: &Path, len: u64) -> Result<(), JournalError> {
+    let file = File::options()
+        .write(true)
+        .open(path)
+        .map_err(io_err("open segment to truncate", path))?;
+    file.set_len(len)
+        .map_err(io_err("truncate segment", path))?;
+    file.sync_all()
+        .map_err(io_err("sync truncated segment", path))
+}
+
+/// Deletes segment `n`; one already gone is fine. The caller fsyncs the directory.
+pub(super) fn remove(dir: &Path, n: u64) -> Result<(), JournalError> {
+    let path = path(dir, n);
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("delete segment", &path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Makes creations and deletions of entries in `dir` durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+/// Makes `dir`'s own entry durable (it may have just been created).
+pub(super) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
+    match dir.parent() {
+        Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new(".")),
+        Some(p) => sync_dir(p),
+        None => Ok(()),
+    }
+}
+
+/// What [`super::Journal`] sends to the writer thread.
+pub(super) enum Msg {
+    /// An encoded record; `done` hears whether it is durable.
+    Append {
+        bytes: Vec<u8>,
+        seq: u64,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    /// Finish what is queued before this, answer, and exit.
+    Close(oneshot::Sender<()>),
+}
+
+struct Pending {
+    bytes: Vec<u8>,
+    seq: u64,
+    done: oneshot::Sender<Result<(), JournalError>>,
+}
+
+/// Owns the active segment. Runs on its own thread; the only code that writes records.
+pub(super) struct Writer {
+    file: File,
+    number: u64,
+    len: u64,
+    max_seq: u64,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    pub(super) fn new(file: File, number: u64, shared: Arc<Shared>) -> Self {
+        Self {
+            file,
+            number,
+            len: 0,
+            max_seq: 0,
+            shared,
+        }
+    }
+
+    /// The writer loop. Returns on [`Msg::Close`] or when the [`super::Journal`] is dropped
+    /// (after writing whatever was still queued).
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut group: Vec<Pending> = Vec::new();
+        // Block (no timer, no spin) until somebody appends.
+        while let Ok(first) = rx.recv() {
+            // ======================== GROUP COMMIT ========================
+            // Everything queued while the previous group was being fsynced is waiting in the
+            // channel now. Take all of it: the first waiter syncs for everyone behind it.
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Append { bytes, seq, done } => group.push(Pending { bytes, seq, done }),
+                    Msg::Close(ack) => {
+                        close = Some(ack);
+                        break;
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            if !group.is_empty() {
+                // One write_all + ONE sync_data for the whole group, then wake every waiter.
+                let result = self.commit(&group);
+                for p in group.drain(..) {
+                    // A waiter that gave up (dropped its future) just misses the answer.
+                    let _ = p.done.send(result.clone());
+                }
+            }
+            // ==============================================================
+            if let Some(ack) = close {
+                let _ = ack.send(());
+                return;
+            }
+        }
+    }
+
+    /// Makes `group` durable, or fails it and turns the journal failed.
+    fn commit(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+        self.shared.check_failed()?;
+        let result = self.write_and_sync(group);
+        if let Err(err) = &result {
+            tracing::error!(
+                error = %err,
+                records = group.len(),
+                "journal write failed; refusing all further appends"
+            );
+            let _ = self.shared.failed.set(err.clone());
+        }
+        result
+    }
+
+    fn write_and_sync(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+        if self.len > 0 && self.len >= self.shared.segment_bytes {
+            self.rotate()?;
+        }
+        let buf = group
+            .iter()
+            .map(|p| p.bytes.as_slice())
+            .collect::<Vec<_>>()
+            .concat();
+        let seg = || path(&self.shared.dir, self.number);
+        self.file
+            .write_all(&buf)
+            .map_err(|e| io_err("write to", &seg())(e))?;
+        let started = Instant::now();
+        self.file
+            .sync_data()
+            .map_err(|e| io_err("fsync", &seg())(e))?;
+        let fsync = started.elapsed();
+
+        self.len += buf.len() as u64;
+        self.max_seq = group.iter().map(|p| p.seq).fold(self.max_seq, u64::max);
+        self.shared.segments().active_max_seq = self.max_seq;
+        if let Some(on_sync) = &self.shared.on_sync {
+            on_sync(GroupStats {
+                records: group.len(),
+                bytes: buf.len(),
+                fsync,
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the full active segment and starts the next one (directory fsynced first).
+    fn rotate(&mut self) -> Result<(), JournalError> {
+        let next = self.number.checked_add(1).ok_or_else(|| {
+            io_err("number a new segment in", &self.shared.dir)(io::Error::other(
+                "segment numbers exhausted",
+            ))
+        })?;
+        self.file = create(&self.shared.dir, next)?;
+        {
+            let mut segs = self.shared.segments();
+            segs.closed.insert(self.number, self.max_seq);
+            segs.active = next;
+            segs.active_max_seq = 0;
+        }
+        tracing::debug!(
+            closed = self.number,
+            active = next,
+            "journal segment rotated"
+        );
+        self.number = next;
+        self.len = 0;
+        self.max_seq = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Journal tests against real files in temporary directories.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::*;
+
+fn opts(segment_bytes: u64) -> JournalOptions {
+    JournalOptions {
+        segment_bytes,
+        on_sync: None,
+    }
+}
+
+fn open(dir: &Path, segment_bytes: u64) -> (Journal, Replay) {
+    Journal::open(dir, opts(segment_bytes)).expect("journal opens")
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn non_empty_segments(dir: &Path) -> Vec<PathBuf> {
+    segment_files(dir)
+        .into_iter()
+        .filter(|p| fs::metadata(p).expect("stat").len() > 0)
+        .collect()
+}
+
+/// Appends one single-entry record per seq, one after the other (one group each).
+async fn append_seqs(journal: &Journal, seqs: impl IntoIterator<Item = u64>) {
+    for seq in seqs {
+        let key = format!("k{seq:02}");
+        journal
+            .append(seq, &[(key.as_str(), seq as i64)])
+            .await
+            .expect("append");
+    }
+}
+
+fn seqs(replay: &Replay) -> Vec<u64> {
+    replay.records.iter().map(|r| r.seq).collect()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_replay_exactly_in_per_task_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    const TASKS: usize = 12;
+    const PER_TASK: usize = 25;
+    {
+        // Small segments so rotation happens while appends race.
+        let (journal, replay) = open(dir.path(), 2048);
+        assert!(replay.records.is_empty());
+        let journal = Arc::new(journal);
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..TASKS {
+            let journal = Arc::clone(&journal);
+            set.spawn(async move {
+                for i in 0..PER_TASK {
+                    let key = format!("task{t}");
+                    let other = format!("extra-ü-{i}");
+                    let entries = [(key.as_str(), i as i64), (other.as_str(), -(t as i64))];
+                    journal
+                        .append(i as u64 + 1, &entries)
+                        .await
+                        .expect("append");
+                }
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            done.expect("task");
+        }
+    }
+    assert!(segment_files(dir.path()).len() > 2, "expected rotation");
+
+    let (_journal, replay) = open(dir.path(), 2048);
+    assert_eq!(replay.records.len(), TASKS * PER_TASK);
+    assert_eq!(replay.max_seq, PER_TASK as u64);
+    assert_eq!(replay.cut_bytes, 0);
+    for t in 0..TASKS {
+        let key = format!("task{t}");
+        let mine: Vec<&ReplayedRecord> = replay
+            .records
+            .iter()
+            .filter(|r| r.entries[0].0 == key)
+            .collect();
+        assert_eq!(mine.len(), PER_TASK, "task {t}");
+        for (i, rec) in mine.iter().enumerate() {
+            assert_eq!(rec.seq, i as u64 + 1);
+            let want = vec![
+                (key.clone(), i as i64),
+                (format!("extra-ü-{i}"), -(t as i64)),
+            ];
+            assert_eq!(rec.entries, want, "task {t} record {i}");
+        }
+    }
+}
+
+#[test]
+fn group_commit_groups_concurrent_appends() {
+    const N: usize = 200;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let syncs = Arc::new(AtomicUsize::new(0));
+    let records = Arc::new(AtomicUsize::new(0));
+    // The first group's callback holds the writer until every task has queued its append,
+    // so the rest must arrive as (at most a few) groups. No timing assumptions.
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(Some(gate));
+    let on_sync = {
+        let (syncs, records) = (Arc::clone(&syncs), Arc::clone(&records));
+        Arc::new(move |stats: GroupStats| {
+            syncs.fetch_add(1, Ordering::SeqCst);
+            records.fetch_add(stats.records, Ordering::SeqCst);
+            assert!(stats.bytes > 0);
+            if let Some(gate) = gate.lock().expect("gate").take() {
+                let _ = gate.recv();
+            }
+        })
+    };
+    let options = JournalOptions {
+        on_sync: Some(on_sync),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let journal = Arc::new(journal);
+    rt().block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let journal = Arc::clone(&journal);
+            set.spawn(async move { journal.append(1, &[("k", i as i64)]).await });
+        }
+        // Current-thread runtime: yielding lets every spawned task run up to its await,
+        // i.e. queue its record.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).expect("gate open");
+        while let Some(done) = set.join_next().await {
+            done.expect("task").expect("append");
+        }
+    });
+    assert_eq!(records.load(Ordering::SeqCst), N);
+    let syncs = syncs.load(Ordering::SeqCst);
+    assert!(syncs < N / 10, "{syncs} fsyncs for {N} records");
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_and_later_appends_stay_consistent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        append_seqs(&journal, 1..=10).await;
+    }
+    let seg = non_empty_segments(dir.path()).pop().expect("a segment");
+    let full = fs::metadata(&seg).expect("stat").len();
+    let file = fs::OpenOptions::new().write(true).open(&seg).expect("open");
+    file.set_len(full - 3).expect("tear the last record");
+    drop(file);
+
+    let record_len = (full / 10) as usize; // all ten records have the same size
+    {
+        let (journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        assert_eq!(seqs(&replay), (1..=9).collect::<Vec<_>>());
+        assert_eq!(replay.max_seq, 9);
+        assert_eq!(replay.cut_bytes, record_len as u64 - 3);
+        assert_eq!(
+            fs::metadata(&seg).expect("stat").len(),
+            full - record_len as u64
+        );
+        append_seqs(&journal, 11..=12).await;
+    }
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    let mut want: Vec<u64> = (1..=9).collect();
+    want.extend([11, 12]);
+    assert_eq!(seqs(&replay), want);
+    assert_eq!(replay.cut_bytes, 0);
+    assert_eq!(replay.records[9].entries, vec![("k11".to_owned(), 11)]);
+}
+
+#[tokio::test]
+async fn garbage_tail_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        append_seqs(&journal, 1..=5).await;
+    }
+    let seg = non_empty_segments(dir.path()).pop().expect("a segment");
+    let good = fs::read(&seg).expect("read");
+    // A plausible header (small length) followed by bytes that fail the checksum.
+    let mut garbage = 40u32.to_le_bytes().to_vec();
+    garbage.extend([0xAB; 45]);
+    let mut bytes = good.clone();
+    bytes.extend(&garbage);
+    fs::write(&seg, &bytes).expect("write garbage");
+
+    {
+        let (journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        assert_eq!(seqs(&replay), vec![1, 2, 3, 4, 5]);
+        assert_eq!(replay.cut_bytes, garbage.len() as u64);
+        assert_eq!(fs::read(&seg).expect("read"), good, "garbage truncated off");
+        append_seqs(&journal, 6..=6).await;
+    }
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    assert_eq!(seqs(&replay), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(replay.cut_bytes, 0);
+}
+
+#[tokio::test]
+async fn corrupt_record_inside_older_segment_skips_only_its_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Each record is 36 bytes; rotation at >= 100 bytes puts three records in a segment.
+    {
+        let (journal, _) = open(dir.path(), 100);
+        append_seqs(&journal, 1..=12).await;
+    }
+    let segs = non_empty_segments(dir.path());
+    assert_eq!(segs.len(), 4);
+    let mut bytes = fs::read(&segs[1]).expect("read");
+    assert_eq!(bytes.len(), 108);
+    bytes[36 + 20] ^= 0x01; // inside record 5's body
+    fs::write(&segs[1], &bytes).expect("corrupt");
+
+    let (_journal, replay) = open(dir.path(), 100);
+    assert_eq!(seqs(&replay), vec![1, 2, 3, 4, 7, 8, 9, 10, 11, 12]);
+    assert_eq!(replay.cut_bytes, 72);
+    assert_eq!(replay.max_seq, 12);
+    assert_eq!(
+        fs::read(&segs[1]).expect("read"),
+        bytes,
+        "older segment left as is"
+    );
+}
+
+#[test]
+fn empty_directory_and_empty_segments() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("not/yet/there");
+    let (journal, replay) = open(&dir, 100);
+    assert_eq!(replay, Replay::default());
+    drop(journal);
+
+    // Empty leftovers, old and newest, plus an unrelated file that must be ignored.
+    fs::write(segment::path(&dir, 7), b"").expect("write");
+    fs::write(segment::path(&dir, 9), b"").expect("write");
+    fs::write(dir.join("README"), b"not a segment").expect("write");
+    let (_journal, replay) = open(&dir, 100);
+    assert_eq!(replay, Replay::default());
+    assert_eq!(segment_files(&dir), vec![segment::path(&dir, 10)]);
+    assert!(dir.join("README").exists());
+}
+
+#[tokio::test]
+async fn trim_and_close_remove_only_applied_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), 100);
+        append_seqs(&journal, 1..=9).await; // segments {1,2,3} {4,5,6} and active {7,8,9}
+        assert_eq!(segment_files(dir.path()).len(), 3);
+        assert_eq!(journal.trim(0).expect("trim"), 0);
+        assert_eq!(journal.trim(3).expect("trim"), 1, "max seq 3 <= 3");
+        assert_eq!(segment_files(dir.path()).len(), 2);
+        assert_eq!(journal.trim(5).expect("trim"), 0, "max seq 6 > 5");
+        assert_eq!(
+            journal.trim(u64::MAX).expect("trim"),
+            1,
+            "never the active one"
+        );
+        assert_eq!(
+            segment_files(dir.path()),
+            vec![segment::path(dir.path(), 3)]
+        );
+    }
+    {
+        let (journal, replay) = open(dir.path(), 100);
+        assert_eq!(seqs(&replay), vec![7, 8, 9]);
+        journal.close(8).await.expect("close");
+        assert!(matches!(
+            journal.append(10, &[("k", 1)]).await,
+            Err(JournalError::Closed)
+        ));
+        assert!(
+            !segment_files(dir.path()).is_empty(),
+            "seq 9 is not applied"
+        );
+    }
+    {
+        let (journal, replay) = open(dir.path(), 100);
+        assert_eq!(seqs(&replay), vec![7, 8, 9]);
+        append_seqs(&journal, 10..=10).await;
+        journal.close(10).await.expect("close");
+        assert!(segment_files(dir.path()).is_empty());
+        journal.close(10).await.expect("second close is harmless");
+    }
+    let (_journal, replay) = open(dir.path(), 100);
+    assert_eq!(replay, Replay::default());
+}
+
+#[tokio::test]
+async fn reopening_without_appends_replays_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), 100);
+        append_seqs(&journal, [3, 1, 2, 5, 4]).await;
+    }
+    let first = open(dir.path(), 100).1;
+    let second = open(dir.path(), 100).1;
+    assert_eq!(seqs(&first), vec![3, 1, 2, 5, 4]);
+    assert_eq!(first.max_seq, 5);
+    assert_eq!(first, second);
+}
+
+#[test]
+fn second_journal_on_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (first, _) = open(dir.path(), 100);
+    let second = Journal::open(dir.path(), opts(100));
+    assert!(matches!(second, Err(JournalError::Locked { .. })));
+    drop(first);
+    let _ = open(dir.path(), 100);
+}
+
+#[tokio::test]
+async fn write_failure_fails_the_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 1); // rotate before every group
+    journal.append(1, &[("a", 1)]).await.expect("first append");
+    // Occupy the next segment's name so rotation cannot create it.
+    fs::create_dir(segment::path(dir.path(), 2)).expect("mkdir");
+    let err = journal
+        .append(2, &[("b", 1)])
+        .await
+        .expect_err("rotation fails");
+    assert!(matches!(err, JournalError::Io { .. }), "{err}");
+    let err = journal.append(3, &[("c", 1)]).await.expect_err("failed");
+    assert!(matches!(err, JournalError::Failed(_)), "{err}");
+    assert!(matches!(
+        journal.close(9).await,
+        Err(JournalError::Failed(_))
+    ));
+    assert_eq!(
+        segment::path(dir.path(), 1),
+        non_empty_segments(dir.path())[0]
+    );
+}
+
+#[tokio::test]
+async fn invalid_records_are_refused_without_failing_the_journal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 100);
+    assert!(matches!(
+        journal.append(1, &[]).await,
+        Err(JournalError::EmptyRecord)
+    ));
+    journal.append(1, &[("ok", 1)]).await.expect("append");
+}
+
+#[test]
+fn journal_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Journal>();
+    assert_send_sync::<JournalError>();
+}

@@ -1,0 +1,40 @@
+//! tally — a counter service that sums deltas in memory and writes them to a database in
+//! batches, losing no acknowledged update and counting none twice.
+//!
+//! # Glossary
+//!
+//! - **delta**: a pending change to one key (`+5`, `-1`), as sent by a client.
+//! - **value**: what the store holds for a key; the sum of every delta ever applied to it.
+//! - **generation**: the live map of pending deltas that ingest writes into. `seal` freezes it
+//!   and starts a fresh one, so flushing never blocks ingest.
+//! - **batch**: a sealed generation, sorted by key and numbered `(instance_id, seq)`. The
+//!   generation number *is* the batch's seq.
+//! - **journal**: the local write-ahead log of accepted deltas (`ack=journal`); made of
+//!   **segments**, which are **trimmed** once the store has applied every batch they cover
+//!   and **replayed** on start-up.
+//!
+//! # Map
+//!
+//! - [`config`]: every flag, its environment variable and its default.
+//! - [`startup`]: builds the [`startup::App`] and wires its tasks together.
+//! - [`shutdown`]: signals and the drain order.
+//! - [`key`]: the validated [`key::Key`] and the [`key::Increment`] it travels in.
+//! - [`http`]: routes, body parsers and the JSON error contract.
+//! - [`aggregate`]: the sharded map of pending deltas and its generations.
+//! - [`flush`]: the task that seals, numbers and applies batches, and retries them.
+//! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
+//! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
+//! - [`metrics`]: every metric name, in one place.
+//! - [`telemetry`]: logging set-up.
+
+pub mod aggregate;
+pub mod config;
+pub mod flush;
+pub mod http;
+pub mod journal;
+pub mod key;
+pub mod metrics;
+pub mod shutdown;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,291 @@
+//! Start-up: open the store, replay the journal, bind the listener, wire the tasks.
+//!
+//! [`App::build`] does everything that can fail before serving, so a misconfiguration is
+//! reported at once; [`App::run_until`] serves until the given future resolves, then drains
+//! in the order documented in [`crate::shutdown`]. Tests build the same `App` on port 0.
+
+use std::fs::{self, File};
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{AddError, Aggregator};
+use crate::config::{Ack, Config};
+use crate::flush::{FlushHealth, Flusher};
+use crate::http::{self, AppState, body::Limits};
+use crate::journal::{GroupStats, Journal, JournalOptions};
+use crate::key::Key;
+use crate::metrics as m;
+use crate::store::{PgStore, SqliteStore, Store};
+
+/// A built, not yet serving, tally instance.
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    state: Arc<AppState>,
+    flusher: Flusher,
+    /// Held for the life of the process: a second tally on the same data directory would
+    /// share its instance id and journal.
+    _lock: File,
+}
+
+impl App {
+    /// Opens the store named by the configuration and builds the app on it.
+    ///
+    /// # Errors
+    ///
+    /// Invalid configuration, unusable data directory, unreachable store, unreadable
+    /// journal, or a listen address that cannot be bound; each with context.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.validate()?;
+        tracing::info!(%config, "Starting tally.");
+        let store: Arc<dyn Store> = match &config.database_url {
+            Some(url) => Arc::new(
+                PgStore::connect(url, config.database_pool_size)
+                    .await
+                    .context("cannot use the PostgreSQL store (--database-url)")?,
+            ),
+            None => {
+                create_data_dir(&config.data_dir)?;
+                let path = config.data_dir.join("tally.db");
+                Arc::new(
+                    SqliteStore::open(&path)
+                        .await
+                        .with_context(|| format!("cannot open SQLite store {}", path.display()))?,
+                )
+            }
+        };
+        Self::build_with_store(config, store).await
+    }
+
+    /// Builds the app on an already opened store (tests wrap a real store to inject faults).
+    ///
+    /// # Errors
+    ///
+    /// As [`App::build`].
+    pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+        config.validate()?;
+        create_data_dir(&config.data_dir)?;
+        let lock = lock_data_dir(&config.data_dir)?;
+        let instance_id: Arc<str> = instance_id(&config)?.into();
+        let applied = store.last_applied(&instance_id).await.with_context(|| {
+            format!(
+                "cannot read this instance's progress from the {} store",
+                store.name()
+            )
+        })?;
+
+        let journal_dir = config.data_dir.join("journal");
+        let options = JournalOptions {
+            on_sync: Some(Arc::new(record_sync)),
+            ..JournalOptions::default()
+        };
+        let (journal, replay) = Journal::open(&journal_dir, options)
+            .with_context(|| format!("cannot open the journal in {}", journal_dir.display()))?;
+        let journal = Arc::new(journal);
+        let first_seq = applied.max(replay.max_seq) + 1;
+        let aggregator = Arc::new(Aggregator::new(
+            first_seq,
+            applied,
+            config.max_pending_keys,
+            config.flush_max_keys,
+        ));
+
+        let (applied_tx, applied_rx) = watch::channel(applied);
+        let health = Arc::new(FlushHealth::default());
+        let flusher = Flusher {
+            aggregator: Arc::clone(&aggregator),
+            store: Arc::clone(&store),
+            journal: Some(Arc::clone(&journal)),
+            instance_id: Arc::clone(&instance_id),
+            interval: config.flush_interval,
+            applied: applied_tx,
+            health: Arc::clone(&health),
+        };
+
+        // Replay what the journal holds beyond the store's seq, flushing whenever the
+        // aggregator is full (or a replayed sum would overflow), then flush the rest now.
+        let mut replayed = 0usize;
+        for record in replay.records.into_iter().filter(|r| r.seq > applied) {
+            for (key, delta) in record.entries {
+                let key = Key::trusted(key);
+                loop {
+                    match aggregator.add(&key, delta) {
+                        Ok(_) => break,
+                        Err(AddError::Full { .. } | AddError::Overflow { .. }) => {
+                            if aggregator.live_keys() == 0 {
+                                bail!(
+                                    "journal replay: cannot add {delta} to {key:?} even to an empty batch"
+                                );
+                            }
+                            flusher.flush().await;
+                        }
+                    }
+                }
+                replayed += 1;
+            }
+        }
+        if replayed > 0 || replay.cut_bytes > 0 {
+            tracing::info!(
+                replayed,
+                cut_bytes = replay.cut_bytes,
+                "Replayed the journal."
+            );
+        }
+        flusher.flush().await;
+        journal
+            .trim(aggregator.applied_seq())
+            .context("cannot trim the journal after replay")?;
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+        let state = Arc::new(AppState {
+            aggregator,
+            store,
+            journal: (config.ack == Ack::Journal).then_some(journal),
+            instance_id,
+            ack: config.ack,
+            limits: Limits {
+                max_key_bytes: config.max_key_bytes,
+                max_batch_items: config.max_batch_items,
+            },
+            applied: applied_rx,
+            health,
+            metrics: m::handle(),
+        });
+        Ok(Self {
+            config,
+            listener,
+            state,
+            flusher,
+            _lock: lock,
+        })
+    }
+
+    /// The address the listener is bound to (the real port when configured with port 0).
+    ///
+    /// # Errors
+    ///
+    /// If the OS cannot report it.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// This instance's id in the store's batch bookkeeping.
+    pub fn instance_id(&self) -> &str {
+        &self.state.instance_id
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see [`crate::shutdown`]).
+    ///
+    /// # Errors
+    ///
+    /// If the server fails or the final flush cannot finish in time.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            config,
+            listener,
+            state,
+            flusher,
+            _lock,
+        } = self;
+        let flush_stop = CancellationToken::new();
+        let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.shutdown_timeout));
+
+        let http_stop = CancellationToken::new();
+        let app = http::router(state, config.max_body_bytes);
+        let server =
+            axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
+        let server = server.into_future();
+        tokio::pin!(server);
+        tracing::info!(address = %config.listen, "Listening.");
+        let served = tokio::select! {
+            result = &mut server => result,
+            () = shutdown => {
+                tracing::info!("Stopped accepting connections; finishing requests in flight.");
+                http_stop.cancel();
+                match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(timeout = ?config.shutdown_timeout, "Requests still in flight after the shutdown timeout; abandoning them.");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        tracing::info!("HTTP server stopped; flushing what is pending.");
+        flush_stop.cancel();
+        let drained = flusher.await.context("the flusher task panicked")?;
+        served.context("the HTTP server failed")?;
+        drained
+    }
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create data directory {} (--data-dir)",
+            dir.display()
+        )
+    })
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "another tally process is using data directory {}; give each instance its own --data-dir",
+            dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
+/// The configured instance id, or the one kept in the data directory (created on first run).
+fn instance_id(config: &Config) -> anyhow::Result<String> {
+    if let Some(id) = &config.instance_id {
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join("instance-id");
+    match fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    // Write-then-rename so a crash never leaves a half-written id; the journal's meaning
+    // depends on it.
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(id.as_bytes())
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, &path))
+        .and_then(|()| File::open(&config.data_dir)?.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(instance_id = %id, path = %path.display(), "Generated a new instance id.");
+    Ok(id)
+}
+
+fn record_sync(stats: GroupStats) {
+    metrics::histogram!(m::JOURNAL_FSYNC).record(stats.fsync);
+    metrics::histogram!(m::JOURNAL_GROUP).record(stats.records as f64);
+}

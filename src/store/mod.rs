@@ -1,0 +1,140 @@
+//! The store: where counter values live. One small contract, two real backends.
+//!
+//! Every backend keeps the same promises, checked by `tests/store_contract.rs`:
+//! - [`Store::apply`] writes a whole batch in ONE transaction: `value = value + delta` for
+//!   every key, in the order given (sorted, so concurrent instances never deadlock), plus the
+//!   record "instance I applied seq S". A batch whose seq is not above the recorded one is
+//!   skipped and reported as [`Applied::AlreadyApplied`]: a retry after an unknown commit
+//!   outcome never counts twice.
+//! - A sum outside the 64-bit range is refused with [`StoreError::Rejected`], never wrapped
+//!   or turned into a float, and nothing of that batch is applied.
+//! - [`Store::read`] returns a key's value together with this instance's last applied seq,
+//!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
+
+mod migrate;
+pub mod postgres;
+pub mod sqlite;
+
+use std::error::Error as StdError;
+
+use async_trait::async_trait;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// A numbered batch of deltas from one instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub instance_id: &'a str,
+    pub seq: u64,
+    /// `(key, delta)`, sorted by key, each key once.
+    pub entries: &'a [(&'a str, i64)],
+    /// Deltas set aside because the store refused them, recorded in the same transaction.
+    pub dead_letters: &'a [DeadLetter],
+}
+
+/// A delta the store refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub key: String,
+    pub delta: i64,
+    pub reason: String,
+}
+
+/// The outcome of a successful [`Store::apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The batch was written by this call.
+    Committed,
+    /// The store had already applied this seq (or a later one) for this instance; nothing
+    /// was written.
+    AlreadyApplied,
+}
+
+/// A key's stored value and this instance's last applied seq, read in one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    pub value: Option<i64>,
+    pub applied_seq: u64,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not be reached, or the transaction failed for a reason that may pass
+    /// (connection lost, timeout, shutdown of the server). If it happened during COMMIT the
+    /// outcome is unknown; retrying the same batch is safe.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] Box<dyn StdError + Send + Sync>),
+    /// The store refused the data itself; retrying the same batch fails again. `keys` names
+    /// the offending keys when the backend can tell (empty when it cannot).
+    #[error("store rejected the batch: {reason}")]
+    Rejected { reason: String, keys: Vec<String> },
+    /// The database schema could not be created or migrated.
+    #[error("schema migration failed: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    pub(crate) fn unavailable(e: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self::Unavailable(e.into())
+    }
+}
+
+/// The contract every backend keeps; see the module docs.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Short name for logs and metrics: `sqlite` or `postgres`.
+    fn name(&self) -> &'static str;
+
+    /// The last seq applied for `instance_id`; 0 if none.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the store cannot be read.
+    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError>;
+
+    /// Applies `batch` in one transaction unless its seq is already applied.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing applied);
+    /// [`StoreError::Unavailable`] if the transaction failed or its outcome is unknown.
+    async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
+
+    /// Checks, without writing anything, whether `entries` could be applied: used to find
+    /// the offending keys of a rejected batch.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::apply`].
+    async fn probe(&self, entries: &[(&str, i64)]) -> Result<(), StoreError>;
+
+    /// Reads `key` and `instance_id`'s last applied seq from one snapshot.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the store cannot be read.
+    async fn read(&self, key: &str, instance_id: &str) -> Result<Stored, StoreError>;
+
+    /// Checks that the store answers.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if it does not.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Converts a seq for a signed 64-bit column. Seqs start at 1 and grow by one per flush, so
+/// they stay far below `i64::MAX`; a larger one means a corrupt journal or id reuse.
+pub(crate) fn seq_to_sql(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Rejected {
+        reason: format!("batch seq {seq} is beyond the 64-bit signed range"),
+        keys: Vec::new(),
+    })
+}
+
+/// Reads a seq back from a signed 64-bit column (never negative: only `seq_to_sql` writes it).
+pub(crate) fn seq_from_sql(seq: i64) -> u64 {
+    u64::try_from(seq).unwrap_or(0)
+}

@@ -1,0 +1,240 @@
+//! The embedded SQLite store: zero set-up, one instance.
+//!
+//! rusqlite is synchronous, so every call runs on tokio's blocking pool. Writes go through
+//! one connection (SQLite allows one writer at a time anyway); reads use a second one, which
+//! WAL mode lets proceed while a batch is being written.
+//!
+//! SQLite turns an integer sum that overflows into a float, so sums are computed in Rust
+//! with checked arithmetic instead of `value = value + ?` in SQL.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{Applied, Batch, Store, StoreError, Stored, migrate, seq_from_sql, seq_to_sql};
+
+/// How long a statement waits for a lock held by another connection before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The SQLite backend.
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// The one connection that writes. Held for the whole of a batch's transaction.
+    write: Arc<Mutex<Connection>>,
+    /// A connection for reads, so reads need not wait for a batch to commit.
+    read: Arc<Mutex<Connection>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::unavailable(e)
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL: readers do not block the writer. synchronous=FULL: a commit is on disk when it
+    // returns, which ack=store and journal trimming rely on.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the file cannot be opened; [`StoreError::Migration`]
+    /// if the schema cannot be brought up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut write = open_connection(&path)?;
+            migrate(&mut write).map_err(|e| StoreError::Migration(e.to_string()))?;
+            let read = open_connection(&path)?;
+            Ok(Self {
+                write: Arc::new(Mutex::new(write)),
+                read: Arc::new(Mutex::new(read)),
+            })
+        })
+        .await
+        .map_err(StoreError::unavailable)?
+    }
+
+    async fn with<T: Send + 'static>(
+        conn: &Arc<Mutex<Connection>>,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = Arc::clone(conn);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn)
+        })
+        .await
+        .map_err(StoreError::unavailable)?
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
+    conn.execute_batch(migrate::CREATE_TABLE)?;
+    for m in migrate::SQLITE {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let done: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM tally_migrations WHERE version = ?1)",
+            [m.version],
+            |r| r.get(0),
+        )?;
+        if !done {
+            tx.execute_batch(m.sql)?;
+            tx.execute(
+                "INSERT INTO tally_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![m.version, now()],
+            )?;
+            tracing::info!(version = m.version, "Applied SQLite migration.");
+        }
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// New sums for `entries` on top of what `conn` holds, refusing any outside the i64 range.
+fn new_sums(
+    conn: &Connection,
+    entries: &[(String, i64)],
+) -> Result<Result<Vec<i64>, Vec<String>>, rusqlite::Error> {
+    let mut get = conn.prepare_cached("SELECT value FROM counters WHERE key = ?1")?;
+    let mut sums = Vec::with_capacity(entries.len());
+    let mut overflowed = Vec::new();
+    for (key, delta) in entries {
+        let current: i64 = get.query_row([key], |r| r.get(0)).optional()?.unwrap_or(0);
+        match current.checked_add(*delta) {
+            Some(sum) => sums.push(sum),
+            None => overflowed.push(key.clone()),
+        }
+    }
+    Ok(if overflowed.is_empty() {
+        Ok(sums)
+    } else {
+        Err(overflowed)
+    })
+}
+
+fn rejected(keys: Vec<String>) -> StoreError {
+    StoreError::Rejected {
+        reason: "sum out of the 64-bit integer range".to_owned(),
+        keys,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError> {
+        let id = instance_id.to_owned();
+        Self::with(&self.read, move |conn| {
+            let seq: Option<i64> = conn
+                .query_row(
+                    "SELECT last_seq FROM tally_instances WHERE instance_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(seq.map_or(0, seq_from_sql))
+        })
+        .await
+    }
+
+    async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        // The blocking pool needs owned data: one copy of the batch, cheap next to the I/O.
+        let id = batch.instance_id.to_owned();
+        let seq = seq_to_sql(batch.seq)?;
+        let entries: Vec<(String, i64)> = batch
+            .entries
+            .iter()
+            .map(|(k, d)| ((*k).to_owned(), *d))
+            .collect();
+        let dead = batch.dead_letters.to_vec();
+        Self::with(&self.write, move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let last: Option<i64> = tx
+                .query_row("SELECT last_seq FROM tally_instances WHERE instance_id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if last.is_some_and(|last| last >= seq) {
+                return Ok(Applied::AlreadyApplied);
+            }
+            let sums = new_sums(&tx, &entries)?.map_err(rejected)?;
+            let now = now();
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT INTO counters (key, value, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )?;
+                for ((key, _), sum) in entries.iter().zip(sums) {
+                    put.execute(params![key, sum, now])?;
+                }
+                let mut dl = tx.prepare_cached(
+                    "INSERT INTO tally_dead_letters (instance_id, seq, key, delta, reason, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for d in &dead {
+                    dl.execute(params![id, seq, d.key, d.delta, d.reason, now])?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO tally_instances (instance_id, last_seq, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (instance_id) DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at",
+                params![id, seq, now],
+            )?;
+            tx.commit()?;
+            Ok(Applied::Committed)
+        })
+        .await
+    }
+
+    async fn probe(&self, entries: &[(&str, i64)]) -> Result<(), StoreError> {
+        let entries: Vec<(String, i64)> =
+            entries.iter().map(|(k, d)| ((*k).to_owned(), *d)).collect();
+        Self::with(&self.read, move |conn| {
+            new_sums(conn, &entries)?.map(drop).map_err(rejected)
+        })
+        .await
+    }
+
+    async fn read(&self, key: &str, instance_id: &str) -> Result<Stored, StoreError> {
+        let (key, id) = (key.to_owned(), instance_id.to_owned());
+        Self::with(&self.read, move |conn| {
+            let (value, seq): (Option<i64>, Option<i64>) = conn.query_row(
+                "SELECT (SELECT value FROM counters WHERE key = ?1), \
+                        (SELECT last_seq FROM tally_instances WHERE instance_id = ?2)",
+                [key, id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(Stored {
+                value,
+                applied_seq: seq.map_or(0, seq_from_sql),
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Self::with(&self.read, |conn| {
+            Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)
+        })
+        .await
+    }
+}
