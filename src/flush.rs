@@ -95,7 +95,13 @@ impl Flusher {
                 _ = tick.tick() => {}
                 () = self.aggregator.flush_requested() => {}
             }
-            self.flush().await;
+            // A flush retrying through an outage must not hold up shutdown: cancelling it
+            // leaves its batch in flight, and the drain below applies it (or the store skips
+            // it, if the cancelled attempt had committed).
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = self.flush() => {}
+            }
             metrics::gauge!(m::PENDING_KEYS).set(self.aggregator.live_keys() as f64);
             metrics::gauge!(m::FLUSH_LAG).set(self.aggregator.lag().as_secs_f64());
         }
