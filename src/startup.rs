@@ -4,6 +4,7 @@
 //! reported at once; [`App::run_until`] serves until the given future resolves, then drains
 //! in the order documented in [`crate::shutdown`]. Tests build the same `App` on port 0.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::future::Future;
 use std::io::Write;
@@ -11,15 +12,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{AddError, Aggregator};
+use crate::aggregate::Aggregator;
 use crate::config::{Ack, Config};
 use crate::flush::{FlushHealth, Flusher};
-use crate::http::{self, AppState, body::Limits};
+use crate::http::auth::Auth;
+use crate::http::rate_limit::RateLimiter;
+use crate::http::serve::{ServeOptions, serve};
+use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::journal::{GroupStats, Journal, JournalOptions};
 use crate::key::Key;
 use crate::metrics as m;
@@ -29,7 +33,11 @@ use crate::store::{PgStore, SqliteStore, Store};
 pub struct App {
     config: Config,
     listener: TcpListener,
+    /// `--metrics-listen`'s listener, when /metrics is served apart.
+    metrics_listener: Option<TcpListener>,
     state: Arc<AppState>,
+    /// Limits and guards of the main router (authorization, rate limit, timeouts).
+    router: RouterOptions,
     flusher: Flusher,
     /// Held for the life of the process: a second tally on the same data directory would
     /// share its instance id and journal.
@@ -91,15 +99,46 @@ impl App {
             .with_context(|| format!("cannot open the journal in {}", journal_dir.display()))?;
         let journal = Arc::new(journal);
         let first_seq = applied.max(replay.max_seq) + 1;
+        let health = Arc::new(FlushHealth::default());
+
+        // Replay: each generation the journal holds beyond the store's seq is written as the
+        // batch it would have been, under its own seq, in seq order, and the journal is
+        // trimmed only once all are in. A crash part-way leaves the store's seq at the last
+        // generation written, so the next start replays exactly the rest. (Re-adding the
+        // records to the live generation numbered them above every journal record: when they
+        // needed several batches, the first one marked the whole journal applied.)
+        let mut generations: BTreeMap<u64, Vec<(String, i64)>> = BTreeMap::new();
+        let mut replayed = 0usize;
+        for record in replay.records.into_iter().filter(|r| r.seq > applied) {
+            replayed += record.entries.len();
+            generations
+                .entry(record.seq)
+                .or_default()
+                .extend(record.entries);
+        }
+        let mut applied = applied;
+        for (seq, entries) in generations {
+            replay_generation(seq, entries, applied, &store, &instance_id, &health).await?;
+            applied = seq;
+        }
+        if replayed > 0 || replay.cut_bytes > 0 {
+            tracing::info!(
+                replayed,
+                cut_bytes = replay.cut_bytes,
+                "Replayed the journal."
+            );
+        }
+        journal
+            .trim(applied)
+            .context("cannot trim the journal after replay")?;
+
         let aggregator = Arc::new(Aggregator::new(
             first_seq,
             applied,
             config.max_pending_keys,
             config.flush_max_keys,
         ));
-
         let (applied_tx, applied_rx) = watch::channel(applied);
-        let health = Arc::new(FlushHealth::default());
         let flusher = Flusher {
             aggregator: Arc::clone(&aggregator),
             store: Arc::clone(&store),
@@ -110,43 +149,25 @@ impl App {
             health: Arc::clone(&health),
         };
 
-        // Replay what the journal holds beyond the store's seq, flushing whenever the
-        // aggregator is full (or a replayed sum would overflow), then flush the rest now.
-        let mut replayed = 0usize;
-        for record in replay.records.into_iter().filter(|r| r.seq > applied) {
-            for (key, delta) in record.entries {
-                let key = Key::trusted(key);
-                loop {
-                    match aggregator.add(&key, delta) {
-                        Ok(_) => break,
-                        Err(AddError::Full { .. } | AddError::Overflow { .. }) => {
-                            if aggregator.live_keys() == 0 {
-                                bail!(
-                                    "journal replay: cannot add {delta} to {key:?} even to an empty batch"
-                                );
-                            }
-                            flusher.flush().await;
-                        }
-                    }
-                }
-                replayed += 1;
-            }
-        }
-        if replayed > 0 || replay.cut_bytes > 0 {
-            tracing::info!(
-                replayed,
-                cut_bytes = replay.cut_bytes,
-                "Replayed the journal."
-            );
-        }
-        flusher.flush().await;
-        journal
-            .trim(aggregator.applied_seq())
-            .context("cannot trim the journal after replay")?;
-
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (--metrics-listen)"))?,
+            ),
+        };
+        let router = RouterOptions {
+            max_body_bytes: config.max_body_bytes,
+            request_timeout: config.request_timeout,
+            auth: Auth::from_config(&config)?.map(Arc::new),
+            rate_limit: RateLimiter::from_config(&config).map(Arc::new),
+            metrics: metrics_listener.is_none(),
+            max_key_bytes: config.max_key_bytes,
+        };
         let state = Arc::new(AppState {
             aggregator,
             store,
@@ -164,7 +185,9 @@ impl App {
         Ok(Self {
             config,
             listener,
+            metrics_listener,
             state,
+            router,
             flusher,
             _lock: lock,
         })
@@ -177,6 +200,18 @@ impl App {
     /// If the OS cannot report it.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address of the `--metrics-listen` listener, if there is one.
+    ///
+    /// # Errors
+    ///
+    /// If the OS cannot report it.
+    pub fn metrics_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.metrics_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()
     }
 
     /// This instance's id in the store's batch bookkeeping.
@@ -193,7 +228,9 @@ impl App {
         let Self {
             config,
             listener,
+            metrics_listener,
             state,
+            router,
             flusher,
             _lock,
         } = self;
@@ -201,12 +238,31 @@ impl App {
         let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.shutdown_timeout));
 
         let http_stop = CancellationToken::new();
-        let app = http::router(state, config.max_body_bytes);
-        let server =
-            axum::serve(listener, app).with_graceful_shutdown(http_stop.clone().cancelled_owned());
-        let server = server.into_future();
-        tokio::pin!(server);
-        tracing::info!(address = %config.listen, "Listening.");
+        let metrics_handle = state.metrics.clone();
+        let options = ServeOptions {
+            header_read_timeout: config.header_read_timeout,
+            max_connections: config.max_connections,
+            // Only the rate limiter reads the peer address.
+            connect_info: router.rate_limit.is_some(),
+        };
+        let app = http::router(state, &router);
+        let address = listener.local_addr().unwrap_or(config.listen);
+        let mut server = tokio::spawn(serve(listener, app, options, http_stop.clone()));
+        tracing::info!(%address, "Listening.");
+        let metrics_server = metrics_listener.map(|listener| {
+            let address = listener.local_addr().unwrap_or(address);
+            tracing::info!(%address, "Serving /metrics on its own listener.");
+            let options = ServeOptions {
+                connect_info: false,
+                ..options
+            };
+            tokio::spawn(serve(
+                listener,
+                http::metrics_router(metrics_handle),
+                options,
+                http_stop.clone(),
+            ))
+        });
         let served = tokio::select! {
             result = &mut server => result,
             () = shutdown => {
@@ -216,17 +272,65 @@ impl App {
                     Ok(result) => result,
                     Err(_) => {
                         tracing::warn!(timeout = ?config.shutdown_timeout, "Requests still in flight after the shutdown timeout; abandoning them.");
+                        server.abort();
                         Ok(())
                     }
                 }
             }
         };
+        // The metrics listener only serves scrapes; nothing there needs draining.
+        http_stop.cancel();
+        if let Some(metrics_server) = metrics_server {
+            metrics_server.abort();
+        }
         tracing::info!("HTTP server stopped; flushing what is pending.");
         flush_stop.cancel();
         let drained = flusher.await.context("the flusher task panicked")?;
-        served.context("the HTTP server failed")?;
+        served.context("the HTTP server task panicked")?;
         drained
     }
+}
+
+/// Writes one replayed journal generation to the store as batch `seq`, the way the flusher
+/// would have: one transaction, retried until it commits, poison keys set aside.
+async fn replay_generation(
+    seq: u64,
+    entries: Vec<(String, i64)>,
+    applied: u64,
+    store: &Arc<dyn Store>,
+    instance_id: &Arc<str>,
+    health: &Arc<FlushHealth>,
+) -> anyhow::Result<()> {
+    // Summed in 128 bits: the journal's order need not be the order the deltas were added
+    // in, so a running 64-bit sum could overflow where the generation's sum does not.
+    let mut sums: HashMap<String, i128> = HashMap::new();
+    for (key, delta) in entries {
+        *sums.entry(key).or_default() += i128::from(delta);
+    }
+    let batch = Arc::new(Aggregator::new(seq, applied, usize::MAX, usize::MAX));
+    for (key, sum) in sums {
+        let delta = i64::try_from(sum).map_err(|_| {
+            anyhow!(
+                "journal replay: generation {seq} sums to {sum} for key {key:?}, beyond 64 bits"
+            )
+        })?;
+        batch
+            .add(&Key::trusted(key), delta)
+            .context("journal replay")?;
+    }
+    let flusher = Flusher {
+        aggregator: batch,
+        store: Arc::clone(store),
+        // Nothing is trimmed until every generation is in.
+        journal: None,
+        instance_id: Arc::clone(instance_id),
+        // Only `flush` is called on this flusher, never `run`.
+        interval: std::time::Duration::MAX,
+        applied: watch::channel(applied).0,
+        health: Arc::clone(health),
+    };
+    flusher.flush().await;
+    Ok(())
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

@@ -1,0 +1,237 @@
+//! Database outage: the app reaches PostgreSQL through a TCP proxy inside the test; the
+//! proxy cuts every connection (and drops new ones) for a few seconds under load. Ingest
+//! must keep answering 202 (ack=journal), `/readyz` must say 503 while the store is gone,
+//! the flusher must catch up by itself, and the totals must be exact afterwards.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tally::config::Ack;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{Backend, PgDatabase, data_dir, shout, spawn_app, test_config};
+use crate::support::{Direct, Ledger, Load, Rng, eventually, key_name, seed};
+
+const KEYS: usize = 100;
+const IN_FLIGHT: usize = 16;
+/// Load before the cut.
+const BEFORE_CUT: Duration = Duration::from_millis(1_000);
+/// How long the database stays unreachable.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// Load after `/readyz` is back to 200.
+const AFTER_RECOVERY: Duration = Duration::from_millis(1_000);
+/// Longest wait for `/readyz` to turn 503 after the cut, or 200 after the restore (the
+/// flusher's backoff is capped at 2 s).
+const READYZ_TIMEOUT: Duration = Duration::from_secs(15);
+const LOAD_CAP: Duration = Duration::from_secs(30);
+
+/// A TCP proxy to PostgreSQL that can cut every live connection and refuse new ones.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    /// Cancelled by `cut`: every connection opened before the cut holds a clone.
+    live: Arc<Mutex<CancellationToken>>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let task = {
+            let (cut, live) = (Arc::clone(&cut), Arc::clone(&live));
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    // Token first, flag second: `cut` sets the flag before it cancels, so a
+                    // connection either sees the flag or holds the token that gets cancelled.
+                    let token = live.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            () = token.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        }
+                        // Both sockets drop here: each side sees its connection end.
+                    });
+                }
+            })
+        };
+        Self {
+            port,
+            cut,
+            live,
+            task,
+        }
+    }
+
+    /// Closes every live connection; new ones are accepted and closed at once.
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        let old = std::mem::replace(
+            &mut *self.live.lock().unwrap_or_else(PoisonError::into_inner),
+            CancellationToken::new(),
+        );
+        old.cancel();
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.live
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .cancel();
+    }
+}
+
+/// Splits `postgres://user@host:port/db?x` into the upstream `host:port` and the same URL
+/// pointing at `127.0.0.1:<proxy_port>`.
+fn via_proxy(url: &str, proxy_port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").expect("URL has a scheme");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), authority),
+    };
+    let has_port = host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']'));
+    let upstream = if has_port {
+        host.to_owned()
+    } else {
+        format!("{host}:5432")
+    };
+    (
+        upstream,
+        format!("{scheme}://{userinfo}127.0.0.1:{proxy_port}{path}"),
+    )
+}
+
+async fn readyz(client: &reqwest::Client, address: &str) -> Option<u16> {
+    client
+        .get(format!("{address}/readyz"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_recovery() {
+    let Some(db) = PgDatabase::create("outage").await else {
+        return;
+    };
+    let (upstream, _) = via_proxy(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (_, proxied_url) = via_proxy(&db.url, proxy.port);
+    let dir = data_dir();
+    let mut config = test_config(dir.path(), &Backend::Postgres(proxied_url));
+    config.ack = Ack::Journal;
+    let app = spawn_app(config, None).await;
+    let client = reqwest::Client::new();
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+
+    let load = Load::start(&app.address, KEYS, IN_FLIGHT, &mut rng, LOAD_CAP);
+    tokio::time::sleep(BEFORE_CUT).await;
+    assert_eq!(
+        readyz(&client, &app.address).await,
+        Some(200),
+        "ready before the outage"
+    );
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    eventually(
+        READYZ_TIMEOUT,
+        "/readyz answers 503 during the outage",
+        || {
+            let (client, address) = (&client, &app.address);
+            async move { readyz(client, address).await == Some(503) }
+        },
+    )
+    .await;
+    let not_ready_after = cut_at.elapsed();
+    tokio::time::sleep(OUTAGE.saturating_sub(cut_at.elapsed())).await;
+    proxy.restore();
+    let restored_at = Instant::now();
+    eventually(
+        READYZ_TIMEOUT,
+        "/readyz answers 200 after the outage",
+        || {
+            let (client, address) = (&client, &app.address);
+            async move { readyz(client, address).await == Some(200) }
+        },
+    )
+    .await;
+    let ready_after = restored_at.elapsed();
+    tokio::time::sleep(AFTER_RECOVERY).await;
+
+    let sent = load.finish().await;
+    app.shutdown().await.expect("drains after the outage");
+
+    let mut ledger = Ledger::new(KEYS);
+    ledger.record(&sent);
+    let during_outage = sent
+        .iter()
+        .filter(|s| s.acked() && s.at > cut_at && s.at < restored_at)
+        .count();
+    let refused: Vec<_> = sent.iter().filter(|s| !s.acked()).take(5).collect();
+    assert!(
+        refused.is_empty(),
+        "every increment must be acknowledged through the outage; first refused: {refused:?}"
+    );
+    assert!(
+        during_outage > 0,
+        "no increment was acknowledged while the database was cut"
+    );
+
+    // Straight to PostgreSQL, not through the proxy.
+    let counters = Direct::open(dir.path(), Some(&db)).await.counters().await;
+    let stored = ledger.stored(&counters);
+    let wrong: Vec<String> = (0..KEYS)
+        .filter(|&i| stored[i] != ledger.acked[i])
+        .map(|i| {
+            format!(
+                "{}: acked {} stored {}",
+                key_name(i),
+                ledger.acked[i],
+                stored[i]
+            )
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "totals must be exact after the outage (seed {seed}):\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(counters.len(), KEYS, "no key besides the load's");
+    shout(&format!(
+        "outage postgres ack=journal: {} requests, all 202 ({during_outage} during the {OUTAGE:?} cut); \
+         /readyz 503 {not_ready_after:.1?} after the cut, 200 {ready_after:.1?} after the restore; \
+         stored == acked for all {KEYS} keys (Σ {})",
+        ledger.requests_attempted,
+        ledger.acked_total()
+    ));
+}

@@ -1,0 +1,225 @@
+//! Journal replay with a healthy database: increments acknowledged under `ack=journal` but
+//! never flushed (the flush interval is an hour) survive `kill -9`, are in the store as soon
+//! as the restarted instance serves (start-up replays, then flushes, then binds), and are
+//! not counted again by later restarts.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::common::{PgDatabase, data_dir, shout};
+use crate::support::{Direct, Tally, TallyConfig, eventually, key_name};
+
+const KEYS: usize = 50;
+/// Added to every key in the second round, after the first restart.
+const SECOND_ROUND: i64 = 1_000;
+/// Lets whatever the flusher does right after start-up happen before the first increment
+/// arrives, so that with a one-hour interval nothing is flushed before the kill.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Pending-key cap of the restart in the split-replay test: a replay of [`KEYS`] keys then
+/// does not fit in one batch.
+const SPLIT_CAP: usize = 10;
+/// Longest wait for the stalled replay to reach the lock.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends `value(i)` to every key concurrently; all must be acknowledged.
+async fn send_round(address: &str, value: impl Fn(usize) -> i64) {
+    let client = reqwest::Client::new();
+    let mut tasks = JoinSet::new();
+    for i in 0..KEYS {
+        let (client, url, delta) = (client.clone(), format!("{address}/increment"), value(i));
+        tasks.spawn(async move {
+            client
+                .post(url)
+                .json(&json!({ "key": key_name(i), "value": delta }))
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16())
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.expect("request task"), 202);
+    }
+}
+
+fn expected(rounds: &[&dyn Fn(usize) -> i64]) -> HashMap<String, i64> {
+    (0..KEYS)
+        .map(|i| (key_name(i), rounds.iter().map(|f| f(i)).sum()))
+        .collect()
+}
+
+async fn journal_replays_after_kill_9_exactly_once(db: Option<&PgDatabase>) {
+    let dir = data_dir();
+    let config = TallyConfig::new(dir.path(), db, "journal", "1h");
+    let backend = config.backend();
+    let direct = Direct::open(dir.path(), db).await;
+    let first = |i: usize| i as i64 + 1;
+    let second = |_: usize| SECOND_ROUND;
+
+    let mut tally = Tally::start(&config).await;
+    tokio::time::sleep(SETTLE).await;
+    send_round(&tally.address, first).await;
+    assert!(
+        direct.counters().await.is_empty(),
+        "nothing may be flushed before the kill, or replay proves nothing"
+    );
+    tally.kill9().await;
+
+    // Restart 1: the first round is in the store before the instance serves.
+    let mut tally = Tally::start(&config).await;
+    assert_eq!(
+        direct.counters().await,
+        expected(&[&first]),
+        "after restart 1, the replayed first round is in the store"
+    );
+    tokio::time::sleep(SETTLE).await;
+    send_round(&tally.address, second).await;
+    tally.kill9().await;
+
+    // Restart 2: the second round replays; the first (already applied) does not again.
+    let mut tally = Tally::start(&config).await;
+    let both = expected(&[&first, &second]);
+    assert_eq!(
+        direct.counters().await,
+        both,
+        "after restart 2, both rounds once each"
+    );
+    let status = tally.terminate().await;
+    assert!(status.success(), "clean exit, got {status}");
+
+    // Restart 3 after a clean stop: nothing to replay, nothing doubled.
+    let mut tally = Tally::start(&config).await;
+    assert_eq!(direct.counters().await, both, "after restart 3, unchanged");
+    let status = tally.terminate().await;
+    assert!(status.success(), "clean exit, got {status}");
+    shout(&format!(
+        "replay {backend}: {KEYS} keys × 2 rounds acknowledged under ack=journal, flush interval 1h, \
+         kill -9 after each; in the store at each restart, once"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_journal_replay_after_kill_9_stores_acknowledged_increments_exactly_once() {
+    journal_replays_after_kill_9_exactly_once(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_journal_replay_after_kill_9_stores_acknowledged_increments_exactly_once() {
+    let Some(db) = PgDatabase::create("replay").await else {
+        return;
+    };
+    journal_replays_after_kill_9_exactly_once(Some(&db)).await;
+}
+
+/// A crash in the middle of a replay that takes several batches must lose nothing: the
+/// store's seq and the journal trimming may never count as applied what is not written
+/// yet. PostgreSQL only: uncommitted inserts by the test hold chosen rows, which stalls a
+/// batch that touches them at a chosen point.
+///
+/// The first run leaves two unapplied generations in the journal: G (keys 0..25), sealed
+/// but stuck on a held row, and G+1 (keys 25..50). The restart replays with a pending-key
+/// cap far below the replay's size, and is killed while its last batch waits on another
+/// held row. The next start must hold every key exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_crash_in_the_middle_of_a_replay_loses_no_acknowledged_increment() {
+    let Some(db) = PgDatabase::create("replay_split").await else {
+        return;
+    };
+    let dir = data_dir();
+    let config = TallyConfig::new(dir.path(), Some(&db), "journal", "1h");
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    let monitor = db.client().await;
+    let half = KEYS / 2;
+
+    // First run: the flush of G (triggered by --flush-max-keys) waits on a held row of G.
+    let mut first = config.clone();
+    first.extra = vec!["--flush-max-keys".into(), half.to_string()];
+    let mut tally = Tally::start(&first).await;
+    let blocker = hold_row(&db, &key_name(half / 2)).await;
+    tokio::time::sleep(SETTLE).await;
+    send_in_order(&tally.address, 0..half).await;
+    wait_for_lock(
+        &monitor,
+        "the flush of the first generation waits on the held row",
+    )
+    .await;
+    send_in_order(&tally.address, half..KEYS).await;
+    tally.kill9().await;
+    blocker.batch_execute("ROLLBACK").await.expect("release");
+    assert!(
+        direct.counters().await.is_empty(),
+        "nothing written by the first run"
+    );
+
+    // Restart, capped: the replay stalls on the last key's row, and is killed there.
+    let blocker = hold_row(&db, &key_name(KEYS - 1)).await;
+    let mut capped = config.clone();
+    capped.extra = vec!["--max-pending-keys".into(), SPLIT_CAP.to_string()];
+    let mut tally = Tally::spawn(&capped);
+    wait_for_lock(&monitor, "the replay waits on the held row").await;
+    let written_before_kill = direct.counters().await.len();
+    tally.kill9().await;
+    blocker.batch_execute("ROLLBACK").await.expect("release");
+
+    let mut tally = Tally::start(&config).await;
+    assert_eq!(
+        direct.counters().await,
+        expected(&[&|_| 1]),
+        "every acknowledged increment is in the store, once, after a crash in the middle of \
+         a replay ({written_before_kill} of {KEYS} keys were written before the kill)"
+    );
+    let status = tally.terminate().await;
+    assert!(status.success(), "clean exit, got {status}");
+    shout(&format!(
+        "replay split postgres: 2 generations of {KEYS} keys replayed with --max-pending-keys \
+         {SPLIT_CAP}, kill -9 with {written_before_kill} keys written; all {KEYS} in the store, \
+         once, after the next start"
+    ));
+}
+
+/// Sends +1 to each key of `keys`, one request at a time (so the journal holds them in
+/// that order); all must be acknowledged.
+async fn send_in_order(address: &str, keys: std::ops::Range<usize>) {
+    let client = reqwest::Client::new();
+    for i in keys {
+        let status = client
+            .post(format!("{address}/increment"))
+            .json(&json!({ "key": key_name(i), "value": 1 }))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        assert_eq!(status, 202, "{}", key_name(i));
+    }
+}
+
+/// A connection whose open transaction has inserted `key`: tally's upsert of that key
+/// waits until it rolls back.
+async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Client {
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO counters (key, value) VALUES ('{key}', 0)"
+        ))
+        .await
+        .expect("hold a row");
+    client
+}
+
+/// Waits until some session of this database waits on a lock.
+async fn wait_for_lock(monitor: &tokio_postgres::Client, what: &str) {
+    eventually(STALL_TIMEOUT, what, || async move {
+        monitor
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+}
