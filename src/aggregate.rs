@@ -183,8 +183,10 @@ impl Aggregator {
         }
         self.reserve_keys(1)?;
         shard.deltas.insert(key.as_str().into(), delta);
-        drop(shard);
+        // Counted before the shard lock is released: `seal` subtracts every key it takes, so
+        // a key it can take must already be counted, or `live_keys` wraps below zero.
         self.note_inserted(1);
+        drop(shard);
         Ok(generation)
     }
 
@@ -393,5 +395,372 @@ fn overflow(key: &Key, delta: i64) -> AddError {
     AddError::Overflow {
         key: key.clone(),
         delta,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::thread;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(s: &str) -> Key {
+        Key::parse(s, 256).expect("valid test key")
+    }
+
+    fn inc(k: &str, delta: i64) -> Increment {
+        Increment { key: key(k), delta }
+    }
+
+    /// Every key's sum in a sealed batch.
+    fn sums(batch: &Sealed) -> BTreeMap<String, i64> {
+        batch
+            .sorted()
+            .into_iter()
+            .map(|(k, d)| (k.to_owned(), d))
+            .collect()
+    }
+
+    /// Everything pending in the live generation, by sealing it.
+    fn drain(agg: &Aggregator) -> BTreeMap<String, i64> {
+        match agg.seal() {
+            Some(batch) => {
+                agg.complete(batch.seq);
+                sums(&batch)
+            }
+            None => BTreeMap::new(),
+        }
+    }
+
+    fn live(agg: &Aggregator, k: &str) -> Option<i64> {
+        agg.pending(k).0.live
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Concurrent adds (single and batched) from many threads sum exactly.
+        #[test]
+        fn concurrent_adds_from_many_threads_sum_exactly(
+            threads in prop::collection::vec(
+                prop::collection::vec((0u8..12, -1_000_000i64..1_000_000, any::<bool>()), 1..200),
+                2..8,
+            ),
+        ) {
+            let agg = Aggregator::new(1, 0, usize::MAX, usize::MAX);
+            thread::scope(|s| {
+                for ops in &threads {
+                    let agg = &agg;
+                    s.spawn(move || {
+                        for chunk in ops.chunks(3) {
+                            let items: Vec<Increment> = chunk
+                                .iter()
+                                .map(|(k, d, _)| inc(&format!("k{k}"), *d))
+                                .collect();
+                            if chunk[0].2 {
+                                agg.add_all(&items).expect("no overflow at these sizes");
+                            } else {
+                                for item in &items {
+                                    agg.add(&item.key, item.delta).expect("no overflow");
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let mut want: BTreeMap<String, i64> = BTreeMap::new();
+            for (k, d, _) in threads.iter().flatten() {
+                *want.entry(format!("k{k}")).or_default() += d;
+            }
+            prop_assert_eq!(agg.live_keys(), want.len());
+            prop_assert_eq!(drain(&agg), want);
+            prop_assert_eq!(agg.live_keys(), 0);
+        }
+
+        /// `add` and `add_all` against a model: refused on overflow and on the key cap,
+        /// never wrapped, and a refused batch changes nothing.
+        #[test]
+        fn adds_match_a_model_with_overflow_and_the_key_cap(
+            ops in prop::collection::vec(
+                prop::collection::vec(
+                    (0u8..6, prop_oneof![
+                        Just(i64::MAX), Just(i64::MIN), Just(1i64), Just(-1i64),
+                        -10i64..10, any::<i64>(),
+                    ]),
+                    1..4,
+                ),
+                1..40,
+            ),
+            cap in 1usize..6,
+        ) {
+            let agg = Aggregator::new(1, 0, cap, usize::MAX);
+            let mut model: BTreeMap<String, i64> = BTreeMap::new();
+            for op in &ops {
+                let items: Vec<Increment> =
+                    op.iter().map(|(k, d)| inc(&format!("k{k}"), *d)).collect();
+                // The model's answer: overflow first, then the cap on new keys.
+                let mut next = model.clone();
+                let mut overflow = false;
+                for item in &items {
+                    let sum = next.entry(item.key.to_string()).or_default();
+                    match sum.checked_add(item.delta) {
+                        Some(s) => *sum = s,
+                        None => overflow = true,
+                    }
+                }
+                let full = next.len() > cap;
+                let got = if items.len() == 1 {
+                    agg.add(&items[0].key, items[0].delta)
+                } else {
+                    agg.add_all(&items)
+                };
+                match got {
+                    Ok(_) => {
+                        prop_assert!(!overflow && !full, "accepted {op:?} on {model:?}");
+                        model = next;
+                    }
+                    Err(AddError::Overflow { .. }) => prop_assert!(overflow, "{op:?}"),
+                    Err(AddError::Full { limit }) => {
+                        prop_assert!(full && !overflow, "{op:?}");
+                        prop_assert_eq!(limit, cap);
+                    }
+                }
+                for k in 0..6 {
+                    let k = format!("k{k}");
+                    prop_assert_eq!(live(&agg, &k), model.get(&k).copied(), "key {}", k);
+                }
+                prop_assert_eq!(agg.live_keys(), model.len());
+            }
+        }
+    }
+
+    /// Sealing generations while other threads keep adding: every delta lands in exactly
+    /// one batch, the one whose seq `add` returned.
+    #[test]
+    fn sealing_while_adds_continue_loses_and_duplicates_nothing() {
+        const THREADS: u64 = 8;
+        const ADDS: u64 = 20_000;
+        let agg = Aggregator::new(1, 0, usize::MAX, usize::MAX);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (per_thread, batches) = thread::scope(|s| {
+            let adders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let agg = &agg;
+                    s.spawn(move || {
+                        // What this thread put in each generation: (seq, key) -> sum.
+                        let mut sent: BTreeMap<(u64, String), i64> = BTreeMap::new();
+                        for i in 0..ADDS {
+                            let k = format!("k{}", (i * 7 + t) % 64);
+                            let delta = i64::try_from(i % 97).expect("small") - 40;
+                            let seq = if i % 5 == 0 {
+                                agg.add_all(&[inc(&k, delta), inc("shared", 1)])
+                                    .expect("no overflow")
+                            } else {
+                                agg.add(&key(&k), delta).expect("no overflow")
+                            };
+                            *sent.entry((seq, k)).or_default() += delta;
+                            if i % 5 == 0 {
+                                *sent.entry((seq, "shared".to_owned())).or_default() += 1;
+                            }
+                        }
+                        sent
+                    })
+                })
+                .collect();
+            let sealer = s.spawn(|| {
+                let mut batches = Vec::new();
+                while !stop.load(Ordering::Acquire) {
+                    if let Some(batch) = agg.seal() {
+                        agg.complete(batch.seq);
+                        batches.push(batch);
+                    }
+                    // Never more keys than exist, even for a moment (a key counted after
+                    // `seal` took it would make the count wrap below zero).
+                    let live = agg.live_keys();
+                    assert!(live <= 64 + 1, "live_keys is {live}");
+                    thread::yield_now();
+                }
+                batches
+            });
+            let per_thread: Vec<_> = adders
+                .into_iter()
+                .map(|h| h.join().expect("adder panicked"))
+                .collect();
+            stop.store(true, Ordering::Release);
+            (per_thread, sealer.join().expect("sealer panicked"))
+        });
+        let mut batches = batches;
+        batches.extend(agg.seal());
+        assert!(
+            batches.len() > 2,
+            "only {} generations were sealed: the test did not race",
+            batches.len()
+        );
+        assert!(
+            batches.windows(2).all(|w| w[0].seq < w[1].seq),
+            "seqs grow with every seal"
+        );
+        // Per generation and key: what the batch holds == what the threads said they put in.
+        let mut want: BTreeMap<(u64, String), i64> = BTreeMap::new();
+        for sent in &per_thread {
+            for (k, d) in sent {
+                *want.entry(k.clone()).or_default() += d;
+            }
+        }
+        let got: BTreeMap<(u64, String), i64> = batches
+            .iter()
+            .flat_map(|b| sums(b).into_iter().map(move |(k, d)| ((b.seq, k), d)))
+            .collect();
+        assert_eq!(got, want);
+        // And the totals equal what was sent.
+        let total: i64 = got.values().sum();
+        let sent: i64 = (0..THREADS)
+            .map(|_| {
+                (0..ADDS)
+                    .map(|i| i64::try_from(i % 97).expect("small") - 40 + i64::from(i % 5 == 0))
+                    .sum::<i64>()
+            })
+            .sum();
+        assert_eq!(total, sent);
+        assert_eq!(agg.live_keys(), 0);
+    }
+
+    /// Every add inserts a fresh key while generations are sealed: the count of pending keys
+    /// must never count a key `seal` already took (it would wrap below zero, and the next
+    /// add would see an absurd count).
+    #[test]
+    fn the_pending_key_count_stays_exact_while_sealing() {
+        const THREADS: usize = 8;
+        const ADDS: usize = 30_000;
+        let agg = Aggregator::new(1, 0, usize::MAX / 2, usize::MAX);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let sealed = thread::scope(|s| {
+            let sealer = s.spawn(|| {
+                let mut keys = 0;
+                while !stop.load(Ordering::Acquire) {
+                    if let Some(batch) = agg.seal() {
+                        agg.complete(batch.seq);
+                        keys += batch.len();
+                    }
+                    let live = agg.live_keys();
+                    assert!(live <= THREADS * ADDS, "live_keys is {live}");
+                }
+                keys
+            });
+            let adders: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let agg = &agg;
+                    s.spawn(move || {
+                        for i in 0..ADDS {
+                            agg.add(&key(&format!("{t}-{i}")), 1).expect("room");
+                        }
+                    })
+                })
+                .collect();
+            for adder in adders {
+                adder.join().expect("adder panicked");
+            }
+            stop.store(true, Ordering::Release);
+            sealer.join().expect("sealer panicked")
+        });
+        assert_eq!(sealed + drain(&agg).len(), THREADS * ADDS);
+        assert_eq!(agg.live_keys(), 0);
+    }
+
+    #[test]
+    fn add_all_adds_nothing_when_one_item_would_overflow() {
+        let agg = Aggregator::new(1, 0, 100, usize::MAX);
+        agg.add(&key("a"), i64::MAX).expect("fits");
+        let before = agg.live_keys();
+        let err = agg
+            .add_all(&[inc("b", 1), inc("a", 1), inc("c", 2)])
+            .expect_err("a would overflow");
+        assert_eq!(
+            err,
+            AddError::Overflow {
+                key: key("a"),
+                delta: 1
+            }
+        );
+        assert_eq!(
+            (live(&agg, "a"), live(&agg, "b"), live(&agg, "c")),
+            (Some(i64::MAX), None, None)
+        );
+        assert_eq!(agg.live_keys(), before);
+        // Overflow within the batch itself, on a key not yet pending.
+        agg.add_all(&[inc("d", i64::MIN), inc("e", 1), inc("d", -1)])
+            .expect_err("d would overflow");
+        assert_eq!((live(&agg, "d"), live(&agg, "e")), (None, None));
+        assert_eq!(agg.live_keys(), before);
+    }
+
+    #[test]
+    fn add_all_adds_nothing_when_the_pending_key_cap_would_be_passed() {
+        let agg = Aggregator::new(1, 0, 3, usize::MAX);
+        agg.add_all(&[inc("a", 1), inc("b", 1)])
+            .expect("room for two");
+        let err = agg
+            .add_all(&[inc("a", 5), inc("c", 1), inc("d", 1)])
+            .expect_err("four keys > cap of three");
+        assert_eq!(err, AddError::Full { limit: 3 });
+        assert_eq!(
+            (live(&agg, "a"), live(&agg, "c"), live(&agg, "d")),
+            (Some(1), None, None)
+        );
+        assert!(!agg.is_full());
+        // Existing keys are always accepted, one new key fits, then the cap holds.
+        agg.add_all(&[inc("a", 5), inc("b", 1), inc("c", 1)])
+            .expect("one new key fits");
+        assert!(agg.is_full());
+        assert_eq!(agg.add(&key("d"), 1), Err(AddError::Full { limit: 3 }));
+        agg.add(&key("a"), 1)
+            .expect("an existing key needs no room");
+        // Sealing makes room again.
+        assert_eq!(drain(&agg).len(), 3);
+        agg.add(&key("d"), 1).expect("room after the seal");
+    }
+
+    #[test]
+    fn an_overflowing_add_is_refused_not_wrapped() {
+        let agg = Aggregator::new(1, 0, 100, usize::MAX);
+        agg.add(&key("up"), i64::MAX - 1).expect("fits");
+        agg.add(&key("up"), 1).expect("reaches MAX exactly");
+        assert_eq!(
+            agg.add(&key("up"), 1),
+            Err(AddError::Overflow {
+                key: key("up"),
+                delta: 1
+            })
+        );
+        assert_eq!(live(&agg, "up"), Some(i64::MAX));
+        agg.add(&key("down"), i64::MIN).expect("fits");
+        assert!(matches!(
+            agg.add(&key("down"), -1),
+            Err(AddError::Overflow { .. })
+        ));
+        assert_eq!(live(&agg, "down"), Some(i64::MIN));
+        // Moving back from the edge is fine.
+        agg.add(&key("up"), i64::MIN).expect("MAX + MIN = -1");
+        assert_eq!(live(&agg, "up"), Some(-1));
+    }
+
+    #[test]
+    fn seal_returns_none_and_starts_nothing_when_empty() {
+        let agg = Aggregator::new(7, 6, 100, usize::MAX);
+        assert!(agg.seal().is_none());
+        assert_eq!(agg.generation(), 7);
+        assert_eq!(agg.add(&key("a"), 1), Ok(7));
+        let batch = agg.seal().expect("one key pending");
+        assert_eq!((batch.seq, batch.len()), (7, 1));
+        assert_eq!(agg.generation(), 8);
+        agg.complete(batch.seq);
+        assert_eq!(agg.applied_seq(), 7);
+        assert!(agg.inflight().is_none());
+        assert!(agg.seal().is_none());
+        assert_eq!(agg.generation(), 8);
+        assert_eq!(agg.add(&key("b"), 1), Ok(8));
     }
 }

@@ -31,6 +31,69 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Default item limit of `POST /increments`.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 10_000;
 
+/// Default time a client has to send a request's headers (and the time an idle keep-alive
+/// connection is kept): long enough for any real client on a slow link, short enough that a
+/// slow-loris client cannot hold a connection slot for long.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+
+/// Default limit on one request, from its headers to its response. Far above a normal
+/// request (sub-millisecond) and above an `ack=store` wait through a few failed flushes, so
+/// only stuck or deliberately slow requests reach it.
+pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+
+/// Default cap on open client connections. Each costs a file descriptor and a few KiB of
+/// buffers; 4,096 is far above what a load balancer keeps open to one instance and well below
+/// a typical `ulimit -n` of 20,000+ (keep it below yours: at the descriptor limit `accept`
+/// fails instead of queueing).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Default number of clients the rate limiter remembers. One entry is about 100 bytes, so
+/// the limiter never holds more than ~10 MB, however many addresses a flood comes from.
+pub const DEFAULT_RATE_LIMIT_MAX_CLIENTS: usize = 100_000;
+
+/// Shortest accepted `--auth-token`: a shorter shared secret is guessable.
+pub const MIN_AUTH_TOKEN_LEN: usize = 16;
+
+/// Shortest accepted `--jwt-secret`: RFC 7518 §3.2 requires an HS256 key of at least the
+/// hash size, 256 bits.
+pub const MIN_JWT_SECRET_LEN: usize = 32;
+
+/// A secret given on the command line or in the environment. `Debug` and `Display` print
+/// `***`, so it cannot leak through a log line or a `{:?}` of [`Config`];
+/// [`Secret::expose`] is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself. Call it only where the value is used, never to print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 /// When an increment is acknowledged with `202`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Ack {
@@ -129,6 +192,75 @@ pub struct Config {
     /// Log format. Filter with RUST_LOG (default: info).
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Static bearer token. When set (or a JWT key is), every request except /healthz and
+    /// /readyz needs `Authorization: Bearer <token>`; others get 401. At least 16
+    /// characters. Prefer the environment variable: flags show up in `ps`.
+    #[arg(long, env = "TALLY_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<Secret>,
+
+    /// Secret for HS256-signed JWT bearer tokens (at least 32 bytes). `exp` is required;
+    /// `exp` and `nbf` are checked with 30s of leeway for clock skew.
+    #[arg(long, env = "TALLY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file holding the public key for RS256 (RSA key) or ES256/ES384 (EC key) JWT
+    /// bearer tokens.
+    #[arg(long, env = "TALLY_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Accepted JWT audiences, comma-separated. When set, a token must name one in `aud`;
+    /// when not, `aud` is not checked.
+    #[arg(long, env = "TALLY_JWT_AUDIENCE", value_delimiter = ',')]
+    pub jwt_audience: Vec<String>,
+
+    /// Accepted JWT issuers, comma-separated. When set, a token must name one in `iss`.
+    #[arg(long, env = "TALLY_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuer: Vec<String>,
+
+    /// Serve /metrics on this separate address (e.g. 127.0.0.1:9333) instead of the main
+    /// listener. It needs no token: bind it to a private interface.
+    #[arg(long, env = "TALLY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Per-client rate limit, in requests per second (fractions allowed). Off by default.
+    /// A client is the JWT subject when there is one, else the peer IP address (its /64 for
+    /// IPv6). Over the limit: 429 with Retry-After.
+    #[arg(long, env = "TALLY_RATE_LIMIT_PER_SECOND")]
+    pub rate_limit_per_second: Option<f64>,
+
+    /// Requests a client may send in a burst before its rate applies. Default: the
+    /// per-second rate, rounded up.
+    #[arg(long, env = "TALLY_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+
+    /// Most clients the rate limiter tracks at once (bounds its memory). Past it, the
+    /// client closest to a full bucket is forgotten.
+    #[arg(long, env = "TALLY_RATE_LIMIT_MAX_CLIENTS", default_value_t = DEFAULT_RATE_LIMIT_MAX_CLIENTS)]
+    pub rate_limit_max_clients: usize,
+
+    /// Identify clients by the last address in X-Forwarded-For (the one your proxy
+    /// appended). Only behind a proxy that sets it: otherwise clients could choose their
+    /// own identity.
+    #[arg(long, env = "TALLY_TRUST_PROXY")]
+    pub trust_proxy: bool,
+
+    /// Time a client has to send a request's headers; also how long an idle keep-alive
+    /// connection stays open. Defends against slow-loris clients.
+    #[arg(long, env = "TALLY_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest time for one request, body included; past it tally answers 503 `timeout`
+    /// (for an increment, the outcome is then unknown).
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT", default_value = DEFAULT_REQUEST_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Most client connections open at once. Further connections wait in the listen
+    /// backlog until one closes.
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
 }
 
 /// A configuration value that cannot work, named by its flag.
@@ -176,20 +308,107 @@ impl Config {
         if self.database_pool_size == 0 {
             return fail("database-pool-size", "must be at least 1");
         }
-        if let Some(url) = &self.database_url {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return fail(
+                "database-url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        if let Some(id) = &self.instance_id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+        {
+            return fail("instance-id", "must be 1 to 128 printable characters");
+        }
+        self.validate_hardening()
+    }
+
+    /// The authorization, rate-limit and connection flags.
+    fn validate_hardening(&self) -> Result<(), ConfigError> {
+        let fail = |flag, reason: String| Err(ConfigError { flag, reason });
+        if let Some(token) = &self.auth_token {
+            let token = token.expose();
+            if token.chars().count() < MIN_AUTH_TOKEN_LEN {
                 return fail(
-                    "database-url",
-                    "must start with postgres:// or postgresql://",
+                    "auth-token",
+                    format!("must be at least {MIN_AUTH_TOKEN_LEN} characters"),
+                );
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return fail(
+                    "auth-token",
+                    "must be printable ASCII without spaces (it travels in an HTTP header)"
+                        .to_owned(),
                 );
             }
         }
-        if let Some(id) = &self.instance_id {
-            if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
-                return fail("instance-id", "must be 1 to 128 printable characters");
+        if let Some(secret) = &self.jwt_secret
+            && secret.expose().len() < MIN_JWT_SECRET_LEN
+        {
+            return fail(
+                "jwt-secret",
+                format!("must be at least {MIN_JWT_SECRET_LEN} bytes (256 bits) for HS256"),
+            );
+        }
+        let jwt = self.jwt_secret.is_some() || self.jwt_public_key.is_some();
+        if !jwt && !self.jwt_audience.is_empty() {
+            return fail(
+                "jwt-audience",
+                "needs --jwt-secret or --jwt-public-key".to_owned(),
+            );
+        }
+        if !jwt && !self.jwt_issuer.is_empty() {
+            return fail(
+                "jwt-issuer",
+                "needs --jwt-secret or --jwt-public-key".to_owned(),
+            );
+        }
+        match self.rate_limit_per_second {
+            Some(rate) if !(rate.is_finite() && rate > 0.0 && rate <= 1e9) => {
+                return fail(
+                    "rate-limit-per-second",
+                    "must be a number above 0 and at most 1e9".to_owned(),
+                );
             }
+            None if self.rate_limit_burst.is_some() => {
+                return fail(
+                    "rate-limit-burst",
+                    "needs --rate-limit-per-second".to_owned(),
+                );
+            }
+            _ => {}
+        }
+        if self.rate_limit_burst == Some(0) {
+            return fail("rate-limit-burst", "must be at least 1".to_owned());
+        }
+        if self.rate_limit_max_clients == 0 {
+            return fail("rate-limit-max-clients", "must be at least 1".to_owned());
+        }
+        if self.header_read_timeout.is_zero() {
+            return fail("header-read-timeout", "must be longer than zero".to_owned());
+        }
+        if self.request_timeout.is_zero() {
+            return fail("request-timeout", "must be longer than zero".to_owned());
+        }
+        if self.max_connections == 0 {
+            return fail("max-connections", "must be at least 1".to_owned());
+        }
+        if self.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return fail("max-connections", "is too large".to_owned());
+        }
+        if self.metrics_listen == Some(self.listen) && self.listen.port() != 0 {
+            return fail(
+                "metrics-listen",
+                "must differ from --listen (leave it unset to serve /metrics there)".to_owned(),
+            );
         }
         Ok(())
+    }
+
+    /// Whether any bearer credential (static token or JWT key) is configured.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth_token.is_some() || self.jwt_secret.is_some() || self.jwt_public_key.is_some()
     }
 
     /// A configuration for tests and embedding: the defaults, as if no flag were given.
@@ -198,13 +417,21 @@ impl Config {
     }
 }
 
-/// Prints the effective configuration on one line, with the database password masked.
+/// Prints the effective configuration on one line, with the database password, the auth
+/// token and the JWT secret masked.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let store = match &self.database_url {
             Some(url) => mask_password(url),
             None => format!("sqlite:{}", self.data_dir.join("tally.db").display()),
         };
+        self.fmt_core(f, &store)?;
+        self.fmt_hardening(f)
+    }
+}
+
+impl Config {
+    fn fmt_core(&self, f: &mut fmt::Formatter<'_>, store: &str) -> fmt::Result {
         write!(
             f,
             "listen={} store={} data_dir={} ack={} flush_interval={} flush_max_keys={} \
@@ -222,6 +449,45 @@ impl fmt::Display for Config {
             self.max_batch_items,
             self.instance_id.as_deref().unwrap_or("(from data dir)"),
         )
+    }
+
+    fn fmt_hardening(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let set = |s: &Option<Secret>| if s.is_some() { "***" } else { "(none)" };
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "(any)".to_owned()
+            } else {
+                v.join(",")
+            }
+        };
+        write!(
+            f,
+            " auth_token={} jwt_secret={} jwt_public_key={} jwt_audience={} jwt_issuer={} \
+             metrics_listen={} header_read_timeout={} request_timeout={} max_connections={}",
+            set(&self.auth_token),
+            set(&self.jwt_secret),
+            self.jwt_public_key
+                .as_ref()
+                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string()),
+            list(&self.jwt_audience),
+            list(&self.jwt_issuer),
+            self.metrics_listen
+                .map_or_else(|| "(main listener)".to_owned(), |a| a.to_string()),
+            humantime::format_duration(self.header_read_timeout),
+            humantime::format_duration(self.request_timeout),
+            self.max_connections,
+        )?;
+        match self.rate_limit_per_second {
+            None => write!(f, " rate_limit=off"),
+            Some(rate) => write!(
+                f,
+                " rate_limit={rate}/s burst={} max_clients={} trust_proxy={}",
+                self.rate_limit_burst
+                    .map_or_else(|| "(rate)".to_owned(), |b| b.to_string()),
+                self.rate_limit_max_clients,
+                self.trust_proxy,
+            ),
+        }
     }
 }
 
@@ -268,5 +534,53 @@ mod tests {
         let config = Config::parse_from(["tally", "--flush-max-keys", "0"]);
         let err = config.validate().expect_err("zero must be refused");
         assert_eq!(err.flag, "flush-max-keys");
+    }
+
+    #[test]
+    fn secrets_are_masked_in_the_printed_and_debugged_config() {
+        let config = Config::parse_from([
+            "tally",
+            "--auth-token",
+            "static-token-value-0123456789",
+            "--jwt-secret",
+            "jwt-secret-value-0123456789abcdef0123456789",
+        ]);
+        config.validate().expect("valid secrets");
+        for printed in [config.to_string(), format!("{config:?}")] {
+            assert!(!printed.contains("static-token-value"), "{printed}");
+            assert!(!printed.contains("jwt-secret-value"), "{printed}");
+        }
+        assert!(config.to_string().contains("auth_token=***"));
+        assert!(config.auth_enabled());
+        assert!(!Config::defaults().auth_enabled());
+    }
+
+    #[test]
+    fn refuses_weak_secrets_and_incomplete_limits() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--auth-token", "short"], "auth-token"),
+            (&["--auth-token", "has spaces in the token"], "auth-token"),
+            (&["--jwt-secret", "too-short-for-hs256"], "jwt-secret"),
+            (&["--jwt-audience", "tally"], "jwt-audience"),
+            (&["--jwt-issuer", "idp"], "jwt-issuer"),
+            (&["--rate-limit-per-second", "0"], "rate-limit-per-second"),
+            (&["--rate-limit-per-second", "NaN"], "rate-limit-per-second"),
+            (&["--rate-limit-burst", "5"], "rate-limit-burst"),
+            (
+                &["--rate-limit-per-second", "5", "--rate-limit-burst", "0"],
+                "rate-limit-burst",
+            ),
+            (&["--header-read-timeout", "0s"], "header-read-timeout"),
+            (&["--request-timeout", "0s"], "request-timeout"),
+            (&["--max-connections", "0"], "max-connections"),
+            (&["--metrics-listen", "0.0.0.0:3333"], "metrics-listen"),
+        ];
+        for (args, flag) in cases {
+            let config = Config::parse_from(std::iter::once("tally").chain(args.iter().copied()));
+            let err = config
+                .validate()
+                .expect_err(&format!("{args:?} must be refused"));
+            assert_eq!(err.flag, *flag, "{args:?}");
+        }
     }
 }

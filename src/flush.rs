@@ -89,6 +89,9 @@ impl Flusher {
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // An interval's first tick completes at once. `startup` has just flushed, so skip it:
+        // the first flush comes one interval from now, whatever the first requests bring.
+        tick.tick().await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,

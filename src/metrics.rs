@@ -32,6 +32,8 @@ pub const JOURNAL_FSYNC: &str = "tally_journal_fsync_seconds";
 pub const JOURNAL_GROUP: &str = "tally_journal_group_size";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
+/// Requests refused with 429 because their client was over its rate limit.
+pub const RATE_LIMITED: &str = "tally_rate_limited_total";
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
 ///
@@ -96,6 +98,10 @@ fn describe() {
         "Time of one journal fsync."
     );
     describe_histogram!(JOURNAL_GROUP, "Records made durable by one journal fsync.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused with 429 because their client was over its rate limit."
+    );
     describe_histogram!(
         HTTP_DURATION,
         metrics::Unit::Seconds,

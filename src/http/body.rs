@@ -28,9 +28,15 @@ pub struct Limits {
 }
 
 /// One increment as it travels on the wire. Unknown fields are ignored.
-#[derive(Deserialize)]
-struct Wire {
+#[derive(Deserialize, utoipa::ToSchema)]
+#[schema(as = Increment, example = json!({"key": "page:home", "value": 1}))]
+pub(crate) struct Wire {
+    /// The counter: non-empty UTF-8 of at most `--max-key-bytes` bytes (default 256),
+    /// without NUL.
+    #[schema(min_length = 1, max_length = 256, pattern = "^[^\\u0000]+$")]
     key: String,
+    /// The delta to add: a signed 64-bit integer (negative decrements).
+    #[schema(format = Int64)]
     value: i64,
 }
 

@@ -9,21 +9,44 @@ use axum::extract::{Path, State};
 use serde::Serialize;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use crate::key::Key;
 
 /// How often to re-read when a flush completes between the store read and the memory read.
 const READ_ATTEMPTS: usize = 20;
 
-#[derive(Serialize)]
+/// A counter's current value.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"key": "page:home", "value": 42}))]
 pub struct Counter {
+    /// The key, as sent.
     key: String,
-    /// i128: stored + pending may exceed i64 for a moment (the flusher will set the
-    /// offending delta aside); the sum is reported as it is, never wrapped.
+    /// Stored value plus this instance's pending delta. i128: stored + pending may exceed
+    /// i64 for a moment (the flusher will set the offending delta aside); the sum is
+    /// reported as it is, never wrapped.
+    #[schema(value_type = i64)]
     value: i128,
 }
 
-/// Answers `{"key", "value"}`, or 404 if neither the store nor this instance knows the key.
+/// Read a counter.
+///
+/// The stored value plus this instance's pending delta; `404` if neither the store nor this
+/// instance knows the key.
+#[utoipa::path(
+    get,
+    path = "/counters/{key}",
+    tag = "read",
+    params(("key" = String, Path, description = "The counter (percent-encoded).",
+        min_length = 1, max_length = 256, pattern = "^[^\\u0000]+$")),
+    responses(
+        (status = 200, description = "The counter's value.", body = Counter),
+        (status = 400, description = "The path is not valid percent-encoded UTF-8.", body = ErrorBody),
+        (status = 404, description = "No such key.", body = ErrorBody),
+        (status = 422, description = "The key is invalid (too long, contains NUL).", body = ErrorBody),
+        (status = 503, description = "The store is unavailable or the request timed out.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
+    )
+)]
 #[tracing::instrument(name = "GET /counters", skip_all)]
 pub async fn get(
     State(state): State<Arc<AppState>>,

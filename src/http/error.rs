@@ -48,16 +48,56 @@ pub enum ApiError {
     /// The instance is shutting down and can no longer confirm this request. 503.
     #[error("tally is shutting down")]
     ShuttingDown,
+    /// Authorization is configured and the request carries no valid bearer token. 401 with
+    /// `WWW-Authenticate: Bearer` (RFC 6750: with `error="invalid_token"` when a token was
+    /// sent but refused).
+    #[error("{message}")]
+    Unauthorized {
+        message: String,
+        /// A token was presented (and refused), as opposed to missing.
+        token_presented: bool,
+    },
+    /// This client is over its rate limit. 429 with `Retry-After`: whole seconds until the
+    /// next request would be let through.
+    #[error("rate limit exceeded; retry after {retry_after_seconds}s")]
+    RateLimited { retry_after_seconds: u64 },
+    /// The request did not finish within `--request-timeout`. 503, without `Retry-After`:
+    /// an increment may or may not have been applied, so a blind retry could count twice.
+    #[error("the request did not finish in time")]
+    Timeout,
     /// Anything else: a bug or a local failure (e.g. the journal's disk). 500.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    message: String,
+/// The body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": "invalid_value", "message": "item 0: key must not be empty"}))]
+pub struct ErrorBody {
+    /// A short, stable code: what went wrong.
+    #[schema(value_type = String, example = "invalid_value", pattern = "^[a-z_]+$")]
+    pub error: &'static str,
+    /// What to fix, for people.
+    pub message: String,
 }
+
+/// Every `error` code of [`ErrorBody`], for the API description.
+pub const ERROR_CODES: &[&str] = &[
+    "malformed_body",
+    "invalid_value",
+    "unsupported_media_type",
+    "too_large",
+    "not_found",
+    "method_not_allowed",
+    "overloaded",
+    "store_unavailable",
+    "shutting_down",
+    "unauthorized",
+    "rate_limited",
+    "timeout",
+    "not_ready",
+    "internal",
+];
 
 impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -73,6 +113,9 @@ impl ApiError {
             Self::Shedding(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -107,6 +150,28 @@ impl From<AddError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let extra_header = match &self {
+            ApiError::Shedding(_) | ApiError::StoreUnavailable(_) | ApiError::ShuttingDown => {
+                Some((
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
+                ))
+            }
+            ApiError::RateLimited {
+                retry_after_seconds,
+            } => Some((header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds))),
+            ApiError::Unauthorized {
+                token_presented, ..
+            } => Some((
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(if *token_presented {
+                    r#"Bearer realm="tally", error="invalid_token""#
+                } else {
+                    r#"Bearer realm="tally""#
+                }),
+            )),
+            _ => None,
+        };
         if let ApiError::Shedding(_) = &self {
             metrics::counter!(m::SHED).increment(1);
         }
@@ -118,6 +183,9 @@ impl IntoResponse for ApiError {
                 }
                 "store_unavailable" => "the store is unavailable; retry later".to_owned(),
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
+                "timeout" => "the request did not finish within the request timeout \
+                              (--request-timeout); an increment may or may not have been applied"
+                    .to_owned(),
                 _ => "internal error; see the server log".to_owned(),
             }
         } else {
@@ -126,17 +194,14 @@ impl IntoResponse for ApiError {
         metrics::counter!(m::REJECTED, "reason" => code).increment(1);
         let mut response = (
             status,
-            Json(Body {
+            Json(ErrorBody {
                 error: code,
                 message,
             }),
         )
             .into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+        if let Some((name, value)) = extra_header {
+            response.headers_mut().insert(name, value);
         }
         response
     }

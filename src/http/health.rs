@@ -7,18 +7,48 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 
 use super::AppState;
+use super::error::ErrorBody;
 
 /// How long `/readyz` waits for the store to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({ "status": "ok" }))
+/// The body of a passing health or readiness check.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Status {
+    /// `ok` (healthz) or `ready` (readyz).
+    #[schema(value_type = String, example = "ok")]
+    pub status: &'static str,
 }
 
-/// 200 when the store answers and new keys are accepted; else 503 with the reason.
+/// Liveness: `200` while the process runs. Never needs a token.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The process runs.", body = Status))
+)]
+pub async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// Readiness: `200` when the store answers and new keys are accepted, else `503` with the
+/// reason. Never needs a token.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready to take traffic.", body = Status),
+        (status = 503, description = "Not ready (`error` is `not_ready`); the message says why.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before asking again."))),
+    )
+)]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let reason = match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
         Err(_) => Some(format!(
@@ -35,24 +65,41 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             .map(|e| format!("last flush failed: {e}")),
     };
     match reason {
-        None => Json(json!({ "status": "ready" })).into_response(),
+        None => Json(Status { status: "ready" }).into_response(),
         Some(message) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
-            Json(json!({ "error": "not_ready", "message": message })),
+            Json(ErrorBody {
+                error: "not_ready",
+                message,
+            }),
         )
             .into_response(),
     }
 }
 
-/// Prometheus text exposition.
+/// Prometheus metrics in the text exposition format.
+///
+/// Served here unless `--metrics-listen` moves it to a separate address.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.",
+        body = String, content_type = "text/plain"))
+)]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    render_metrics(&state.metrics)
+}
+
+/// The exposition of `handle`, with its content type (also used by `--metrics-listen`).
+pub fn render_metrics(handle: &PrometheusHandle) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        handle.render(),
     )
         .into_response()
 }

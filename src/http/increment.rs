@@ -8,11 +8,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::AppState;
-use super::body::{self, Format};
-use super::error::ApiError;
+use super::body::{self, Format, Wire};
+use super::error::{ApiError, ErrorBody};
 use crate::config::Ack;
 use crate::key::Increment;
 use crate::metrics as m;
@@ -23,7 +23,32 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// `POST /increment`: one JSON object or form. 202, empty body.
+/// Add a delta to one counter.
+///
+/// The body is one JSON object or a form. `202` with an empty body once the delta is
+/// accepted at the configured durability level (`--ack`).
+#[utoipa::path(
+    post,
+    path = "/increment",
+    tag = "ingest",
+    request_body(
+        description = "One increment, as JSON or as a form (`key=abc&value=5`).",
+        content(
+            (Wire = "application/json"),
+            (Wire = "application/x-www-form-urlencoded"),
+        )
+    ),
+    responses(
+        (status = 202, description = "Accepted; empty body."),
+        (status = 400, description = "The body is not well-formed JSON.", body = ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes`.", body = ErrorBody),
+        (status = 415, description = "Content-Type is neither JSON nor a form.", body = ErrorBody),
+        (status = 422, description = "A field is missing, has the wrong type or an invalid value, \
+            or adding the value would overflow the key's pending 64-bit sum.", body = ErrorBody),
+        (status = 503, description = "Shedding load (pending-key cap), shutting down or timed out.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
+    )
+)]
 #[tracing::instrument(name = "POST /increment", skip_all)]
 pub async fn one(
     State(state): State<Arc<AppState>>,
@@ -37,13 +62,49 @@ pub async fn one(
     Ok(StatusCode::ACCEPTED)
 }
 
-/// `POST /increments`: a JSON array or NDJSON; all items or none. 202 `{"accepted": N}`.
+/// The answer to `POST /increments`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    /// Number of increments accepted (all of the batch).
+    #[schema(minimum = 0)]
+    pub accepted: usize,
+}
+
+/// Add deltas to many counters, all or none.
+///
+/// The body is a JSON array of increments or NDJSON (one JSON object per line). Every item
+/// is validated before any is applied. `202 {"accepted": N}`.
+#[utoipa::path(
+    post,
+    path = "/increments",
+    tag = "ingest",
+    request_body(
+        description = "A batch of at most `--max-batch-items` increments (default 10,000): a \
+                       JSON array, or NDJSON with one increment object per line (blank lines \
+                       are skipped).",
+        content(
+            (Vec<Wire> = "application/json"),
+            (Vec<Wire> = "application/x-ndjson",
+                example = json!([{"key": "a", "value": 1}, {"key": "b", "value": -2}])),
+        )
+    ),
+    responses(
+        (status = 202, description = "Every item accepted.", body = Accepted),
+        (status = 400, description = "The body (or an NDJSON line) is not well-formed JSON.", body = ErrorBody),
+        (status = 413, description = "The body or the batch is larger than allowed.", body = ErrorBody),
+        (status = 415, description = "Content-Type is neither JSON nor NDJSON.", body = ErrorBody),
+        (status = 422, description = "An item is invalid, or would overflow its key's pending \
+            64-bit sum; nothing was applied.", body = ErrorBody),
+        (status = 503, description = "Shedding load (pending-key cap), shutting down or timed out.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
+    )
+)]
 #[tracing::instrument(name = "POST /increments", skip_all)]
 pub async fn many(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let format = body::format(content_type(&headers), &[Format::Json, Format::Ndjson])?;
     let body = body.map_err(ApiError::from_body)?;
     let items = body::parse_many(format, &body, &state.limits)?;
@@ -52,7 +113,9 @@ pub async fn many(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "accepted": items.len() })),
+        Json(Accepted {
+            accepted: items.len(),
+        }),
     ))
 }
 

@@ -1,18 +1,28 @@
 //! The HTTP API: every route and layer, listed in one place.
+//!
+//! A request passes, outermost first: the duration metric, the request timeout, then (when
+//! configured) authorization and the per-client rate limit, the body limit, and the
+//! handler. Guards that are not configured are not installed, so an open tally pays
+//! nothing for them. Connection-level limits (header deadline, connection cap) live in
+//! [`serve`].
 
+pub mod auth;
 pub mod body;
 mod counters;
 pub mod error;
 mod health;
 mod increment;
+pub mod openapi;
+pub mod rate_limit;
+pub mod serve;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
@@ -40,20 +50,89 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-/// Builds the router: routes, JSON fallbacks for 404/405, body limit, request metrics.
-pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// How the router is put together: limits and the optional guards.
+#[derive(Clone)]
+pub struct RouterOptions {
+    /// `--max-body-bytes`.
+    pub max_body_bytes: usize,
+    /// `--request-timeout`: past it the request is answered `503 timeout`.
+    pub request_timeout: Duration,
+    /// Bearer-token authorization; `None` when no credential is configured.
+    pub auth: Option<Arc<auth::Auth>>,
+    /// Per-client rate limiting; `None` when off.
+    pub rate_limit: Option<Arc<rate_limit::RateLimiter>>,
+    /// Serve `/metrics` on this router (false when `--metrics-listen` moves it).
+    pub metrics: bool,
+    /// `--max-key-bytes`, for the API description.
+    pub max_key_bytes: usize,
+}
+
+/// Builds the router: routes, JSON fallbacks for 404/405, and the layers listed in the
+/// module doc.
+pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
+    let doc = openapi::Document::new(&openapi::DocOptions {
+        max_key_bytes: options.max_key_bytes,
+        auth: options.auth.is_some(),
+        rate_limit: options.rate_limit.is_some(),
+        metrics_here: options.metrics,
+    });
+    let mut router = Router::new()
         .route("/increment", post(increment::one))
         .route("/increments", post(increment::many))
         .route("/counters/{key}", get(counters::get))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi_json).with_state(doc));
+    if options.metrics {
+        router = router.route("/metrics", get(health::metrics));
+    }
+    let mut router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(options.max_body_bytes));
+    if let Some(limiter) = &options.rate_limit {
+        router = router.layer(middleware::from_fn_with_state(
+            Arc::clone(limiter),
+            rate_limit::limit,
+        ));
+    }
+    if let Some(auth) = &options.auth {
+        router = router.layer(middleware::from_fn_with_state(
+            Arc::clone(auth),
+            auth::require,
+        ));
+    }
+    router
+        .layer(middleware::from_fn_with_state(
+            options.request_timeout,
+            request_timeout,
+        ))
         .layer(middleware::from_fn(record_duration))
         .with_state(state)
+}
+
+/// The router of `--metrics-listen`: `/metrics` only, no token.
+pub fn metrics_router(handle: PrometheusHandle) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { health::render_metrics(&handle) }
+            }),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// Answers `503 timeout` (JSON, like every error) when the request, body included, takes
+/// longer than `--request-timeout`. tower-http's `TimeoutLayer` would answer with an empty
+/// body.
+async fn request_timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -78,6 +157,7 @@ async fn record_duration(request: Request, next: Next) -> Response {
             "/healthz" => "/healthz",
             "/readyz" => "/readyz",
             "/metrics" => "/metrics",
+            "/openapi.json" => "/openapi.json",
             _ => "other",
         });
     let method = request.method().clone();

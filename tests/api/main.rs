@@ -3,5 +3,14 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod helpers;
 
+mod ack_store;
+mod counters;
+mod errors;
+mod exactly_once;
+mod health;
+mod increment;
+mod multi_instance;
+mod shutdown;
 mod smoke;

@@ -202,11 +202,11 @@ impl TestApp {
             .as_u16()
     }
 
-    /// `GET /counters/{key}`: the value, or `None` on 404.
+    /// `GET /counters/{key}` (the key percent-encoded): the value, or `None` on 404.
     pub async fn counter(&self, key: &str) -> Option<i128> {
         let response = self
             .client
-            .get(format!("{}/counters/{key}", self.address))
+            .get(format!("{}/counters/{}", self.address, percent_encode(key)))
             .send()
             .await
             .expect("request sent");
@@ -223,6 +223,20 @@ impl TestApp {
         self.stop.cancel();
         self.task.await.expect("app task panicked")
     }
+}
+
+/// Percent-encodes every byte outside RFC 3986's unreserved set, for a URL path segment
+/// (`a/b` → `a%2Fb`).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Logs to stderr when `TEST_LOG` is set; silent otherwise.

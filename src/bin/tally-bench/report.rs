@@ -1,0 +1,580 @@
+//! Results on disk: results.json, results.csv, table.md, chart.svg (and curve.svg).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::charts;
+use crate::components::Capacity;
+use crate::suite::{Results, RunRecord};
+
+/// Mean, spread and range of one quantity over the runs of a variant.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stat {
+    pub mean: f64,
+    pub sd: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        Self {
+            mean,
+            sd: var.sqrt(),
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+/// One variant on one workload, over its runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub workload: String,
+    pub variant: String,
+    pub runs: usize,
+    pub rps: Stat,
+    pub items: Stat,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p99_ms_worst: f64,
+    pub pg_cpu_cores: Option<f64>,
+    pub server_cpu_us_per_request: Option<f64>,
+    pub other_load_cores: f64,
+    pub flush_lag_max_s: Option<f64>,
+    pub ratio_noop: Option<f64>,
+    pub ratio_sync: Option<f64>,
+    pub checks_passed: usize,
+    pub checks: usize,
+}
+
+/// Summaries per workload, in run order.
+pub fn summarise(runs: &[RunRecord]) -> Vec<(String, Vec<Summary>)> {
+    let mut workloads: Vec<String> = Vec::new();
+    for r in runs {
+        if !workloads.contains(&r.workload) {
+            workloads.push(r.workload.clone());
+        }
+    }
+    workloads
+        .into_iter()
+        .map(|w| {
+            let mut variants: Vec<String> = Vec::new();
+            for r in runs.iter().filter(|r| r.workload == w) {
+                if !variants.contains(&r.variant) {
+                    variants.push(r.variant.clone());
+                }
+            }
+            let mut summaries: Vec<Summary> = variants
+                .iter()
+                .map(|v| {
+                    let rs: Vec<&RunRecord> = runs
+                        .iter()
+                        .filter(|r| r.workload == w && &r.variant == v)
+                        .collect();
+                    let n = rs.len().max(1) as f64;
+                    let cpu: Vec<f64> = rs.iter().filter_map(|r| r.pg_cpu_per_s).collect();
+                    let lag: Vec<f64> = rs.iter().filter_map(|r| r.flush_lag_max_s).collect();
+                    let server: Vec<f64> = rs
+                        .iter()
+                        .filter_map(|r| r.server_cpu_us_per_request)
+                        .collect();
+                    Summary {
+                        workload: w.clone(),
+                        variant: v.clone(),
+                        runs: rs.len(),
+                        rps: Stat::of(&rs.iter().map(|r| r.requests_per_s).collect::<Vec<_>>()),
+                        items: Stat::of(&rs.iter().map(|r| r.items_per_s).collect::<Vec<_>>()),
+                        p50_ms: rs.iter().map(|r| r.latency_ms_p50).sum::<f64>() / n,
+                        p99_ms: rs.iter().map(|r| r.latency_ms_p99).sum::<f64>() / n,
+                        p99_ms_worst: rs.iter().map(|r| r.latency_ms_p99).fold(0.0, f64::max),
+                        pg_cpu_cores: (!cpu.is_empty())
+                            .then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
+                        other_load_cores: rs.iter().map(|r| r.other_load_cores).sum::<f64>() / n,
+                        server_cpu_us_per_request: (!server.is_empty())
+                            .then(|| server.iter().sum::<f64>() / server.len() as f64),
+                        flush_lag_max_s: lag.iter().copied().reduce(f64::max),
+                        ratio_noop: None,
+                        ratio_sync: None,
+                        checks_passed: rs
+                            .iter()
+                            .filter(|r| r.check.as_ref().is_some_and(|c| c.pass))
+                            .count(),
+                        checks: rs.iter().filter(|r| r.check.is_some()).count(),
+                    }
+                })
+                .collect();
+            let noop = summaries
+                .iter()
+                .find(|s| s.variant == "noop")
+                .map(|s| s.items.mean);
+            let sync = summaries
+                .iter()
+                .find(|s| s.variant.starts_with("sync"))
+                .map(|s| s.items.mean);
+            for s in &mut summaries {
+                s.ratio_noop = noop.filter(|n| *n > 0.0).map(|n| s.items.mean / n);
+                s.ratio_sync = sync.filter(|n| *n > 0.0).map(|n| s.items.mean / n);
+            }
+            (w, summaries)
+        })
+        .collect()
+}
+
+fn workload_title(w: &str) -> String {
+    match w {
+        "hot" => "hot path: POST /increment, keys from 1,000".into(),
+        "full" => "full workload: POST /increment, keys from 100,000".into(),
+        "batch" => {
+            "batch ingest: POST /increments, 1,000 items per request, keys from 100,000".into()
+        }
+        other => other.into(),
+    }
+}
+
+fn ratio(r: Option<f64>) -> String {
+    r.map_or("–".into(), |r| format!("{r:.2}×"))
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn checks(s: &Summary) -> String {
+    if s.checks == 0 {
+        "–".into()
+    } else if s.checks_passed == s.checks {
+        format!("{}/{} ok", s.checks_passed, s.checks)
+    } else {
+        format!("**{}/{} FAILED**", s.checks - s.checks_passed, s.checks)
+    }
+}
+
+/// The markdown tables of a run (also printed at the end of it).
+pub fn table_md(results: &Results) -> String {
+    let mut md = String::new();
+    let m = &results.machine;
+    let _ = writeln!(
+        md,
+        "Measured {} on {} × {} ({:.0} GiB), kernel {}, {}, {}, git {}{}.\n",
+        results.started,
+        m.nproc,
+        m.cpu,
+        m.memory_gib,
+        m.kernel,
+        m.postgres.split(" on ").next().unwrap_or(&m.postgres),
+        m.wrk.split(" [").next().unwrap_or(&m.wrk),
+        m.git_rev,
+        if results.quick {
+            " — QUICK smoke run, not for comparison"
+        } else {
+            ""
+        }
+    );
+    if let Some(r) = results.runs.first() {
+        let _ = writeln!(
+            md,
+            "wrk -t{} -c{} -d{:.0}s per run (batch: -c{}), runs interleaved round-robin.\n",
+            r.threads,
+            r.connections,
+            r.duration_s.round(),
+            results
+                .runs
+                .iter()
+                .find(|r| r.workload == "batch")
+                .map_or(0, |r| r.connections)
+        );
+    }
+    for (w, summaries) in summarise(&results.runs) {
+        let _ = writeln!(md, "### {}\n", workload_title(&w));
+        if w == "batch" {
+            let _ = writeln!(
+                md,
+                "| variant | increments/s mean ± sd (min–max) | req/s | p50 ms | p99 ms | × noop | server CPU µs/req | PG backend CPU (cores) | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            );
+            for s in &summaries {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.2} | {} |",
+                    s.variant,
+                    s.items.mean,
+                    s.items.sd,
+                    s.items.min,
+                    s.items.max,
+                    s.rps.mean,
+                    s.p50_ms,
+                    s.p99_ms,
+                    ratio(s.ratio_noop),
+                    opt(s.server_cpu_us_per_request, 1),
+                    opt(s.pg_cpu_cores, 2),
+                    s.other_load_cores,
+                    checks(s)
+                );
+            }
+        } else {
+            let _ = writeln!(
+                md,
+                "| variant | req/s mean ± sd (min–max) | p50 ms | p99 ms | × noop | × sync | server CPU µs/req | PG backend CPU (cores) | max flush lag s | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+            );
+            for s in &summaries {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.2} | {:.2} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                    s.variant,
+                    s.rps.mean,
+                    s.rps.sd,
+                    s.rps.min,
+                    s.rps.max,
+                    s.p50_ms,
+                    s.p99_ms,
+                    ratio(s.ratio_noop),
+                    ratio(s.ratio_sync),
+                    opt(s.server_cpu_us_per_request, 1),
+                    opt(s.pg_cpu_cores, 2),
+                    opt(s.flush_lag_max_s, 2),
+                    s.other_load_cores,
+                    checks(s)
+                );
+            }
+        }
+        md.push('\n');
+    }
+    if !results.curve.is_empty() {
+        let _ = writeln!(
+            md,
+            "### flush-interval curve: tally ack=memory on PostgreSQL, full workload\n\n\
+             | flush interval | req/s | PG backend CPU (cores) | max commit gap s | max tally_flush_lag_seconds | check |\n|---:|---:|---:|---:|---:|---|"
+        );
+        for r in &results.curve {
+            let _ = writeln!(
+                md,
+                "| {}s | {:.0} | {} | {} | {} | {} |",
+                r.flush_interval_s.unwrap_or(0.0),
+                r.requests_per_s,
+                opt(r.pg_cpu_per_s, 2),
+                opt(r.commit_gap_max_s, 2),
+                opt(r.flush_lag_max_s, 2),
+                r.check
+                    .as_ref()
+                    .map_or("–", |c| if c.pass { "ok" } else { "**FAILED**" })
+            );
+        }
+        md.push('\n');
+    }
+    if let Some(cap) = &results.capacity {
+        md.push_str(&capacity_table(cap));
+        md.push('\n');
+    }
+    if let Some(mem) = &results.memory {
+        let _ = writeln!(
+            md,
+            "### memory per pending key\n\n{} distinct keys in an `Aggregator`: RSS +{:.1} MiB = {:.1} bytes per key, \
+             of which {:.1} are the key's own bytes: **{:.1} bytes of overhead per key** (target ≤ 100).\n",
+            mem.keys,
+            (mem.rss_after_bytes.saturating_sub(mem.rss_before_bytes)) as f64 / 1048576.0,
+            mem.bytes_per_key,
+            mem.key_bytes_per_key,
+            mem.overhead_bytes_per_key
+        );
+    }
+    md.push_str(&targets_md(results));
+    md
+}
+
+/// The flush-capacity table.
+pub fn capacity_table(cap: &Capacity) -> String {
+    let mut md = String::from(
+        "### flush capacity into PostgreSQL (keys/s, batches of distinct keys, same run)\n\n\
+         | keyspace | batch | direct statement | PgStore::apply | Flusher::flush | flusher ÷ direct | PG CPU µs/key (direct / flusher) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut seen = Vec::new();
+    for p in &cap.points {
+        if seen.contains(&(p.keyspace, p.batch)) {
+            continue;
+        }
+        seen.push((p.keyspace, p.batch));
+        let get = |m: &str| {
+            cap.points
+                .iter()
+                .find(|q| q.keyspace == p.keyspace && q.batch == p.batch && q.method == m)
+        };
+        let (Some(d), Some(a), Some(f)) = (get("direct"), get("apply"), get("flusher")) else {
+            continue;
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} ({:.2}×) | {:.0} | {:.2}× | {:.1} / {:.1} |",
+            p.keyspace,
+            p.batch,
+            d.keys_per_s,
+            a.keys_per_s,
+            a.keys_per_s / d.keys_per_s.max(1e-9),
+            f.keys_per_s,
+            f.keys_per_s / d.keys_per_s.max(1e-9),
+            d.pg_cpu_us_per_key,
+            f.pg_cpu_us_per_key
+        );
+    }
+    md
+}
+
+fn find<'a>(all: &'a [(String, Vec<Summary>)], w: &str, v: &str) -> Option<&'a Summary> {
+    all.iter()
+        .find(|(name, _)| name == w)
+        .and_then(|(_, s)| s.iter().find(|s| s.variant == v))
+}
+
+/// Every target of issue 4 with what this run measured.
+pub fn targets_md(results: &Results) -> String {
+    let all = summarise(&results.runs);
+    let mut md = String::from(
+        "### issue-4 targets, as measured in this run\n\n| target | measured | met? |\n|---|---|---|\n",
+    );
+    let mut row = |target: &str, measured: String, met: Option<bool>| {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "not measured",
+        };
+        let _ = writeln!(md, "| {target} | {measured} | {met} |");
+    };
+    for store in ["pg", "sqlite"] {
+        let s = find(&all, "hot", &format!("tally-memory-{store}"));
+        row(
+            &format!("hot: tally ack=memory ({store}) ≥ 0.90 × noop"),
+            s.map_or("–".into(), |s| ratio(s.ratio_noop)),
+            s.and_then(|s| s.ratio_noop).map(|r| r >= 0.90),
+        );
+        let s = find(&all, "hot", &format!("tally-journal-{store}"));
+        row(
+            &format!("hot: tally ack=journal ({store}) ≥ 0.85 × noop, p99 ≤ 15 ms"),
+            s.map_or("–".into(), |s| {
+                format!(
+                    "{}, p99 {:.1} ms (worst run {:.1})",
+                    ratio(s.ratio_noop),
+                    s.p99_ms,
+                    s.p99_ms_worst
+                )
+            }),
+            s.and_then(|s| s.ratio_noop.map(|r| r >= 0.85 && s.p99_ms_worst <= 15.0)),
+        );
+    }
+    let s = find(&all, "full", "tally-memory-pg");
+    row(
+        "full (PostgreSQL): tally ack=memory ≥ 0.80 × noop",
+        s.map_or("–".into(), |s| ratio(s.ratio_noop)),
+        s.and_then(|s| s.ratio_noop).map(|r| r >= 0.80),
+    );
+    for v in ["tally-memory-pg", "tally-journal-pg"] {
+        let s = find(&all, "full", v);
+        row(
+            &format!("full: {v} ≥ 6 × sync"),
+            s.map_or("–".into(), |s| ratio(s.ratio_sync)),
+            s.and_then(|s| s.ratio_sync).map(|r| r >= 6.0),
+        );
+    }
+    match &results.capacity {
+        Some(cap) => {
+            let mut worst: Option<(f64, usize, usize)> = None;
+            for f in cap.points.iter().filter(|p| p.method == "flusher") {
+                if let Some(d) = cap.points.iter().find(|d| {
+                    d.method == "direct" && d.keyspace == f.keyspace && d.batch == f.batch
+                }) {
+                    let r = f.keys_per_s / d.keys_per_s.max(1e-9);
+                    if worst.is_none_or(|(w, _, _)| r < w) {
+                        worst = Some((r, f.keyspace, f.batch));
+                    }
+                }
+            }
+            row(
+                "flusher ≥ 0.90 × direct statement (keys/s)",
+                worst.map_or("–".into(), |(r, ks, b)| {
+                    format!("worst {r:.2}× (keyspace {ks}, batch {b})")
+                }),
+                worst.map(|(r, _, _)| r >= 0.90),
+            );
+        }
+        None => row("flusher ≥ 0.90 × direct statement", "–".into(), None),
+    }
+    for v in ["tally-memory-pg", "tally-journal-pg", "tally-memory-sqlite"] {
+        let s = find(&all, "batch", v);
+        row(
+            &format!("batch: POST /increments ({v}) ≥ 1,000,000 increments/s"),
+            s.map_or("–".into(), |s| {
+                format!("{:.0} increments/s", s.items.mean)
+            }),
+            s.map(|s| s.items.mean >= 1e6),
+        );
+    }
+    match &results.memory {
+        Some(m) => row(
+            "memory ≤ 100 bytes per pending key beyond the key",
+            format!("{:.1} bytes", m.overhead_bytes_per_key),
+            Some(m.overhead_bytes_per_key <= 100.0),
+        ),
+        None => row("memory ≤ 100 bytes per pending key", "–".into(), None),
+    }
+    if results.curve.is_empty() {
+        row(
+            "flush lag ≤ interval + 1 s under full load",
+            "curve not run (--flush-curve)".into(),
+            None,
+        );
+    } else {
+        let worst = results
+            .curve
+            .iter()
+            .map(|r| {
+                let lag = r
+                    .commit_gap_max_s
+                    .unwrap_or(0.0)
+                    .max(r.flush_lag_max_s.unwrap_or(0.0));
+                (lag - r.flush_interval_s.unwrap_or(0.0), r)
+            })
+            .fold(None::<(f64, &RunRecord)>, |acc, x| match acc {
+                Some(a) if a.0 >= x.0 => Some(a),
+                _ => Some(x),
+            });
+        row(
+            "flush lag ≤ interval + 1 s under full load",
+            worst.map_or("–".into(), |(excess, r)| {
+                format!(
+                    "worst: interval {}s, lag exceeded the interval by {excess:.2}s",
+                    r.flush_interval_s.unwrap_or(0.0)
+                )
+            }),
+            worst.map(|(excess, _)| excess <= 1.0),
+        );
+    }
+    let checks: Vec<bool> = results
+        .runs
+        .iter()
+        .chain(&results.curve)
+        .filter_map(|r| r.check.as_ref().map(|c| c.pass))
+        .collect();
+    row(
+        "correctness: store total == increments answered 202, every run",
+        format!(
+            "{}/{} runs passed",
+            checks.iter().filter(|c| **c).count(),
+            checks.len()
+        ),
+        Some(checks.iter().all(|c| *c)),
+    );
+    md
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn csv(results: &Results) -> String {
+    let mut out = String::from(
+        "section,workload,variant,run,threads,connections,duration_s,requests,requests_per_s,items_per_s,\
+         latency_ms_p50,latency_ms_p90,latency_ms_p99,latency_ms_max,errors_connect,errors_read,errors_write,\
+         errors_non2xx,errors_timeout,check_mode,check_expected_min,check_expected_max,check_stored,check_pass,\
+         pg_cpu_cores,server_cpu_us_per_request,other_load_cores,flush_lag_max_s,commit_gap_max_s,flush_interval_s,stop_s\n",
+    );
+    let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+    for (section, rows) in [("matrix", &results.runs), ("curve", &results.curve)] {
+        for r in rows {
+            let c = r.check.as_ref();
+            let _ = writeln!(
+                out,
+                "{section},{},{},{},{},{},{:.3},{},{:.1},{:.1},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3}",
+                csv_field(&r.workload),
+                csv_field(&r.variant),
+                r.run,
+                r.threads,
+                r.connections,
+                r.duration_s,
+                r.requests,
+                r.requests_per_s,
+                r.items_per_s,
+                r.latency_ms_p50,
+                r.latency_ms_p90,
+                r.latency_ms_p99,
+                r.latency_ms_max,
+                r.errors.connect,
+                r.errors.read,
+                r.errors.write,
+                r.errors.status,
+                r.errors.timeout,
+                c.map_or("", |c| c.mode),
+                c.map_or(String::new(), |c| c.expected_min.to_string()),
+                c.map_or(String::new(), |c| c.expected_max.to_string()),
+                c.map_or(String::new(), |c| c.stored.to_string()),
+                c.map_or(String::new(), |c| c.pass.to_string()),
+                f(r.pg_cpu_per_s),
+                f(r.server_cpu_us_per_request),
+                r.other_load_cores,
+                f(r.flush_lag_max_s),
+                f(r.commit_gap_max_s),
+                f(r.flush_interval_s),
+                r.stop_s
+            );
+        }
+    }
+    out
+}
+
+/// Writes every result file into `dir`.
+pub fn write_all(dir: &Path, results: &Results) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    };
+    let summaries = summarise(&results.runs);
+    let json = serde_json::json!({ "results": results, "summaries": summaries });
+    write("results.json", &serde_json::to_string_pretty(&json)?)?;
+    write("results.csv", &csv(results))?;
+    let mut md = format!(
+        "# tally-bench results\n\nCommand: `{}`\n\n",
+        results.command
+    );
+    md.push_str(&table_md(results));
+    md.push_str("\n![requests/s per variant](chart.svg)\n");
+    if !results.curve.is_empty() {
+        md.push_str("\n![flush-interval curve](curve.svg)\n");
+    }
+    write("table.md", &md)?;
+    // In the batch panel the no-op server (which does not even parse the 1,000 items) would
+    // dwarf every bar; it stays in the table.
+    let panels: Vec<(String, Vec<Summary>)> = summaries
+        .into_iter()
+        .map(|(w, s)| {
+            if w == "batch" {
+                let s: Vec<Summary> = s.into_iter().filter(|s| s.variant != "noop").collect();
+                (
+                    format!("{} (noop left out: it does not parse)", workload_title(&w)),
+                    s,
+                )
+            } else {
+                (workload_title(&w), s)
+            }
+        })
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
+    if !panels.is_empty() {
+        charts::throughput(&dir.join("chart.svg"), &panels)?;
+    }
+    if !results.curve.is_empty() {
+        charts::curve(&dir.join("curve.svg"), &results.curve)?;
+    }
+    Ok(())
+}

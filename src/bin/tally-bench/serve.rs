@@ -1,0 +1,120 @@
+//! The two baselines, each run by tally-bench as its own process.
+//!
+//! - `noop`: the HTTP stack tally uses (axum 0.8 on tokio, multi-threaded runtime), a route
+//!   that reads the body and answers 202. The ceiling: no server on this stack does less.
+//! - `sync`: the naive design done as well as it can be: parse the JSON body like tally,
+//!   then one `INSERT .. ON CONFLICT DO UPDATE SET value = value + $2` per request through a
+//!   deadpool-postgres pool with a prepared statement, 202 after the commit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio::net::TcpListener;
+use tokio_postgres::NoTls;
+
+const SYNC_UPSERT: &str = "INSERT INTO counters (key, value) VALUES ($1, $2) \
+     ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value";
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn serve(listen: SocketAddr, app: Router) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `tally-bench serve-noop`.
+pub async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
+    async fn accept(_body: Bytes) -> StatusCode {
+        StatusCode::ACCEPTED
+    }
+    let app = Router::new()
+        .route("/increment", post(accept))
+        .route("/increments", post(accept))
+        .route("/healthz", get(healthz));
+    serve(listen, app).await
+}
+
+#[derive(serde::Deserialize)]
+struct Wire {
+    key: String,
+    value: i64,
+}
+
+/// `tally-bench serve-sync`.
+pub async fn sync(listen: SocketAddr, url: &str, pool_size: usize) -> anyhow::Result<()> {
+    let config: tokio_postgres::Config = url.parse().context("bad --database-url")?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    let pool = Pool::builder(manager)
+        .max_size(pool_size)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .context("cannot build the pool")?;
+    {
+        let client = pool.get().await.context("cannot connect to PostgreSQL")?;
+        // The same table as tally's, so the correctness check reads both alike.
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, value bigint NOT NULL)",
+            )
+            .await
+            .context("cannot create the counters table")?;
+    }
+    async fn increment(State(pool): State<Arc<Pool>>, body: Bytes) -> StatusCode {
+        let Ok(wire) = serde_json::from_slice::<Wire>(&body) else {
+            return StatusCode::BAD_REQUEST;
+        };
+        if wire.key.is_empty() {
+            return StatusCode::UNPROCESSABLE_ENTITY;
+        }
+        let Ok(client) = pool.get().await else {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        };
+        let Ok(statement) = client.prepare_cached(SYNC_UPSERT).await else {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        };
+        match client.execute(&statement, &[&wire.key, &wire.value]).await {
+            Ok(_) => StatusCode::ACCEPTED,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+    let app = Router::new()
+        .route("/increment", post(increment))
+        .route("/healthz", get(healthz))
+        .with_state(Arc::new(pool));
+    serve(listen, app).await
+}

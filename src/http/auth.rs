@@ -1,0 +1,330 @@
+//! Bearer-token authorization: a static token (`--auth-token`) and/or JWTs verified against a
+//! configured key (`--jwt-secret` for HS256, `--jwt-public-key` for RS256/ES256).
+//!
+//! When any credential is configured, [`require`] runs in front of every route except
+//! `/healthz` and `/readyz` (load balancers probe those without credentials). A request
+//! without a valid `Authorization: Bearer <token>` header gets `401` JSON with
+//! `WWW-Authenticate: Bearer realm="tally"` (plus `error="invalid_token"` when a token was sent
+//! and refused, as RFC 6750 §3 asks). When nothing is configured the layer is not installed
+//! at all, so an open tally pays nothing for this module.
+//!
+//! Order of checks for a presented token:
+//! 1. The static token, compared in constant time ([`subtle`]): a plain `==` returns at the
+//!    first differing byte, and the time that takes tells an attacker how many leading bytes
+//!    they guessed right. Only the length can leak, which says nothing useful about a
+//!    token of 16+ random characters.
+//! 2. A JWT: the header's `alg` picks the key (HS* the secret, RS*/PS*/ES* the public key),
+//!    so a token can never make tally verify an HMAC with the public key as secret (the
+//!    classic algorithm-confusion attack; `jsonwebtoken` also refuses a key of the wrong
+//!    family). `exp` is required; `exp` and `nbf` are checked with [`JWT_LEEWAY_SECONDS`] of
+//!    leeway; `aud` and `iss` are required and checked when `--jwt-audience` /
+//!    `--jwt-issuer` are set.
+//!
+//! A valid JWT's `sub` travels on as a [`Subject`] request extension: the rate limiter keys
+//! on it. The static token names no client (every holder sends the same string), so its
+//! requests are limited per peer address instead.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use crate::config::{Config, Secret};
+
+/// Clock skew tolerated on `exp` and `nbf`. jsonwebtoken's default is 60s; 30s covers
+/// NTP-synchronised hosts with room to spare while keeping expired tokens short-lived.
+pub const JWT_LEEWAY_SECONDS: u64 = 30;
+
+/// Routes that never need a token: liveness and readiness probes.
+pub fn is_open(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+}
+
+/// The authenticated subject of a request (a JWT's `sub`), as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject(pub Arc<str>);
+
+/// Why the configured credentials cannot be used. Reported at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    /// `--jwt-public-key` names a file that cannot be read.
+    #[error("cannot read --jwt-public-key {path}: {source}")]
+    ReadKey {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a PEM-encoded RSA or EC public key.
+    #[error("--jwt-public-key {path} is not a PEM RSA or EC public key (RSA: {rsa}; EC: {ec})")]
+    BadKey {
+        path: String,
+        rsa: jsonwebtoken::errors::Error,
+        ec: jsonwebtoken::errors::Error,
+    },
+}
+
+/// A JWT key and the validation rules that go with it.
+struct JwtKey {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// The configured credentials. Built once at start-up, shared by every request.
+pub struct Auth {
+    static_token: Option<Secret>,
+    /// HS256 key (`--jwt-secret`).
+    hmac: Option<JwtKey>,
+    /// RSA or EC key (`--jwt-public-key`).
+    public: Option<JwtKey>,
+}
+
+/// The claims tally reads itself; jsonwebtoken validates `exp`/`nbf`/`aud`/`iss`.
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+}
+
+impl Auth {
+    /// The configured credentials, or `None` when authorization is off.
+    ///
+    /// # Errors
+    ///
+    /// When `--jwt-public-key` cannot be read or is not an RSA/EC public key in PEM.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, AuthConfigError> {
+        if !config.auth_enabled() {
+            return Ok(None);
+        }
+        let hmac = config.jwt_secret.as_ref().map(|secret| JwtKey {
+            key: DecodingKey::from_secret(secret.expose().as_bytes()),
+            validation: validation(config, AlgorithmFamily::Hmac),
+        });
+        let public = match &config.jwt_public_key {
+            None => None,
+            Some(path) => {
+                let display = path.display().to_string();
+                let pem = std::fs::read(path).map_err(|source| AuthConfigError::ReadKey {
+                    path: display.clone(),
+                    source,
+                })?;
+                let (key, family) = match DecodingKey::from_rsa_pem(&pem) {
+                    Ok(key) => (key, AlgorithmFamily::Rsa),
+                    Err(rsa) => match DecodingKey::from_ec_pem(&pem) {
+                        Ok(key) => (key, AlgorithmFamily::Ec),
+                        Err(ec) => {
+                            return Err(AuthConfigError::BadKey {
+                                path: display,
+                                rsa,
+                                ec,
+                            });
+                        }
+                    },
+                };
+                Some(JwtKey {
+                    key,
+                    validation: validation(config, family),
+                })
+            }
+        };
+        Ok(Some(Self {
+            static_token: config.auth_token.clone(),
+            hmac,
+            public,
+        }))
+    }
+
+    /// Checks an `Authorization` header. `Ok(Some(sub))` for a JWT with a subject,
+    /// `Ok(None)` for the static token or a JWT without `sub`.
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::Unauthorized`] saying what is wrong (missing, not Bearer, expired, ...).
+    pub fn verify(&self, authorization: Option<&HeaderValue>) -> Result<Option<Subject>, ApiError> {
+        let Some(value) = authorization else {
+            return Err(unauthorized(
+                "this endpoint needs an Authorization: Bearer <token> header",
+                false,
+            ));
+        };
+        let token = bearer_token(value.as_bytes()).ok_or_else(|| {
+            unauthorized("the Authorization header must be `Bearer <token>`", false)
+        })?;
+        if let Some(expected) = &self.static_token
+            && bool::from(token.ct_eq(expected.expose().as_bytes()))
+        {
+            return Ok(None);
+        }
+        if self.hmac.is_none() && self.public.is_none() {
+            return Err(unauthorized("the bearer token is not valid", true));
+        }
+        self.verify_jwt(token)
+    }
+
+    fn verify_jwt(&self, token: &[u8]) -> Result<Option<Subject>, ApiError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| unauthorized("the bearer token is not valid", true))?;
+        let key = match header.alg.family() {
+            AlgorithmFamily::Hmac => self.hmac.as_ref(),
+            AlgorithmFamily::Rsa | AlgorithmFamily::Ec => self.public.as_ref(),
+            AlgorithmFamily::Ed => None,
+        }
+        .filter(|k| k.validation.algorithms.contains(&header.alg))
+        .ok_or_else(|| {
+            unauthorized(
+                &format!("JWT algorithm {:?} is not accepted here", header.alg),
+                true,
+            )
+        })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation)
+            .map_err(|e| unauthorized(jwt_error_message(e.kind()), true))?;
+        Ok(data.claims.sub.map(|s| Subject(s.into())))
+    }
+}
+
+/// Validation rules for one key family: the family's algorithms, `exp` required, `nbf`
+/// checked when present, `aud`/`iss` required when configured.
+fn validation(config: &Config, family: AlgorithmFamily) -> Validation {
+    let mut validation = Validation::new_for_family(family);
+    // EC keys sign with the curve's own hash: ES256 on P-256, ES384 on P-384. Both are
+    // listed; a token signed for the other curve fails signature verification.
+    if family == AlgorithmFamily::Ec {
+        validation.algorithms = vec![Algorithm::ES256, Algorithm::ES384];
+    }
+    validation.leeway = JWT_LEEWAY_SECONDS;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    let mut required = vec!["exp"];
+    if config.jwt_audience.is_empty() {
+        // tally has no audience of its own to compare with; tokens are accepted whatever
+        // their `aud`. Set --jwt-audience to refuse tokens minted for other services.
+        validation.validate_aud = false;
+    } else {
+        validation.set_audience(&config.jwt_audience);
+        required.push("aud");
+    }
+    if !config.jwt_issuer.is_empty() {
+        validation.set_issuer(&config.jwt_issuer);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 7235 §2.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
+fn jwt_error_message(kind: &ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::ExpiredSignature => "the JWT has expired (exp)",
+        ErrorKind::ImmatureSignature => "the JWT is not valid yet (nbf)",
+        ErrorKind::InvalidAudience => "the JWT audience (aud) is not accepted",
+        ErrorKind::InvalidIssuer => "the JWT issuer (iss) is not accepted",
+        ErrorKind::InvalidSignature => "the JWT signature does not verify",
+        ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+            "exp" => "the JWT has no exp claim",
+            "aud" => "the JWT has no aud claim",
+            "iss" => "the JWT has no iss claim",
+            _ => "the JWT lacks a required claim",
+        },
+        ErrorKind::InvalidAlgorithm => "the JWT algorithm is not accepted here",
+        _ => "the bearer token is not valid",
+    }
+}
+
+fn unauthorized(message: &str, token_presented: bool) -> ApiError {
+    ApiError::Unauthorized {
+        message: message.to_owned(),
+        token_presented,
+    }
+}
+
+/// Middleware: lets `/healthz` and `/readyz` through, refuses other requests without a
+/// valid bearer token, and records the JWT subject for the rate limiter.
+pub async fn require(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
+    if is_open(request.uri().path()) {
+        return next.run(request).await;
+    }
+    match auth.verify(request.headers().get(header::AUTHORIZATION)) {
+        Ok(subject) => {
+            if let Some(subject) = subject {
+                request.extensions_mut().insert(subject);
+            }
+            next.run(request).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_bearer_scheme_case_insensitively() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bearerabc"), None);
+        assert_eq!(bearer_token(b"Basic dXNlcjpwYXNz"), None);
+        assert_eq!(bearer_token(b""), None);
+    }
+
+    #[test]
+    fn a_static_token_must_match_exactly() {
+        let mut config = Config::defaults();
+        config.auth_token = Some(Secret::new("0123456789abcdef"));
+        let auth = Auth::from_config(&config)
+            .expect("valid config")
+            .expect("auth is on");
+        let header = |s: &str| HeaderValue::from_str(s).expect("header value");
+        assert!(matches!(
+            auth.verify(Some(&header("Bearer 0123456789abcdef"))),
+            Ok(None)
+        ));
+        for bad in [
+            "Bearer 0123456789abcdeF",
+            "Bearer 0123456789abcde",
+            "Bearer 0123456789abcdef0",
+            "Token 0123456789abcdef",
+        ] {
+            assert!(
+                matches!(
+                    auth.verify(Some(&header(bad))),
+                    Err(ApiError::Unauthorized { .. })
+                ),
+                "{bad} must be refused"
+            );
+        }
+        assert!(matches!(
+            auth.verify(None),
+            Err(ApiError::Unauthorized {
+                token_presented: false,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn authorization_is_off_without_credentials() {
+        assert!(
+            Auth::from_config(&Config::defaults())
+                .expect("valid")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,249 @@
+//! Connection and request limits: header deadline (slow loris), request timeout, connection
+//! cap, body limit; `/metrics` on its own listener; defaults and `--help`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{self, client, expect_error, raw_connect, read_to_close};
+
+#[tokio::test]
+async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
+    let (mut config, dir) = support::config();
+    config.header_read_timeout = Duration::from_millis(300);
+    let server = support::start((config, dir)).await;
+
+    // Half a request head, then silence; and a connection that never says anything.
+    let started = Instant::now();
+    let mut partial = raw_connect(server.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let mut silent = raw_connect(server.address, b"").await;
+    for (what, stream) in [("partial head", &mut partial), ("silent", &mut silent)] {
+        let read = read_to_close(stream, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{what}: connection still open after 5 s"));
+        assert!(
+            read.is_empty() || read.starts_with("HTTP/1.1 408"),
+            "{what}: unexpected answer {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early"
+    );
+
+    // A client that sends its request in time is served.
+    let ok = client()
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_that_outlives_the_request_timeout_gets_a_json_503() {
+    let (mut config, dir) = support::config();
+    config.request_timeout = Duration::from_millis(300);
+    let server = support::start((config, dir)).await;
+
+    // Headers promise 100 bytes of body; only one arrives.
+    let mut stream = raw_connect(
+        server.address,
+        b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 100\r\n\r\n{",
+    )
+    .await;
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            response.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&response);
+            if n == 0 || text.contains("\"message\"") && text.trim_end().ends_with('}') {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 5 s");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "answered too early"
+    );
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{text}"
+    );
+    assert!(!text.to_ascii_lowercase().contains("retry-after"), "{text}");
+    let body: Value = serde_json::from_str(&text[text.find("\r\n\r\n").expect("head end") + 4..])
+        .expect("JSON body");
+    assert_eq!(body["error"], "timeout", "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let (mut config, dir) = support::config();
+    config.max_connections = 2;
+    let server = support::start((config, dir)).await;
+
+    // Two keep-alive connections, each served once and then left idle: both slots taken.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream =
+            raw_connect(server.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("served within 5 s")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(stream);
+    }
+
+    let third = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .expect("client");
+    let refused = third.get(server.url("/healthz")).send().await;
+    assert!(
+        refused.as_ref().is_err_and(reqwest::Error::is_timeout),
+        "a third connection must wait: {refused:?}"
+    );
+
+    // Closing one frees its slot.
+    let mut freed = held.pop().expect("two held");
+    freed.shutdown().await.expect("shutdown");
+    drop(freed);
+    let served = client()
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("served");
+    assert_eq!(served.status(), 200);
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let (mut config, dir) = support::config();
+    config.max_body_bytes = 1024;
+    let server = support::start((config, dir)).await;
+    let key = "k".repeat(2000);
+    let response = client()
+        .post(server.url("/increment"))
+        .json(&serde_json::json!({"key": key, "value": 1}))
+        .send()
+        .await
+        .expect("sent");
+    expect_error(response, 413, "too_large").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_listen_serves_metrics_apart_from_the_api() {
+    let (mut config, dir) = support::config();
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    let server = support::start((config, dir)).await;
+    let client = client();
+    assert_eq!(
+        client
+            .post(server.url("/increment"))
+            .json(&serde_json::json!({"key": "m", "value": 1}))
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        202
+    );
+    expect_error(
+        client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .expect("sent"),
+        404,
+        "not_found",
+    )
+    .await;
+    let metrics_address = server.metrics.expect("metrics listener");
+    assert_ne!(metrics_address, server.address);
+    let response = client
+        .get(format!("http://{metrics_address}/metrics"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.expect("text");
+    assert!(text.contains("tally_increments_total"), "{text}");
+    // The API is not served there.
+    let api = client
+        .get(format!("http://{metrics_address}/healthz"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(api.status(), 404);
+    server.stop().await;
+}
+
+#[test]
+fn limits_have_safe_defaults_and_rate_limiting_is_off() {
+    let config = Config::defaults();
+    assert_eq!(config.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.request_timeout, Duration::from_secs(30));
+    assert_eq!(config.max_connections, 4096);
+    assert_eq!(config.max_body_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.rate_limit_per_second, None);
+    assert!(!config.trust_proxy);
+    assert!(!config.auth_enabled());
+    assert_eq!(config.metrics_listen, None);
+}
+
+#[test]
+fn help_documents_every_hardening_flag_without_showing_secrets() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .arg("--help")
+        .env("TALLY_AUTH_TOKEN", "secret-from-env-0123456789")
+        .env(
+            "TALLY_JWT_SECRET",
+            "jwt-secret-from-env-0123456789abcdef0123",
+        )
+        .output()
+        .expect("run tally --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--auth-token",
+        "--jwt-secret",
+        "--jwt-public-key",
+        "--jwt-audience",
+        "--jwt-issuer",
+        "--metrics-listen",
+        "--rate-limit-per-second",
+        "--rate-limit-burst",
+        "--rate-limit-max-clients",
+        "--trust-proxy",
+        "--header-read-timeout",
+        "--request-timeout",
+        "--max-connections",
+        "--max-body-bytes",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    assert!(!help.contains("secret-from-env"), "--help shows a secret");
+}

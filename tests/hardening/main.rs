@@ -1,0 +1,14 @@
+//! Hardening tests: authorization, per-client rate limits, connection limits and timeouts,
+//! the OpenAPI document, and the request/journal parsers under arbitrary input. The real
+//! router over real HTTP (and raw TCP where a client must misbehave), on real SQLite files.
+//! One test binary, one link step.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod auth;
+mod limits;
+mod openapi;
+mod parsers;
+mod rate_limit;
+mod support;

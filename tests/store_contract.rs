@@ -1,0 +1,434 @@
+//! The store contract (`src/store/mod.rs`): the same test bodies, run against `SqliteStore`
+//! on a temp file and `PgStore` on a fresh PostgreSQL database.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tally::store::{Applied, Batch, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored};
+use tempfile::TempDir;
+
+use common::PgDatabase;
+
+/// A fresh, empty store of one kind, with direct SQL access for assertions.
+enum Fixture {
+    Sqlite(TempDir),
+    Postgres(PgDatabase),
+}
+
+impl Fixture {
+    fn sqlite() -> Self {
+        Self::Sqlite(common::data_dir())
+    }
+
+    /// `None` when no PostgreSQL server answers (announced loudly by `PgDatabase`).
+    async fn postgres(test: &str) -> Option<Self> {
+        PgDatabase::create(test).await.map(Self::Postgres)
+    }
+
+    /// Opens a store handle on this database (migrating it on first open).
+    async fn open(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Sqlite(dir) => Arc::new(
+                SqliteStore::open(&dir.path().join("tally.db"))
+                    .await
+                    .expect("open SQLite"),
+            ),
+            Self::Postgres(db) => Arc::new(PgStore::connect(&db.url, 4).await.expect("connect")),
+        }
+    }
+
+    /// Runs `sql` (a query of rows of text and bigint columns, as `Vec<String>` of their
+    /// display forms), outside tally's code.
+    async fn rows(&self, sql: &'static str) -> Vec<Vec<String>> {
+        match self {
+            Self::Sqlite(dir) => {
+                let path = dir.path().join("tally.db");
+                tokio::task::spawn_blocking(move || {
+                    let conn = rusqlite::Connection::open(path).expect("open SQLite");
+                    let mut statement = conn.prepare(sql).expect("prepare");
+                    let columns = statement.column_count();
+                    statement
+                        .query_map([], |row| {
+                            (0..columns)
+                                .map(|i| {
+                                    Ok(match row.get_ref(i)? {
+                                        rusqlite::types::ValueRef::Integer(n) => n.to_string(),
+                                        rusqlite::types::ValueRef::Text(t) => {
+                                            String::from_utf8_lossy(t).into_owned()
+                                        }
+                                        other => format!("{other:?}"),
+                                    })
+                                })
+                                .collect()
+                        })
+                        .expect("query")
+                        .collect::<Result<_, _>>()
+                        .expect("rows")
+                })
+                .await
+                .expect("reader thread")
+            }
+            Self::Postgres(db) => {
+                let client = db.client().await;
+                let rows = client.query(sql, &[]).await.expect("query");
+                rows.iter()
+                    .map(|row| {
+                        (0..row.len())
+                            .map(|i| match row.columns()[i].type_() {
+                                &tokio_postgres::types::Type::INT8 => {
+                                    row.get::<_, i64>(i).to_string()
+                                }
+                                _ => row.get::<_, String>(i),
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The whole `counters` table.
+    async fn counters(&self) -> BTreeMap<String, i64> {
+        self.rows("SELECT key, value FROM counters")
+            .await
+            .into_iter()
+            .map(|r| (r[0].clone(), r[1].parse().expect("bigint")))
+            .collect()
+    }
+}
+
+/// Declares a SQLite and a PostgreSQL test running `$body(&fixture)`.
+macro_rules! contract {
+    ($body:ident) => {
+        mod $body {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body(&super::Fixture::sqlite()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let Some(fixture) = super::Fixture::postgres(stringify!($body)).await else {
+                    return;
+                };
+                super::$body(&fixture).await;
+            }
+        }
+    };
+}
+
+fn batch<'a>(instance_id: &'a str, seq: u64, entries: &'a [(&'a str, i64)]) -> Batch<'a> {
+    Batch {
+        instance_id,
+        seq,
+        entries,
+        dead_letters: &[],
+    }
+}
+
+async fn value(store: &dyn Store, key: &str) -> Option<i64> {
+    store.read(key, "reader").await.expect("read").value
+}
+
+async fn apply_adds_every_delta_and_records_the_seq(fixture: &Fixture) {
+    let store = fixture.open().await;
+    store.ping().await.expect("ping");
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 0);
+    let first = [("a", 5), ("b", -3), ("é/ключ", 1)];
+    assert_eq!(
+        store.apply(batch("i1", 1, &first)).await.expect("apply"),
+        Applied::Committed
+    );
+    let second = [("a", 2), ("c", i64::MAX)];
+    assert_eq!(
+        store.apply(batch("i1", 2, &second)).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 2);
+    assert_eq!(store.last_applied("i2").await.expect("last_applied"), 0);
+    let want: BTreeMap<String, i64> = [
+        ("a".to_owned(), 7),
+        ("b".to_owned(), -3),
+        ("c".to_owned(), i64::MAX),
+        ("é/ключ".to_owned(), 1),
+    ]
+    .into();
+    assert_eq!(fixture.counters().await, want);
+    assert_eq!(value(&*store, "a").await, Some(7));
+    assert_eq!(value(&*store, "missing").await, None);
+    // An empty batch (every key set aside) still records its seq.
+    assert_eq!(
+        store.apply(batch("i1", 3, &[])).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 3);
+}
+contract!(apply_adds_every_delta_and_records_the_seq);
+
+async fn a_seq_already_applied_is_skipped_and_reported(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let entries = [("k", 10)];
+    assert_eq!(
+        store.apply(batch("i1", 1, &entries)).await.expect("apply"),
+        Applied::Committed
+    );
+    // The retry after an unknown commit outcome: same seq, same data.
+    assert_eq!(
+        store.apply(batch("i1", 1, &entries)).await.expect("apply"),
+        Applied::AlreadyApplied
+    );
+    // Same seq, other data: still skipped, whatever it holds.
+    let other = [("k", 1), ("new", 1)];
+    assert_eq!(
+        store.apply(batch("i1", 1, &other)).await.expect("apply"),
+        Applied::AlreadyApplied
+    );
+    assert_eq!(fixture.counters().await, [("k".to_owned(), 10)].into());
+    // Another instance's seq 1 is its own.
+    assert_eq!(
+        store.apply(batch("i2", 1, &entries)).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(value(&*store, "k").await, Some(20));
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
+    assert_eq!(store.last_applied("i2").await.expect("last_applied"), 1);
+}
+contract!(a_seq_already_applied_is_skipped_and_reported);
+
+async fn seqs_only_move_forward(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let one = [("k", 1)];
+    assert_eq!(
+        store.apply(batch("i1", 5, &one)).await.expect("apply"),
+        Applied::Committed
+    );
+    for older in [1, 4, 5] {
+        assert_eq!(
+            store.apply(batch("i1", older, &one)).await.expect("apply"),
+            Applied::AlreadyApplied,
+            "seq {older} after seq 5"
+        );
+    }
+    // Gaps are allowed (seqs of empty generations are never written).
+    for newer in [6, 10] {
+        assert_eq!(
+            store.apply(batch("i1", newer, &one)).await.expect("apply"),
+            Applied::Committed,
+            "seq {newer}"
+        );
+    }
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 10);
+    assert_eq!(value(&*store, "k").await, Some(3));
+    // The recorded seq survives reopening the store.
+    drop(store);
+    let store = fixture.open().await;
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 10);
+    assert_eq!(
+        store.apply(batch("i1", 10, &one)).await.expect("apply"),
+        Applied::AlreadyApplied
+    );
+}
+contract!(seqs_only_move_forward);
+
+async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let setup = [("high", i64::MAX - 1), ("low", i64::MIN + 1)];
+    store.apply(batch("i1", 1, &setup)).await.expect("apply");
+    for (seq, entries) in [
+        // "aaa" sorts before the offending key, "zzz" after: neither may be applied.
+        (2, vec![("aaa", 1), ("high", 2), ("zzz", 1)]),
+        (2, vec![("aaa", 1), ("low", -2), ("zzz", 1)]),
+    ] {
+        match store.apply(batch("i1", seq, &entries)).await {
+            Err(StoreError::Rejected { keys, .. }) => assert!(
+                keys.is_empty() || keys == ["high"] || keys == ["low"],
+                "named keys {keys:?}"
+            ),
+            other => panic!("want Rejected, got {other:?}"),
+        }
+    }
+    let want: BTreeMap<String, i64> = [
+        ("high".to_owned(), i64::MAX - 1),
+        ("low".to_owned(), i64::MIN + 1),
+    ]
+    .into();
+    assert_eq!(
+        fixture.counters().await,
+        want,
+        "nothing applied, nothing wrapped"
+    );
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
+    // The same seq without the offending key then goes in.
+    let rest = [("aaa", 1), ("high", 1), ("zzz", 1)];
+    assert_eq!(
+        store.apply(batch("i1", 2, &rest)).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(value(&*store, "high").await, Some(i64::MAX));
+}
+contract!(a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied);
+
+async fn probe_checks_without_writing(fixture: &Fixture) {
+    let store = fixture.open().await;
+    store
+        .apply(batch("i1", 1, &[("edge", i64::MAX)]))
+        .await
+        .expect("apply");
+    store
+        .probe(&[("edge", -5), ("fresh", 3)])
+        .await
+        .expect("probe of valid sums");
+    assert!(matches!(
+        store.probe(&[("edge", 1)]).await,
+        Err(StoreError::Rejected { .. })
+    ));
+    assert!(matches!(
+        store.probe(&[("fresh", i64::MIN), ("edge", 1)]).await,
+        Err(StoreError::Rejected { .. })
+    ));
+    assert_eq!(
+        fixture.counters().await,
+        [("edge".to_owned(), i64::MAX)].into(),
+        "probe wrote nothing"
+    );
+    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
+}
+contract!(probe_checks_without_writing);
+
+async fn dead_letters_are_recorded_with_their_batch(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let dead = [DeadLetter {
+        key: "poison".to_owned(),
+        delta: 42,
+        reason: "sum out of the 64-bit integer range".to_owned(),
+    }];
+    let entries = [("fine", 1)];
+    let with_dead = Batch {
+        instance_id: "i1",
+        seq: 7,
+        entries: &entries,
+        dead_letters: &dead,
+    };
+    assert_eq!(
+        store.apply(with_dead).await.expect("apply"),
+        Applied::Committed
+    );
+    // A retry of the same batch records nothing twice.
+    assert_eq!(
+        store.apply(with_dead).await.expect("apply"),
+        Applied::AlreadyApplied
+    );
+    // A batch of dead letters only.
+    let only_dead = Batch {
+        instance_id: "i1",
+        seq: 8,
+        entries: &[],
+        dead_letters: &dead,
+    };
+    assert_eq!(
+        store.apply(only_dead).await.expect("apply"),
+        Applied::Committed
+    );
+    let rows = fixture
+        .rows("SELECT instance_id, seq, key, delta, reason FROM tally_dead_letters ORDER BY seq")
+        .await;
+    let want: Vec<Vec<String>> = [7, 8]
+        .iter()
+        .map(|seq| {
+            vec![
+                "i1".to_owned(),
+                seq.to_string(),
+                "poison".to_owned(),
+                "42".to_owned(),
+                "sum out of the 64-bit integer range".to_owned(),
+            ]
+        })
+        .collect();
+    assert_eq!(rows, want);
+    assert_eq!(
+        fixture.counters().await,
+        [("fine".to_owned(), 1)].into(),
+        "a dead letter is not applied"
+    );
+}
+contract!(dead_letters_are_recorded_with_their_batch);
+
+async fn read_returns_the_value_and_applied_seq_of_one_snapshot(fixture: &Fixture) {
+    let store = fixture.open().await;
+    let reader = fixture.open().await;
+    assert_eq!(
+        reader.read("k", "i1").await.expect("read"),
+        Stored {
+            value: None,
+            applied_seq: 0
+        }
+    );
+    // Batch seq S adds 1 to "k", so every consistent snapshot has value == applied seq.
+    const BATCHES: u64 = 150;
+    let done = Arc::new(AtomicBool::new(false));
+    let checker = {
+        let (reader, done) = (Arc::clone(&reader), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !done.load(Ordering::Acquire) {
+                let stored = reader.read("k", "i1").await.expect("read");
+                let value = u64::try_from(stored.value.unwrap_or(0)).expect("positive");
+                assert_eq!(value, stored.applied_seq, "torn read: {stored:?}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for seq in 1..=BATCHES {
+        store
+            .apply(batch("i1", seq, &[("k", 1)]))
+            .await
+            .expect("apply");
+        tokio::task::yield_now().await;
+    }
+    done.store(true, Ordering::Release);
+    let reads = checker.await.expect("reader panicked");
+    assert!(reads > 0, "the reader never ran");
+    assert_eq!(
+        reader.read("k", "i1").await.expect("read"),
+        Stored {
+            value: Some(i64::try_from(BATCHES).expect("small")),
+            applied_seq: BATCHES
+        }
+    );
+    assert_eq!(
+        reader.read("k", "other").await.expect("read"),
+        Stored {
+            value: Some(i64::try_from(BATCHES).expect("small")),
+            applied_seq: 0
+        }
+    );
+}
+contract!(read_returns_the_value_and_applied_seq_of_one_snapshot);
+
+async fn opening_twice_keeps_the_schema_and_the_data(fixture: &Fixture) {
+    let first = fixture.open().await;
+    first
+        .apply(batch("i1", 1, &[("kept", 3)]))
+        .await
+        .expect("apply");
+    // A second handle (a restart, or a second instance) runs the migrations again.
+    let second = fixture.open().await;
+    assert_eq!(value(&*second, "kept").await, Some(3));
+    let versions = fixture
+        .rows("SELECT CAST(version AS TEXT) FROM tally_migrations")
+        .await;
+    assert_eq!(
+        versions.len(),
+        versions
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    );
+    assert!(!versions.is_empty(), "migrations are recorded");
+}
+contract!(opening_twice_keeps_the_schema_and_the_data);
