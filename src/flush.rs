@@ -141,10 +141,8 @@ impl Flusher {
         let keys = self.write(&batch).await;
         self.aggregator.complete(batch.seq);
         self.applied.send_replace(batch.seq);
-        if let Some(journal) = &self.journal {
-            if let Err(e) = journal.trim(batch.seq) {
-                tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
-            }
+        if let Some(Err(e)) = self.journal.as_ref().map(|j| j.trim(batch.seq)) {
+            tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
         }
         Flushed::Batch {
             seq: batch.seq,
@@ -262,7 +260,9 @@ impl Flusher {
     /// Indexes of the entries the store refuses, found by bisection: O(bad · log n) probes.
     async fn find_rejected(&self, entries: &[(&str, i64)]) -> Result<Vec<usize>, StoreError> {
         let mut bad = Vec::new();
-        let mut ranges = vec![0..entries.len()];
+        // A stack of index ranges still to probe.
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        ranges.push(0..entries.len());
         while let Some(range) = ranges.pop() {
             match self.store.probe(&entries[range.clone()]).await {
                 Ok(()) => {}

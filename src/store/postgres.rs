@@ -19,7 +19,7 @@ use super::{Applied, Batch, Store, StoreError, Stored, migrate, seq_from_sql, se
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Key of the advisory lock that serialises migrations when several instances start at once.
-const MIGRATION_LOCK: i64 = 0x7461_6c6c_79; // "tally"
+const MIGRATION_LOCK: i64 = 0x0074_616c_6c79; // "tally" in ASCII
 
 const UPSERT: &str = "INSERT INTO counters (key, value) \
      SELECT * FROM unnest($1::text[], $2::int8[]) \
