@@ -47,7 +47,7 @@ pub struct Counter {
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
     )
 )]
-#[tracing::instrument(name = "GET /counters", skip_all)]
+#[tracing::instrument(level = "debug", name = "GET /counters", skip_all)]
 pub async fn get(
     State(state): State<Arc<AppState>>,
     key: Result<Path<String>, PathRejection>,

@@ -49,7 +49,7 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
     )
 )]
-#[tracing::instrument(name = "POST /increment", skip_all)]
+#[tracing::instrument(level = "debug", name = "POST /increment", skip_all)]
 pub async fn one(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -99,7 +99,7 @@ pub struct Accepted {
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
     )
 )]
-#[tracing::instrument(name = "POST /increments", skip_all)]
+#[tracing::instrument(level = "debug", name = "POST /increments", skip_all)]
 pub async fn many(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

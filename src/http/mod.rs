@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use metrics::SharedString;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -160,14 +162,39 @@ async fn record_duration(request: Request, next: Next) -> Response {
             "/openapi.json" => "/openapi.json",
             _ => "other",
         });
-    let method = request.method().clone();
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        _ => "other",
+    };
     let response = next.run(request).await;
     metrics::histogram!(
         m::HTTP_DURATION,
         "route" => route,
-        "method" => method.as_str().to_owned(),
-        "status" => response.status().as_str().to_owned()
+        "method" => method,
+        "status" => status_label(response.status())
     )
     .record(started.elapsed());
     response
+}
+
+/// The status as a label value. The common codes are static strings, so the hot path does
+/// not allocate for its metrics.
+fn status_label(status: StatusCode) -> SharedString {
+    let code: &'static str = match status.as_u16() {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => return SharedString::from(status.as_str().to_owned()),
+    };
+    SharedString::from(code)
 }
