@@ -10,7 +10,7 @@ use crate::report::Summary;
 use crate::suite::RunRecord;
 
 fn colour(variant: &str) -> RGBColor {
-    if variant == "noop" {
+    if variant.starts_with("noop") {
         RGBColor(150, 150, 150)
     } else if variant.starts_with("sync") {
         RGBColor(214, 96, 77)
@@ -162,6 +162,7 @@ pub fn curve(path: &Path, points: &[RunRecord]) -> anyhow::Result<()> {
             .build_cartesian_2d(0f64..xmax, 0f64..ymax)
             .map_err(err)?;
         let per_s = unit == &"req/s";
+        let cores = unit == &"cores";
         chart
             .configure_mesh()
             .x_desc("flush interval (s)")
@@ -169,6 +170,8 @@ pub fn curve(path: &Path, points: &[RunRecord]) -> anyhow::Result<()> {
             .y_label_formatter(&|y: &f64| {
                 if per_s {
                     format!("{:.0}k", y / 1e3)
+                } else if cores {
+                    format!("{y:.2}")
                 } else {
                     format!("{y:.1}")
                 }

@@ -63,3 +63,24 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         (n == name).then(|| v.trim().parse().ok()).flatten()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_unlabelled_prometheus_values() {
+        let text = "# HELP tally_flush_lag_seconds Age\n# TYPE tally_flush_lag_seconds gauge\n\
+                    tally_flush_lag_seconds 0.25\ntally_flush_lag_seconds_other 9\n";
+        assert_eq!(metric(text, "tally_flush_lag_seconds"), Some(0.25));
+        assert_eq!(metric(text, "missing"), None);
+    }
+
+    #[test]
+    fn joins_chunked_bodies() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+    }
+}

@@ -69,6 +69,9 @@ enum Command {
     ServeNoop {
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// Serve with plain `axum::serve` instead of tally's accept loop.
+        #[arg(long)]
+        plain_axum: bool,
     },
     /// Baseline: parse the JSON body and run one upsert per request, 202 after commit.
     #[command(hide = true)]
@@ -177,7 +180,9 @@ fn main() -> ExitCode {
                 println!("{}", report::capacity_table(&cap));
                 Ok(true)
             }
-            Some(Command::ServeNoop { listen }) => serve::noop(listen).await.map(|()| true),
+            Some(Command::ServeNoop { listen, plain_axum }) => {
+                serve::noop(listen, plain_axum).await.map(|()| true)
+            }
             Some(Command::ServeSync {
                 listen,
                 database_url,

@@ -1,7 +1,11 @@
 //! The two baselines, each run by tally-bench as its own process.
 //!
-//! - `noop`: the HTTP stack tally uses (axum 0.8 on tokio, multi-threaded runtime), a route
-//!   that reads the body and answers 202. The ceiling: no server on this stack does less.
+//! - `noop`: the HTTP stack tally uses (axum 0.8 on hyper 1 and tokio, served by tally's own
+//!   accept loop `tally::http::serve` with tally's default connection options: header-read
+//!   deadline, connection cap), a route that reads the body and answers 202. The ceiling: no
+//!   server on this stack does less.
+//! - `noop-axum`: the same route served by plain `axum::serve` (no header deadline), to show
+//!   what tally's hardened accept loop costs.
 //! - `sync`: the naive design done as well as it can be: parse the JSON body like tally,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE SET value = value + $2` per request through a
 //!   deadpool-postgres pool with a prepared statement, 202 after the commit.
@@ -51,8 +55,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// `tally-bench serve-noop`.
-pub async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
+/// `tally-bench serve-noop`: on tally's accept loop, or on `axum::serve` with `plain_axum`.
+pub async fn noop(listen: SocketAddr, plain_axum: bool) -> anyhow::Result<()> {
     async fn accept(_body: Bytes) -> StatusCode {
         StatusCode::ACCEPTED
     }
@@ -60,7 +64,29 @@ pub async fn noop(listen: SocketAddr) -> anyhow::Result<()> {
         .route("/increment", post(accept))
         .route("/increments", post(accept))
         .route("/healthz", get(healthz));
-    serve(listen, app).await
+    if plain_axum {
+        return serve(listen, app).await;
+    }
+    let defaults = tally::config::Config::defaults();
+    let options = tally::http::serve::ServeOptions {
+        header_read_timeout: defaults.header_read_timeout,
+        max_connections: defaults.max_connections,
+        connect_info: false,
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tally::http::serve::serve(listener, app, options, stop.clone());
+    tokio::pin!(server);
+    tokio::select! {
+        () = &mut server => {}
+        () = shutdown_signal() => {
+            stop.cancel();
+            server.await;
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Deserialize)]

@@ -27,6 +27,8 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub enum Kind {
     Noop,
+    /// The no-op route on plain `axum::serve`.
+    NoopAxum,
     Sync,
     Tally {
         ack: &'static str,
@@ -77,6 +79,10 @@ pub fn all_variants() -> Vec<Variant> {
         Variant {
             name: "noop".into(),
             kind: Kind::Noop,
+        },
+        Variant {
+            name: "noop-axum".into(),
+            kind: Kind::NoopAxum,
         },
         Variant {
             name: "sync-pg".into(),
@@ -541,6 +547,15 @@ async fn measure(
             ctx.self_bin.clone(),
             vec!["serve-noop".into(), "--listen".into(), addr.to_string()],
         ),
+        Kind::NoopAxum => (
+            ctx.self_bin.clone(),
+            vec![
+                "serve-noop".into(),
+                "--plain-axum".into(),
+                "--listen".into(),
+                addr.to_string(),
+            ],
+        ),
         Kind::Sync => (
             ctx.self_bin.clone(),
             vec![
@@ -670,7 +685,7 @@ async fn measure(
         .map(|(b, a)| pg::used_between(&b, &a) / run_secs.max(1e-6));
 
     let check = match variant.kind {
-        Kind::Noop => None,
+        Kind::Noop | Kind::NoopAxum => None,
         _ => {
             let stored = match db {
                 Some(db) => db.total().await?,
@@ -956,5 +971,58 @@ fn fmt_secs(s: f64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     } else {
         format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(sent1: u64, max_latency_us: u64, non_2xx: u64) -> WrkOutput {
+        WrkOutput {
+            sent1,
+            items_per_request: 1,
+            errors: Errors {
+                status: non_2xx,
+                ..Errors::default()
+            },
+            latency_us: crate::wrk::LatencyUs {
+                max: max_latency_us,
+                ..Default::default()
+            },
+            ..WrkOutput::default()
+        }
+    }
+
+    #[test]
+    fn a_store_matching_every_acknowledged_increment_passes_exactly() {
+        let tail = Duration::from_millis(500);
+        let check = judge(&output(1_000, 20_000, 0), 1_000, tail, 400);
+        assert_eq!((check.mode, check.pass), ("exact", true));
+        let lost_one = judge(&output(1_000, 20_000, 0), 999, tail, 400);
+        assert_eq!((lost_one.mode, lost_one.pass), ("exact", false));
+        let counted_twice = judge(&output(1_000, 20_000, 0), 1_001, tail, 400);
+        assert!(!counted_twice.pass);
+    }
+
+    #[test]
+    fn refusals_or_slow_answers_make_the_check_a_bound() {
+        let tail = Duration::from_millis(500);
+        // 10 requests refused: the store may hold 990..=1000.
+        let refused = judge(&output(1_000, 20_000, 10), 990, tail, 400);
+        assert_eq!((refused.mode, refused.pass), ("bounded", true));
+        assert!(!judge(&output(1_000, 20_000, 10), 989, tail, 400).pass);
+        // A request slower than the tail: up to one per connection may be unanswered.
+        let slow = judge(&output(1_000, 600_000, 0), 700, tail, 400);
+        assert_eq!((slow.mode, slow.pass), ("bounded", true));
+        assert!(!judge(&output(1_000, 600_000, 0), 1_001, tail, 400).pass);
+    }
+
+    #[test]
+    fn batch_requests_count_every_item() {
+        let mut out = output(30, 1_000, 0);
+        out.items_per_request = 1_000;
+        let check = judge(&out, 30_000, Duration::from_millis(500), 32);
+        assert_eq!((check.expected_min, check.pass), (30_000, true));
     }
 }
