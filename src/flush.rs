@@ -105,8 +105,6 @@ impl Flusher {
                 () = shutdown.cancelled() => break,
                 _ = self.flush() => {}
             }
-            metrics::gauge!(m::PENDING_KEYS).set(self.aggregator.live_keys() as f64);
-            metrics::gauge!(m::FLUSH_LAG).set(self.aggregator.lag().as_secs_f64());
         }
         tracing::info!("Draining: flushing every pending delta.");
         let drained = tokio::time::timeout(drain_timeout, async {

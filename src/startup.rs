@@ -238,7 +238,7 @@ impl App {
         let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.shutdown_timeout));
 
         let http_stop = CancellationToken::new();
-        let metrics_handle = state.metrics.clone();
+        let metrics_state = Arc::clone(&state);
         let options = ServeOptions {
             header_read_timeout: config.header_read_timeout,
             max_connections: config.max_connections,
@@ -258,7 +258,7 @@ impl App {
             };
             tokio::spawn(serve(
                 listener,
-                http::metrics_router(metrics_handle),
+                http::metrics_router(metrics_state),
                 options,
                 http_stop.clone(),
             ))

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::AppState;
 use super::error::ErrorBody;
+use crate::metrics as m;
 
 /// How long `/readyz` waits for the store to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -89,6 +90,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         body = String, content_type = "text/plain"))
 )]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    // Gauges of "now" are sampled at scrape time: set by the flusher, the lag would read as
+    // it was right after the last flush, always below the real one.
+    metrics::gauge!(m::FLUSH_LAG).set(state.aggregator.lag().as_secs_f64());
+    metrics::gauge!(m::PENDING_KEYS).set(state.aggregator.live_keys() as f64);
     render_metrics(&state.metrics)
 }
 

@@ -114,17 +114,12 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
 }
 
 /// The router of `--metrics-listen`: `/metrics` only, no token.
-pub fn metrics_router(handle: PrometheusHandle) -> Router {
+pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let handle = handle.clone();
-                async move { health::render_metrics(&handle) }
-            }),
-        )
+        .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
 /// Answers `503 timeout` (JSON, like every error) when the request, body included, takes

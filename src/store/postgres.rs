@@ -25,6 +25,11 @@ const UPSERT: &str = "INSERT INTO counters (key, value) \
      SELECT * FROM unnest($1::text[], $2::int8[]) \
      ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, updated_at = now()";
 
+const LOCK_SEQ: &str = "SELECT last_seq FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
+
+const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq) VALUES ($1, $2) \
+     ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()";
+
 /// The PostgreSQL backend: a connection pool.
 #[derive(Clone)]
 pub struct PgStore {
@@ -149,12 +154,10 @@ impl Store for PgStore {
         let seq = seq_to_sql(batch.seq)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let last = tx
-            .query_opt(
-                "SELECT last_seq FROM tally_instances WHERE instance_id = $1 FOR UPDATE",
-                &[&batch.instance_id],
-            )
-            .await?;
+        // Every statement of the batch is prepared once per connection and cached: text
+        // statements would cost a parse round trip each time.
+        let lock_seq = tx.prepare_cached(LOCK_SEQ).await?;
+        let last = tx.query_opt(&lock_seq, &[&batch.instance_id]).await?;
         if last.is_some_and(|r| r.get::<_, i64>(0) >= seq) {
             return Ok(Applied::AlreadyApplied);
         }
@@ -176,12 +179,8 @@ impl Store for PgStore {
             )
             .await?;
         }
-        tx.execute(
-            "INSERT INTO tally_instances (instance_id, last_seq) VALUES ($1, $2) \
-             ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()",
-            &[&batch.instance_id, &seq],
-        )
-        .await?;
+        let record_seq = tx.prepare_cached(RECORD_SEQ).await?;
+        tx.execute(&record_seq, &[&batch.instance_id, &seq]).await?;
         tx.commit().await?;
         Ok(Applied::Committed)
     }
