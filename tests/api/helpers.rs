@@ -120,36 +120,3 @@ pub async fn scrape(client: &reqwest::Client, address: &str) -> String {
     assert_eq!(response.status(), 200, "GET /metrics");
     response.text().await.expect("metrics text")
 }
-
-/// A small deterministic generator (SplitMix64): reproducible values without a `rand`
-/// dependency.
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A value in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    /// A value in `-limit..=limit`, zero excluded.
-    pub fn nonzero(&mut self, limit: i64) -> i64 {
-        let magnitude = i64::try_from(self.below(limit.unsigned_abs()) + 1).expect("small");
-        if self.next_u64() & 1 == 0 {
-            magnitude
-        } else {
-            -magnitude
-        }
-    }
-}

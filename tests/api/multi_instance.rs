@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::Rng;
 use crate::common::{Backend, PgDatabase, data_dir, spawn_app, test_config};
-use crate::helpers::{SplitMix, stored_counters};
+use crate::helpers::stored_counters;
 
 const INSTANCES: usize = 3;
 const INCREMENTS: usize = 30_000;
@@ -39,7 +40,7 @@ async fn three_instances_on_one_postgres_store_exactly_the_sums_sent() {
     );
 
     // The plan: deterministic keys and signed values, spread round-robin over the instances.
-    let mut rng = SplitMix::new(0x7A11_7E57);
+    let mut rng = Rng::new(0x7A11_7E57);
     let plan: Arc<Vec<(String, i64)>> = Arc::new(
         (0..INCREMENTS)
             .map(|_| (format!("key-{:03}", rng.below(KEYS)), rng.nonzero(1_000)))

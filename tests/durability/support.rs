@@ -28,28 +28,7 @@ const MAX_REQUESTS_PER_WORKER: usize = 200_000;
 /// Log lines of the child printed when a test fails.
 const LOG_TAIL_LINES: usize = 40;
 
-/// SplitMix64: a tiny, good-enough seeded generator (no dependency needed for test traffic).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..=hi` (the modulo bias is irrelevant for test traffic).
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-}
+pub use crate::common::Rng;
 
 /// The seed for this run: `TALLY_TEST_SEED` if set (to replay a failure), else the clock.
 /// Tests print it.
