@@ -19,9 +19,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
 
 const SYNC_UPSERT: &str = "INSERT INTO counters (key, value) VALUES ($1, $2) \
      ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value";
@@ -97,29 +96,13 @@ struct Wire {
 
 /// `tally-bench serve-sync`.
 pub async fn sync(listen: SocketAddr, url: &str, pool_size: usize) -> anyhow::Result<()> {
-    let config: tokio_postgres::Config = url.parse().context("bad --database-url")?;
-    let manager = Manager::from_config(
-        config,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let pool = Pool::builder(manager)
-        .max_size(pool_size)
-        .runtime(Runtime::Tokio1)
-        .build()
-        .context("cannot build the pool")?;
-    {
-        let client = pool.get().await.context("cannot connect to PostgreSQL")?;
-        // The same table as tally's, so the correctness check reads both alike.
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS counters (key text PRIMARY KEY, value bigint NOT NULL)",
-            )
-            .await
-            .context("cannot create the counters table")?;
-    }
+    // tally's own store opens the pool and creates tally's schema, so the correctness check
+    // reads both alike; the baseline then bypasses everything else of tally's.
+    let pool = tally::store::PgStore::connect(url, pool_size)
+        .await
+        .context("cannot connect to PostgreSQL")?
+        .pool()
+        .clone();
     async fn increment(State(pool): State<Arc<Pool>>, body: Bytes) -> StatusCode {
         let Ok(wire) = serde_json::from_slice::<Wire>(&body) else {
             return StatusCode::BAD_REQUEST;
