@@ -93,6 +93,7 @@ impl App {
         let journal_dir = config.data_dir.join("journal");
         let options = JournalOptions {
             on_sync: Some(Arc::new(record_sync)),
+            commit_delay: config.journal_commit_delay,
             ..JournalOptions::default()
         };
         let (journal, replay) = Journal::open(&journal_dir, options)

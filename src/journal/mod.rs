@@ -119,6 +119,11 @@ pub struct JournalOptions {
     /// Called on the writer thread after each group is durable and before its waiters are
     /// woken. Keep it cheap (bump counters, record a histogram).
     pub on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
+    /// Opt-in wait before a group is gathered, like PostgreSQL's `commit_delay`: when the
+    /// previous group held more than one record (so appends are arriving concurrently), the
+    /// writer waits this long for more of them to queue, trading that much latency for
+    /// fewer, larger fsyncs. Zero (the default) never waits; a lone append never waits.
+    pub commit_delay: Duration,
 }
 
 impl Default for JournalOptions {
@@ -126,6 +131,7 @@ impl Default for JournalOptions {
         Self {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             on_sync: None,
+            commit_delay: Duration::ZERO,
         }
     }
 }
@@ -135,6 +141,7 @@ impl fmt::Debug for JournalOptions {
         f.debug_struct("JournalOptions")
             .field("segment_bytes", &self.segment_bytes)
             .field("on_sync", &self.on_sync.is_some())
+            .field("commit_delay", &self.commit_delay)
             .finish()
     }
 }
@@ -232,6 +239,7 @@ struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
+    commit_delay: Duration,
     /// Set once, by the writer, on the first write/fsync error.
     failed: OnceLock<JournalError>,
     segments: Mutex<Segments>,
@@ -309,6 +317,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
+            commit_delay: opts.commit_delay,
             failed: OnceLock::new(),
             segments: Mutex::new(Segments {
                 closed,

@@ -134,11 +134,17 @@ impl Writer {
     /// (after writing whatever was still queued).
     pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut group: Vec<Pending> = Vec::new();
+        let mut last_group = 0;
         // Block (no timer, no spin) until somebody appends.
         while let Ok(first) = rx.recv() {
             // ======================== GROUP COMMIT ========================
             // Everything queued while the previous group was being fsynced is waiting in the
             // channel now. Take all of it: the first waiter syncs for everyone behind it.
+            // With the opt-in commit delay, and only while appends come concurrently, let
+            // the group grow a little first.
+            if !self.shared.commit_delay.is_zero() && last_group > 1 {
+                std::thread::sleep(self.shared.commit_delay);
+            }
             let mut close = None;
             let mut next = Some(first);
             while let Some(msg) = next {
@@ -151,6 +157,7 @@ impl Writer {
                 }
                 next = rx.try_recv().ok();
             }
+            last_group = group.len();
             if !group.is_empty() {
                 // One write_all + ONE sync_data for the whole group, then wake every waiter.
                 let result = self.commit(&group);

@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::*;
+use std::time::Duration;
 
 fn opts(segment_bytes: u64) -> JournalOptions {
     JournalOptions {
         segment_bytes,
-        on_sync: None,
+        ..JournalOptions::default()
     }
 }
 
@@ -156,6 +157,58 @@ fn group_commit_groups_concurrent_appends() {
     assert_eq!(records.load(Ordering::SeqCst), N);
     let syncs = syncs.load(Ordering::SeqCst);
     assert!(syncs < N / 10, "{syncs} fsyncs for {N} records");
+}
+
+#[test]
+fn a_commit_delay_never_holds_a_lone_append_and_loses_nothing_under_concurrency() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A delay far longer than the test may take: if a lone append waited for it, the
+    // timeout below would fire.
+    let options = JournalOptions {
+        commit_delay: Duration::from_secs(3600),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let timed = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    timed.block_on(async {
+        for i in 0..3 {
+            tokio::time::timeout(Duration::from_secs(30), journal.append(1, &[("lone", i)]))
+                .await
+                .expect("a lone append is not delayed")
+                .expect("append");
+        }
+    });
+    drop(journal);
+    // Concurrent appends with a short delay: every record durable and replayed.
+    let options = JournalOptions {
+        commit_delay: Duration::from_millis(1),
+        ..JournalOptions::default()
+    };
+    let (journal, replay) = Journal::open(dir.path(), options).expect("reopen");
+    assert_eq!(replay.records.len(), 3);
+    let journal = Arc::new(journal);
+    rt().block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let journal = Arc::clone(&journal);
+            set.spawn(async move { journal.append(2, &[("many", i)]).await });
+        }
+        while let Some(done) = set.join_next().await {
+            done.expect("task").expect("append");
+        }
+    });
+    drop(journal);
+    let (_, replay) = Journal::open(dir.path(), opts(DEFAULT_SEGMENT_BYTES)).expect("reopen");
+    let sum: i64 = replay
+        .records
+        .iter()
+        .filter(|r| r.seq == 2)
+        .flat_map(|r| r.entries.iter().map(|(_, d)| *d))
+        .sum();
+    assert_eq!(sum, (0..100).sum::<i64>());
 }
 
 #[tokio::test]
