@@ -30,13 +30,12 @@ async fn json_and_form_increments_get_an_empty_202_and_reach_the_store(backend: 
     );
 
     let response = app
-        .client
-        .post(&url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("key=apples&value=-2")
-        .send()
-        .await
-        .expect("POST form");
+        .post_raw(
+            &url,
+            "application/x-www-form-urlencoded",
+            "key=apples&value=-2",
+        )
+        .await;
     assert_eq!(response.status(), 202);
     assert_eq!(
         response.text().await.expect("body"),
@@ -47,25 +46,20 @@ async fn json_and_form_increments_get_an_empty_202_and_reach_the_store(backend: 
     // Percent-encoded form fields, a charset parameter, unknown JSON fields, the extremes of
     // the 64-bit range.
     let response = app
-        .client
-        .post(&url)
-        .header(
-            "content-type",
+        .post_raw(
+            &url,
             "application/x-www-form-urlencoded; charset=utf-8",
+            "value=7&key=a%2Fb+c",
         )
-        .body("value=7&key=a%2Fb+c")
-        .send()
-        .await
-        .expect("POST form");
+        .await;
     assert_eq!(response.status(), 202);
     let response = app
-        .client
-        .post(&url)
-        .header("content-type", "application/json; charset=utf-8")
-        .body(r#"{"value": 9223372036854775807, "key": "max", "note": "ignored"}"#)
-        .send()
-        .await
-        .expect("POST json");
+        .post_raw(
+            &url,
+            "application/json; charset=utf-8",
+            r#"{"value": 9223372036854775807, "key": "max", "note": "ignored"}"#,
+        )
+        .await;
     assert_eq!(response.status(), 202);
     assert_eq!(app.increment("min", i64::MIN).await, 202);
 
@@ -116,14 +110,7 @@ async fn batches_in_json_and_ndjson_are_accepted_whole(backend: Backend) {
     assert_eq!(body, json!({"accepted": 3}));
 
     let ndjson = "{\"key\":\"x\",\"value\":100}\n\n{\"key\":\"z\",\"value\":2}\r\n";
-    let response = app
-        .client
-        .post(&url)
-        .header("content-type", "application/x-ndjson")
-        .body(ndjson)
-        .send()
-        .await
-        .expect("POST ndjson");
+    let response = app.post_raw(&url, "application/x-ndjson", ndjson).await;
     assert_eq!(response.status(), 202);
     let body: serde_json::Value = response.json().await.expect("json body");
     assert_eq!(body, json!({"accepted": 2}));

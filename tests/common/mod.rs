@@ -202,6 +202,22 @@ impl TestApp {
             .as_u16()
     }
 
+    /// `POST` of a raw `body` with `content_type` to `url`.
+    pub async fn post_raw(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+    }
+
     /// `GET /counters/{key}` (the key percent-encoded): the value, or `None` on 404.
     pub async fn counter(&self, key: &str) -> Option<i128> {
         let response = self
