@@ -64,11 +64,6 @@ impl Key {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    /// Gives the key's storage back without copying.
-    pub fn into_boxed_str(self) -> Box<str> {
-        self.0
-    }
 }
 
 impl fmt::Debug for Key {
