@@ -6,6 +6,7 @@ mod common;
 mod helpers;
 
 mod ack_store;
+mod backpressure;
 mod counters;
 mod errors;
 mod exactly_once;
