@@ -34,12 +34,7 @@ async fn new_keys_are_shed_with_503_past_the_pending_key_cap(backend: Backend) {
     assert_eq!(body["error"], "overloaded");
 
     assert_eq!(app.increment("a", 5).await, 202, "a pending key still adds");
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("GET /readyz");
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 503, "/readyz reports the shedding");
     let body: serde_json::Value = ready.json().await.expect("json body");
     assert!(

@@ -29,12 +29,7 @@ async fn counter_is_the_stored_value_plus_the_pending_delta(backend: Backend) {
         stored_value(dir.path(), &backend, "only-pending").await,
         None
     );
-    let response = second
-        .client
-        .get(format!("{}/counters/k", second.address))
-        .send()
-        .await
-        .expect("GET");
+    let response = second.get("/counters/k").await;
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.expect("json");
     assert_eq!(body, json!({"key": "k", "value": 15}));
@@ -52,12 +47,7 @@ on_both_stores!(
 async fn unknown_key_is_a_404_with_a_json_error(backend: Backend) {
     let dir = data_dir();
     let app = spawn_app(test_config(dir.path(), &backend), None).await;
-    let response = app
-        .client
-        .get(format!("{}/counters/never-seen", app.address))
-        .send()
-        .await
-        .expect("GET");
+    let response = app.get("/counters/never-seen").await;
     assert_eq!(response.status(), 404);
     let body: serde_json::Value = response.json().await.expect("json error body");
     assert_eq!(body["error"], "not_found");
@@ -93,12 +83,7 @@ async fn percent_encoded_and_unicode_keys_round_trip(backend: Backend) {
         assert_eq!(app.increment(key, value).await, 202, "POST key {key:?}");
     }
     for (i, key) in AWKWARD_KEYS.iter().enumerate() {
-        let response = app
-            .client
-            .get(format!("{}/counters/{}", app.address, percent_encode(key)))
-            .send()
-            .await
-            .expect("GET");
+        let response = app.get(&format!("/counters/{}", percent_encode(key))).await;
         assert_eq!(response.status(), 200, "GET key {key:?}");
         let body: serde_json::Value = response.json().await.expect("json");
         assert_eq!(body, json!({"key": key, "value": i + 1}), "GET key {key:?}");

@@ -242,12 +242,7 @@ async fn bad_requests_get_the_right_4xx_and_json_and_store_nothing(backend: Back
     // A 256-byte key is the largest accepted.
     let longest = "g".repeat(256);
     assert_eq!(app.increment(&longest, 2).await, 202);
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("GET /readyz");
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), 200, "still ready after every bad request");
     app.shutdown().await.expect("clean shutdown");
 

@@ -7,20 +7,10 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
     let dir = data_dir();
     let app = spawn_app(test_config(dir.path(), &backend), None).await;
 
-    let response = app
-        .client
-        .get(format!("{}/healthz", app.address))
-        .send()
-        .await
-        .expect("GET /healthz");
+    let response = app.get("/healthz").await;
     assert_eq!(response.status(), 200);
 
-    let response = app
-        .client
-        .get(format!("{}/readyz", app.address))
-        .send()
-        .await
-        .expect("GET /readyz");
+    let response = app.get("/readyz").await;
     assert_eq!(response.status(), 200, "the store is reachable, so ready");
 
     // The counter is process-wide (other tests share it), so compare before and after.
@@ -29,12 +19,7 @@ async fn health_readiness_and_metrics_answer(backend: Backend) {
         "tally_increments_total",
     );
     assert_eq!(app.increment("metered", 1).await, 202);
-    let response = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .expect("GET /metrics");
+    let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     let content_type = response
         .headers()

@@ -202,6 +202,15 @@ impl TestApp {
             .as_u16()
     }
 
+    /// `GET path` (e.g. `/readyz`) on this app.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// `POST` of a raw `body` with `content_type` to `url`.
     pub async fn post_raw(
         &self,
@@ -221,11 +230,8 @@ impl TestApp {
     /// `GET /counters/{key}` (the key percent-encoded): the value, or `None` on 404.
     pub async fn counter(&self, key: &str) -> Option<i128> {
         let response = self
-            .client
-            .get(format!("{}/counters/{}", self.address, percent_encode(key)))
-            .send()
-            .await
-            .expect("request sent");
+            .get(&format!("/counters/{}", percent_encode(key)))
+            .await;
         if response.status() == 404 {
             return None;
         }
