@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Smoke run of the benchmark (issue 4): every variant once, short, plus the component
+# Smoke run of the benchmark : every variant once, short, plus the component
 # benchmarks, in under two minutes. Asserts nothing about speed: it fails only when a
 # correctness check fails (the store's total differs from the increments answered 202),
 # when a server cannot start or stop cleanly, or when a tool is missing.

@@ -84,6 +84,17 @@ impl Sealed {
         entries
     }
 
+    /// A batch assembled outside the aggregator: journal replay writes each journal
+    /// generation as the batch it would have been. It is written directly, never put in
+    /// flight, so its deltas need not be split by shard.
+    pub(crate) fn from_deltas(seq: u64, deltas: impl IntoIterator<Item = (Box<str>, i64)>) -> Self {
+        Self {
+            seq,
+            oldest: None,
+            shards: vec![deltas.into_iter().collect()],
+        }
+    }
+
     fn get(&self, shard: usize, key: &str) -> Option<i64> {
         self.shards.get(shard).and_then(|m| m.get(key).copied())
     }

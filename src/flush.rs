@@ -53,16 +53,20 @@ impl FlushHealth {
     }
 }
 
-/// The flusher task's state. Built by `startup`, consumed by [`Flusher::run`].
+/// The flusher task's state. Built by `startup` with [`Flusher::new`], consumed by
+/// [`Flusher::run`].
 pub struct Flusher {
-    pub aggregator: Arc<Aggregator>,
-    pub store: Arc<dyn Store>,
-    pub journal: Option<Arc<Journal>>,
-    pub instance_id: Arc<str>,
-    pub interval: Duration,
+    aggregator: Arc<Aggregator>,
+    store: Arc<dyn Store>,
+    /// Trimmed after each applied batch and closed at the end of the drain; `None` when the
+    /// caller keeps no journal (benchmarks, `ack=memory` tests of the flusher alone).
+    journal: Option<Arc<Journal>>,
+    instance_id: Arc<str>,
+    interval: Duration,
     /// Publishes the seq of each batch the store holds; `ack=store` requests wait on it.
-    pub applied: watch::Sender<u64>,
-    pub health: Arc<FlushHealth>,
+    applied: watch::Sender<u64>,
+    /// Written by every attempt, read by `/readyz`.
+    health: Arc<FlushHealth>,
 }
 
 /// What one call of [`Flusher::flush`] did.
@@ -71,10 +75,47 @@ pub enum Flushed {
     /// Nothing was pending.
     Nothing,
     /// A batch with this many keys is in the store.
-    Batch { seq: u64, keys: usize },
+    Batch { keys: usize },
 }
 
 impl Flusher {
+    /// A flusher that writes `aggregator`'s batches to `store` as `instance_id`, every
+    /// `interval` or sooner when asked.
+    pub fn new(
+        aggregator: Arc<Aggregator>,
+        store: Arc<dyn Store>,
+        instance_id: Arc<str>,
+        interval: Duration,
+    ) -> Self {
+        let applied = watch::channel(aggregator.applied_seq()).0;
+        Self {
+            aggregator,
+            store,
+            journal: None,
+            instance_id,
+            interval,
+            applied,
+            health: Arc::default(),
+        }
+    }
+
+    /// Trims `journal` after each applied batch and closes it once drained.
+    #[must_use]
+    pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Follows the seq of the last batch in the store (what `ack=store` requests wait on).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// The flusher's view of the store, for `/readyz`.
+    pub fn health(&self) -> Arc<FlushHealth> {
+        Arc::clone(&self.health)
+    }
+
     /// Flushes on every tick or request until `shutdown`, then drains: flushes until nothing
     /// is pending, giving up after `drain_timeout`.
     ///
@@ -136,16 +177,21 @@ impl Flusher {
         else {
             return Flushed::Nothing;
         };
-        let keys = self.write(&batch).await;
-        self.aggregator.complete(batch.seq);
-        self.applied.send_replace(batch.seq);
+        let keys = self.commit(&batch).await;
         if let Some(Err(e)) = self.journal.as_ref().map(|j| j.trim(batch.seq)) {
             tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
         }
-        Flushed::Batch {
-            seq: batch.seq,
-            keys,
-        }
+        Flushed::Batch { keys }
+    }
+
+    /// Writes `batch` until the store has it, then records it applied (the aggregator drops
+    /// it, `ack=store` waiters hear of it); returns its key count. Journal replay calls this
+    /// for each recovered batch before the flusher runs.
+    pub(crate) async fn commit(&self, batch: &Sealed) -> usize {
+        let keys = self.write(batch).await;
+        self.aggregator.complete(batch.seq);
+        self.applied.send_replace(batch.seq);
+        keys
     }
 
     /// Applies `batch`, retrying with backoff until it is in the store; returns its key count.

@@ -55,11 +55,6 @@ impl Key {
         Ok(Self(raw.into().into_boxed_str()))
     }
 
-    /// Wraps a key that was validated before it was stored (journal replay, the store).
-    pub(crate) fn trusted(raw: impl Into<Box<str>>) -> Self {
-        Self(raw.into())
-    }
-
     /// The key as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0

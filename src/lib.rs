@@ -23,6 +23,7 @@
 //! - [`aggregate`]: the sharded map of pending deltas and its generations.
 //! - [`flush`]: the task that seals, numbers and applies batches, and retries them.
 //! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
+//! - `recovery`: start-up replay of the journal into the store.
 //! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
 //! - [`metrics`]: every metric name, in one place.
 //! - [`telemetry`]: logging set-up.
@@ -34,6 +35,7 @@ pub mod http;
 pub mod journal;
 pub mod key;
 pub mod metrics;
+mod recovery;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

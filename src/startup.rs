@@ -4,7 +4,6 @@
 //! reported at once; [`App::run_until`] serves until the given future resolves, then drains
 //! in the order documented in [`crate::shutdown`]. Tests build the same `App` on port 0.
 
-use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::future::Future;
 use std::io::Write;
@@ -12,21 +11,20 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::Aggregator;
 use crate::config::{Ack, Config};
-use crate::flush::{FlushHealth, Flusher};
+use crate::flush::Flusher;
 use crate::http::auth::Auth;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::serve::{ServeOptions, serve};
 use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::journal::{GroupStats, Journal, JournalOptions};
-use crate::key::Key;
 use crate::metrics as m;
+use crate::recovery;
 use crate::store::{PgStore, SqliteStore, Store};
 
 /// A built, not yet serving, tally instance.
@@ -99,56 +97,21 @@ impl App {
         let (journal, replay) = Journal::open(&journal_dir, options)
             .with_context(|| format!("cannot open the journal in {}", journal_dir.display()))?;
         let journal = Arc::new(journal);
-        let first_seq = applied.max(replay.max_seq) + 1;
-        let health = Arc::new(FlushHealth::default());
-
-        // Replay: each generation the journal holds beyond the store's seq is written as the
-        // batch it would have been, under its own seq, in seq order, and the journal is
-        // trimmed only once all are in. A crash part-way leaves the store's seq at the last
-        // generation written, so the next start replays exactly the rest. (Re-adding the
-        // records to the live generation numbered them above every journal record: when they
-        // needed several batches, the first one marked the whole journal applied.)
-        let mut generations: BTreeMap<u64, Vec<(String, i64)>> = BTreeMap::new();
-        let mut replayed = 0usize;
-        for record in replay.records.into_iter().filter(|r| r.seq > applied) {
-            replayed += record.entries.len();
-            generations
-                .entry(record.seq)
-                .or_default()
-                .extend(record.entries);
-        }
-        let mut applied = applied;
-        for (seq, entries) in generations {
-            replay_generation(seq, entries, applied, &store, &instance_id, &health).await?;
-            applied = seq;
-        }
-        if replayed > 0 || replay.cut_bytes > 0 {
-            tracing::info!(
-                replayed,
-                cut_bytes = replay.cut_bytes,
-                "Replayed the journal."
-            );
-        }
-        journal
-            .trim(applied)
-            .context("cannot trim the journal after replay")?;
 
         let aggregator = Arc::new(Aggregator::new(
-            first_seq,
+            applied.max(replay.max_seq) + 1,
             applied,
             config.max_pending_keys,
             config.flush_max_keys,
         ));
-        let (applied_tx, applied_rx) = watch::channel(applied);
-        let flusher = Flusher {
-            aggregator: Arc::clone(&aggregator),
-            store: Arc::clone(&store),
-            journal: Some(Arc::clone(&journal)),
-            instance_id: Arc::clone(&instance_id),
-            interval: config.flush_interval,
-            applied: applied_tx,
-            health: Arc::clone(&health),
-        };
+        let flusher = Flusher::new(
+            Arc::clone(&aggregator),
+            Arc::clone(&store),
+            Arc::clone(&instance_id),
+            config.flush_interval,
+        )
+        .with_journal(Arc::clone(&journal));
+        recovery::replay_journal(&flusher, &journal, replay, applied).await?;
 
         let listener = TcpListener::bind(config.listen)
             .await
@@ -179,8 +142,8 @@ impl App {
                 max_key_bytes: config.max_key_bytes,
                 max_batch_items: config.max_batch_items,
             },
-            applied: applied_rx,
-            health,
+            applied: flusher.subscribe(),
+            health: flusher.health(),
             metrics: m::handle(),
         });
         Ok(Self {
@@ -290,48 +253,6 @@ impl App {
         served.context("the HTTP server task panicked")?;
         drained
     }
-}
-
-/// Writes one replayed journal generation to the store as batch `seq`, the way the flusher
-/// would have: one transaction, retried until it commits, poison keys set aside.
-async fn replay_generation(
-    seq: u64,
-    entries: Vec<(String, i64)>,
-    applied: u64,
-    store: &Arc<dyn Store>,
-    instance_id: &Arc<str>,
-    health: &Arc<FlushHealth>,
-) -> anyhow::Result<()> {
-    // Summed in 128 bits: the journal's order need not be the order the deltas were added
-    // in, so a running 64-bit sum could overflow where the generation's sum does not.
-    let mut sums: HashMap<String, i128> = HashMap::new();
-    for (key, delta) in entries {
-        *sums.entry(key).or_default() += i128::from(delta);
-    }
-    let batch = Arc::new(Aggregator::new(seq, applied, usize::MAX, usize::MAX));
-    for (key, sum) in sums {
-        let delta = i64::try_from(sum).map_err(|_| {
-            anyhow!(
-                "journal replay: generation {seq} sums to {sum} for key {key:?}, beyond 64 bits"
-            )
-        })?;
-        batch
-            .add(&Key::trusted(key), delta)
-            .context("journal replay")?;
-    }
-    let flusher = Flusher {
-        aggregator: batch,
-        store: Arc::clone(store),
-        // Nothing is trimmed until every generation is in.
-        journal: None,
-        instance_id: Arc::clone(instance_id),
-        // Only `flush` is called on this flusher, never `run`.
-        interval: std::time::Duration::MAX,
-        applied: watch::channel(applied).0,
-        health: Arc::clone(health),
-    };
-    flusher.flush().await;
-    Ok(())
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

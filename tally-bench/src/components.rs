@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use tally::aggregate::Aggregator;
-use tally::flush::{FlushHealth, Flushed, Flusher};
+use tally::flush::{Flushed, Flusher};
 use tally::key::Key;
 use tally::store::{Applied, Batch, PgStore, Store};
-use tokio::sync::watch;
 
 use crate::pg::{self, BenchDb};
 
@@ -189,15 +188,12 @@ async fn capacity_in(
     let mut direct = pg::connect(&db.url).await?;
     let statement = direct.prepare(UPSERT).await?;
     let aggregator = Arc::new(Aggregator::new(1, 0, usize::MAX, usize::MAX));
-    let flusher = Flusher {
-        aggregator: Arc::clone(&aggregator),
-        store: Arc::new(store.clone()),
-        journal: None,
-        instance_id: "bench-flusher".into(),
-        interval: Duration::from_secs(1),
-        applied: watch::channel(0).0,
-        health: Arc::new(FlushHealth::default()),
-    };
+    let flusher = Flusher::new(
+        Arc::clone(&aggregator),
+        Arc::new(store.clone()),
+        "bench-flusher".into(),
+        Duration::from_secs(1),
+    );
     let mut apply_seq = 1u64;
     let keyspaces: &[usize] = if quick {
         &[100_000]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profile a server under the benchmark's load with perf (Debian: apt-get install linux-perf).
 #
-#   bench/profile.sh OUT_PREFIX KEYSPACE -- COMMAND...
+#   tally-bench/bench/profile.sh OUT_PREFIX KEYSPACE -- COMMAND...
 #
 # Starts COMMAND (which must listen on $ADDR, exported for it), loads it with wrk -t2 -c400
 # posting value 0 (the store's totals stay untouched) for 12 s, records 8 s of it with
@@ -9,7 +9,7 @@
 # OUT_PREFIX.perf.data, OUT_PREFIX.txt (flat profile by symbol) and OUT_PREFIX.crates.txt
 # (share by crate). Used for the postmortem in docs/benchmarks.md, e.g.:
 #
-#   ADDR=127.0.0.1:3999 bench/profile.sh /tmp/tally-hot 1000 -- \
+#   ADDR=127.0.0.1:3999 tally-bench/bench/profile.sh /tmp/tally-hot 1000 -- \
 #       target/bench/release/tally --listen 127.0.0.1:3999 --data-dir /tmp/p --ack memory
 set -euo pipefail
 out=$1 keyspace=$2
