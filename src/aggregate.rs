@@ -11,8 +11,9 @@
 //!   [`Aggregator::add_all`] say which one (the journal tags its record with it);
 //! - sums are checked: an add that would overflow a pending 64-bit delta is refused;
 //! - a batch of increments is added entirely or not at all;
-//! - the number of distinct pending keys is capped (back-pressure instead of unbounded
-//!   memory).
+//! - the number of pending entries (distinct keys of the live generation plus those of the
+//!   batch in flight) is capped: back-pressure instead of unbounded memory, however long the
+//!   store stays unreachable.
 
 use std::collections::HashMap;
 use std::mem;
@@ -125,6 +126,10 @@ pub struct Aggregator {
     /// Distinct keys in the live generation: incremented by adds that insert a key,
     /// decreased by `seal` by the number of keys it took.
     live_keys: AtomicUsize,
+    /// Distinct keys in the batch in flight: set by `seal`, cleared by `complete`. Counted
+    /// against the cap with `live_keys`, because a batch retried through an outage holds its
+    /// memory until the store takes it.
+    inflight_keys: AtomicUsize,
     /// Micros since `epoch` at which the live generation got its first key; 0 when empty.
     live_since: AtomicU64,
     epoch: Instant,
@@ -165,6 +170,7 @@ impl Aggregator {
             generation: AtomicU64::new(first_seq),
             applied: AtomicU64::new(applied_seq),
             live_keys: AtomicUsize::new(0),
+            inflight_keys: AtomicUsize::new(0),
             live_since: AtomicU64::new(0),
             epoch: Instant::now(),
             max_pending_keys,
@@ -183,8 +189,10 @@ impl Aggregator {
     /// # Errors
     ///
     /// [`AddError::Overflow`] if the pending sum would overflow; [`AddError::Full`] if the
-    /// key is new and the cap on pending keys is reached (checked without a global lock, so
-    /// concurrent inserts may pass it by at most one key per thread).
+    /// key is new to the live generation and the cap on pending keys is reached (checked
+    /// without a global lock, so concurrent inserts may pass it by at most one key per
+    /// thread). A key pending only in the batch in flight is new to the live generation: it
+    /// takes a second entry of memory, so it counts again.
     pub fn add(&self, key: &Key, delta: i64) -> Result<u64, AddError> {
         let mut shard = lock(&self.shards[self.shard_of(key.as_str())]);
         let generation = shard.generation;
@@ -227,30 +235,27 @@ impl Aggregator {
             guards.binary_search_by_key(&s, |(i, _)| *i).ok()
         };
         // Check pass: the new sum of every key, without touching the maps.
-        let mut sums: HashMap<&str, (usize, i64, bool), ahash::RandomState> =
+        let mut sums: HashMap<&str, (usize, i64), ahash::RandomState> =
             HashMap::with_capacity_and_hasher(order.len(), ahash::RandomState::new());
         let mut new_keys = 0;
         for &(s, item) in &order {
             let g = shard(&guards, s).expect("every involved shard is locked");
             let key = item.key.as_str();
-            let (current, existed) = match sums.get(key) {
-                Some(&(_, sum, existed)) => (sum, existed),
-                None => match guards[g].1.deltas.get(key) {
-                    Some(&sum) => (sum, true),
-                    None => {
-                        new_keys += 1;
-                        (0, false)
-                    }
-                },
+            let current = match sums.get(key) {
+                Some(&(_, sum)) => sum,
+                None => guards[g].1.deltas.get(key).copied().unwrap_or_else(|| {
+                    new_keys += 1;
+                    0
+                }),
             };
             let sum = current
                 .checked_add(item.delta)
                 .ok_or_else(|| overflow(&item.key, item.delta))?;
-            sums.insert(key, (g, sum, existed));
+            sums.insert(key, (g, sum));
         }
         self.reserve_keys(new_keys)?;
         // Write pass: cannot fail.
-        for (key, (g, sum, _)) in sums {
+        for (key, (g, sum)) in sums {
             guards[g].1.deltas.insert(key.into(), sum);
         }
         let generation = guards.first().map_or_else(
@@ -263,7 +268,7 @@ impl Aggregator {
     }
 
     fn reserve_keys(&self, n: usize) -> Result<(), AddError> {
-        if n > 0 && self.live_keys.load(Ordering::Relaxed) + n > self.max_pending_keys {
+        if n > 0 && self.pending_keys() + n > self.max_pending_keys {
             return Err(AddError::Full {
                 limit: self.max_pending_keys,
             });
@@ -324,6 +329,9 @@ impl Aggregator {
             oldest: (since > 0).then(|| self.epoch + Duration::from_micros(since)),
             shards: taken,
         });
+        // In-flight first: between the two the count is briefly high (a new key may be
+        // refused), never low (the cap could be passed).
+        self.inflight_keys.store(sealed.len(), Ordering::Relaxed);
         self.live_keys.fetch_sub(sealed.len(), Ordering::Relaxed);
         *inflight = Some(Arc::clone(&sealed));
         Some(sealed)
@@ -337,6 +345,7 @@ impl Aggregator {
             .unwrap_or_else(PoisonError::into_inner);
         if inflight.as_ref().is_some_and(|b| b.seq == seq) {
             *inflight = None;
+            self.inflight_keys.store(0, Ordering::Relaxed);
         }
         self.applied.fetch_max(seq, Ordering::AcqRel);
     }
@@ -378,9 +387,16 @@ impl Aggregator {
         self.live_keys.load(Ordering::Relaxed)
     }
 
+    /// Keys not yet in the store: those of the live generation plus those of the batch in
+    /// flight (a key in both counts twice: it takes two entries). What `--max-pending-keys`
+    /// caps and `tally_pending_keys` shows.
+    pub fn pending_keys(&self) -> usize {
+        self.live_keys.load(Ordering::Relaxed) + self.inflight_keys.load(Ordering::Relaxed)
+    }
+
     /// Whether new keys are being refused for lack of room.
     pub fn is_full(&self) -> bool {
-        self.live_keys() >= self.max_pending_keys
+        self.pending_keys() >= self.max_pending_keys
     }
 
     /// Age of the oldest delta not yet applied to the store.
@@ -732,6 +748,33 @@ mod tests {
         // Sealing makes room again.
         assert_eq!(drain(&agg).len(), 3);
         agg.add(&key("d"), 1).expect("room after the seal");
+    }
+
+    /// A batch retried through a store outage holds its keys: they count against the cap
+    /// until the store takes the batch, so memory stays bounded however long it lasts.
+    #[test]
+    fn keys_of_the_batch_in_flight_count_against_the_cap() {
+        let agg = Aggregator::new(1, 0, 3, usize::MAX);
+        for k in ["a", "b", "c"] {
+            agg.add(&key(k), 1).expect("under the cap");
+        }
+        let batch = agg.seal().expect("three keys pending");
+        assert_eq!(agg.pending_keys(), 3, "sealed keys are still pending");
+        assert!(agg.is_full());
+        assert_eq!(
+            agg.add(&key("d"), 1),
+            Err(AddError::Full { limit: 3 }),
+            "a new key while the batch is in flight"
+        );
+        assert_eq!(
+            agg.add_all(&[inc("a", 1), inc("e", 1)]),
+            Err(AddError::Full { limit: 3 }),
+            "a key only in flight takes a new live entry"
+        );
+        agg.complete(batch.seq);
+        assert_eq!(agg.pending_keys(), 0, "the store has the batch");
+        assert!(agg.add(&key("d"), 1).is_ok(), "room again once it is applied");
+        assert_eq!(agg.pending_keys(), 1);
     }
 
     #[test]

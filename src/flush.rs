@@ -153,8 +153,7 @@ impl Flusher {
         })
         .await;
         if drained.is_err() {
-            let left =
-                self.aggregator.live_keys() + self.aggregator.inflight().map_or(0, |b| b.len());
+            let left = self.aggregator.pending_keys();
             bail!("final flush did not finish within {drain_timeout:?}: {left} keys not written");
         }
         if let Some(journal) = &self.journal {

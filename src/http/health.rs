@@ -93,7 +93,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Gauges of "now" are sampled at scrape time: set by the flusher, the lag would read as
     // it was right after the last flush, always below the real one.
     metrics::gauge!(m::FLUSH_LAG).set(state.aggregator.lag().as_secs_f64());
-    metrics::gauge!(m::PENDING_KEYS).set(state.aggregator.live_keys() as f64);
+    metrics::gauge!(m::PENDING_KEYS).set(state.aggregator.pending_keys() as f64);
     render_metrics(&state.metrics)
 }
 
