@@ -773,7 +773,10 @@ mod tests {
         );
         agg.complete(batch.seq);
         assert_eq!(agg.pending_keys(), 0, "the store has the batch");
-        assert!(agg.add(&key("d"), 1).is_ok(), "room again once it is applied");
+        assert!(
+            agg.add(&key("d"), 1).is_ok(),
+            "room again once it is applied"
+        );
         assert_eq!(agg.pending_keys(), 1);
     }
 

@@ -45,6 +45,11 @@ function init(args)
   uncounted = (id == 1) and 1 or 0
   math.randomseed(id * 7919 + os.time())
   headers = { ["Content-Type"] = "application/json" }
+  -- TALLY_BENCH_TOKEN (set by tally-bench for its token variant): a bearer token to send.
+  local token = os.getenv("TALLY_BENCH_TOKEN")
+  if token and #token > 0 then
+    headers["Authorization"] = "Bearer " .. token
+  end
 end
 
 function request()

@@ -35,8 +35,23 @@ pub enum Kind {
         backend: Backend,
         flush_interval: Option<Duration>,
         flush_max_keys: Option<usize>,
+        guard: Guard,
     },
 }
+
+/// The optional request guards a tally variant runs with, to price them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    None,
+    /// `--auth-token`: every request carries the static bearer token.
+    Token,
+    /// `--rate-limit-per-second` far above what the load can reach: the limiter runs on
+    /// every request and never refuses one.
+    RateLimit,
+}
+
+/// The static token of the `-token` variants.
+pub const BENCH_TOKEN: &str = "tally-bench-static-token-0123456789";
 
 #[derive(Debug, Clone)]
 pub struct Variant {
@@ -57,8 +72,19 @@ impl Variant {
                 backend,
                 flush_interval: None,
                 flush_max_keys: None,
+                guard: Guard::None,
             },
         }
+    }
+
+    /// The `ack=memory` SQLite variant with a guard, named `tally-memory-sqlite-<suffix>`.
+    fn guarded(guard: Guard, suffix: &str) -> Self {
+        let mut v = Self::tally("memory", Backend::Sqlite);
+        v.name = format!("{}-{suffix}", v.name);
+        if let Kind::Tally { guard: g, .. } = &mut v.kind {
+            *g = guard;
+        }
+        v
     }
 
     fn uses_postgres(&self) -> bool {
@@ -94,6 +120,8 @@ pub fn all_variants() -> Vec<Variant> {
             v.push(Variant::tally(ack, backend));
         }
     }
+    v.push(Variant::guarded(Guard::Token, "token"));
+    v.push(Variant::guarded(Guard::RateLimit, "ratelimit"));
     v
 }
 
@@ -141,6 +169,8 @@ pub struct RunRecord {
     pub pg_cpu_per_s: Option<f64>,
     /// CPU time of the server process (all threads) per request during the measured run.
     pub server_cpu_us_per_request: Option<f64>,
+    /// Context switches of the server's threads per request during the measured run.
+    pub server_ctx_switches_per_request: Option<f64>,
     /// CPU used on the machine during the run by anything but the server, its PostgreSQL
     /// backends, wrk and tally-bench, in cores: the noise the run suffered.
     pub other_load_cores: f64,
@@ -236,10 +266,10 @@ fn plan(args: &RunArgs) -> anyhow::Result<Plan> {
         anyhow::bail!("unknown variant in --variants; known: {}", known.join(", "));
     }
     let batch_names: &[&str] = if quick {
-        &["noop", "tally-memory-pg", "tally-journal-sqlite"]
+        &["noop-axum", "tally-memory-pg", "tally-journal-sqlite"]
     } else {
         &[
-            "noop",
+            "noop-axum",
             "tally-memory-sqlite",
             "tally-journal-sqlite",
             "tally-memory-pg",
@@ -281,7 +311,7 @@ struct Step {
 
 fn schedule(plan: &Plan, quick: bool) -> Vec<Step> {
     let hot_in_quick = [
-        "noop",
+        "noop-axum",
         "tally-memory-pg",
         "tally-journal-pg",
         "tally-memory-sqlite",
@@ -298,6 +328,12 @@ fn schedule(plan: &Plan, quick: bool) -> Vec<Step> {
             for variant in variants {
                 if quick && workload.name == "hot" && !hot_in_quick.contains(&variant.name.as_str())
                 {
+                    continue;
+                }
+                // The guards' price is a hot-path figure; the other workloads skip them.
+                let guarded =
+                    matches!(variant.kind, Kind::Tally { guard, .. } if guard != Guard::None);
+                if guarded && workload.name != "hot" {
                     continue;
                 }
                 steps.push(Step {
@@ -321,6 +357,7 @@ fn schedule(plan: &Plan, quick: bool) -> Vec<Step> {
             backend: Backend::Postgres,
             flush_interval: Some(interval),
             flush_max_keys: None,
+            guard: Guard::None,
         };
         let secs = plan
             .duration
@@ -573,6 +610,7 @@ async fn measure(
             backend,
             flush_interval,
             flush_max_keys,
+            guard,
         } => {
             let mut a = vec![
                 "--listen".into(),
@@ -596,6 +634,16 @@ async fn measure(
                         .to_string(),
                 );
             }
+            match guard {
+                Guard::None => {}
+                Guard::Token => a.extend(["--auth-token".into(), BENCH_TOKEN.into()]),
+                Guard::RateLimit => a.extend([
+                    "--rate-limit-per-second".into(),
+                    "1000000000".into(),
+                    "--rate-limit-burst".into(),
+                    "1000000000".into(),
+                ]),
+            }
             (ctx.tally_bin.clone(), a)
         }
     };
@@ -605,12 +653,21 @@ async fn measure(
     ));
     let server = Server::start(&program, &args, addr, &log).await?;
     let plan = &ctx.plan;
+    let bearer = matches!(
+        variant.kind,
+        Kind::Tally {
+            guard: Guard::Token,
+            ..
+        }
+    )
+    .then_some(BENCH_TOKEN);
     let warm = WrkArgs {
         threads: plan.threads,
         connections: step.workload.connections,
         duration: plan.warmup,
         tail: plan.warmup,
         zeros_only: true,
+        bearer,
     };
     wrk::run(&ctx.args.wrk, &ctx.scripts, addr, step.workload.load, &warm).await?;
 
@@ -629,6 +686,7 @@ async fn measure(
     let cpu_before = db.map(|_| pg::snapshot(&backends));
     let server_pid = server.pid();
     let server_cpu_before = server_pid.and_then(pg::process_cpu_seconds);
+    let server_ctx_before = server_pid.and_then(pg::process_context_switches);
     let machine_before = pg::machine_busy_seconds();
     let ours_before = pg::own_and_reaped_children_seconds();
     let tail = if step.curve {
@@ -642,6 +700,7 @@ async fn measure(
         duration: step.duration,
         tail,
         zeros_only: false,
+        bearer,
     };
     let out = wrk::run(
         &ctx.args.wrk,
@@ -653,6 +712,7 @@ async fn measure(
     .await;
     let cpu_after = db.map(|_| pg::snapshot(&backends));
     let server_cpu_after = server_pid.and_then(pg::process_cpu_seconds);
+    let server_ctx_after = server_pid.and_then(pg::process_context_switches);
     let machine_used = pg::machine_busy_seconds() - machine_before;
     let ours_used = pg::own_and_reaped_children_seconds() - ours_before;
     stop.store(true, Ordering::Relaxed);
@@ -680,6 +740,9 @@ async fn measure(
     let server_cpu_us_per_request = server_cpu_before
         .zip(server_cpu_after)
         .map(|(b, a)| (a - b) * 1e6 / out.requests.max(1) as f64);
+    let server_ctx_switches_per_request = server_ctx_before
+        .zip(server_ctx_after)
+        .map(|(b, a)| a.saturating_sub(b) as f64 / out.requests.max(1) as f64);
     let pg_cpu_per_s = cpu_before
         .zip(cpu_after)
         .map(|(b, a)| pg::used_between(&b, &a) / run_secs.max(1e-6));
@@ -734,6 +797,7 @@ async fn measure(
         check,
         pg_cpu_per_s,
         server_cpu_us_per_request,
+        server_ctx_switches_per_request,
         other_load_cores,
         flush_lag_max_s: lag,
         commit_gap_max_s: gap,

@@ -34,6 +34,8 @@ pub struct WrkArgs {
     pub tail: Duration,
     /// Post only zeros (warm-up).
     pub zeros_only: bool,
+    /// Bearer token sent with every request (the scripts read `TALLY_BENCH_TOKEN`).
+    pub bearer: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -147,6 +149,7 @@ pub async fn run(
         .arg(&url)
         .arg("--")
         .args(&extra)
+        .env("TALLY_BENCH_TOKEN", args.bearer.unwrap_or_default())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output()
