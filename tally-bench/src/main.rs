@@ -1,4 +1,4 @@
-//! `tally-bench`: the benchmark of issue 4, in one reproducible command.
+//! `tally-bench`: the benchmark, in one reproducible command.
 //!
 //! `cargo run --release --bin tally-bench -- [--quick]` starts every variant (a no-op server,
 //! a naive one-upsert-per-request server, and tally at each durability level on SQLite and on
@@ -29,7 +29,7 @@ use clap::{Args, Parser, Subcommand};
 /// Default administrative connection: where per-run databases are created and dropped.
 pub const DEFAULT_PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// tally-bench: run the issue-4 benchmark (HTTP variants under wrk, flush capacity, memory).
+/// tally-bench: run the benchmark (HTTP variants under wrk, flush capacity, memory).
 #[derive(Debug, Parser)]
 #[command(
     name = "tally-bench",
