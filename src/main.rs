@@ -10,7 +10,7 @@ use tally::{shutdown, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format);
+    telemetry::init(config.log.format);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

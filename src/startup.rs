@@ -52,15 +52,21 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         tracing::info!(%config, "Starting tally.");
-        let store: Arc<dyn Store> = match &config.database_url {
+        if config.flush.exceeds_contract() {
+            tracing::warn!(
+                interval = %humantime::format_duration(config.flush.interval),
+                "Flush interval is longer than 10s: the store may lag further than the contract allows."
+            );
+        }
+        let store: Arc<dyn Store> = match &config.store.database_url {
             Some(url) => Arc::new(
-                PgStore::connect(url, config.database_pool_size)
+                PgStore::connect(url.expose(), config.store.database_pool_size.get())
                     .await
                     .context("cannot use the PostgreSQL store (--database-url)")?,
             ),
             None => {
-                create_data_dir(&config.data_dir)?;
-                let path = config.data_dir.join("tally.db");
+                create_data_dir(&config.store.data_dir)?;
+                let path = config.store.data_dir.join("tally.db");
                 Arc::new(
                     SqliteStore::open(&path)
                         .await
@@ -78,8 +84,8 @@ impl App {
     /// As [`App::build`].
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         config.validate()?;
-        create_data_dir(&config.data_dir)?;
-        let lock = lock_data_dir(&config.data_dir)?;
+        create_data_dir(&config.store.data_dir)?;
+        let lock = lock_data_dir(&config.store.data_dir)?;
         let instance_id: Arc<str> = instance_id(&config)?.into();
         let applied = store.last_applied(&instance_id).await.with_context(|| {
             format!(
@@ -88,10 +94,10 @@ impl App {
             )
         })?;
 
-        let journal_dir = config.data_dir.join("journal");
+        let journal_dir = config.store.data_dir.join("journal");
         let options = JournalOptions {
             on_sync: Some(Arc::new(record_sync)),
-            commit_delay: config.journal_commit_delay,
+            commit_delay: config.journal.commit_delay,
             ..JournalOptions::default()
         };
         let (journal, replay) = Journal::open(&journal_dir, options)
@@ -101,22 +107,22 @@ impl App {
         let aggregator = Arc::new(Aggregator::new(
             applied.max(replay.max_seq) + 1,
             applied,
-            config.max_pending_keys,
-            config.flush_max_keys,
+            config.flush.max_pending_keys.get(),
+            config.flush.max_keys.get(),
         ));
         let flusher = Flusher::new(
             Arc::clone(&aggregator),
             Arc::clone(&store),
             Arc::clone(&instance_id),
-            config.flush_interval,
+            config.flush.interval,
         )
         .with_journal(Arc::clone(&journal));
         recovery::replay_journal(&flusher, &journal, replay, applied).await?;
 
-        let listener = TcpListener::bind(config.listen)
+        let listener = TcpListener::bind(config.http.listen)
             .await
-            .with_context(|| format!("cannot listen on {} (--listen)", config.listen))?;
-        let metrics_listener = match config.metrics_listen {
+            .with_context(|| format!("cannot listen on {} (--listen)", config.http.listen))?;
+        let metrics_listener = match config.http.metrics_listen {
             None => None,
             Some(address) => Some(
                 TcpListener::bind(address)
@@ -125,22 +131,22 @@ impl App {
             ),
         };
         let router = RouterOptions {
-            max_body_bytes: config.max_body_bytes,
-            request_timeout: config.request_timeout,
+            max_body_bytes: config.limits.max_body_bytes,
+            request_timeout: config.http.request_timeout,
             auth: Auth::from_config(&config)?.map(Arc::new),
             rate_limit: RateLimiter::from_config(&config).map(Arc::new),
             metrics: metrics_listener.is_none(),
-            max_key_bytes: config.max_key_bytes,
+            max_key_bytes: config.limits.max_key_bytes.get(),
         };
         let state = Arc::new(AppState {
             aggregator,
             store,
-            journal: (config.ack == Ack::Journal).then_some(journal),
+            journal: (config.journal.ack == Ack::Journal).then_some(journal),
             instance_id,
-            ack: config.ack,
+            ack: config.journal.ack,
             limits: Limits {
-                max_key_bytes: config.max_key_bytes,
-                max_batch_items: config.max_batch_items,
+                max_key_bytes: config.limits.max_key_bytes.get(),
+                max_batch_items: config.limits.max_batch_items.get(),
             },
             applied: flusher.subscribe(),
             health: flusher.health(),
@@ -199,18 +205,18 @@ impl App {
             _lock,
         } = self;
         let flush_stop = CancellationToken::new();
-        let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.shutdown_timeout));
+        let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.http.shutdown_timeout));
 
         let http_stop = CancellationToken::new();
         let metrics_state = Arc::clone(&state);
         let options = ServeOptions {
-            header_read_timeout: config.header_read_timeout,
-            max_connections: config.max_connections,
+            header_read_timeout: config.http.header_read_timeout,
+            max_connections: config.http.max_connections.get(),
             // Only the rate limiter reads the peer address.
             connect_info: router.rate_limit.is_some(),
         };
         let app = http::router(state, &router);
-        let address = listener.local_addr().unwrap_or(config.listen);
+        let address = listener.local_addr().unwrap_or(config.http.listen);
         let mut server = tokio::spawn(serve(listener, app, options, http_stop.clone()));
         tracing::info!(%address, "Listening.");
         let metrics_server = metrics_listener.map(|listener| {
@@ -232,10 +238,10 @@ impl App {
             () = shutdown => {
                 tracing::info!("Stopped accepting connections; finishing requests in flight.");
                 http_stop.cancel();
-                match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
+                match tokio::time::timeout(config.http.shutdown_timeout, &mut server).await {
                     Ok(result) => result,
                     Err(_) => {
-                        tracing::warn!(timeout = ?config.shutdown_timeout, "Requests still in flight after the shutdown timeout; abandoning them.");
+                        tracing::warn!(timeout = ?config.http.shutdown_timeout, "Requests still in flight after the shutdown timeout; abandoning them.");
                         server.abort();
                         Ok(())
                     }
@@ -286,10 +292,10 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
 
 /// The configured instance id, or the one kept in the data directory (created on first run).
 fn instance_id(config: &Config) -> anyhow::Result<String> {
-    if let Some(id) = &config.instance_id {
+    if let Some(id) = &config.store.instance_id {
         return Ok(id.clone());
     }
-    let path = config.data_dir.join("instance-id");
+    let path = config.store.data_dir.join("instance-id");
     match fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
         Ok(_) => {}
@@ -305,7 +311,7 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
     file.write_all(id.as_bytes())
         .and_then(|()| file.sync_all())
         .and_then(|()| fs::rename(&tmp, &path))
-        .and_then(|()| File::open(&config.data_dir)?.sync_all())
+        .and_then(|()| File::open(&config.store.data_dir)?.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
     tracing::info!(instance_id = %id, path = %path.display(), "Generated a new instance id.");
     Ok(id)

@@ -136,11 +136,11 @@ impl Auth {
         if !config.auth_enabled() {
             return Ok(None);
         }
-        let hmac = config.jwt_secret.as_ref().map(|secret| JwtKey {
+        let hmac = config.auth.jwt_secret.as_ref().map(|secret| JwtKey {
             key: DecodingKey::from_secret(secret.expose().as_bytes()),
             validation: validation(config, AlgorithmFamily::Hmac),
         });
-        let public = match &config.jwt_public_key {
+        let public = match &config.auth.jwt_public_key {
             None => None,
             Some(path) => {
                 let display = path.display().to_string();
@@ -168,7 +168,7 @@ impl Auth {
             }
         };
         Ok(Some(Self {
-            static_token: config.auth_token.clone(),
+            static_token: config.auth.token.clone(),
             hmac,
             public,
             verified: (0..JWT_CACHE_SHARDS)
@@ -273,16 +273,16 @@ fn validation(config: &Config, family: AlgorithmFamily) -> Validation {
     validation.validate_exp = true;
     validation.validate_nbf = true;
     let mut required = vec!["exp"];
-    if config.jwt_audience.is_empty() {
+    if config.auth.jwt_audience.is_empty() {
         // tally has no audience of its own to compare with; tokens are accepted whatever
         // their `aud`. Set --jwt-audience to refuse tokens minted for other services.
         validation.validate_aud = false;
     } else {
-        validation.set_audience(&config.jwt_audience);
+        validation.set_audience(&config.auth.jwt_audience);
         required.push("aud");
     }
-    if !config.jwt_issuer.is_empty() {
-        validation.set_issuer(&config.jwt_issuer);
+    if !config.auth.jwt_issuer.is_empty() {
+        validation.set_issuer(&config.auth.jwt_issuer);
         required.push("iss");
     }
     validation.set_required_spec_claims(&required);
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn a_static_token_must_match_exactly() {
         let mut config = Config::defaults();
-        config.auth_token = Some(Secret::new("0123456789abcdef"));
+        config.auth.token = Some(Secret::new("0123456789abcdef"));
         let auth = Auth::from_config(&config)
             .expect("valid config")
             .expect("auth is on");
@@ -395,7 +395,7 @@ mod tests {
     #[test]
     fn a_remembered_jwt_is_refused_once_it_expires() {
         let mut config = Config::defaults();
-        config.jwt_secret = Some(Secret::new("0123456789abcdef0123456789abcdef"));
+        config.auth.jwt_secret = Some(Secret::new("0123456789abcdef0123456789abcdef"));
         let auth = Auth::from_config(&config)
             .expect("valid config")
             .expect("auth is on");

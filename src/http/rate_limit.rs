@@ -111,16 +111,18 @@ impl RateLimiter {
     /// The limiter configured by `--rate-limit-*` and `--trust-proxy`, or `None` when rate
     /// limiting is off.
     pub fn from_config(config: &Config) -> Option<Self> {
-        let rate = config.rate_limit_per_second?;
+        let rate = config.rate_limit.per_second?;
         // Default burst: one second's worth of requests.
         let burst = config
-            .rate_limit_burst
+            .rate_limit
+            .burst
+            .map(std::num::NonZeroU32::get)
             .unwrap_or_else(|| rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32);
         Some(Self::new(
             rate,
             burst,
-            config.rate_limit_max_clients,
-            config.trust_proxy,
+            config.rate_limit.max_clients.get(),
+            config.rate_limit.trust_proxy,
         ))
     }
 

@@ -68,8 +68,8 @@ pub async fn noop(listen: SocketAddr, plain_axum: bool) -> anyhow::Result<()> {
     }
     let defaults = tally::config::Config::defaults();
     let options = tally::http::serve::ServeOptions {
-        header_read_timeout: defaults.header_read_timeout,
-        max_connections: defaults.max_connections,
+        header_read_timeout: defaults.http.header_read_timeout,
+        max_connections: defaults.http.max_connections.get(),
         connect_info: false,
     };
     let listener = TcpListener::bind(listen)

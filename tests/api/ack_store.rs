@@ -11,9 +11,9 @@ use crate::helpers::on_both_stores;
 async fn with_ack_store_a_202_means_the_value_is_in_the_store(backend: Backend) {
     let dir = data_dir();
     let mut config = test_config(dir.path(), &backend);
-    config.ack = Ack::Store;
+    config.journal.ack = Ack::Store;
     // Only the requests themselves can make the flusher write.
-    config.flush_interval = Duration::from_secs(3600);
+    config.flush.interval = Duration::from_secs(3600);
     let app = spawn_app(config, None).await;
     let store = open_store(dir.path(), &backend).await;
     let stored = |key: &'static str| {

@@ -10,9 +10,9 @@ use crate::helpers::{on_both_stores, stored_counters};
 async fn new_keys_are_shed_with_503_past_the_pending_key_cap(backend: Backend) {
     let dir = data_dir();
     let mut config = test_config(dir.path(), &backend);
-    config.max_pending_keys = 3;
+    config.flush.max_pending_keys = 3_usize.try_into().expect("non-zero");
     // Nothing is flushed while the test runs, so the cap stays reached.
-    config.flush_interval = Duration::from_secs(3600);
+    config.flush.interval = Duration::from_secs(3600);
     let app = spawn_app(config, None).await;
     for key in ["a", "b", "c"] {
         assert_eq!(app.increment(key, 1).await, 202, "key {key} under the cap");

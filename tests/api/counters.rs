@@ -13,7 +13,7 @@ async fn counter_is_the_stored_value_plus_the_pending_delta(backend: Backend) {
     let dir = data_dir();
     let mut config = test_config(dir.path(), &backend);
     // No flush but the one at shutdown: what is pending stays pending while we look.
-    config.flush_interval = Duration::from_secs(3600);
+    config.flush.interval = Duration::from_secs(3600);
 
     let first = spawn_app(config.clone(), None).await;
     assert_eq!(first.increment("k", 10).await, 202);

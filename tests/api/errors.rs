@@ -189,8 +189,8 @@ async fn assert_healthy(app: &TestApp, after: &str) {
 async fn bad_requests_get_the_right_4xx_and_json_and_store_nothing(backend: Backend) {
     let dir = data_dir();
     let mut config = test_config(dir.path(), &backend);
-    config.max_body_bytes = MAX_BODY_BYTES;
-    config.max_batch_items = MAX_BATCH_ITEMS;
+    config.limits.max_body_bytes = MAX_BODY_BYTES;
+    config.limits.max_batch_items = MAX_BATCH_ITEMS.try_into().expect("non-zero");
     let app = spawn_app(config, None).await;
     // A control value, so that "nothing stored" is checked against a working store.
     assert_eq!(app.increment("good", 1).await, 202);
@@ -261,7 +261,7 @@ async fn an_add_that_would_overflow_the_pending_sum_is_a_422(backend: Backend) {
     let dir = data_dir();
     let mut config = test_config(dir.path(), &backend);
     // Keep the sums pending, so the refusal comes from the aggregator, not the store.
-    config.flush_interval = std::time::Duration::from_secs(3600);
+    config.flush.interval = std::time::Duration::from_secs(3600);
     let app = spawn_app(config, None).await;
 
     for (key, first, second) in [("high", i64::MAX, 1), ("low", i64::MIN, -1)] {

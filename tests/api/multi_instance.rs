@@ -28,8 +28,8 @@ async fn three_instances_on_one_postgres_store_exactly_the_sums_sent() {
         let mut config = test_config(dir.path(), &backend);
         // Flush often and early, so that batches from the three instances overlap in the
         // database while ingest goes on.
-        config.flush_interval = Duration::from_millis(50);
-        config.flush_max_keys = 64;
+        config.flush.interval = Duration::from_millis(50);
+        config.flush.max_keys = 64_usize.try_into().expect("non-zero");
         apps.push(spawn_app(config, None).await);
     }
     let ids: BTreeSet<String> = apps.iter().map(|a| a.instance_id.clone()).collect();

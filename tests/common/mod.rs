@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tally::config::{Ack, Config};
+use tally::config::{Ack, Config, DatabaseUrl};
 use tally::startup::App;
 use tally::store::{PgStore, SqliteStore, Store};
 use tempfile::TempDir;
@@ -132,16 +132,16 @@ pub enum Backend {
 /// interval, memory ack unless changed.
 pub fn test_config(data_dir: &Path, backend: &Backend) -> Config {
     let mut config = Config::defaults();
-    config.listen = "127.0.0.1:0".parse().expect("valid address");
-    config.data_dir = data_dir.to_owned();
-    config.database_url = match backend {
+    config.http.listen = "127.0.0.1:0".parse().expect("valid address");
+    config.store.data_dir = data_dir.to_owned();
+    config.store.database_url = match backend {
         Backend::Sqlite => None,
-        Backend::Postgres(url) => Some(url.clone()),
+        Backend::Postgres(url) => Some(DatabaseUrl::new(url.clone()).expect("a postgres URL")),
     };
-    config.instance_id = None;
-    config.flush_interval = Duration::from_millis(100);
-    config.ack = Ack::Memory;
-    config.shutdown_timeout = Duration::from_secs(10);
+    config.store.instance_id = None;
+    config.flush.interval = Duration::from_millis(100);
+    config.journal.ack = Ack::Memory;
+    config.http.shutdown_timeout = Duration::from_secs(10);
     config
 }
 

@@ -147,7 +147,7 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     let (_, proxied_url) = via_proxy(&db.url, proxy.port);
     let dir = data_dir();
     let mut config = test_config(dir.path(), &Backend::Postgres(proxied_url));
-    config.ack = Ack::Journal;
+    config.journal.ack = Ack::Journal;
     let app = spawn_app(config, None).await;
     let client = reqwest::Client::new();
     let seed = seed();

@@ -67,7 +67,7 @@ async fn start_with(configure: impl FnOnce(&mut tally::config::Config)) -> Serve
 
 #[tokio::test]
 async fn without_a_valid_static_token_every_route_but_the_probes_answers_401() {
-    let server = start_with(|c| c.auth_token = Some(Secret::new(TOKEN))).await;
+    let server = start_with(|c| c.auth.token = Some(Secret::new(TOKEN))).await;
     let client = client();
 
     let missing = increment(&client, &server, None).await;
@@ -106,7 +106,7 @@ async fn without_a_valid_static_token_every_route_but_the_probes_answers_401() {
 
 #[tokio::test]
 async fn the_static_token_grants_every_route() {
-    let server = start_with(|c| c.auth_token = Some(Secret::new(TOKEN))).await;
+    let server = start_with(|c| c.auth.token = Some(Secret::new(TOKEN))).await;
     let client = client();
     assert_eq!(increment(&client, &server, Some(TOKEN)).await.status(), 202);
     let batch = client
@@ -141,7 +141,7 @@ async fn the_static_token_grants_every_route() {
 
 #[tokio::test]
 async fn hs256_jwts_are_checked_for_signature_exp_and_nbf() {
-    let server = start_with(|c| c.jwt_secret = Some(Secret::new(SECRET))).await;
+    let server = start_with(|c| c.auth.jwt_secret = Some(Secret::new(SECRET))).await;
     let client = client();
 
     let good = hs256(&claims(json!({})), SECRET);
@@ -209,9 +209,9 @@ async fn hs256_jwts_are_checked_for_signature_exp_and_nbf() {
 #[tokio::test]
 async fn configured_audience_and_issuer_are_required() {
     let server = start_with(|c| {
-        c.jwt_secret = Some(Secret::new(SECRET));
-        c.jwt_audience = vec!["tally".to_owned(), "tally-staging".to_owned()];
-        c.jwt_issuer = vec!["https://idp.example".to_owned()];
+        c.auth.jwt_secret = Some(Secret::new(SECRET));
+        c.auth.jwt_audience = vec!["tally".to_owned(), "tally-staging".to_owned()];
+        c.auth.jwt_issuer = vec!["https://idp.example".to_owned()];
     })
     .await;
     let client = client();
@@ -269,7 +269,7 @@ async fn es256_and_rs256_jwts_verify_against_the_configured_public_key() {
             "es256-private.pem",
         ),
     ] {
-        let server = start_with(|c| c.jwt_public_key = Some(fixture(public))).await;
+        let server = start_with(|c| c.auth.jwt_public_key = Some(fixture(public))).await;
         let client = client();
         let good = signed_with_fixture(alg, private, &claims(json!({})));
         assert_eq!(
@@ -315,8 +315,8 @@ async fn es256_and_rs256_jwts_verify_against_the_configured_public_key() {
 #[tokio::test]
 async fn a_static_token_and_jwts_can_be_accepted_side_by_side() {
     let server = start_with(|c| {
-        c.auth_token = Some(Secret::new(TOKEN));
-        c.jwt_secret = Some(Secret::new(SECRET));
+        c.auth.token = Some(Secret::new(TOKEN));
+        c.auth.jwt_secret = Some(Secret::new(SECRET));
     })
     .await;
     let client = client();
@@ -336,7 +336,7 @@ async fn a_static_token_and_jwts_can_be_accepted_side_by_side() {
 async fn an_unusable_public_key_stops_start_up_naming_the_flag() {
     for path in [fixture("does-not-exist.pem"), fixture("README.md")] {
         let (mut config, _dir) = support::config();
-        config.jwt_public_key = Some(path.clone());
+        config.auth.jwt_public_key = Some(path.clone());
         let error = match App::build(config).await {
             Ok(_) => panic!("{} must be refused", path.display()),
             Err(e) => format!("{e:#}"),

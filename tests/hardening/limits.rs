@@ -12,7 +12,7 @@ use crate::support::{self, client, expect_error, raw_connect, read_to_close};
 #[tokio::test]
 async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
     let (mut config, dir) = support::config();
-    config.header_read_timeout = Duration::from_millis(300);
+    config.http.header_read_timeout = Duration::from_millis(300);
     let server = support::start((config, dir)).await;
 
     // Half a request head, then silence; and a connection that never says anything.
@@ -46,7 +46,7 @@ async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
 #[tokio::test]
 async fn a_request_that_outlives_the_request_timeout_gets_a_json_503() {
     let (mut config, dir) = support::config();
-    config.request_timeout = Duration::from_millis(300);
+    config.http.request_timeout = Duration::from_millis(300);
     let server = support::start((config, dir)).await;
 
     // Headers promise 100 bytes of body; only one arrives.
@@ -92,7 +92,7 @@ async fn a_request_that_outlives_the_request_timeout_gets_a_json_503() {
 #[tokio::test]
 async fn connections_past_the_cap_wait_until_one_closes() {
     let (mut config, dir) = support::config();
-    config.max_connections = 2;
+    config.http.max_connections = 2_usize.try_into().expect("non-zero");
     let server = support::start((config, dir)).await;
 
     // Two keep-alive connections, each served once and then left idle: both slots taken.
@@ -136,7 +136,7 @@ async fn connections_past_the_cap_wait_until_one_closes() {
 #[tokio::test]
 async fn bodies_over_the_limit_get_413() {
     let (mut config, dir) = support::config();
-    config.max_body_bytes = 1024;
+    config.limits.max_body_bytes = 1024;
     let server = support::start((config, dir)).await;
     let key = "k".repeat(2000);
     let response = client()
@@ -152,7 +152,7 @@ async fn bodies_over_the_limit_get_413() {
 #[tokio::test]
 async fn metrics_listen_serves_metrics_apart_from_the_api() {
     let (mut config, dir) = support::config();
-    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    config.http.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
     let server = support::start((config, dir)).await;
     let client = client();
     assert_eq!(
@@ -204,14 +204,14 @@ async fn metrics_listen_serves_metrics_apart_from_the_api() {
 #[test]
 fn limits_have_safe_defaults_and_rate_limiting_is_off() {
     let config = Config::defaults();
-    assert_eq!(config.header_read_timeout, Duration::from_secs(10));
-    assert_eq!(config.request_timeout, Duration::from_secs(30));
-    assert_eq!(config.max_connections, 4096);
-    assert_eq!(config.max_body_bytes, 4 * 1024 * 1024);
-    assert_eq!(config.rate_limit_per_second, None);
-    assert!(!config.trust_proxy);
+    assert_eq!(config.http.header_read_timeout, Duration::from_secs(10));
+    assert_eq!(config.http.request_timeout, Duration::from_secs(30));
+    assert_eq!(config.http.max_connections.get(), 4096);
+    assert_eq!(config.limits.max_body_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.rate_limit.per_second, None);
+    assert!(!config.rate_limit.trust_proxy);
     assert!(!config.auth_enabled());
-    assert_eq!(config.metrics_listen, None);
+    assert_eq!(config.http.metrics_listen, None);
 }
 
 #[test]

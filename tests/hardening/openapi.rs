@@ -92,10 +92,10 @@ async fn the_document_describes_every_route_and_each_described_route_exists() {
 #[tokio::test]
 async fn the_document_follows_the_configuration() {
     let (mut config, dir) = support::config();
-    config.auth_token = Some(Secret::new("test-static-token-0123456789"));
-    config.rate_limit_per_second = Some(100.0);
-    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
-    config.max_key_bytes = 64;
+    config.auth.token = Some(Secret::new("test-static-token-0123456789"));
+    config.rate_limit.per_second = Some(100.0);
+    config.http.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    config.limits.max_key_bytes = 64_usize.try_into().expect("non-zero");
     let server = support::start((config, dir)).await;
     let doc = document(&server, Some("test-static-token-0123456789")).await;
     assert!(

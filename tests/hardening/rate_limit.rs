@@ -15,8 +15,8 @@ const SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
 /// even on a loaded machine, so the counts below are exact.
 async fn start_limited(burst: u32, configure: impl FnOnce(&mut tally::config::Config)) -> Server {
     let (mut config, dir) = support::config();
-    config.rate_limit_per_second = Some(0.2);
-    config.rate_limit_burst = Some(burst);
+    config.rate_limit.per_second = Some(0.2);
+    config.rate_limit.burst = Some(burst.try_into().expect("non-zero"));
     configure(&mut config);
     support::start((config, dir)).await
 }
@@ -112,8 +112,8 @@ async fn a_client_past_its_burst_gets_429_with_retry_after_and_others_are_unaffe
 #[tokio::test]
 async fn the_bucket_refills_at_the_configured_rate() {
     let (mut config, dir) = support::config();
-    config.rate_limit_per_second = Some(2.0);
-    config.rate_limit_burst = Some(1);
+    config.rate_limit.per_second = Some(2.0);
+    config.rate_limit.burst = Some(1_u32.try_into().expect("non-zero"));
     let server = support::start((config, dir)).await;
     let client = client();
     // A token every 500 ms: two requests in a row on loopback are far closer than that.
@@ -126,7 +126,7 @@ async fn the_bucket_refills_at_the_configured_rate() {
 
 #[tokio::test]
 async fn jwt_subjects_are_limited_separately_wherever_they_connect_from() {
-    let server = start_limited(2, |c| c.jwt_secret = Some(Secret::new(SECRET))).await;
+    let server = start_limited(2, |c| c.auth.jwt_secret = Some(Secret::new(SECRET))).await;
     let (alice, bob) = (jwt("alice"), jwt("bob"));
     let here = client_from("127.0.0.1");
     let there = client_from("127.0.0.2");
@@ -165,7 +165,7 @@ async fn increment_as(client: &reqwest::Client, server: &Server, forwarded_for: 
 
 #[tokio::test]
 async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
-    let trusting = start_limited(1, |c| c.trust_proxy = true).await;
+    let trusting = start_limited(1, |c| c.rate_limit.trust_proxy = true).await;
     let proxy = client();
     assert_eq!(increment_as(&proxy, &trusting, "198.51.100.1").await, 202);
     assert_eq!(increment_as(&proxy, &trusting, "198.51.100.1").await, 429);
