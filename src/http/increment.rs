@@ -15,7 +15,7 @@ use super::body::{self, Format, Wire};
 use super::error::{ApiError, ErrorBody};
 use crate::config::Ack;
 use crate::key::Increment;
-use crate::metrics as m;
+use crate::metrics::Metrics;
 
 fn content_type(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -147,6 +147,6 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
                 .map_err(|_| ApiError::ShuttingDown)?;
         }
     }
-    metrics::counter!(m::INCREMENTS).increment(items.len() as u64);
+    Metrics::global().increments.increment(items.len() as u64);
     Ok(())
 }
