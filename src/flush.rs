@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregator, Sealed};
 use crate::journal::Journal;
-use crate::metrics as m;
+use crate::metrics::Metrics;
 use crate::store::{Applied, Batch, DeadLetter, Store, StoreError};
 
 /// First retry delay after a failed batch.
@@ -210,15 +210,18 @@ impl Flusher {
                     dead_letters: &dead_letters,
                 })
                 .await;
-            metrics::histogram!(m::FLUSH_DURATION).record(started.elapsed());
+            let metrics = Metrics::global();
+            metrics.flush_duration.record(started.elapsed());
             let error = match result {
                 Ok(applied) => {
-                    let result = match applied {
-                        Applied::Committed => "committed",
-                        Applied::AlreadyApplied => "already_applied",
+                    let (result, counter) = match applied {
+                        Applied::Committed => ("committed", &metrics.flush_batches.committed),
+                        Applied::AlreadyApplied => {
+                            ("already_applied", &metrics.flush_batches.already_applied)
+                        }
                     };
-                    metrics::counter!(m::FLUSH_BATCHES, "result" => result).increment(1);
-                    metrics::histogram!(m::FLUSH_KEYS).record(entries.len() as f64);
+                    counter.increment(1);
+                    metrics.flush_keys.record(entries.len() as f64);
                     self.health.set(None);
                     tracing::debug!(
                         seq = batch.seq,
@@ -231,7 +234,7 @@ impl Flusher {
                     return entries.len();
                 }
                 Err(StoreError::Rejected { reason, keys }) => {
-                    metrics::counter!(m::FLUSH_BATCHES, "result" => "rejected").increment(1);
+                    metrics.flush_batches.rejected.increment(1);
                     match self
                         .set_aside(&mut entries, &mut dead_letters, &reason, keys)
                         .await
@@ -242,7 +245,7 @@ impl Flusher {
                 }
                 Err(e) => e,
             };
-            metrics::counter!(m::FLUSH_BATCHES, "result" => "failed").increment(1);
+            metrics.flush_batches.failed.increment(1);
             self.health.set(Some(error.to_string()));
             tracing::warn!(
                 error = %error, seq = batch.seq, keys = entries.len(), attempt,
@@ -296,7 +299,7 @@ impl Flusher {
                 reason: reason.to_owned(),
             });
         }
-        metrics::counter!(m::DEAD_LETTERS).increment(bad.len() as u64);
+        Metrics::global().dead_letters.increment(bad.len() as u64);
         Ok(())
     }
 

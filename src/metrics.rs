@@ -1,12 +1,24 @@
-//! Every metric tally exports, named in one place, and the Prometheus recorder.
+//! Every metric tally exports, named in one place, the Prometheus recorder, and the
+//! [`Metrics`] handles the rest of the crate records through.
 //!
 //! Names follow Prometheus conventions: `tally_` prefix, base units, `_total` on counters.
 //! Hot-path code increments counters once per request (or once per batch), never per key in a
 //! loop, and no label carries a counter key.
+//!
+//! Why handles instead of `metrics::counter!(NAME, labels)` at each call site: the macro
+//! looks the series up in the recorder's registry every time (hash the name and labels, take
+//! a read lock, clone an `Arc`), which showed up in the `POST /increment` profile. A handle
+//! is resolved once and then costs one atomic add. Resolving every handle at start-up also
+//! registers every series, so the first scrape already lists every metric (counters at 0,
+//! histograms empty) instead of metrics appearing only after their first event: a dashboard
+//! or alert on `tally_flush_batches_total{result="failed"}` then sees 0, not "no data".
 
 use std::sync::OnceLock;
 
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::http::error::ERROR_CODES;
 
 /// Increments accepted (items, so a batch of 1,000 counts 1,000).
 pub const INCREMENTS: &str = "tally_increments_total";
@@ -14,9 +26,11 @@ pub const INCREMENTS: &str = "tally_increments_total";
 pub const REJECTED: &str = "tally_rejected_total";
 /// Requests refused with 503 because the pending-key cap was reached.
 pub const SHED: &str = "tally_shed_total";
-/// Distinct keys pending in the live generation.
+/// Keys not yet in the store: the live generation plus the batch in flight.
 pub const PENDING_KEYS: &str = "tally_pending_keys";
-/// Batches written, by `result` (`committed`, `already_applied`, `failed`).
+/// Batch write attempts, by `result`: `committed`, `already_applied` (a retry of a batch the
+/// store had already committed), `failed` (to be retried) and `rejected` (the store refused
+/// some keys for a data reason; they go to the dead-letter table and the rest is retried).
 pub const FLUSH_BATCHES: &str = "tally_flush_batches_total";
 /// Distinct keys per batch.
 pub const FLUSH_KEYS: &str = "tally_flush_keys";
@@ -36,32 +50,205 @@ pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 pub const RATE_LIMITED: &str = "tally_rate_limited_total";
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
-///
-/// # Panics
-///
-/// Never in practice: building a recorder with these fixed buckets cannot fail.
 pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            const SECONDS: &[f64] = &[
-                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
-            ];
-            const SIZES: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_KEYS.into()), SIZES))
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOURNAL_GROUP.into()), SIZES))
-                .expect("bucket lists are non-empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only if another recorder is installed (an embedding program's own); then
-            // ours still renders what it was given, which is nothing.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
+    Metrics::global().render.clone()
+}
+
+/// Every metric handle, resolved once (see the module doc).
+pub struct Metrics {
+    /// Renders the exposition served on `/metrics`.
+    render: PrometheusHandle,
+    /// [`INCREMENTS`].
+    pub increments: Counter,
+    /// [`SHED`].
+    pub shed: Counter,
+    /// [`RATE_LIMITED`].
+    pub rate_limited: Counter,
+    /// [`DEAD_LETTERS`].
+    pub dead_letters: Counter,
+    /// [`PENDING_KEYS`].
+    pub pending_keys: Gauge,
+    /// [`FLUSH_LAG`].
+    pub flush_lag: Gauge,
+    /// [`FLUSH_BATCHES`], one per `result`.
+    pub flush_batches: FlushBatches,
+    /// [`FLUSH_KEYS`].
+    pub flush_keys: Histogram,
+    /// [`FLUSH_DURATION`].
+    pub flush_duration: Histogram,
+    /// [`JOURNAL_FSYNC`].
+    pub journal_fsync: Histogram,
+    /// [`JOURNAL_GROUP`].
+    pub journal_group: Histogram,
+    /// [`REJECTED`], in the order of [`REJECT_REASONS`].
+    rejected: Box<[Counter]>,
+    /// [`HTTP_DURATION`], one slot per route × method × status of [`http`].
+    http: Box<[OnceLock<Histogram>]>,
+}
+
+/// [`FLUSH_BATCHES`] by `result`.
+pub struct FlushBatches {
+    pub committed: Counter,
+    pub already_applied: Counter,
+    pub failed: Counter,
+    pub rejected: Counter,
+}
+
+/// The `reason` values of [`REJECTED`]: the error codes an [`crate::http::error::ApiError`]
+/// answers with. `not_ready` is left out: `/readyz` answers it without refusing anything.
+fn reject_reasons() -> impl Iterator<Item = &'static str> {
+    ERROR_CODES.iter().copied().filter(|&c| c != "not_ready")
+}
+
+/// The label values of [`HTTP_DURATION`]. Fixed lists, so every series of the request
+/// histogram has a slot in a table indexed without hashing or allocating.
+pub mod http {
+    /// `route`: the route template (never the raw path: keys would make unbounded label
+    /// values), `unmatched` when no route matched.
+    pub const ROUTES: &[&str] = &[
+        "/increment",
+        "/increments",
+        "/counters/{key}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "unmatched",
+        "other",
+    ];
+    /// `method`.
+    pub const METHODS: &[&str] = &["GET", "POST", "other"];
+    /// `status`: the codes tally answers with. Any other code is still recorded, through a
+    /// registry lookup.
+    pub const STATUSES: &[u16] = &[200, 202, 400, 401, 404, 405, 413, 415, 422, 429, 500, 503];
+    /// The same codes as label values.
+    pub(super) const STATUS_LABELS: &[&str] = &[
+        "200", "202", "400", "401", "404", "405", "413", "415", "422", "429", "500", "503",
+    ];
+    /// Series registered at start-up: each route with its method and its success status.
+    /// Registering all 324 combinations would put about 4,500 empty lines into every scrape;
+    /// the others are registered on first use.
+    pub(super) const EAGER: &[(&str, &str, u16)] = &[
+        ("/increment", "POST", 202),
+        ("/increments", "POST", 202),
+        ("/counters/{key}", "GET", 200),
+        ("/healthz", "GET", 200),
+        ("/readyz", "GET", 200),
+        ("/metrics", "GET", 200),
+        ("/openapi.json", "GET", 200),
+    ];
+
+    /// Index of a label value in its list.
+    pub fn index(list: &[&str], value: &str) -> usize {
+        list.iter().position(|&v| v == value).unwrap_or(list.len() - 1)
+    }
+}
+
+impl Metrics {
+    /// The process-wide handles; the first call installs the recorder and registers every
+    /// series.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: building a recorder with these fixed buckets cannot fail.
+    pub fn global() -> &'static Metrics {
+        static METRICS: OnceLock<Metrics> = OnceLock::new();
+        METRICS.get_or_init(|| {
+            let render = install();
+            let metrics = Metrics {
+                render,
+                increments: metrics::counter!(INCREMENTS),
+                shed: metrics::counter!(SHED),
+                rate_limited: metrics::counter!(RATE_LIMITED),
+                dead_letters: metrics::counter!(DEAD_LETTERS),
+                pending_keys: metrics::gauge!(PENDING_KEYS),
+                flush_lag: metrics::gauge!(FLUSH_LAG),
+                flush_batches: FlushBatches {
+                    committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
+                    already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
+                    failed: metrics::counter!(FLUSH_BATCHES, "result" => "failed"),
+                    rejected: metrics::counter!(FLUSH_BATCHES, "result" => "rejected"),
+                },
+                flush_keys: metrics::histogram!(FLUSH_KEYS),
+                flush_duration: metrics::histogram!(FLUSH_DURATION),
+                journal_fsync: metrics::histogram!(JOURNAL_FSYNC),
+                journal_group: metrics::histogram!(JOURNAL_GROUP),
+                rejected: reject_reasons()
+                    .map(|reason| metrics::counter!(REJECTED, "reason" => reason))
+                    .collect(),
+                http: (0..http::ROUTES.len() * http::METHODS.len() * http::STATUSES.len())
+                    .map(|_| OnceLock::new())
+                    .collect(),
+            };
+            for &(route, method, status) in http::EAGER {
+                metrics.http_slot(
+                    http::index(http::ROUTES, route),
+                    http::index(http::METHODS, method),
+                    status,
+                );
+            }
+            metrics
         })
-        .clone()
+    }
+
+    /// [`REJECTED`] for `reason` (an error code).
+    pub fn rejected(&self, reason: &'static str) -> Counter {
+        match reject_reasons().position(|r| r == reason) {
+            Some(i) => self.rejected[i].clone(),
+            // A code added to the error type but not to `ERROR_CODES`: still counted.
+            None => metrics::counter!(REJECTED, "reason" => reason),
+        }
+    }
+
+    /// Records one request of `route` and `method` (indexes into [`http::ROUTES`] and
+    /// [`http::METHODS`]) that was answered with `status` after `seconds`.
+    pub fn record_request(&self, route: usize, method: usize, status: u16, seconds: f64) {
+        match self.http_slot(route, method, status) {
+            Some(histogram) => histogram.record(seconds),
+            None => metrics::histogram!(
+                HTTP_DURATION,
+                "route" => http::ROUTES[route],
+                "method" => http::METHODS[method],
+                "status" => status.to_string()
+            )
+            .record(seconds),
+        }
+    }
+
+    /// The histogram of one known route × method × status, registered on first use; `None`
+    /// for a status outside [`http::STATUSES`].
+    fn http_slot(&self, route: usize, method: usize, status: u16) -> Option<&Histogram> {
+        let s = http::STATUSES.iter().position(|&c| c == status)?;
+        let slot = (route * http::METHODS.len() + method) * http::STATUSES.len() + s;
+        Some(self.http.get(slot)?.get_or_init(|| {
+            metrics::histogram!(
+                HTTP_DURATION,
+                "route" => http::ROUTES[route],
+                "method" => http::METHODS[method],
+                "status" => http::STATUS_LABELS[s]
+            )
+        }))
+    }
+}
+
+/// Builds the recorder and installs it as the process-wide one.
+fn install() -> PrometheusHandle {
+    const SECONDS: &[f64] = &[
+        0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+    ];
+    const SIZES: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0, 1_000_000.0];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FLUSH_KEYS.into()), SIZES))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(JOURNAL_GROUP.into()), SIZES))
+        .expect("bucket lists are non-empty")
+        .build_recorder();
+    let handle = recorder.handle();
+    // Fails only if another recorder is installed (an embedding program's own); then the
+    // handles below record into that one and ours renders nothing.
+    let _ = metrics::set_global_recorder(recorder);
+    describe();
+    handle
 }
 
 fn describe() {
@@ -74,7 +261,7 @@ fn describe() {
     );
     describe_gauge!(
         PENDING_KEYS,
-        "Distinct keys pending in the live generation."
+        "Keys not yet in the store (live generation plus the batch in flight)."
     );
     describe_counter!(FLUSH_BATCHES, "Batch write attempts, by result.");
     describe_histogram!(FLUSH_KEYS, "Distinct keys per batch.");

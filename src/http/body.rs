@@ -59,15 +59,17 @@ impl Wire {
 pub fn format(content_type: Option<&str>, accepted: &[Format]) -> Result<Format, ApiError> {
     let essence = content_type
         .and_then(|ct| ct.split(';').next())
-        .map(|s| s.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let found = match essence.as_str() {
-        "application/x-www-form-urlencoded" => Some(Format::Form),
-        "application/x-ndjson" | "application/jsonl" => Some(Format::Ndjson),
-        e if e == "application/json" || (e.starts_with("application/") && e.ends_with("+json")) => {
-            Some(Format::Json)
-        }
-        _ => None,
+        .map_or("", str::trim);
+    // Compared without lowercasing into a new string: this runs once per request.
+    let is = |name: &str| essence.eq_ignore_ascii_case(name);
+    let found = if is("application/x-www-form-urlencoded") {
+        Some(Format::Form)
+    } else if is("application/x-ndjson") || is("application/jsonl") {
+        Some(Format::Ndjson)
+    } else if is("application/json") || is_json_suffix(essence) {
+        Some(Format::Json)
+    } else {
+        None
     };
     found.filter(|f| accepted.contains(f)).ok_or_else(|| {
         let names: Vec<&str> = accepted
@@ -81,10 +83,18 @@ pub fn format(content_type: Option<&str>, accepted: &[Format]) -> Result<Format,
         let got = if essence.is_empty() {
             "no Content-Type".to_owned()
         } else {
-            format!("Content-Type {essence:?}")
+            format!("Content-Type {:?}", essence.to_ascii_lowercase())
         };
         ApiError::UnsupportedMediaType(format!("got {got}; send one of: {}", names.join(", ")))
     })
+}
+
+/// `application/<anything>+json`, in any case.
+fn is_json_suffix(essence: &str) -> bool {
+    let bytes = essence.as_bytes();
+    bytes.len() > "application/+json".len()
+        && bytes[..12].eq_ignore_ascii_case(b"application/")
+        && bytes[bytes.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 fn json_error(e: &serde_json::Error, context: &str) -> ApiError {

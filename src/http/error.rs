@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::aggregate::AddError;
-use crate::metrics as m;
+use crate::metrics::Metrics;
 use crate::store::StoreError;
 
 /// Seconds a client should wait before retrying a 503.
@@ -173,7 +173,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         if let ApiError::Shedding(_) = &self {
-            metrics::counter!(m::SHED).increment(1);
+            Metrics::global().shed.increment(1);
         }
         let message = if status.is_server_error() {
             tracing::warn!(error = ?anyhow::Error::from(self), code, "Request failed.");
@@ -191,7 +191,7 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        metrics::counter!(m::REJECTED, "reason" => code).increment(1);
+        Metrics::global().rejected(code).increment(1);
         let mut response = (
             status,
             Json(ErrorBody {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 use super::AppState;
@@ -15,12 +16,25 @@ use super::body::{self, Format, Wire};
 use super::error::{ApiError, ErrorBody};
 use crate::config::Ack;
 use crate::key::Increment;
-use crate::metrics as m;
+use crate::metrics::Metrics;
 
-fn content_type(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+/// The request's Content-Type, the one header these handlers read. Extracted on its own
+/// because axum's `HeaderMap` extractor clones every header of every request.
+pub struct ContentType(Option<HeaderValue>);
+
+impl ContentType {
+    fn as_str(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|v| v.to_str().ok())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // A `HeaderValue` shares the bytes hyper read: cloning it does not allocate.
+        Ok(Self(parts.headers.get(header::CONTENT_TYPE).cloned()))
+    }
 }
 
 /// Add a delta to one counter.
@@ -52,10 +66,10 @@ fn content_type(headers: &HeaderMap) -> Option<&str> {
 #[tracing::instrument(level = "debug", name = "POST /increment", skip_all)]
 pub async fn one(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    content_type: ContentType,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let format = body::format(content_type(&headers), &[Format::Json, Format::Form])?;
+    let format = body::format(content_type.as_str(), &[Format::Json, Format::Form])?;
     let body = body.map_err(ApiError::from_body)?;
     let item = body::parse_one(format, &body, &state.limits)?;
     ingest(&state, std::slice::from_ref(&item)).await?;
@@ -102,10 +116,10 @@ pub struct Accepted {
 #[tracing::instrument(level = "debug", name = "POST /increments", skip_all)]
 pub async fn many(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    content_type: ContentType,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let format = body::format(content_type(&headers), &[Format::Json, Format::Ndjson])?;
+    let format = body::format(content_type.as_str(), &[Format::Json, Format::Ndjson])?;
     let body = body.map_err(ApiError::from_body)?;
     let items = body::parse_many(format, &body, &state.limits)?;
     if !items.is_empty() {
@@ -147,6 +161,6 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
                 .map_err(|_| ApiError::ShuttingDown)?;
         }
     }
-    metrics::counter!(m::INCREMENTS).increment(items.len() as u64);
+    Metrics::global().increments.increment(items.len() as u64);
     Ok(())
 }

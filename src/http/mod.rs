@@ -1,7 +1,7 @@
 //! The HTTP API: every route and layer, listed in one place.
 //!
-//! A request passes, outermost first: the duration metric, the request timeout, then (when
-//! configured) authorization and the per-client rate limit, the body limit, and the
+//! A request passes, outermost first: [`observe`] (the duration metric and the request
+//! timeout, in one layer), then (when configured) authorization and the per-client rate limit, the body limit, and the
 //! handler. Guards that are not configured are not installed, so an open tally pays
 //! nothing for them. Connection-level limits (header deadline, connection cap) live in
 //! [`serve`].
@@ -9,23 +9,23 @@
 pub mod auth;
 pub mod body;
 mod counters;
+mod deadline;
 pub mod error;
-mod health;
 mod increment;
+mod observe;
 pub mod openapi;
+mod probes;
 pub mod rate_limit;
+mod scrape;
 pub mod serve;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
-use metrics::SharedString;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
@@ -33,7 +33,6 @@ use crate::aggregate::Aggregator;
 use crate::config::Ack;
 use crate::flush::FlushHealth;
 use crate::journal::Journal;
-use crate::metrics as m;
 use crate::store::Store;
 use error::ApiError;
 
@@ -82,11 +81,11 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
         .route("/increment", post(increment::one))
         .route("/increments", post(increment::many))
         .route("/counters/{key}", get(counters::get))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
         .route("/openapi.json", get(openapi::openapi_json).with_state(doc));
     if options.metrics {
-        router = router.route("/metrics", get(health::metrics));
+        router = router.route("/metrics", get(scrape::metrics));
     }
     let mut router = router
         .fallback(not_found)
@@ -105,31 +104,17 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
         ));
     }
     router
-        .layer(middleware::from_fn_with_state(
-            options.request_timeout,
-            request_timeout,
-        ))
-        .layer(middleware::from_fn(record_duration))
+        .layer(observe::Observe::new(options.request_timeout))
         .with_state(state)
 }
 
 /// The router of `--metrics-listen`: `/metrics` only, no token.
 pub fn metrics_router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/metrics", get(health::metrics))
+        .route("/metrics", get(scrape::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-/// Answers `503 timeout` (JSON, like every error) when the request, body included, takes
-/// longer than `--request-timeout`. tower-http's `TimeoutLayer` would answer with an empty
-/// body.
-async fn request_timeout(State(limit): State<Duration>, request: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::Timeout.into_response(),
-    }
 }
 
 async fn not_found() -> ApiError {
@@ -138,58 +123,4 @@ async fn not_found() -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-/// Records each request's duration by route template (never the raw path: keys would make
-/// unbounded label values), method and status.
-async fn record_duration(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| match p.as_str() {
-            "/increment" => "/increment",
-            "/increments" => "/increments",
-            "/counters/{key}" => "/counters/{key}",
-            "/healthz" => "/healthz",
-            "/readyz" => "/readyz",
-            "/metrics" => "/metrics",
-            "/openapi.json" => "/openapi.json",
-            _ => "other",
-        });
-    let method = match *request.method() {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        _ => "other",
-    };
-    let response = next.run(request).await;
-    metrics::histogram!(
-        m::HTTP_DURATION,
-        "route" => route,
-        "method" => method,
-        "status" => status_label(response.status())
-    )
-    .record(started.elapsed());
-    response
-}
-
-/// The status as a label value. The common codes are static strings, so the hot path does
-/// not allocate for its metrics.
-fn status_label(status: StatusCode) -> SharedString {
-    let code: &'static str = match status.as_u16() {
-        200 => "200",
-        202 => "202",
-        400 => "400",
-        401 => "401",
-        404 => "404",
-        405 => "405",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        503 => "503",
-        _ => return SharedString::from(status.as_str().to_owned()),
-    };
-    SharedString::from(code)
 }

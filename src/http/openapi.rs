@@ -19,7 +19,7 @@ use utoipa::OpenApi;
 use super::body::Wire;
 use super::counters::Counter;
 use super::error::{ERROR_CODES, ErrorBody};
-use super::health::Status;
+use super::probes::Status;
 use super::increment::Accepted;
 
 #[derive(OpenApi)]
@@ -35,9 +35,9 @@ use super::increment::Accepted;
         super::increment::one,
         super::increment::many,
         super::counters::get,
-        super::health::healthz,
-        super::health::readyz,
-        super::health::metrics,
+        super::probes::healthz,
+        super::probes::readyz,
+        super::scrape::metrics,
         openapi_json,
     ),
     components(schemas(Wire, Accepted, Counter, ErrorBody, Status)),

@@ -44,7 +44,7 @@ use axum::response::{IntoResponse, Response};
 use super::auth::{self, Subject};
 use super::error::ApiError;
 use crate::config::Config;
-use crate::metrics as m;
+use crate::metrics::Metrics;
 
 /// Number of independently locked client maps. 64 keeps lock contention negligible on
 /// any core count tally runs on, and each shard small enough that a full sweep is cheap.
@@ -252,7 +252,7 @@ pub async fn limit(
     match limiter.check(key, Instant::now()) {
         Ok(()) => next.run(request).await,
         Err(limited) => {
-            metrics::counter!(m::RATE_LIMITED).increment(1);
+            Metrics::global().rate_limited.increment(1);
             ApiError::RateLimited {
                 retry_after_seconds: limited.retry_after_seconds(),
             }

@@ -18,6 +18,8 @@
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.
+//! - **Request deadline**: each connection task runs one lazily re-armed timer for the
+//!   deadlines of its requests (see [`super::deadline`]), instead of one timer per request.
 //! - The peer address goes into each request as `ConnectInfo<SocketAddr>`, but only when
 //!   something reads it (the rate limiter), so the default path inserts nothing.
 //!
@@ -117,14 +119,14 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// Runs one connection to its end, then frees its slot.
+/// Runs one connection to its end (with its request-deadline timer), then frees its slot.
 fn spawn_connection(
     connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = super::deadline::drive(connection).await {
             // Header timeouts, resets and malformed requests end up here; they are the
             // client's business, not an operator's.
             tracing::debug!(%peer, error = %e, "Connection ended with an error.");

@@ -1,4 +1,5 @@
-//! `/healthz` (the process runs), `/readyz` (it can do its job) and `/metrics`.
+//! The probes a load balancer or orchestrator polls: `/healthz` (the process runs) and
+//! `/readyz` (it can do its job). Neither needs a token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,12 +8,10 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
 use super::AppState;
 use super::error::ErrorBody;
-use crate::metrics as m;
 
 /// How long `/readyz` waits for the store to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
@@ -77,34 +76,4 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
-}
-
-/// Prometheus metrics in the text exposition format.
-///
-/// Served here unless `--metrics-listen` moves it to a separate address.
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition format 0.0.4.",
-        body = String, content_type = "text/plain"))
-)]
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    // Gauges of "now" are sampled at scrape time: set by the flusher, the lag would read as
-    // it was right after the last flush, always below the real one.
-    metrics::gauge!(m::FLUSH_LAG).set(state.aggregator.lag().as_secs_f64());
-    metrics::gauge!(m::PENDING_KEYS).set(state.aggregator.pending_keys() as f64);
-    render_metrics(&state.metrics)
-}
-
-/// The exposition of `handle`, with its content type (also used by `--metrics-listen`).
-pub fn render_metrics(handle: &PrometheusHandle) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        handle.render(),
-    )
-        .into_response()
 }
