@@ -91,6 +91,7 @@
 pub mod record;
 mod replay;
 mod segment;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -102,10 +103,10 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
 /// Default [`JournalOptions::segment_bytes`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -113,8 +114,10 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Tunables for [`Journal::open`].
 #[derive(Clone)]
 pub struct JournalOptions {
-    /// The writer starts a new segment before writing a group once the active segment holds
-    /// at least this many bytes (a segment may exceed it by one group).
+    /// Size of a segment: each is created zero-filled to this many bytes, and the writer
+    /// starts a new segment before writing a group once the active segment holds at least
+    /// this many bytes (a segment may exceed it by one group). Opening a journal writes
+    /// this many zeros before it returns.
     pub segment_bytes: u64,
     /// Called on the writer thread after each group is durable and before its waiters are
     /// woken. Keep it cheap (bump counters, record a histogram).
@@ -187,7 +190,7 @@ pub enum JournalError {
         path: PathBuf,
         source: Arc<io::Error>,
     },
-    /// The journal was closed with [`Journal::close`] (or its writer thread is gone).
+    /// The journal was closed with [`Journal::close`] (or its writer thread died).
     #[error("journal is closed")]
     Closed,
     /// An earlier write or fsync failed (the wrapped error); the journal accepts no more
@@ -203,13 +206,6 @@ pub enum JournalError {
     /// Another [`Journal`] holds the directory's lock file.
     #[error("journal directory {} is in use by another journal", path.display())]
     Locked { path: PathBuf },
-    /// Bytes that are not a valid record. [`record::decode`] returns the bare
-    /// [`Corruption`]; replay never fails with it (it cuts or skips, see the module docs).
-    #[error("corrupt journal record: {reason}")]
-    Corrupt {
-        #[from]
-        reason: Corruption,
-    },
 }
 
 /// Builds a [`JournalError::Io`] for `op` on `path` (for `map_err`).
@@ -226,8 +222,8 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 /// [`Journal::close`] keeps every segment for replay.
 pub struct Journal {
     shared: Arc<Shared>,
-    /// Queue to the writer thread; `None` once closed.
-    tx: Mutex<Option<mpsc::Sender<segment::Msg>>>,
+    /// Turns true once the writer thread has exited.
+    stopped: watch::Receiver<bool>,
     /// Joined on drop.
     writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
@@ -240,8 +236,8 @@ struct Shared {
     segment_bytes: u64,
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     commit_delay: Duration,
-    /// Set once, by the writer, on the first write/fsync error.
-    failed: OnceLock<JournalError>,
+    /// The append buffer, the group it belongs to, and the failed/stopping flags.
+    queue: writer::Queue,
     segments: Mutex<Segments>,
 }
 
@@ -260,8 +256,8 @@ impl Shared {
     }
 
     fn check_failed(&self) -> Result<(), JournalError> {
-        match self.failed.get() {
-            Some(err) => Err(JournalError::Failed(Box::new(err.clone()))),
+        match self.queue.failed() {
+            Some(err) => Err(JournalError::Failed(Box::new(err))),
             None => Ok(()),
         }
     }
@@ -288,7 +284,8 @@ impl fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, replays every segment, cuts a torn
-    /// tail off the last one, starts a fresh active segment and the writer thread.
+    /// tail off the last one, creates a fresh zero-filled active segment and starts the
+    /// writer thread.
     ///
     /// # Errors
     ///
@@ -300,6 +297,8 @@ impl Journal {
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         segment::sync_parent(dir)?;
         let lock = lock_dir(dir)?;
+        // A spare left by a crash was never part of the journal.
+        segment::remove_spare(dir)?;
 
         let numbers = segment::list(dir)?;
         let (replay, closed) = replay::replay(dir, &numbers)?;
@@ -311,25 +310,31 @@ impl Journal {
                 ))
             })?,
         };
-        let file = segment::create(dir, active)?;
+        let file = segment::create(dir, active, opts.segment_bytes)?;
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
-            failed: OnceLock::new(),
+            queue: writer::Queue::new(),
             segments: Mutex::new(Segments {
                 closed,
                 active,
                 active_max_seq: 0,
             }),
         });
-        let (tx, rx) = mpsc::channel();
-        let writer = segment::Writer::new(file, active, Arc::clone(&shared));
+        let (stopped_tx, stopped) = watch::channel(false);
+        let writer = writer::Writer::new(
+            Arc::clone(&shared),
+            file,
+            active,
+            opts.segment_bytes,
+            stopped_tx,
+        );
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),
@@ -341,7 +346,7 @@ impl Journal {
         );
         let journal = Journal {
             shared,
-            tx: Mutex::new(Some(tx)),
+            stopped,
             writer: Some(writer),
             _lock: lock,
         };
@@ -351,10 +356,11 @@ impl Journal {
     /// Appends one record of `entries` tagged with batch `seq`, and resolves once it is
     /// durable (written and fsynced, see the module docs on group commit).
     ///
-    /// Dropping the future after it was first polled does not withdraw the record: it is
-    /// written anyway, only the acknowledgement is lost. Needs no particular runtime: the
-    /// writer is a plain thread and the wake-up a `tokio::sync::oneshot`. The queue is
-    /// unbounded; callers bound it by awaiting their appends.
+    /// The record is encoded into the shared group buffer on the first poll; dropping the
+    /// future after that does not withdraw it: it is written anyway, only the
+    /// acknowledgement is lost. Needs no particular runtime: the writer is a plain thread
+    /// and the wake-up a `tokio::sync::Notify`. The buffer is unbounded; callers bound it
+    /// by awaiting their appends.
     ///
     /// # Errors
     ///
@@ -364,18 +370,8 @@ impl Journal {
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
-        let bytes = record::encode(seq, entries)?;
-        let (done, acked) = oneshot::channel();
-        self.send(segment::Msg::Append { bytes, seq, done })?;
-        // A dropped sender means the writer thread is gone without answering.
-        acked.await.unwrap_or(Err(JournalError::Closed))
-    }
-
-    fn send(&self, msg: segment::Msg) -> Result<(), JournalError> {
-        self.shared.check_failed()?;
-        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = tx.as_ref().ok_or(JournalError::Closed)?;
-        tx.send(msg).map_err(|_| JournalError::Closed)
+        let group = self.shared.queue.push(seq, entries)?;
+        group.wait().await
     }
 
     /// Deletes every closed segment whose highest seq is `<= applied_seq`, i.e. whose every
@@ -411,20 +407,9 @@ impl Journal {
     /// [`JournalError::Failed`] if the writer had failed (the files are kept), and
     /// [`JournalError::Io`] if deleting segments or the directory fsync fails.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(tx) = tx {
-            let (ack, stopped) = oneshot::channel();
-            let sent = tx.send(segment::Msg::Close(ack)).is_ok();
-            drop(tx);
-            if sent {
-                // Err only if the writer thread died; then there is nothing left to wait for.
-                let _ = stopped.await;
-            }
-        }
+        self.shared.queue.stop();
+        // Err only if the writer thread died; then there is nothing left to wait for.
+        let _ = self.stopped.clone().wait_for(|&stopped| stopped).await;
         self.shared.check_failed()?;
 
         let doomed = {
@@ -460,12 +445,7 @@ impl Drop for Journal {
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
     /// for at most one group write; after [`Journal::close`] it returns at once.
     fn drop(&mut self) {
-        drop(
-            self.tx
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        self.shared.queue.stop();
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
