@@ -7,6 +7,7 @@
 mod common;
 
 mod auth;
+mod cli;
 mod limits;
 mod openapi;
 mod parsers;
