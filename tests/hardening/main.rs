@@ -3,6 +3,8 @@
 //! router over real HTTP (and raw TCP where a client must misbehave), on real SQLite files.
 //! One test binary, one link step.
 
+#[path = "../common/app.rs"]
+mod app;
 #[path = "../common/mod.rs"]
 mod common;
 
