@@ -1,4 +1,5 @@
-//! `tally-bench`: the benchmark of issue 4, in one reproducible command.
+//! `tally-bench`: the benchmark the design brief asks for (no-op, per-request sync and tally
+//! at each durability level), in one reproducible command.
 //!
 //! `cargo run --release --bin tally-bench -- [--quick]` starts every variant (a no-op server,
 //! a naive one-upsert-per-request server, and tally at each durability level on SQLite and on

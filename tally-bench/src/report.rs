@@ -334,7 +334,7 @@ fn find<'a>(all: &'a [(String, Vec<Summary>)], w: &str, v: &str) -> Option<&'a S
         .and_then(|(_, s)| s.iter().find(|s| s.variant == v))
 }
 
-/// Every target of issue 4 with what this run measured.
+/// Every benchmark target of the design brief with what this run measured.
 pub fn targets_md(results: &Results) -> String {
     let all = summarise(&results.runs);
     let mut md = String::from(
