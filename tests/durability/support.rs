@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::common::Backend;
 use crate::metrics::{metric, scrape};
 use crate::pg::PgDatabase;
-use crate::store::stored_counters;
+use crate::store::{read_sqlite, stored_counters};
 
 /// How long a started binary may take to answer `/healthz` (journal replay included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -292,24 +292,6 @@ impl Direct {
         }
     }
 
-    async fn sqlite<T: Send + 'static>(
-        path: &Path,
-        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> T {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let conn = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )?;
-            conn.busy_timeout(Duration::from_secs(5))?;
-            f(&conn)
-        })
-        .await
-        .expect("sqlite read task")
-        .expect("read the SQLite store directly")
-    }
-
     /// Every counter in the store.
     pub async fn counters(&self) -> HashMap<String, i64> {
         let counters = match self {
@@ -330,7 +312,7 @@ impl Direct {
         match self {
             Self::Sqlite(path) => {
                 let key = key.to_owned();
-                Self::sqlite(path, move |conn| {
+                read_sqlite(path, move |conn| {
                     use rusqlite::OptionalExtension;
                     conn.query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| {
                         r.get(0)
@@ -352,7 +334,7 @@ impl Direct {
         const SQL: &str = "SELECT key, delta, reason FROM tally_dead_letters ORDER BY seq, key";
         match self {
             Self::Sqlite(path) => {
-                Self::sqlite(path, |conn| {
+                read_sqlite(path, |conn| {
                     let mut stmt = conn.prepare(SQL)?;
                     let rows = stmt.query_map([], |r| {
                         Ok(DeadLetterRow {
