@@ -9,6 +9,11 @@ use crate::common::data_dir;
 /// Runs the binary with `args`, stdout and stderr on pipes, in a clean environment (no
 /// `TALLY_*`, `DATABASE_URL` or `NO_COLOR` from the test's own).
 fn tally(args: &[&str]) -> Output {
+    tally_with_env(args, &[])
+}
+
+/// [`tally`] with `env` set.
+fn tally_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
@@ -18,6 +23,7 @@ fn tally(args: &[&str]) -> Output {
     }
     command
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .expect("run the tally binary")
@@ -90,4 +96,23 @@ fn the_start_up_log_on_a_pipe_has_no_colour_and_a_failure_is_one_line_with_its_c
         !stderr.contains("Stack backtrace"),
         "a start-up failure is not a panic: {stderr}"
     );
+}
+
+#[test]
+fn help_does_not_print_secrets_from_the_environment() {
+    let output = tally_with_env(
+        &["--help"],
+        &[
+            ("DATABASE_URL", "postgres://u:db-password-value@h/db"),
+            ("TALLY_AUTH_TOKEN", "auth-token-value-0123456789"),
+            ("TALLY_JWT_SECRET", "jwt-secret-value-0123456789abcdef0123"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    assert!(help.contains("--database-url"), "{help}");
+    assert!(help.contains("[env: DATABASE_URL]"), "{help}");
+    for secret in ["db-password-value", "auth-token-value", "jwt-secret-value"] {
+        assert!(!help.contains(secret), "--help prints {secret}: {help}");
+    }
 }
