@@ -279,6 +279,7 @@ pub struct Config {
 
 /// Listeners, connection guards and the shutdown bound.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "HTTP")]
 pub struct HttpConfig {
     /// Address to listen on for HTTP.
     #[arg(long, env = "TALLY_LISTEN", default_value = "0.0.0.0:3333")]
@@ -315,6 +316,7 @@ pub struct HttpConfig {
 
 /// What a single request may carry.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Request limits")]
 pub struct LimitsConfig {
     /// Longest accepted key, in bytes.
     #[arg(long, env = "TALLY_MAX_KEY_BYTES", default_value_t = nonzero(DEFAULT_MAX_KEY_BYTES))]
@@ -331,6 +333,7 @@ pub struct LimitsConfig {
 
 /// Where the counters live, and under which identity this instance writes them.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Store")]
 pub struct StoreConfig {
     /// Directory for the SQLite database, the journal and the instance id.
     #[arg(long, env = "TALLY_DATA_DIR", default_value = "./data")]
@@ -353,6 +356,7 @@ pub struct StoreConfig {
 
 /// When pending deltas are written to the store, and how many may wait.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Flushing")]
 pub struct FlushConfig {
     /// How often pending deltas are written to the store (e.g. 250ms, 1s, 5s).
     #[arg(long = "flush-interval", value_name = "FLUSH_INTERVAL", env = "TALLY_FLUSH_INTERVAL", default_value = DEFAULT_FLUSH_INTERVAL,
@@ -371,6 +375,7 @@ pub struct FlushConfig {
 
 /// The durability level of a `202`, and the journal that provides it.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Durability")]
 pub struct JournalConfig {
     /// When to answer 202: memory (fastest; a crash loses up to one flush interval),
     /// journal (after a group-committed fsync to the local journal) or store (after the
@@ -388,6 +393,7 @@ pub struct JournalConfig {
 
 /// Bearer credentials: a static token and/or JWT keys.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Authorization")]
 pub struct AuthConfig {
     /// Static bearer token. When set (or a JWT key is), every request except /healthz and
     /// /readyz needs `Authorization: Bearer <token>`; others get 401. At least 16
@@ -422,6 +428,7 @@ pub struct AuthConfig {
 
 /// Per-client rate limiting.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Rate limiting")]
 pub struct RateLimitConfig {
     /// Per-client rate limit, in requests per second (fractions allowed). Off by default.
     /// A client is the JWT subject when there is one, else the peer IP address (its /64 for
@@ -457,6 +464,7 @@ pub struct RateLimitConfig {
 
 /// Log output.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Logging")]
 pub struct LogConfig {
     /// Log format. Filter with RUST_LOG (default: info).
     #[arg(long = "log-format", value_name = "LOG_FORMAT", env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -1,4 +1,9 @@
-//! The `tally` binary: parse the configuration, start logging, run until a signal.
+//! The `tally` binary: parse and check the configuration, start logging, run until a
+//! signal.
+//!
+//! Exit codes follow clap's: 2 for a configuration the operator must fix (clap's own parse
+//! errors and [`Config::validate`]'s, each one `error: …` line on stderr naming the flag), 1
+//! for a failure while starting or running (one log record with the whole context chain).
 
 use std::process::ExitCode;
 
@@ -7,14 +12,24 @@ use tally::config::Config;
 use tally::startup::App;
 use tally::{shutdown, telemetry};
 
+/// The exit code of a usage error, the same as clap's.
+const USAGE_ERROR: u8 = 2;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    // Checked before logging starts: a bad flag is a usage error, printed like clap's own
+    // (one line, no timestamp or level), not a log record an operator has to decode.
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(USAGE_ERROR);
+    }
     telemetry::init(config.log.format);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = ?e, "tally stopped with an error.");
+            // `{:#}` prints the context chain on one line ("cannot …: because …").
+            tracing::error!(error = %format!("{e:#}"), "Tally stopped with an error.");
             ExitCode::FAILURE
         }
     }

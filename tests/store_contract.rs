@@ -1,8 +1,14 @@
 //! The store contract (`src/store/mod.rs`): the same test bodies, run against `SqliteStore`
 //! on a temp file and `PgStore` on a fresh PostgreSQL database.
 
+#[path = "common/both_stores.rs"]
+mod both_stores;
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/pg.rs"]
+mod pg;
+#[path = "common/store.rs"]
+mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,42 +17,43 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tally::store::{Applied, Batch, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored};
 use tempfile::TempDir;
 
-use common::PgDatabase;
+use both_stores::on_both_stores;
+use common::{Backend, data_dir};
+use store::stored_counters;
 
 /// A fresh, empty store of one kind, with direct SQL access for assertions.
-enum Fixture {
-    Sqlite(TempDir),
-    Postgres(PgDatabase),
+struct Fixture {
+    backend: Backend,
+    /// Holds the SQLite file (unused, but harmless, with PostgreSQL).
+    dir: TempDir,
 }
 
 impl Fixture {
-    fn sqlite() -> Self {
-        Self::Sqlite(common::data_dir())
-    }
-
-    /// `None` when no PostgreSQL server answers (announced loudly by `PgDatabase`).
-    async fn postgres(test: &str) -> Option<Self> {
-        PgDatabase::create(test).await.map(Self::Postgres)
+    fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            dir: data_dir(),
+        }
     }
 
     /// Opens a store handle on this database (migrating it on first open).
     async fn open(&self) -> Arc<dyn Store> {
-        match self {
-            Self::Sqlite(dir) => Arc::new(
-                SqliteStore::open(&dir.path().join("tally.db"))
+        match &self.backend {
+            Backend::Sqlite => Arc::new(
+                SqliteStore::open(&self.dir.path().join("tally.db"))
                     .await
                     .expect("open SQLite"),
             ),
-            Self::Postgres(db) => Arc::new(PgStore::connect(&db.url, 4).await.expect("connect")),
+            Backend::Postgres(url) => Arc::new(PgStore::connect(url, 4).await.expect("connect")),
         }
     }
 
     /// Runs `sql` (a query of rows of text and bigint columns, as `Vec<String>` of their
     /// display forms), outside tally's code.
     async fn rows(&self, sql: &'static str) -> Vec<Vec<String>> {
-        match self {
-            Self::Sqlite(dir) => {
-                let path = dir.path().join("tally.db");
+        match &self.backend {
+            Backend::Sqlite => {
+                let path = self.dir.path().join("tally.db");
                 tokio::task::spawn_blocking(move || {
                     let conn = rusqlite::Connection::open(path).expect("open SQLite");
                     let mut statement = conn.prepare(sql).expect("prepare");
@@ -72,8 +79,8 @@ impl Fixture {
                 .await
                 .expect("reader thread")
             }
-            Self::Postgres(db) => {
-                let client = db.client().await;
+            Backend::Postgres(url) => {
+                let client = pg::client(url).await;
                 let rows = client.query(sql, &[]).await.expect("query");
                 rows.iter()
                     .map(|row| {
@@ -93,32 +100,8 @@ impl Fixture {
 
     /// The whole `counters` table.
     async fn counters(&self) -> BTreeMap<String, i64> {
-        self.rows("SELECT key, value FROM counters")
-            .await
-            .into_iter()
-            .map(|r| (r[0].clone(), r[1].parse().expect("bigint")))
-            .collect()
+        stored_counters(self.dir.path(), &self.backend).await
     }
-}
-
-/// Declares a SQLite and a PostgreSQL test running `$body(&fixture)`.
-macro_rules! contract {
-    ($body:ident) => {
-        mod $body {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$body(&super::Fixture::sqlite()).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let Some(fixture) = super::Fixture::postgres(stringify!($body)).await else {
-                    return;
-                };
-                super::$body(&fixture).await;
-            }
-        }
-    };
 }
 
 fn batch<'a>(instance_id: &'a str, seq: u64, entries: &'a [(&'a str, i64)]) -> Batch<'a> {
@@ -134,7 +117,8 @@ async fn value(store: &dyn Store, key: &str) -> Option<i64> {
     store.read(key, "reader").await.expect("read").value
 }
 
-async fn apply_adds_every_delta_and_records_the_seq(fixture: &Fixture) {
+async fn apply_adds_every_delta_and_records_the_seq(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     store.ping().await.expect("ping");
     assert_eq!(store.last_applied("i1").await.expect("last_applied"), 0);
@@ -167,9 +151,10 @@ async fn apply_adds_every_delta_and_records_the_seq(fixture: &Fixture) {
     );
     assert_eq!(store.last_applied("i1").await.expect("last_applied"), 3);
 }
-contract!(apply_adds_every_delta_and_records_the_seq);
+on_both_stores!(apply_adds_every_delta_and_records_the_seq);
 
-async fn a_seq_already_applied_is_skipped_and_reported(fixture: &Fixture) {
+async fn a_seq_already_applied_is_skipped_and_reported(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     let entries = [("k", 10)];
     assert_eq!(
@@ -197,9 +182,10 @@ async fn a_seq_already_applied_is_skipped_and_reported(fixture: &Fixture) {
     assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
     assert_eq!(store.last_applied("i2").await.expect("last_applied"), 1);
 }
-contract!(a_seq_already_applied_is_skipped_and_reported);
+on_both_stores!(a_seq_already_applied_is_skipped_and_reported);
 
-async fn seqs_only_move_forward(fixture: &Fixture) {
+async fn seqs_only_move_forward(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     let one = [("k", 1)];
     assert_eq!(
@@ -232,9 +218,10 @@ async fn seqs_only_move_forward(fixture: &Fixture) {
         Applied::AlreadyApplied
     );
 }
-contract!(seqs_only_move_forward);
+on_both_stores!(seqs_only_move_forward);
 
-async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(fixture: &Fixture) {
+async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     let setup = [("high", i64::MAX - 1), ("low", i64::MIN + 1)];
     store.apply(batch("i1", 1, &setup)).await.expect("apply");
@@ -270,9 +257,10 @@ async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(fixtu
     );
     assert_eq!(value(&*store, "high").await, Some(i64::MAX));
 }
-contract!(a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied);
+on_both_stores!(a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied);
 
-async fn probe_checks_without_writing(fixture: &Fixture) {
+async fn probe_checks_without_writing(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     store
         .apply(batch("i1", 1, &[("edge", i64::MAX)]))
@@ -297,9 +285,10 @@ async fn probe_checks_without_writing(fixture: &Fixture) {
     );
     assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
 }
-contract!(probe_checks_without_writing);
+on_both_stores!(probe_checks_without_writing);
 
-async fn dead_letters_are_recorded_with_their_batch(fixture: &Fixture) {
+async fn dead_letters_are_recorded_with_their_batch(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     let dead = [DeadLetter {
         key: "poison".to_owned(),
@@ -355,9 +344,10 @@ async fn dead_letters_are_recorded_with_their_batch(fixture: &Fixture) {
         "a dead letter is not applied"
     );
 }
-contract!(dead_letters_are_recorded_with_their_batch);
+on_both_stores!(dead_letters_are_recorded_with_their_batch);
 
-async fn read_returns_the_value_and_applied_seq_of_one_snapshot(fixture: &Fixture) {
+async fn read_returns_the_value_and_applied_seq_of_one_snapshot(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     let reader = fixture.open().await;
     assert_eq!(
@@ -408,9 +398,10 @@ async fn read_returns_the_value_and_applied_seq_of_one_snapshot(fixture: &Fixtur
         }
     );
 }
-contract!(read_returns_the_value_and_applied_seq_of_one_snapshot);
+on_both_stores!(read_returns_the_value_and_applied_seq_of_one_snapshot);
 
-async fn opening_twice_keeps_the_schema_and_the_data(fixture: &Fixture) {
+async fn opening_twice_keeps_the_schema_and_the_data(backend: Backend) {
+    let fixture = &Fixture::new(backend);
     let first = fixture.open().await;
     first
         .apply(batch("i1", 1, &[("kept", 3)]))
@@ -431,4 +422,4 @@ async fn opening_twice_keeps_the_schema_and_the_data(fixture: &Fixture) {
     );
     assert!(!versions.is_empty(), "migrations are recorded");
 }
-contract!(opening_twice_keeps_the_schema_and_the_data);
+on_both_stores!(opening_twice_keeps_the_schema_and_the_data);

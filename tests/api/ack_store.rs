@@ -5,8 +5,10 @@ use std::time::Duration;
 use serde_json::json;
 use tally::config::Ack;
 
-use crate::common::{Backend, data_dir, open_store, spawn_app, test_config};
-use crate::helpers::on_both_stores;
+use crate::app::{spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::helpers::open_store;
 
 async fn with_ack_store_a_202_means_the_value_is_in_the_store(backend: Backend) {
     let dir = data_dir();

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use crate::common::{Backend, data_dir, spawn_app, test_config};
-use crate::helpers::{on_both_stores, stored_counters};
+use crate::app::{spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::store::stored_counters;
 
 async fn new_keys_are_shed_with_503_past_the_pending_key_cap(backend: Backend) {
     let dir = data_dir();

@@ -5,9 +5,12 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::percent_encode;
-use crate::common::{Backend, data_dir, spawn_app, test_config};
-use crate::helpers::{on_both_stores, stored_counters, stored_value};
+use crate::app::{spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::helpers::stored_value;
+use crate::requests::percent_encode;
+use crate::store::stored_counters;
 
 async fn counter_is_the_stored_value_plus_the_pending_delta(backend: Backend) {
     let dir = data_dir();

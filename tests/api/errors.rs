@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::{Backend, TestApp, data_dir, spawn_app, test_config};
-use crate::helpers::{on_both_stores, stored_counters};
+use crate::app::{TestApp, spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::store::stored_counters;
 
 /// The body limit set for these tests, small so that a too-large body is cheap to send.
 const MAX_BODY_BYTES: usize = 1024;

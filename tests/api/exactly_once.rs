@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tally::store::{Applied, Batch, Store, StoreError, Stored};
 
-use crate::common::{Backend, TestApp, data_dir, open_store, spawn_app, test_config};
-use crate::helpers::{metric, on_both_stores, stored_counters};
+use crate::app::{TestApp, spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::helpers::open_store;
+use crate::metrics::metric;
+use crate::store::stored_counters;
 
 /// A real store whose `apply` commits and then, while `lies_left` is above zero, reports
 /// the commit as lost.

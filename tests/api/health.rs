@@ -1,7 +1,9 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
-use crate::common::{Backend, data_dir, spawn_app, test_config};
-use crate::helpers::{metric, on_both_stores, scrape};
+use crate::app::{spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::metrics::{metric, scrape};
 
 async fn health_readiness_and_metrics_answer(backend: Backend) {
     let dir = data_dir();

@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{Backend, data_dir, spawn_app, test_config};
-use crate::helpers::{on_both_stores, stored_counters, wait_until_stored};
+use crate::app::{spawn_app, test_config};
+use crate::both_stores::on_both_stores;
+use crate::common::{Backend, data_dir};
+use crate::helpers::wait_until_stored;
+use crate::store::stored_counters;
 
 /// Long enough for a 100 ms flush interval on a busy 2-core machine.
 const FLUSH_WAIT: Duration = Duration::from_secs(10);

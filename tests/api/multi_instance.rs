@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::Rng;
-use crate::common::{Backend, PgDatabase, data_dir, spawn_app, test_config};
-use crate::helpers::stored_counters;
+use crate::app::{spawn_app, test_config};
+use crate::common::{Backend, data_dir};
+use crate::pg::PgDatabase;
+use crate::rng::Rng;
+use crate::store::stored_counters;
 
 const INSTANCES: usize = 3;
 const INCREMENTS: usize = 30_000;
@@ -110,7 +112,7 @@ async fn three_instances_on_one_postgres_store_exactly_the_sums_sent() {
     );
 
     // Every instance recorded its own batches.
-    let client = db.client().await;
+    let client = crate::pg::client(&db.url).await;
     let instances = client
         .query("SELECT instance_id, last_seq FROM tally_instances", &[])
         .await

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{Backend, shout};
-use crate::helpers::{on_both_stores, stored_counters};
+use crate::both_stores::on_both_stores;
+use crate::common::Backend;
+use crate::pg::shout;
+use crate::store::stored_counters;
 
 /// How long the binary may take to answer `/healthz` after it is started.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,4 +1,6 @@
-use crate::common::{Backend, PgDatabase, data_dir, spawn_app, test_config};
+use crate::app::{spawn_app, test_config};
+use crate::common::{Backend, data_dir};
+use crate::pg::PgDatabase;
 
 async fn increments_are_counted_and_stored(backend: Backend) {
     let dir = data_dir();

@@ -8,7 +8,8 @@ use serde_json::json;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
-use crate::common::{PgDatabase, data_dir, shout};
+use crate::common::data_dir;
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig};
 
 /// Sequential increments, each checked in the store right after its 202.

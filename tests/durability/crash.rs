@@ -11,7 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{PgDatabase, data_dir, shout};
+use crate::common::data_dir;
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Ledger, Load, Rng, Tally, TallyConfig, seed};
 
 /// Distinct keys the load spreads over.

@@ -12,7 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Backend, PgDatabase, data_dir, shout, spawn_app, test_config};
+use crate::app::{spawn_app, test_config};
+use crate::common::{Backend, data_dir};
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Ledger, Load, Rng, eventually, key_name, seed};
 
 const KEYS: usize = 100;

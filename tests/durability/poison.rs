@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{PgDatabase, data_dir, shout};
+use crate::common::data_dir;
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig, eventually};
 
 /// 2^62: stored once it is fine, added a second time the sum is 2^63, one past `i64::MAX`.

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use crate::common::{PgDatabase, data_dir, shout};
+use crate::common::data_dir;
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig, eventually, key_name};
 
 const KEYS: usize = 50;
@@ -130,7 +131,7 @@ async fn postgres_a_crash_in_the_middle_of_a_replay_loses_no_acknowledged_increm
     let dir = data_dir();
     let config = TallyConfig::new(dir.path(), Some(&db), "journal", "1h");
     let direct = Direct::open(dir.path(), Some(&db)).await;
-    let monitor = db.client().await;
+    let monitor = crate::pg::client(&db.url).await;
     let half = KEYS / 2;
 
     // First run: the flush of G (triggered by --flush-max-keys) waits on a held row of G.
@@ -197,7 +198,7 @@ async fn send_in_order(address: &str, keys: std::ops::Range<usize>) {
 /// A connection whose open transaction has inserted `key`: tally's upsert of that key
 /// waits until it rolls back.
 async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Client {
-    let client = db.client().await;
+    let client = crate::pg::client(&db.url).await;
     client
         .batch_execute(&format!(
             "BEGIN; INSERT INTO counters (key, value) VALUES ('{key}', 0)"

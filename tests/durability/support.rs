@@ -13,7 +13,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::common::PgDatabase;
+use crate::common::Backend;
+use crate::metrics::{metric, scrape};
+use crate::pg::PgDatabase;
+use crate::store::{read_sqlite, stored_counters};
 
 /// How long a started binary may take to answer `/healthz` (journal replay included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,7 +31,14 @@ const MAX_REQUESTS_PER_WORKER: usize = 200_000;
 /// Log lines of the child printed when a test fails.
 const LOG_TAIL_LINES: usize = 40;
 
-pub use crate::common::Rng;
+pub use crate::rng::Rng;
+
+impl Rng {
+    /// A value in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
 
 /// The seed for this run: `TALLY_TEST_SEED` if set (to replay a failure), else the clock.
 /// Tests print it.
@@ -230,7 +240,10 @@ impl Tally {
 
     /// A metric's current value (0 when the series is not exported yet).
     pub async fn metric(&self, series: &str) -> f64 {
-        metric(&self.address, series).await
+        metric(
+            &scrape(&reqwest::Client::new(), &self.address).await,
+            series,
+        )
     }
 }
 
@@ -253,27 +266,6 @@ impl Drop for Tally {
     }
 }
 
-/// Reads `series` (name plus labels exactly as exported, e.g.
-/// `tally_flush_batches_total{result="committed"}`) from `GET /metrics`; 0 when absent.
-pub async fn metric(address: &str, series: &str) -> f64 {
-    let text = reqwest::get(format!("{address}/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
-            line.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 /// A dead-letter row as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterRow {
@@ -287,55 +279,32 @@ pub struct DeadLetterRow {
 /// a proxy).
 pub enum Direct {
     Sqlite(PathBuf),
-    Postgres(tokio_postgres::Client),
+    /// A connection of the test's own, and the database's URL.
+    Postgres(tokio_postgres::Client, String),
 }
 
 impl Direct {
     /// The store of a tally with this data dir and (if any) PostgreSQL database.
     pub async fn open(data_dir: &Path, db: Option<&PgDatabase>) -> Self {
         match db {
-            Some(db) => Self::Postgres(db.client().await),
+            Some(db) => Self::Postgres(crate::pg::client(&db.url).await, db.url.clone()),
             None => Self::Sqlite(data_dir.join("tally.db")),
         }
     }
 
-    async fn sqlite<T: Send + 'static>(
-        path: &Path,
-        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> T {
-        let path = path.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let conn = rusqlite::Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )?;
-            conn.busy_timeout(Duration::from_secs(5))?;
-            f(&conn)
-        })
-        .await
-        .expect("sqlite read task")
-        .expect("read the SQLite store directly")
-    }
-
     /// Every counter in the store.
     pub async fn counters(&self) -> HashMap<String, i64> {
-        match self {
+        let counters = match self {
             Self::Sqlite(path) => {
-                Self::sqlite(path, |conn| {
-                    let mut stmt = conn.prepare("SELECT key, value FROM counters")?;
-                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                    rows.collect()
-                })
-                .await
+                let data_dir = path.parent().expect("tally.db lies in a data directory");
+                stored_counters(data_dir, &Backend::Sqlite).await
             }
-            Self::Postgres(client) => client
-                .query("SELECT key, value FROM counters", &[])
-                .await
-                .expect("read counters from PostgreSQL")
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect(),
-        }
+            // The data directory only locates a SQLite file.
+            Self::Postgres(_, url) => {
+                stored_counters(Path::new("."), &Backend::Postgres(url.clone())).await
+            }
+        };
+        counters.into_iter().collect()
     }
 
     /// One counter's stored value.
@@ -343,7 +312,7 @@ impl Direct {
         match self {
             Self::Sqlite(path) => {
                 let key = key.to_owned();
-                Self::sqlite(path, move |conn| {
+                read_sqlite(path, move |conn| {
                     use rusqlite::OptionalExtension;
                     conn.query_row("SELECT value FROM counters WHERE key = ?1", [key], |r| {
                         r.get(0)
@@ -352,7 +321,7 @@ impl Direct {
                 })
                 .await
             }
-            Self::Postgres(client) => client
+            Self::Postgres(client, _) => client
                 .query_opt("SELECT value FROM counters WHERE key = $1", &[&key])
                 .await
                 .expect("read a counter from PostgreSQL")
@@ -365,7 +334,7 @@ impl Direct {
         const SQL: &str = "SELECT key, delta, reason FROM tally_dead_letters ORDER BY seq, key";
         match self {
             Self::Sqlite(path) => {
-                Self::sqlite(path, |conn| {
+                read_sqlite(path, |conn| {
                     let mut stmt = conn.prepare(SQL)?;
                     let rows = stmt.query_map([], |r| {
                         Ok(DeadLetterRow {
@@ -378,7 +347,7 @@ impl Direct {
                 })
                 .await
             }
-            Self::Postgres(client) => client
+            Self::Postgres(client, _) => client
                 .query(SQL, &[])
                 .await
                 .expect("read dead letters from PostgreSQL")

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 use tally::config::Secret;
 use tally::startup::App;
 
-use crate::support::{self, Server, client, expect_error, increment};
+use crate::app::TestApp;
+use crate::support::{self, client, expect_error, increment};
 
 const TOKEN: &str = "test-static-token-0123456789";
 const SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
@@ -59,7 +60,7 @@ fn signed_with_fixture(alg: Algorithm, private: &str, claims: &Value) -> String 
     jsonwebtoken::encode(&Header::new(alg), claims, &key).expect("sign")
 }
 
-async fn start_with(configure: impl FnOnce(&mut tally::config::Config)) -> Server {
+async fn start_with(configure: impl FnOnce(&mut tally::config::Config)) -> TestApp {
     let (mut config, dir) = support::config();
     configure(&mut config);
     support::start((config, dir)).await

@@ -17,8 +17,8 @@ async fn a_slow_loris_connection_is_closed_after_the_header_timeout() {
 
     // Half a request head, then silence; and a connection that never says anything.
     let started = Instant::now();
-    let mut partial = raw_connect(server.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
-    let mut silent = raw_connect(server.address, b"").await;
+    let mut partial = raw_connect(server.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let mut silent = raw_connect(server.socket, b"").await;
     for (what, stream) in [("partial head", &mut partial), ("silent", &mut silent)] {
         let read = read_to_close(stream, Duration::from_secs(5))
             .await
@@ -51,7 +51,7 @@ async fn a_request_that_outlives_the_request_timeout_gets_a_json_503() {
 
     // Headers promise 100 bytes of body; only one arrives.
     let mut stream = raw_connect(
-        server.address,
+        server.socket,
         b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
           Content-Length: 100\r\n\r\n{",
     )
@@ -99,7 +99,7 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut stream =
-            raw_connect(server.address, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            raw_connect(server.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let mut buf = [0u8; 1024];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
             .await
@@ -176,7 +176,7 @@ async fn metrics_listen_serves_metrics_apart_from_the_api() {
     )
     .await;
     let metrics_address = server.metrics.expect("metrics listener");
-    assert_ne!(metrics_address, server.address);
+    assert_ne!(metrics_address, server.socket);
     let response = client
         .get(format!("http://{metrics_address}/metrics"))
         .send()

@@ -3,10 +3,13 @@
 //! router over real HTTP (and raw TCP where a client must misbehave), on real SQLite files.
 //! One test binary, one link step.
 
+#[path = "../common/app.rs"]
+mod app;
 #[path = "../common/mod.rs"]
 mod common;
 
 mod auth;
+mod cli;
 mod limits;
 mod openapi;
 mod parsers;

@@ -4,7 +4,8 @@
 use serde_json::Value;
 use tally::config::Secret;
 
-use crate::support::{self, Server, client};
+use crate::app::TestApp;
+use crate::support::{self, client};
 
 const PATHS: &[(&str, &str)] = &[
     ("/increment", "post"),
@@ -16,7 +17,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/openapi.json", "get"),
 ];
 
-async fn document(server: &Server, token: Option<&str>) -> Value {
+async fn document(server: &TestApp, token: Option<&str>) -> Value {
     let mut request = client().get(server.url("/openapi.json"));
     if let Some(token) = token {
         request = request.bearer_auth(token);

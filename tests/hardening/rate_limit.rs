@@ -7,13 +7,14 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tally::config::Secret;
 
-use crate::support::{self, Server, client, client_from, expect_error, increment};
+use crate::app::TestApp;
+use crate::support::{self, client, client_from, expect_error, increment};
 
 const SECRET: &str = "test-jwt-secret-0123456789abcdef0123456789";
 
 /// Rate 0.2/s: after the burst, a token every 5 s, far longer than a test's requests take
 /// even on a loaded machine, so the counts below are exact.
-async fn start_limited(burst: u32, configure: impl FnOnce(&mut tally::config::Config)) -> Server {
+async fn start_limited(burst: u32, configure: impl FnOnce(&mut tally::config::Config)) -> TestApp {
     let (mut config, dir) = support::config();
     config.rate_limit.per_second = Some(0.2);
     config.rate_limit.burst = Some(burst.try_into().expect("non-zero"));
@@ -151,7 +152,7 @@ async fn jwt_subjects_are_limited_separately_wherever_they_connect_from() {
     server.stop().await;
 }
 
-async fn increment_as(client: &reqwest::Client, server: &Server, forwarded_for: &str) -> u16 {
+async fn increment_as(client: &reqwest::Client, server: &TestApp, forwarded_for: &str) -> u16 {
     client
         .post(server.url("/increment"))
         .header("x-forwarded-for", forwarded_for)

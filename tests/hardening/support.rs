@@ -5,14 +5,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tally::config::Config;
-use tally::startup::App;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use crate::common::{Backend, data_dir, init_test_log, test_config};
+use crate::app::{TestApp, spawn_app, test_config};
+use crate::common::{Backend, data_dir};
 
 /// A test configuration on a fresh data directory (kept alive by the returned guard).
 pub fn config() -> (Config, TempDir) {
@@ -21,46 +19,19 @@ pub fn config() -> (Config, TempDir) {
     (config, dir)
 }
 
-/// A running app: its addresses and a way to stop it.
-pub struct Server {
-    pub address: SocketAddr,
-    pub base: String,
-    pub metrics: Option<SocketAddr>,
-    stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
-    _dir: TempDir,
+/// Starts an app on `config`, owning its data directory.
+pub async fn start((config, dir): (Config, TempDir)) -> TestApp {
+    let mut app = spawn_app(config, None).await;
+    app._dir = Some(dir);
+    app
 }
 
-/// Builds and starts an app on `config`.
-pub async fn start((config, dir): (Config, TempDir)) -> Server {
-    init_test_log();
-    let app = App::build(config).await.expect("app builds");
-    let address = app.local_addr().expect("bound");
-    let metrics = app.metrics_addr().expect("metrics address");
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(app.run_until(stop.clone().cancelled_owned()));
-    Server {
-        address,
-        base: format!("http://{address}"),
-        metrics,
-        stop,
-        task,
-        _dir: dir,
-    }
-}
-
-impl Server {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Stops the app and checks that it drained cleanly.
+impl TestApp {
+    /// Stops the app and checks that it drained cleanly within 20 s.
     pub async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
+        tokio::time::timeout(Duration::from_secs(20), self.shutdown())
             .await
             .expect("app stops within 20s")
-            .expect("app task panicked")
             .expect("clean shutdown");
     }
 }
@@ -87,7 +58,7 @@ pub fn client_from(local: &str) -> reqwest::Client {
 /// `POST /increment` with a JSON body and an optional bearer token.
 pub async fn increment(
     client: &reqwest::Client,
-    server: &Server,
+    server: &TestApp,
     token: Option<&str>,
 ) -> reqwest::Response {
     let mut request = client
