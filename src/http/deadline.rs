@@ -121,9 +121,7 @@ impl Deadline {
     /// Whether the deadline has passed; when not, the task is woken once it does.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.own {
-            None => CLOCK
-                .try_with(|clock| clock.expired.get())
-                .unwrap_or(false),
+            None => CLOCK.try_with(|clock| clock.expired.get()).unwrap_or(false),
             Some(timer) => {
                 let at = self.at;
                 timer
