@@ -24,6 +24,9 @@ use tokio::sync::{Notify, watch};
 
 use super::{GroupStats, JournalError, Shared, io_err, record, segment};
 
+/// Largest buffer capacity kept between groups; a larger one is freed after its group.
+const KEEP_BUFFER: usize = 4 << 20;
+
 /// One group commit's outcome, shared by every append in the group.
 pub(super) struct Group {
     outcome: OnceLock<Result<(), JournalError>>,
@@ -203,6 +206,10 @@ impl Writer {
             let outcome = self.commit(records, max_seq);
             group.finish(outcome);
             self.in_flight = None;
+            if self.buf.capacity() > KEEP_BUFFER {
+                // A burst (or one huge batch record) must not pin its memory forever.
+                self.buf = Vec::new();
+            }
             last_group = records;
             self.prepare_spare_if_due();
         }
