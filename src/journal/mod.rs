@@ -285,7 +285,8 @@ struct Segments {
 
 impl Shared {
     fn segments(&self) -> MutexGuard<'_, Segments> {
-        // The map stays consistent even if a holder panicked: every update is one assignment.
+        // The map stays consistent even if a holder panicked: every update is a single
+        // insert, removal or field write.
         self.segments.lock().unwrap_or_else(PoisonError::into_inner)
     }
 

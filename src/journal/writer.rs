@@ -10,7 +10,8 @@
 //! it crosses to the writer thread only when the writer is asleep (at most once per
 //! group), and the writer wakes the whole group with one `Notify`. No per-request channel
 //! message, oneshot or allocation. While the writer fsyncs one group the next one fills
-//! the buffer, so groups grow with the load and a lone append waits for exactly one fsync.
+//! the buffer, so groups grow with the load, and an append that finds the writer idle
+//! waits for exactly one fsync, with no timer.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
