@@ -13,8 +13,10 @@
 //! [`JournalOptions::segment_bytes`] real zero bytes, made durable (data fsync, then a
 //! directory fsync) before its first record is written. Records then overwrite the zeros
 //! in place, so the file size and its block map never change while it is active and each
-//! group's `fdatasync` has data to flush, no file-system metadata (measured on ext4: see
-//! the commit introducing this). Zeros, not `fallocate`: ext4 and XFS mark fallocated
+//! group's `fdatasync` has data to flush, no file-system metadata (on an ext4 VM disk, a
+//! 1 KB write plus `fdatasync` took a median 0.49 ms into a zero-filled file against
+//! 0.67 ms appending, ten interleaved rounds). The price is writing `segment_bytes` of
+//! zeros once per segment. Zeros, not `fallocate`: ext4 and XFS mark fallocated
 //! ranges "unwritten", and the first write into them is a metadata change again. Once the
 //! active segment is half full, a helper thread zero-fills the next one as
 //! `journal-spare.tmp`; rotation (before a group, once the active segment holds at least
