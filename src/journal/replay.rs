@@ -49,7 +49,7 @@ pub(super) fn replay(
             }
         };
         match &end {
-            End::Clean if is_last && offset < data.len() => {
+            End::Clean if is_last && offset > 0 && offset < data.len() => {
                 // Unused preallocation of a segment that will never be appended to again.
                 segment::truncate(&path, offset as u64)?;
             }

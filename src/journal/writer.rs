@@ -10,7 +10,8 @@
 //! it crosses to the writer thread only when the writer is asleep (at most once per
 //! group), and the writer wakes the whole group with one `Notify`. No per-request channel
 //! message, oneshot or allocation. While the writer fsyncs one group the next one fills
-//! the buffer, so groups grow with the load and a lone append waits for exactly one fsync.
+//! the buffer, so groups grow with the load, and an append that finds the writer idle
+//! waits for exactly one fsync, with no timer.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -23,6 +24,9 @@ use std::time::Instant;
 use tokio::sync::{Notify, watch};
 
 use super::{GroupStats, JournalError, Shared, io_err, record, segment};
+
+/// Largest buffer capacity kept between groups; a larger one is freed after its group.
+const KEEP_BUFFER: usize = 4 << 20;
 
 /// One group commit's outcome, shared by every append in the group.
 pub(super) struct Group {
@@ -203,6 +207,10 @@ impl Writer {
             let outcome = self.commit(records, max_seq);
             group.finish(outcome);
             self.in_flight = None;
+            if self.buf.capacity() > KEEP_BUFFER {
+                // A burst (or one huge batch record) must not pin its memory forever.
+                self.buf = Vec::new();
+            }
             last_group = records;
             self.prepare_spare_if_due();
         }
