@@ -140,7 +140,9 @@ pub mod http {
 
     /// Index of a label value in its list.
     pub fn index(list: &[&str], value: &str) -> usize {
-        list.iter().position(|&v| v == value).unwrap_or(list.len() - 1)
+        list.iter()
+            .position(|&v| v == value)
+            .unwrap_or(list.len() - 1)
     }
 }
 

@@ -121,9 +121,7 @@ impl Deadline {
     /// Whether the deadline has passed; when not, the task is woken once it does.
     pub fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.own {
-            None => CLOCK
-                .try_with(|clock| clock.expired.get())
-                .unwrap_or(false),
+            None => CLOCK.try_with(|clock| clock.expired.get()).unwrap_or(false),
             Some(timer) => {
                 let at = self.at;
                 timer
@@ -151,5 +149,91 @@ impl Drop for Deadline {
     fn drop(&mut self) {
         // A request dropped unanswered (the client went away) ends too.
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::http::observe::Observe;
+    use crate::http::serve::{ServeOptions, serve};
+
+    /// Reads one response (head and a body of Content-Length bytes) from `stream`.
+    async fn read_response(stream: &mut TcpStream) -> String {
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            response.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&response).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if response.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            assert!(n > 0, "connection closed mid-response: {text}");
+        }
+    }
+
+    /// The connection's timer is armed at the first request's deadline and never moved while
+    /// requests finish in time; a later request that stalls must still get its 503, which
+    /// takes the re-arm path (the timer fires at the first request's deadline first).
+    #[tokio::test]
+    async fn a_later_request_on_a_kept_alive_connection_still_times_out() {
+        let router = Router::new()
+            .route("/echo", post(|_: Bytes| async { StatusCode::ACCEPTED }))
+            .layer(Observe::new(Duration::from_millis(300)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            router,
+            ServeOptions {
+                header_read_timeout: Duration::from_secs(10),
+                max_connections: 4,
+                connect_info: false,
+            },
+            stop.clone(),
+        ));
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+        for _ in 0..3 {
+            stream.write_all(request).await.expect("write");
+            let text = read_response(&mut stream).await;
+            assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Promise two bytes of body, send one.
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{")
+            .await
+            .expect("write");
+        let text = tokio::time::timeout(Duration::from_secs(5), read_response(&mut stream))
+            .await
+            .expect("an answer to the stalled request");
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.contains(r#""error":"timeout""#), "{text}");
+        stop.cancel();
+        drop(stream);
+        server.await.expect("server task");
     }
 }

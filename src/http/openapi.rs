@@ -19,8 +19,8 @@ use utoipa::OpenApi;
 use super::body::Wire;
 use super::counters::Counter;
 use super::error::{ERROR_CODES, ErrorBody};
-use super::probes::Status;
 use super::increment::Accepted;
+use super::probes::Status;
 
 #[derive(OpenApi)]
 #[openapi(
