@@ -62,7 +62,9 @@ struct ConnClock {
 
 /// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines.
 /// `None` when it was closed for not sending a complete request head within
-/// `header_timeout` (dropping hyper's connection closes the socket).
+/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of
+/// its task (as `tokio::spawn(drive(..))`): the timer keeps the waker it was first polled
+/// with.
 pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option<F::Output> {
     let clock = ConnClock {
         head_since: Cell::new(Some(Instant::now())),
@@ -101,8 +103,14 @@ pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option
                         let at = next.min(Instant::now() + header_timeout);
                         timer.as_mut().reset(at);
                         armed = Some(at);
-                    }
-                    if timer.as_mut().poll(cx).is_pending() {
+                        // Polled once to hand it this task's waker.
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    } else if !timer.is_elapsed() {
+                        // Armed and holding this task's waker (a task's waker does not
+                        // change): it wakes the task when it fires. Polling it again on
+                        // every wake-up would only re-register the same waker.
                         return Poll::Pending;
                     }
                     armed = None;
