@@ -1,7 +1,7 @@
 //! Bearer-token authorization: a static token (`--auth-token`) and/or JWTs verified against a
 //! configured key (`--jwt-secret` for HS256, `--jwt-public-key` for RS256/ES256).
 //!
-//! When any credential is configured, [`require`] runs in front of every route except
+//! When any credential is configured, the [`Guard`](super::guard::Guard) runs in front of every route except
 //! `/healthz` and `/readyz` (load balancers probe those without credentials). A request
 //! without a valid `Authorization: Bearer <token>` header gets `401` JSON with
 //! `WWW-Authenticate: Bearer realm="tally"` (plus `error="invalid_token"` when a token was sent
@@ -36,10 +36,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ahash::RandomState;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::Deserialize;
@@ -324,20 +322,17 @@ fn unauthorized(message: &str, token_presented: bool) -> ApiError {
     }
 }
 
-/// Middleware: lets `/healthz` and `/readyz` through, refuses other requests without a
-/// valid bearer token, and records the JWT subject for the rate limiter.
-pub async fn require(State(auth): State<Arc<Auth>>, mut request: Request, next: Next) -> Response {
-    if is_open(request.uri().path()) {
-        return next.run(request).await;
-    }
-    match auth.verify(request.headers().get(header::AUTHORIZATION)) {
-        Ok(subject) => {
-            if let Some(subject) = subject {
-                request.extensions_mut().insert(subject);
-            }
-            next.run(request).await
+impl super::guard::Guard for Auth {
+    /// Every route but the probes needs a valid bearer token; a JWT's subject goes on as a
+    /// [`Subject`] extension for the rate limiter.
+    fn check(&self, request: &mut Request) -> Result<(), ApiError> {
+        if is_open(request.uri().path()) {
+            return Ok(());
         }
-        Err(e) => e.into_response(),
+        if let Some(subject) = self.verify(request.headers().get(header::AUTHORIZATION))? {
+            request.extensions_mut().insert(subject);
+        }
+        Ok(())
     }
 }
 

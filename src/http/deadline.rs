@@ -1,18 +1,24 @@
-//! `--request-timeout` without a timer per request.
+//! Connection and request deadlines without a timer per request: `--request-timeout` and
+//! `--header-read-timeout`.
 //!
-//! The obvious shape, `tokio::time::timeout` around every request, inserts an entry into
-//! tokio's timer wheel and removes it again for each of them (the request future is pending
-//! at least once, waiting for its body), which showed up in the `POST /increment` profile
-//! at 30 s timeouts that essentially never fire. Here each *connection* owns one timer
-//! instead, re-armed lazily:
+//! The obvious shapes arm a timer per request: `tokio::time::timeout` around every request,
+//! and hyper's own `header_read_timeout`, which boxes a new `Sleep` for every request head.
+//! Each inserts an entry into tokio's timer wheel and removes it again (the request future
+//! is pending at least once, waiting for its body; the connection waits for the next head),
+//! which showed up in the `POST /increment` profile, for deadlines of 10 s and 30 s that
+//! essentially never pass. Here each *connection* owns one timer instead, re-armed lazily:
 //!
-//! - A request writes its deadline into its connection's [`ConnClock`] (two `Cell` writes).
-//! - The connection's driver ([`drive`]) keeps one `Sleep`. It arms it at the deadline of
-//!   the request in flight and leaves it there while later requests come and go: deadlines
-//!   only grow, so an armed time is never later than the current request's deadline. When
-//!   it fires, the driver compares with the deadline in force: passed, the request is marked
-//!   expired; not yet, the timer is re-armed. A busy connection thus touches the wheel about
-//!   once per timeout period, not once per request.
+//! - The connection is in one of two phases. *Head*: waiting for a complete request head,
+//!   since the connection opened or the previous response was produced; it must end within
+//!   the header timeout. *Request*: the request's deadline, written by [`Deadline::start`]
+//!   (two `Cell` writes), is in force.
+//! - The connection's driver ([`drive`]) keeps one `Sleep`. It arms it no later than the
+//!   deadline in force and leaves it there while requests come and go: every later deadline
+//!   is later than the armed time (the timer is armed at most one header timeout ahead), so
+//!   the timer only has to be moved when it fires. Then the driver compares with the deadline
+//!   in force: passed, the request is marked expired, or a connection still without a
+//!   request head is closed; not yet, the timer is re-armed. A busy connection thus touches
+//!   the wheel about once per header timeout, not once per request.
 //! - The request's future ([`Deadline::poll_expired`]) sees the mark the next time hyper
 //!   polls it, which is at once: the driver polls the connection right after setting it.
 //!
@@ -24,12 +30,17 @@
 //! back to a timer of its own, armed only once the request is actually pending.
 //!
 //! Waits inside a request (the body, a journal fsync, `ack=store` waiting for the flusher)
-//! are all inside the request's future, so the deadline bounds them all, as before.
+//! are all inside the request's future, so the deadline bounds them all. One difference from
+//! hyper's header timeout: the head phase starts when the previous response is produced, not
+//! once it is written, so a client slow to read a response has that much less time for its
+//! next head; responses are small, and the header timeout is seconds.
 
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
+
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -38,20 +49,30 @@ tokio::task_local! {
     static CLOCK: ConnClock;
 }
 
-/// One connection's request deadline, shared by its driver and its request in flight.
-#[derive(Default)]
+/// One connection's deadlines, shared by its driver and its request in flight.
 struct ConnClock {
-    /// When the request in flight must be answered; `None` between requests.
+    /// Since when the connection waits for a request head; `None` while serving a request.
+    head_since: Cell<Option<Instant>>,
+    /// When the request in flight must be answered; `None` between requests, and for
+    /// requests of a router without [`super::observe::Observe`].
     deadline: Cell<Option<Instant>>,
     /// Set by the driver once `deadline` has passed.
     expired: Cell<bool>,
 }
 
-/// Runs `connection` (one hyper HTTP/1 connection) with one deadline timer for all of its
-/// requests.
-pub async fn drive<F: Future>(connection: F) -> F::Output {
+/// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines.
+/// `None` when it was closed for not sending a complete request head within
+/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of
+/// its task (as `tokio::spawn(drive(..))`): the timer keeps the waker it was first polled
+/// with.
+pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option<F::Output> {
+    let clock = ConnClock {
+        head_since: Cell::new(Some(Instant::now())),
+        deadline: Cell::new(None),
+        expired: Cell::new(false),
+    };
     CLOCK
-        .scope(ConnClock::default(), async move {
+        .scope(clock, async move {
             let mut connection = pin!(connection);
             // A `Sleep` enters the timer wheel when first polled or reset, not when built.
             let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
@@ -59,37 +80,64 @@ pub async fn drive<F: Future>(connection: F) -> F::Output {
             poll_fn(|cx| {
                 loop {
                     if let Poll::Ready(output) = connection.as_mut().poll(cx) {
-                        return Poll::Ready(output);
+                        return Poll::Ready(Some(output));
                     }
-                    let (deadline, expired) =
-                        CLOCK.with(|clock| (clock.deadline.get(), clock.expired.get()));
-                    let Some(deadline) = deadline else {
-                        // Idle: a timer armed earlier may still fire; that only costs a
-                        // spurious poll.
-                        return Poll::Pending;
-                    };
-                    if expired {
+                    let (head_since, deadline, expired) = CLOCK.with(|clock| {
+                        (
+                            clock.head_since.get(),
+                            clock.deadline.get(),
+                            clock.expired.get(),
+                        )
+                    });
+                    let next = match (deadline, head_since) {
                         // Marked; the request answers when hyper next polls it.
-                        return Poll::Pending;
-                    }
-                    if armed.is_none_or(|at| at > deadline) {
-                        timer.as_mut().reset(deadline);
-                        armed = Some(deadline);
-                    }
-                    if timer.as_mut().poll(cx).is_pending() {
+                        (Some(_), _) if expired => return Poll::Pending,
+                        (Some(deadline), _) => deadline,
+                        (None, Some(since)) => since + header_timeout,
+                        // A request without a deadline of its own.
+                        (None, None) => return Poll::Pending,
+                    };
+                    if armed.is_none_or(|at| at > next) {
+                        // Never further ahead than one header timeout, so that the next head
+                        // phase's deadline is not earlier than the armed time.
+                        let at = next.min(Instant::now() + header_timeout);
+                        timer.as_mut().reset(at);
+                        armed = Some(at);
+                        // Polled once to hand it this task's waker.
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    } else if !timer.is_elapsed() {
+                        // Armed and holding this task's waker (a task's waker does not
+                        // change): it wakes the task when it fires. Polling it again on
+                        // every wake-up would only re-register the same waker.
                         return Poll::Pending;
                     }
                     armed = None;
-                    if Instant::now() >= deadline {
+                    if Instant::now() >= next {
+                        if deadline.is_none() {
+                            return Poll::Ready(None);
+                        }
                         CLOCK.with(|clock| clock.expired.set(true));
                     }
                     // Poll the connection again: it answers the expired request, or the
-                    // loop re-arms the timer at the later deadline.
+                    // loop re-arms the timer for the deadline in force.
                 }
             })
             .await
         })
         .await
+}
+
+/// A request head has been read: the head phase ends. Called by the connection's service.
+pub fn head_received() {
+    let _ = CLOCK.try_with(|clock| clock.head_since.set(None));
+}
+
+/// The response is produced: the next head phase starts. Called by the connection's
+/// service.
+pub fn response_produced() {
+    let _ = CLOCK.try_with(|clock| clock.head_since.set(Some(Instant::now())));
 }
 
 /// The deadline of one request.
@@ -149,5 +197,122 @@ impl Drop for Deadline {
     fn drop(&mut self) {
         // A request dropped unanswered (the client went away) ends too.
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::body::Bytes;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::http::observe::Observe;
+    use crate::http::serve::{ServeOptions, serve};
+
+    /// Reads one response (head and a body of Content-Length bytes) from `stream`.
+    async fn read_response(stream: &mut TcpStream) -> String {
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.expect("read");
+            response.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&response).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_owned)
+                    })
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if response.len() >= end + 4 + length {
+                    return text;
+                }
+            }
+            assert!(n > 0, "connection closed mid-response: {text}");
+        }
+    }
+
+    /// Serves a router with one `POST /echo` route on a free port.
+    async fn start(
+        request_timeout: Duration,
+        header_read_timeout: Duration,
+    ) -> (
+        std::net::SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let router = Router::new()
+            .route("/echo", post(|_: Bytes| async { StatusCode::ACCEPTED }))
+            .layer(Observe::new(request_timeout));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let stop = CancellationToken::new();
+        let options = ServeOptions {
+            header_read_timeout,
+            max_connections: 4,
+            connect_info: false,
+        };
+        let server = tokio::spawn(serve(listener, router, options, stop.clone()));
+        (address, stop, server)
+    }
+
+    const ECHO: &[u8] = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+
+    /// After a response, a kept-alive connection that sends no new head is closed after the
+    /// header timeout, as a fresh silent one is.
+    #[tokio::test]
+    async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
+        let (address, stop, server) =
+            start(Duration::from_secs(30), Duration::from_millis(300)).await;
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream.write_all(ECHO).await.expect("write");
+        let text = read_response(&mut stream).await;
+        assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the idle connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without another answer");
+        stop.cancel();
+        server.await.expect("server task");
+    }
+
+    /// The connection's timer is armed at the first request's deadline and never moved while
+    /// requests finish in time; a later request that stalls must still get its 503, which
+    /// takes the re-arm path (the timer fires at the first request's deadline first).
+    #[tokio::test]
+    async fn a_later_request_on_a_kept_alive_connection_still_times_out() {
+        let (address, stop, server) =
+            start(Duration::from_millis(300), Duration::from_secs(10)).await;
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        for _ in 0..3 {
+            stream.write_all(ECHO).await.expect("write");
+            let text = read_response(&mut stream).await;
+            assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Promise two bytes of body, send one.
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{")
+            .await
+            .expect("write");
+        let text = tokio::time::timeout(Duration::from_secs(5), read_response(&mut stream))
+            .await
+            .expect("an answer to the stalled request");
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        assert!(text.contains(r#""error":"timeout""#), "{text}");
+        stop.cancel();
+        drop(stream);
+        server.await.expect("server task");
     }
 }

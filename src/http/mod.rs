@@ -11,6 +11,7 @@ pub mod body;
 mod counters;
 mod deadline;
 pub mod error;
+mod guard;
 mod increment;
 mod observe;
 pub mod openapi;
@@ -24,7 +25,6 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::middleware;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
@@ -92,16 +92,10 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(options.max_body_bytes));
     if let Some(limiter) = &options.rate_limit {
-        router = router.layer(middleware::from_fn_with_state(
-            Arc::clone(limiter),
-            rate_limit::limit,
-        ));
+        router = router.layer(guard::GuardLayer::new(Arc::clone(limiter)));
     }
     if let Some(auth) = &options.auth {
-        router = router.layer(middleware::from_fn_with_state(
-            Arc::clone(auth),
-            auth::require,
-        ));
+        router = router.layer(guard::GuardLayer::new(Arc::clone(auth)));
     }
     router
         .layer(observe::Observe::new(options.request_timeout))

@@ -32,14 +32,12 @@
 
 use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ahash::RandomState;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::HeaderMap;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 
 use super::auth::{self, Subject};
 use super::error::ApiError;
@@ -239,25 +237,19 @@ fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
         .or_else(|| last.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
-/// Middleware: refuses a request with 429 + `Retry-After` when its client is over the limit.
-pub async fn limit(
-    State(limiter): State<Arc<RateLimiter>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    if auth::is_open(request.uri().path()) {
-        return next.run(request).await;
-    }
-    let key = limiter.client_key(&request);
-    match limiter.check(key, Instant::now()) {
-        Ok(()) => next.run(request).await,
-        Err(limited) => {
+impl super::guard::Guard for RateLimiter {
+    /// Refuses a request with 429 + `Retry-After` when its client is over the limit.
+    fn check(&self, request: &mut Request) -> Result<(), ApiError> {
+        if auth::is_open(request.uri().path()) {
+            return Ok(());
+        }
+        let key = self.client_key(request);
+        RateLimiter::check(self, key, Instant::now()).map_err(|limited| {
             Metrics::global().rate_limited.increment(1);
             ApiError::RateLimited {
                 retry_after_seconds: limited.retry_after_seconds(),
             }
-            .into_response()
-        }
+        })
     }
 }
 

@@ -6,9 +6,11 @@
 //! a connection and sends a header byte every few seconds (slow loris) would hold it
 //! forever. This loop is axum::serve's, plus:
 //!
-//! - **Header deadline** (`--header-read-timeout`): hyper's HTTP/1 `header_read_timeout`
-//!   with a tokio timer. It runs from the moment hyper starts reading a request head, so it
-//!   also closes idle keep-alive connections after that long.
+//! - **Header deadline** (`--header-read-timeout`): a connection that has not sent a complete
+//!   request head that long after it opened or after its previous response is closed, so
+//!   idle keep-alive connections are closed after that long too. Kept by the connection's
+//!   timer ([`super::deadline`]) rather than hyper's `header_read_timeout`, which boxes and
+//!   arms a new timer for every request head.
 //! - **HTTP/1.1 only**: hyper-util's auto (HTTP/1 + h2c) builder first sniffs the protocol
 //!   with no deadline at all, and HTTP/2 has no header-read deadline; tally's clients and
 //!   load balancers speak HTTP/1.1.
@@ -18,8 +20,8 @@
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.
-//! - **Request deadline**: each connection task runs one lazily re-armed timer for the
-//!   deadlines of its requests (see [`super::deadline`]), instead of one timer per request.
+//! - **Request deadline**: the same timer watches the deadline of the request in flight
+//!   (`--request-timeout`, set by [`super::observe`]).
 //! - The peer address goes into each request as `ConnectInfo<SocketAddr>`, but only when
 //!   something reads it (the rate limiter), so the default path inserts nothing.
 //!
@@ -27,20 +29,26 @@
 //! requests in flight finish (hyper's graceful shutdown); [`serve`] returns once every
 //! connection is gone. The caller bounds that wait.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::Response;
+use axum::routing::future::RouteFuture;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
+use tower::Service;
+
+use super::deadline;
 
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -69,10 +77,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout)
-        .keep_alive(true);
+    // No hyper timer and no `header_read_timeout`: the header deadline is the connection
+    // driver's (see the module doc).
+    builder.keep_alive(true);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => {
@@ -96,43 +103,95 @@ pub async fn serve(
         // Responses are written in one go; Nagle's algorithm would only add latency.
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
-        if options.connect_info {
-            let service = app
-                .clone()
-                .map_request(move |mut request: hyper::Request<Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request.map(axum::body::Body::new)
-                });
-            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-            spawn_connection(graceful.watch(connection), peer, permit);
-        } else {
-            let service = app
-                .clone()
-                .map_request(|request: hyper::Request<Incoming>| {
-                    request.map(axum::body::Body::new)
-                });
-            let connection = builder.serve_connection(io, TowerToHyperService::new(service));
-            spawn_connection(graceful.watch(connection), peer, permit);
-        }
+        let service = ConnectionService {
+            app: app.clone(),
+            peer: options.connect_info.then_some(peer),
+        };
+        let connection = builder.serve_connection(io, service);
+        spawn_connection(
+            graceful.watch(connection),
+            peer,
+            permit,
+            options.header_read_timeout,
+        );
     }
     drop(listener);
     graceful.shutdown().await;
 }
 
-/// Runs one connection to its end (with its request-deadline timer), then frees its slot.
+/// Runs one connection to its end (under its deadline timer), then frees its slot.
 fn spawn_connection(
     connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
+    header_timeout: Duration,
 ) {
     tokio::spawn(async move {
-        if let Err(e) = super::deadline::drive(connection).await {
-            // Header timeouts, resets and malformed requests end up here; they are the
-            // client's business, not an operator's.
-            tracing::debug!(%peer, error = %e, "Connection ended with an error.");
+        // Header timeouts, resets and malformed requests are the client's business, not an
+        // operator's.
+        match deadline::drive(connection, header_timeout).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
+            None => tracing::debug!(%peer, "No complete request head in time; closed."),
         }
         drop(permit);
     });
+}
+
+/// The service hyper calls for each request of one connection: the router, plus the peer
+/// address when asked for, plus the phase changes the header deadline needs. Written out
+/// rather than `TowerToHyperService` over `map_request` so that it can mark those phases;
+/// like that one it clones the router (an `Arc`) per request, and adds no allocation.
+struct ConnectionService {
+    app: Router,
+    /// `Some` when the peer address goes into each request as `ConnectInfo`.
+    peer: Option<SocketAddr>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Exchange;
+
+    fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
+        deadline::head_received();
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(ConnectInfo(peer));
+        }
+        // `Router` is always ready, so `call` needs no `poll_ready` first.
+        Exchange {
+            inner: self.app.clone().call(request),
+            done: false,
+        }
+    }
+}
+
+/// One request's future: the router's, and the start of the next head phase once it is
+/// answered.
+struct Exchange {
+    inner: RouteFuture<Infallible>,
+    done: bool,
+}
+
+impl Future for Exchange {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let response = std::task::ready!(Pin::new(&mut this.inner).poll(cx));
+        this.done = true;
+        deadline::response_produced();
+        Poll::Ready(response)
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if !self.done {
+            // Dropped unanswered (the connection is going away): back to waiting for a head.
+            deadline::response_produced();
+        }
+    }
 }
 
 /// Errors that concern one connection only (the client gave up during the handshake).

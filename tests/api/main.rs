@@ -26,6 +26,7 @@ mod errors;
 mod exactly_once;
 mod health;
 mod increment;
+mod metrics;
 mod multi_instance;
 mod shutdown;
 mod smoke;
