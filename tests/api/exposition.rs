@@ -4,8 +4,10 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::common::{Backend, data_dir, shout, spawn_app, test_config};
-use crate::helpers::scrape;
+use crate::app::{spawn_app, test_config};
+use crate::common::{Backend, data_dir};
+use crate::metrics::scrape;
+use crate::pg::shout;
 
 /// Every metric name declared in `src/metrics.rs` (`pub const X: &str = "tally_…";`), read
 /// from the source so that a metric added there without being registered fails this test.
