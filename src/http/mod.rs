@@ -10,11 +10,11 @@
 pub mod auth;
 pub mod body;
 mod counters;
-mod deadline;
+pub mod deadline;
 pub mod error;
-mod guard;
+pub mod guard;
 mod increment;
-mod observe;
+pub mod observe;
 pub mod openapi;
 mod probes;
 pub mod rate_limit;
