@@ -1,19 +1,20 @@
 //! The HTTP API: every route and layer, listed in one place.
 //!
 //! A request passes, outermost first: [`observe`] (the duration metric and the request
-//! timeout, in one layer), then (when configured) authorization and the per-client rate limit, the body limit, and the
-//! handler. Guards that are not configured are not installed, so an open tally pays
-//! nothing for them. Connection-level limits (header deadline, connection cap) live in
-//! [`serve`].
+//! timeout, in one layer), then (when configured) authorization and the per-client rate
+//! limit ([`guard`]), the body limit, and the handler. Guards that are not configured are
+//! not installed, so an open tally pays nothing for them. None of these layers allocates per
+//! request. Connection-level limits (header deadline, connection cap) live in [`serve`];
+//! both deadlines share one timer per connection ([`deadline`]).
 
 pub mod auth;
 pub mod body;
 mod counters;
-mod deadline;
+pub mod deadline;
 pub mod error;
-mod guard;
+pub mod guard;
 mod increment;
-mod observe;
+pub mod observe;
 pub mod openapi;
 mod probes;
 pub mod rate_limit;
