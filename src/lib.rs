@@ -25,8 +25,17 @@
 //! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
 //! - `recovery`: start-up replay of the journal into the store.
 //! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
-//! - [`metrics`]: every metric name, in one place.
+//! - [`metrics`]: every metric name and its handle, registered once at start.
 //! - [`telemetry`]: logging set-up.
+//!
+//! # Why these modules are public
+//!
+//! The library is not a published API. Its modules are public because the crate's other
+//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`), the
+//! integration tests (`store`, `config`, `startup`, `metrics`), the benchmark crate
+//! `tally-bench` (`aggregate`, `flush`, `store`, `http::serve`) and the fuzz targets
+//! (`http::body`, `journal::record`). What none of them needs stays private (`recovery`, and
+//! the submodules of `http`, `journal` and `store` that are not named above).
 
 pub mod aggregate;
 pub mod config;

@@ -55,7 +55,7 @@ impl Wire {
 ///
 /// # Errors
 ///
-/// [`ApiError::UnsupportedMediaType`] naming what the route accepts.
+/// `ApiError::UnsupportedMediaType` (415) naming what the route accepts.
 pub fn format(content_type: Option<&str>, accepted: &[Format]) -> Result<Format, ApiError> {
     let essence = content_type
         .and_then(|ct| ct.split(';').next())

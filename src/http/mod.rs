@@ -1,23 +1,23 @@
 //! The HTTP API: every route and layer, listed in one place.
 //!
-//! A request passes, outermost first: [`observe`] (the duration metric and the request
+//! A request passes, outermost first: `observe` (the duration metric and the request
 //! timeout, in one layer), then (when configured) authorization and the per-client rate
-//! limit ([`guard`]), the body limit, and the handler. Guards that are not configured are
+//! limit (`guard`), the body limit, and the handler. Guards that are not configured are
 //! not installed, so an open tally pays nothing for them. None of these layers allocates per
 //! request. Connection-level limits (header deadline, connection cap) live in [`serve`];
-//! both deadlines share one timer per connection ([`deadline`]).
+//! both deadlines share one timer per connection (`deadline`).
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod body;
 mod counters;
-pub mod deadline;
-pub mod error;
-pub mod guard;
+pub(crate) mod deadline;
+pub(crate) mod error;
+pub(crate) mod guard;
 mod increment;
-pub mod observe;
-pub mod openapi;
+pub(crate) mod observe;
+pub(crate) mod openapi;
 mod probes;
-pub mod rate_limit;
+pub(crate) mod rate_limit;
 mod scrape;
 pub mod serve;
 

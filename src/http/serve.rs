@@ -9,7 +9,7 @@
 //! - **Header deadline** (`--header-read-timeout`): a connection that has not sent a complete
 //!   request head that long after it opened or after its previous response is closed, so
 //!   idle keep-alive connections are closed after that long too. Kept by the connection's
-//!   timer ([`super::deadline`]) rather than hyper's `header_read_timeout`, which boxes and
+//!   timer (`deadline`) rather than hyper's `header_read_timeout`, which boxes and
 //!   arms a new timer for every request head.
 //! - **HTTP/1.1 only**: hyper-util's auto (HTTP/1 + h2c) builder first sniffs the protocol
 //!   with no deadline at all, and HTTP/2 has no header-read deadline; tally's clients and
@@ -21,7 +21,7 @@
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.
 //! - **Request deadline**: the same timer watches the deadline of the request in flight
-//!   (`--request-timeout`, set by [`super::observe`]).
+//!   (`--request-timeout`, set by `observe`).
 //! - The peer address goes into each request as `ConnectInfo<SocketAddr>`, but only when
 //!   something reads it (the rate limiter), so the default path inserts nothing.
 //!
