@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Smoke run of the benchmark : every variant once, short, plus the component
+# Smoke run of the benchmark: every variant once, short, plus the component
 # benchmarks, in under two minutes. Asserts nothing about speed: it fails only when a
 # correctness check fails (the store's total differs from the increments answered 202),
 # when a server cannot start or stop cleanly, or when a tool is missing.
 #
 # Needs wrk (installed here if missing and we are root) and PostgreSQL on 127.0.0.1:5432
-# (override with TALLY_BENCH_PG_ADMIN_URL). Release builds go to their own target dir
-# (CARGO_TARGET_DIR, default target/bench/) so they never wait for a debug build's lock.
+# (override with TALLY_BENCH_PG_ADMIN_URL). Uses the release build of target/ (or of
+# CARGO_TARGET_DIR), the one the README's `cargo run --release` makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,5 @@ if ! command -v wrk >/dev/null 2>&1; then
     fi
 fi
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/bench}"
 cargo build --release --bin tally --bin tally-bench
-exec "$CARGO_TARGET_DIR/release/tally-bench" --quick "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/tally-bench" --quick "$@"
