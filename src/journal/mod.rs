@@ -142,8 +142,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 /// Default [`JournalOptions::segment_bytes`]: 16 MiB. Every segment is zero-filled before
 /// use, and the first one on the start-up path, so its size is start-up latency (≈ 60 ms
 /// here for 16 MiB, ≈ 250 ms for 64 MiB); at ~40 bytes a record it still holds ~400,000
@@ -261,15 +259,11 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 /// [`Journal::close`] keeps every segment for replay.
 pub struct Journal {
     shared: Arc<Shared>,
-    /// Turns true once the writer thread has exited.
-    stopped: watch::Receiver<bool>,
-    /// Joined on drop.
-    writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
     _lock: File,
 }
 
-/// State shared by the API and the writer thread.
+/// State shared by every append, `trim` and `close`.
 struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
@@ -351,31 +345,20 @@ impl Journal {
             })?,
         };
         let file = segment::create(dir, active, opts.segment_bytes)?;
+        let writer = writer::Writer::new(file, active, opts.segment_bytes);
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
-            queue: writer::Queue::new(),
+            queue: writer::Queue::new(writer),
             segments: Mutex::new(Segments {
                 closed,
                 active,
                 active_max_seq: 0,
             }),
         });
-        let (stopped_tx, stopped) = watch::channel(false);
-        let writer = writer::Writer::new(
-            Arc::clone(&shared),
-            file,
-            active,
-            opts.segment_bytes,
-            stopped_tx,
-        );
-        let writer = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),
             records = replay.records.len(),
@@ -386,8 +369,6 @@ impl Journal {
         );
         let journal = Journal {
             shared,
-            stopped,
-            writer: Some(writer),
             _lock: lock,
         };
         Ok((journal, replay))
@@ -410,8 +391,7 @@ impl Journal {
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
-        let group = self.shared.queue.push(seq, entries)?;
-        group.wait().await
+        writer::append(&self.shared, seq, entries).await
     }
 
     /// Deletes every closed segment whose highest seq is `<= applied_seq`, i.e. whose every
@@ -447,9 +427,7 @@ impl Journal {
     /// [`JournalError::Failed`] if the writer had failed (the files are kept), and
     /// [`JournalError::Io`] if deleting segments or the directory fsync fails.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
-        self.shared.queue.stop();
-        // Err only if the writer thread died; then there is nothing left to wait for.
-        let _ = self.stopped.clone().wait_for(|&stopped| stopped).await;
+        writer::drain(&self.shared).await;
         self.shared.check_failed()?;
 
         let doomed = {
@@ -485,12 +463,7 @@ impl Drop for Journal {
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
     /// for at most one group write; after [`Journal::close`] it returns at once.
     fn drop(&mut self) {
-        self.shared.queue.stop();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!("journal writer thread panicked");
-        }
+        writer::drain_blocking(&self.shared);
     }
 }
 
