@@ -841,3 +841,44 @@ fn every_waiter_of_a_group_gets_the_error_when_the_disk_is_full() {
         "{got:?}"
     );
 }
+
+#[test]
+fn a_group_whose_waiters_all_dropped_is_still_written_by_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(Some((entered_tx, gate)));
+    let options = JournalOptions {
+        on_sync: Some(Arc::new(move |_: GroupStats| {
+            if let Some((entered, gate)) = gate.lock().expect("gate").take() {
+                let _ = entered.send(());
+                let _ = gate.recv();
+            }
+        })),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let journal = Arc::new(journal);
+    let first = {
+        let journal = Arc::clone(&journal);
+        std::thread::spawn(move || rt().block_on(journal.append(1, &[("first", 1)])))
+    };
+    entered.recv().expect("the first group is being committed");
+    // Queued behind the leader, then abandoned: the lead handed to its group finds no
+    // waiter, and no later append comes to take the buffer.
+    let mut abandoned = Box::pin(journal.append(2, &[("orphan", 2)]));
+    let waker = std::task::Waker::noop();
+    assert!(
+        abandoned
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_pending()
+    );
+    drop(abandoned);
+    release.send(()).expect("gate open");
+    first.join().expect("thread").expect("first append");
+    rt().block_on(journal.close(0)).expect("close");
+    drop(journal);
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    assert_eq!(seqs(&replay), vec![1, 2], "close wrote the abandoned group");
+}
