@@ -45,20 +45,22 @@
 //!
 //! # When data is durable (group commit)
 //!
-//! [`Journal::append`] takes a short lock, encodes its record straight into the shared
-//! append buffer, and waits on the **group** that buffer will become. One writer thread
-//! takes the whole buffer at once, writes it with one positional write into the active
-//! segment, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
-//! wakes every waiter of the group. While that fsync runs, new appends fill the buffer and
-//! form the next group, so under load one fsync serves many requests, and a lone request
-//! pays for one fsync and no timer. An append crosses threads only to wake a sleeping
-//! writer (at most once per group) and to be woken (once per group, through one
-//! `tokio::sync::Notify`); there is no per-request channel message, oneshot or
-//! allocation, and no sleep anywhere on this path (unless [`JournalOptions::commit_delay`]
-//! is set). `Ok(())` from `append` therefore means: this record survives `kill -9` and
-//! power loss (as far as the disk honours fsync). A new segment is durable in the
-//! directory before any record in it is acknowledged. [`JournalOptions::on_sync`] reports
-//! every group for metrics.
+//! [`Journal::append`] takes a short lock and encodes its record straight into the shared
+//! append buffer. If no group commit is in progress, that append **leads**: on its own
+//! thread (a runtime worker) it takes the whole buffer, writes it with one positional write
+//! into the active segment, makes it durable with **one** `fdatasync`
+//! (`File::sync_data`), and only then wakes every waiter of the group. Otherwise it waits
+//! on the group the buffer will become. While a leader fsyncs, new appends fill the buffer
+//! and form the next group, and when the leader is done it hands the lead to one waiter of
+//! that group; so under load one fsync serves many requests, each request leads at most
+//! its own group, and a lone request pays for one fsync and no timer. There is no writer
+//! thread: the wake-ups come from a runtime worker, so the woken tasks go to that worker's
+//! local run queue instead of the cross-thread injection queue (see [`writer`] for why).
+//! There is no per-request channel message, oneshot or allocation, and no sleep on this
+//! path (unless [`JournalOptions::commit_delay`] is set). `Ok(())` from `append` therefore
+//! means: this record survives `kill -9` and power loss (as far as the disk honours fsync).
+//! A new segment is durable in the directory before any record in it is acknowledged.
+//! [`JournalOptions::on_sync`] reports every group for metrics.
 //!
 //! If a write or an fsync fails, the waiters of that group get the error and the journal
 //! turns **failed**: every later append fails with [`JournalError::Failed`]. After a failed
@@ -71,8 +73,8 @@
 //!
 //! The journal tracks the highest `seq` in each segment. Once the store has applied every
 //! batch up to `applied_seq`, [`Journal::trim`] deletes each *closed* segment whose highest
-//! seq is `<= applied_seq` (the active segment is never deleted while the writer runs).
-//! [`Journal::close`] stops the writer after it has written everything queued and, if every
+//! seq is `<= applied_seq` (the active segment is never deleted while the journal is open).
+//! [`Journal::close`] refuses new appends, writes everything queued and, if every
 //! record in every segment has `seq <= applied_seq`, deletes all segments, so a clean
 //! restart starts with an empty journal. Deletions are followed by a directory fsync.
 //! Segments replayed on open are closed segments too: the first `trim` after the store has
@@ -142,8 +144,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::watch;
-
 /// Default [`JournalOptions::segment_bytes`]: 16 MiB. Every segment is zero-filled before
 /// use, and the first one on the start-up path, so its size is start-up latency (≈ 60 ms
 /// here for 16 MiB, ≈ 250 ms for 64 MiB); at ~40 bytes a record it still holds ~400,000
@@ -158,13 +158,14 @@ pub struct JournalOptions {
     /// this many bytes (a segment may exceed it by one group). Opening a journal writes
     /// this many zeros before it returns.
     pub segment_bytes: u64,
-    /// Called on the writer thread after each group is durable and before its waiters are
-    /// woken. Keep it cheap (bump counters, record a histogram).
+    /// Called on the leading append's thread (a runtime worker) after each group is
+    /// durable and before its waiters are woken. Keep it cheap (bump counters, record a
+    /// histogram): it delays the group's acknowledgement and blocks that thread.
     pub on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     /// Opt-in wait before a group is gathered, like PostgreSQL's `commit_delay`: when the
     /// previous group held more than one record (so appends are arriving concurrently), the
-    /// writer waits this long for more of them to queue, trading that much latency for
-    /// fewer, larger fsyncs. Zero (the default) never waits; a lone append never waits.
+    /// leader sleeps this long (blocking its runtime worker) for more of them to queue,
+    /// trading that much latency for fewer, larger fsyncs. Zero (the default) never waits; a lone append never waits.
     pub commit_delay: Duration,
 }
 
@@ -229,7 +230,7 @@ pub enum JournalError {
         path: PathBuf,
         source: Arc<io::Error>,
     },
-    /// The journal was closed with [`Journal::close`] (or its writer thread died).
+    /// The journal was closed with [`Journal::close`] (or a leading append panicked).
     #[error("journal is closed")]
     Closed,
     /// An earlier write or fsync failed (the wrapped error); the journal accepts no more
@@ -261,15 +262,11 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 /// [`Journal::close`] keeps every segment for replay.
 pub struct Journal {
     shared: Arc<Shared>,
-    /// Turns true once the writer thread has exited.
-    stopped: watch::Receiver<bool>,
-    /// Joined on drop.
-    writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
     _lock: File,
 }
 
-/// State shared by the API and the writer thread.
+/// State shared by every append, `trim` and `close`.
 struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
@@ -324,14 +321,13 @@ impl fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, replays every segment, cuts a torn
-    /// tail off the last one, creates a fresh zero-filled active segment and starts the
-    /// writer thread.
+    /// tail off the last one and creates a fresh zero-filled active segment.
     ///
     /// # Errors
     ///
     /// [`JournalError::Locked`] if another journal has `dir` open, and
     /// [`JournalError::Io`] if the directory or a segment cannot be created, read,
-    /// truncated or synced, or the writer thread cannot be spawned. Corrupt data is not an
+    /// truncated or synced. Corrupt data is not an
     /// error: it is logged, dropped, and counted in [`Replay::cut_bytes`].
     pub fn open(dir: &Path, opts: JournalOptions) -> Result<(Journal, Replay), JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
@@ -351,31 +347,20 @@ impl Journal {
             })?,
         };
         let file = segment::create(dir, active, opts.segment_bytes)?;
+        let writer = writer::Writer::new(file, active, opts.segment_bytes);
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
-            queue: writer::Queue::new(),
+            queue: writer::Queue::new(writer),
             segments: Mutex::new(Segments {
                 closed,
                 active,
                 active_max_seq: 0,
             }),
         });
-        let (stopped_tx, stopped) = watch::channel(false);
-        let writer = writer::Writer::new(
-            Arc::clone(&shared),
-            file,
-            active,
-            opts.segment_bytes,
-            stopped_tx,
-        );
-        let writer = std::thread::Builder::new()
-            .name("journal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),
             records = replay.records.len(),
@@ -386,8 +371,6 @@ impl Journal {
         );
         let journal = Journal {
             shared,
-            stopped,
-            writer: Some(writer),
             _lock: lock,
         };
         Ok((journal, replay))
@@ -398,9 +381,10 @@ impl Journal {
     ///
     /// The record is encoded into the shared group buffer on the first poll; dropping the
     /// future after that does not withdraw it: it is written anyway, only the
-    /// acknowledgement is lost. Needs no particular runtime: the writer is a plain thread
-    /// and the wake-up a `tokio::sync::Notify`. The buffer is unbounded; callers bound it
-    /// by awaiting their appends.
+    /// acknowledgement is lost. The first poll may lead a group commit, i.e. block the
+    /// calling thread for one write and fsync. Needs no particular runtime (a current-thread
+    /// one works; the wake-ups are `tokio::sync::Notify`). The buffer is unbounded; callers
+    /// bound it by awaiting their appends.
     ///
     /// # Errors
     ///
@@ -410,8 +394,7 @@ impl Journal {
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
-        let group = self.shared.queue.push(seq, entries)?;
-        group.wait().await
+        writer::append(&self.shared, seq, entries).await
     }
 
     /// Deletes every closed segment whose highest seq is `<= applied_seq`, i.e. whose every
@@ -437,19 +420,18 @@ impl Journal {
         Ok(doomed.len())
     }
 
-    /// Stops the writer after it has made everything already queued durable, then, if every
+    /// Refuses new appends and makes everything already queued durable (waiting for a
+    /// running group commit, then leading what is left itself), then, if every
     /// record in every segment (the active one included) has `seq <= applied_seq`, deletes
     /// all segments so the next open starts empty. Otherwise the files stay for replay.
     /// Appends after this fail with [`JournalError::Closed`]. Calling it again is harmless.
     ///
     /// # Errors
     ///
-    /// [`JournalError::Failed`] if the writer had failed (the files are kept), and
+    /// [`JournalError::Failed`] if a write or fsync had failed (the files are kept), and
     /// [`JournalError::Io`] if deleting segments or the directory fsync fails.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
-        self.shared.queue.stop();
-        // Err only if the writer thread died; then there is nothing left to wait for.
-        let _ = self.stopped.clone().wait_for(|&stopped| stopped).await;
+        writer::drain(&self.shared).await;
         self.shared.check_failed()?;
 
         let doomed = {
@@ -481,16 +463,11 @@ impl Journal {
 }
 
 impl Drop for Journal {
-    /// Lets the writer finish what is still queued (appends whose futures were dropped) and
-    /// joins it, so the directory lock is released only once nothing writes any more. Blocks
-    /// for at most one group write; after [`Journal::close`] it returns at once.
+    /// Writes what is still queued (appends whose futures were dropped), so the directory
+    /// lock is released only once nothing writes any more. Blocks for at most one group
+    /// write; after [`Journal::close`] it returns at once.
     fn drop(&mut self) {
-        self.shared.queue.stop();
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
-            tracing::error!("journal writer thread panicked");
-        }
+        writer::drain_blocking(&self.shared);
     }
 }
 

@@ -118,17 +118,20 @@ fn group_commit_groups_concurrent_appends() {
     let dir = tempfile::tempdir().expect("tempdir");
     let syncs = Arc::new(AtomicUsize::new(0));
     let records = Arc::new(AtomicUsize::new(0));
-    // The first group's callback holds the writer until every task has queued its append,
-    // so the rest must arrive as (at most a few) groups. No timing assumptions.
+    // A first append leads its group on its own thread, and that group's callback holds
+    // it there until every task has queued its append, so the rest must arrive as (at
+    // most a few) groups. No timing assumptions.
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
     let (release, gate) = std::sync::mpsc::channel::<()>();
-    let gate = Mutex::new(Some(gate));
+    let gate = Mutex::new(Some((entered_tx, gate)));
     let on_sync = {
         let (syncs, records) = (Arc::clone(&syncs), Arc::clone(&records));
         Arc::new(move |stats: GroupStats| {
             syncs.fetch_add(1, Ordering::SeqCst);
             records.fetch_add(stats.records, Ordering::SeqCst);
             assert!(stats.bytes > 0);
-            if let Some(gate) = gate.lock().expect("gate").take() {
+            if let Some((entered, gate)) = gate.lock().expect("gate").take() {
+                let _ = entered.send(());
                 let _ = gate.recv();
             }
         })
@@ -139,6 +142,11 @@ fn group_commit_groups_concurrent_appends() {
     };
     let (journal, _) = Journal::open(dir.path(), options).expect("open");
     let journal = Arc::new(journal);
+    let first = {
+        let journal = Arc::clone(&journal);
+        std::thread::spawn(move || rt().block_on(journal.append(1, &[("first", 1)])))
+    };
+    entered.recv().expect("the first group is being committed");
     rt().block_on(async {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..N {
@@ -155,7 +163,8 @@ fn group_commit_groups_concurrent_appends() {
             done.expect("task").expect("append");
         }
     });
-    assert_eq!(records.load(Ordering::SeqCst), N);
+    first.join().expect("thread").expect("first append");
+    assert_eq!(records.load(Ordering::SeqCst), N + 1);
     let syncs = syncs.load(Ordering::SeqCst);
     assert!(syncs < N / 10, "{syncs} fsyncs for {N} records");
 }
@@ -688,8 +697,8 @@ fn a_dropped_append_future_neither_corrupts_nor_blocks_the_journal() {
     assert_eq!(replay.cut_bytes, 0);
 }
 
-/// Runs `n` appends as one group: a first append is written alone, and its `on_sync`
-/// holds the writer until all `n` are queued behind it and `before_group` has run.
+/// Runs `n` appends as one group: a first append is written alone (leading on its own
+/// thread), and its `on_sync` holds that leader until all `n` are queued behind it and `before_group` has run.
 /// Returns the `n` results, then the result of one more append after the group.
 fn one_gated_group(
     dir: &Path,
@@ -716,13 +725,10 @@ fn one_gated_group(
     let results = rt().block_on(async {
         let first = {
             let journal = Arc::clone(&journal);
-            tokio::spawn(async move { journal.append(1, &[("first", 1)]).await })
+            std::thread::spawn(move || rt().block_on(journal.append(1, &[("first", 1)])))
         };
-        // Until the writer holds the first group (alone) in its on_sync.
-        while entered.try_recv().is_err() {
-            tokio::task::yield_now().await;
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        // Until the leader holds the first group (alone) in its on_sync.
+        entered.recv().expect("the first group is being committed");
         let mut set = tokio::task::JoinSet::new();
         let key = "k".repeat(key_len);
         for i in 0..n {
@@ -736,8 +742,8 @@ fn one_gated_group(
         before_group();
         release.send(()).expect("gate open");
         first
-            .await
-            .expect("task")
+            .join()
+            .expect("thread")
             .expect("the first group is durable");
         let mut results = Vec::new();
         while let Some(done) = set.join_next().await {
@@ -834,4 +840,45 @@ fn every_waiter_of_a_group_gets_the_error_when_the_disk_is_full() {
         got.len() <= 1 + N && got[1..].iter().all(|&s| s == 2),
         "{got:?}"
     );
+}
+
+#[test]
+fn a_group_whose_waiters_all_dropped_is_still_written_by_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(Some((entered_tx, gate)));
+    let options = JournalOptions {
+        on_sync: Some(Arc::new(move |_: GroupStats| {
+            if let Some((entered, gate)) = gate.lock().expect("gate").take() {
+                let _ = entered.send(());
+                let _ = gate.recv();
+            }
+        })),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let journal = Arc::new(journal);
+    let first = {
+        let journal = Arc::clone(&journal);
+        std::thread::spawn(move || rt().block_on(journal.append(1, &[("first", 1)])))
+    };
+    entered.recv().expect("the first group is being committed");
+    // Queued behind the leader, then abandoned: the lead handed to its group finds no
+    // waiter, and no later append comes to take the buffer.
+    let mut abandoned = Box::pin(journal.append(2, &[("orphan", 2)]));
+    let waker = std::task::Waker::noop();
+    assert!(
+        abandoned
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(waker))
+            .is_pending()
+    );
+    drop(abandoned);
+    release.send(()).expect("gate open");
+    first.join().expect("thread").expect("first append");
+    rt().block_on(journal.close(0)).expect("close");
+    drop(journal);
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    assert_eq!(seqs(&replay), vec![1, 2], "close wrote the abandoned group");
 }
