@@ -367,7 +367,7 @@ impl Journal {
             max_seq = replay.max_seq,
             cut_bytes = replay.cut_bytes,
             active_segment = active,
-            "journal opened"
+            "Opened the journal."
         );
         let journal = Journal {
             shared,
@@ -415,7 +415,7 @@ impl Journal {
             .collect();
         self.shared.remove_segments(&doomed)?;
         if !doomed.is_empty() {
-            tracing::debug!(segments = ?doomed, applied_seq, "journal trimmed");
+            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
         }
         Ok(doomed.len())
     }
@@ -445,7 +445,7 @@ impl Journal {
                 tracing::info!(
                     max_seq,
                     applied_seq,
-                    "journal closed; unapplied records kept"
+                    "Closed the journal; kept segments with records the store lacks."
                 );
                 return Ok(());
             }
@@ -456,7 +456,7 @@ impl Journal {
         self.shared.remove_segments(&doomed)?;
         tracing::info!(
             applied_seq,
-            "journal closed; all records applied, segments removed"
+            "Closed the journal; every record is in the store, segments removed."
         );
         Ok(())
     }

@@ -63,13 +63,13 @@ pub(super) fn replay(
                 if is_last {
                     tracing::warn!(
                         segment = %path.display(), offset, bytes_cut = cut, %reason,
-                        "journal: cutting torn or corrupt tail off the last segment"
+                        "Cutting a torn or corrupt tail off the last journal segment."
                     );
                     segment::truncate(&path, offset as u64)?;
                 } else {
                     tracing::error!(
                         segment = %path.display(), offset, bytes_skipped = cut, %reason,
-                        "journal: corrupt record inside an older segment; skipping its rest"
+                        "Corrupt record inside an older journal segment; skipping the rest of that segment."
                     );
                 }
             }

@@ -413,7 +413,7 @@ impl Writer {
             tracing::error!(
                 error = %err,
                 records,
-                "journal write failed; refusing all further appends"
+                "Journal write failed; refusing every further append."
             );
             self.failed = Some(err.clone());
             shared.queue.lock().failed = Some(err.clone());
@@ -474,7 +474,9 @@ impl Writer {
         {
             Ok(thread) => self.spare = Some(Spare { stop, thread }),
             // Not fatal: rotation then creates the segment itself.
-            Err(e) => tracing::warn!(error = %e, "journal: cannot spawn the spare preparer"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot start preparing the next journal segment; it will be made at rotation.")
+            }
         }
     }
 
@@ -511,7 +513,7 @@ impl Writer {
         tracing::debug!(
             closed = self.number,
             active = next,
-            "journal segment rotated"
+            "Rotated the journal segment."
         );
         self.file = file;
         self.number = next;
@@ -532,7 +534,7 @@ impl Writer {
             spare.stop.store(true, Ordering::Relaxed);
             let _ = spare.thread.join();
             if let Err(e) = segment::remove_spare(&shared.dir) {
-                tracing::warn!(error = %e, "journal: cannot delete the spare segment");
+                tracing::warn!(error = %e, "Cannot delete the spare journal segment.");
             }
         }
         // After a failure the file's state is unknown; replay sorts it out on open.
@@ -544,7 +546,9 @@ impl Writer {
             match shrunk {
                 Ok(()) => self.file_len = self.len,
                 // Harmless: replay recognises the zero fill.
-                Err(e) => tracing::warn!(error = %e, "journal: cannot shrink the active segment"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot cut the unused zero fill off the journal segment.")
+                }
             }
         }
     }
