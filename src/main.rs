@@ -7,6 +7,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use tally::config::Config;
 use tally::startup::App;
@@ -44,6 +45,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything can answer /healthz: a SIGTERM from then on drains instead of killing.
+    let stop = shutdown::signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     let app = App::build(config).await?;
-    app.run_until(shutdown::signal()).await
+    app.run_until(stop).await
 }

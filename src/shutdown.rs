@@ -13,40 +13,50 @@
 //! A second signal during the drain exits at once with status 130; with `ack=journal` the
 //! journal still holds every acknowledged delta.
 
-/// Resolves at the first SIGINT or SIGTERM, and arms the second-signal escape hatch.
-pub async fn signal() {
-    wait_for_signal().await;
-    tracing::info!("Shutdown requested; draining. Send the signal again to exit at once.");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("Second signal: exiting without draining.");
-        std::process::exit(130);
-    });
+use tokio::signal::unix::{Signal, SignalKind};
+
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves at the
+/// first of them, then arms the second-signal escape hatch.
+///
+/// Installing is eager on purpose: until a handler is installed, SIGTERM's default action
+/// kills the process. A supervisor or test that signals right after `/healthz` answers must
+/// get a drain, not a kill, so `main` calls this before it starts serving.
+///
+/// # Errors
+///
+/// If the signal handlers cannot be installed.
+pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut signals = Signals::install()?;
+    Ok(async move {
+        signals.recv().await;
+        tracing::info!("Shutdown requested; draining. Send the signal again to exit at once.");
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!("Second signal: exiting without draining.");
+            std::process::exit(130);
+        });
+    })
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "Cannot listen for SIGINT.");
-            std::future::pending::<()>().await;
+/// The two signals that stop tally.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: tokio::signal::unix::signal(SignalKind::terminate())?,
+            int: tokio::signal::unix::signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot listen for SIGTERM.");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
     }
 }
