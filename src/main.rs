@@ -13,14 +13,6 @@ use tally::config::Config;
 use tally::startup::App;
 use tally::{shutdown, telemetry};
 
-/// mimalloc instead of glibc malloc: with `ack=journal` (the default) each group's leader
-/// fsyncs inside `block_in_place`, so tasks hop between threads and glibc frees across its
-/// per-thread arenas (`malloc_consolidate`, `unlink_chunk` in the profile). Side by side,
-/// 3 rounds: 0.75–0.77× of a plain axum no-op with mimalloc, 0.57–0.70× with glibc, CPU per
-/// request 29–33 µs against 38–47 µs (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The exit code of a usage error, the same as clap's.
 const USAGE_ERROR: u8 = 2;
 

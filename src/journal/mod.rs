@@ -6,75 +6,48 @@
 //! The journal is a directory of **segments** named `journal-<20-digit number>.log`,
 //! numbered upwards, plus a `journal.lock` file that keeps a second [`Journal`] (in this or
 //! another process) off the directory. Only the newest segment, the **active** one, is ever
-//! written to. Every [`Journal::open`] starts a new one, so nothing is ever appended after
-//! bytes that a previous run left behind.
-//!
-//! Segments are **preallocated**: each is created filled with
-//! [`JournalOptions::segment_bytes`] real zero bytes, made durable (data fsync, then a
-//! directory fsync) before its first record is written. Records then overwrite the zeros
-//! in place, so the file size and its block map never change while it is active and each
-//! group's `fdatasync` has data to flush, no file-system metadata (on an ext4 VM disk, a
-//! 1 KB write plus `fdatasync` took a median 0.49 ms into a zero-filled file against
-//! 0.67 ms appending, ten interleaved rounds). The price is writing `segment_bytes` of
-//! zeros once per segment. Zeros, not `fallocate`: ext4 and XFS mark fallocated
-//! ranges "unwritten", and the first write into them is a metadata change again. Once the
-//! active segment is half full, a helper thread zero-fills the next one as
-//! `journal-spare.tmp`; rotation (before a group, once the active segment holds at least
-//! `segment_bytes`, so a segment may exceed it by one group) only renames the spare into
-//! place and fsyncs the directory. A clean stop (drop or [`Journal::close`]) deletes the
-//! spare and cuts the unused zeros off the active segment; a crash leaves them, and the
-//! next open cuts them (see Recovery).
+//! appended to. The writer starts a new segment once the active one has reached
+//! [`JournalOptions::segment_bytes`]; every [`Journal::open`] also starts a new one, so
+//! nothing is ever appended after bytes that a previous run left behind.
 //!
 //! # Records
 //!
-//! A segment is a concatenation of records, one per [`Journal::append`] (one HTTP
-//! request, or one batch request), followed by the zero fill if the segment is not full:
+//! A segment is a plain concatenation of records, one per [`Journal::append`] (one HTTP
+//! request, or one batch request):
 //!
 //! ```text
 //! [len: u32 LE][crc32: u32 LE] [version: u8 = 1][seq: u64 LE][count: u32 LE]
 //!                              count × [key_len: u32 LE][key: UTF-8][delta: i64 LE]
 //!               \_______________________ len bytes, covered by crc32 _______________/
-//! [0u8; ...]   zero fill up to the preallocated size: a len of 0 ends the data
 //! ```
 //!
-//! `seq` is the batch (generation) the aggregator put these deltas into. A record's `len`
-//! is never 0 (the smallest body is 25 bytes), so four zero bytes where a record would
-//! start mark the end of the written data; the record format itself is unchanged from the
-//! segments earlier binaries wrote without fill (version 1), and those replay as before.
-//! The exact layout, and the rule that it never changes in place, live in [`record`].
+//! `seq` is the batch (generation) the aggregator put these deltas into. The exact layout,
+//! and the rule that it never changes in place, live in [`record`].
 //!
 //! # When data is durable (group commit)
 //!
-//! [`Journal::append`] takes a short lock and encodes its record straight into the shared
-//! append buffer. If no group commit is in progress, that append **leads**: on its own
-//! thread (a runtime worker) it takes the whole buffer, writes it with one positional write
-//! into the active segment, makes it durable with **one** `fdatasync`
-//! (`File::sync_data`), and only then wakes every waiter of the group. Otherwise it waits
-//! on the group the buffer will become. While a leader fsyncs, new appends fill the buffer
-//! and form the next group, and when the leader is done it hands the lead to one waiter of
-//! that group; so under load one fsync serves many requests, each request leads at most
-//! its own group, and a lone request pays for one fsync and no timer. There is no writer
-//! thread: the wake-ups come from a runtime worker, so the woken tasks go to that worker's
-//! local run queue instead of the cross-thread injection queue (see [`writer`] for why).
-//! There is no per-request channel message, oneshot or allocation, and no sleep on this
-//! path (unless [`JournalOptions::commit_delay`] is set). `Ok(())` from `append` therefore
-//! means: this record survives `kill -9` and power loss (as far as the disk honours fsync).
-//! A new segment is durable in the directory before any record in it is acknowledged.
-//! [`JournalOptions::on_sync`] reports every group for metrics.
+//! [`Journal::append`] encodes the record on the caller's thread and queues it for one
+//! dedicated writer thread. The writer blocks for the first queued record, then takes
+//! everything else queued by then, writes the whole group with one `write_all`, makes it
+//! durable with **one** `fdatasync` (`File::sync_data`), and only then wakes every waiter of
+//! the group. While that fsync runs, new appends queue up and form the next group, so under
+//! load one fsync serves many requests and at low load a lone request pays for one fsync and
+//! no timer. There is no sleep anywhere on this path. `Ok(())` from `append` therefore means:
+//! this record survives `kill -9` and power loss (as far as the disk honours fsync). A new
+//! segment file is created, and the directory fsynced, before any record in it is
+//! acknowledged. [`JournalOptions::on_sync`] reports every group for metrics.
 //!
 //! If a write or an fsync fails, the waiters of that group get the error and the journal
 //! turns **failed**: every later append fails with [`JournalError::Failed`]. After a failed
 //! fsync the kernel's page cache says nothing trustworthy about the disk, so the only
 //! honest answer is to stop acknowledging; a restart replays what did reach the disk.
-//! (Part of a failed group may have reached it and be replayed: such records were never
-//! acknowledged, and a caller counts a failed append as attempted, not as lost.)
 //!
 //! # Trimming
 //!
 //! The journal tracks the highest `seq` in each segment. Once the store has applied every
 //! batch up to `applied_seq`, [`Journal::trim`] deletes each *closed* segment whose highest
-//! seq is `<= applied_seq` (the active segment is never deleted while the journal is open).
-//! [`Journal::close`] refuses new appends, writes everything queued and, if every
+//! seq is `<= applied_seq` (the active segment is never deleted while the writer runs).
+//! [`Journal::close`] stops the writer after it has written everything queued and, if every
 //! record in every segment has `seq <= applied_seq`, deletes all segments, so a clean
 //! restart starts with an empty journal. Deletions are followed by a directory fsync.
 //! Segments replayed on open are closed segments too: the first `trim` after the store has
@@ -85,31 +58,24 @@
 //! [`Journal::open`] reads every segment in order and returns the decoded records in a
 //! [`Replay`]; the caller re-applies those with `seq` above the store's last applied seq
 //! (replay is read-only from the caller's view: opening twice gives the same records).
-//! A segment's data ends at the end of the file or where the zero fill begins (a zero
-//! `len` followed by nothing but zeros). What a crash or a bad disk can leave behind is
-//! handled like this:
+//! What a crash or a bad disk can leave behind is handled like this:
 //!
-//! - **Unused zero fill of the last segment** (a crash while it was active): the clean
-//!   end of its data. It is cut off (`set_len` + fsync), since nothing will be written
-//!   there again; not counted as damage.
 //! - **Torn or corrupt tail of the last segment** (a write cut short by `kill -9` or power
-//!   loss, a zero gap with stray bytes after it, or garbage): everything from the first
-//!   bad record on is logged with `warn!` and *truncated off* the file. Those bytes were
-//!   never acknowledged (the fsync that would have acknowledged them did not finish), and
-//!   cutting them means no later record can ever sit behind garbage. (If the damage is
-//!   instead bit rot in the middle of the last segment, acknowledged records after it go
-//!   too; the `warn!` says how many bytes.)
+//!   loss, or garbage after it): everything from the first bad record on is logged with
+//!   `warn!` and *truncated off* the file (`set_len` + fsync). Those bytes were never
+//!   acknowledged (the fsync that would have acknowledged them did not finish), and cutting
+//!   them means no later record can ever sit behind garbage. (If the damage is instead bit
+//!   rot in the middle of the last segment, acknowledged records after it go too; the
+//!   `warn!` says how many bytes.)
 //! - **Corrupt record inside an older segment**: that cannot come from a crash (older
 //!   segments were complete and fsynced before the next one was started), so it is bit rot
 //!   or tampering. The rest of that segment is skipped and logged with `error!`, the file is
 //!   left as it is for inspection, and replay goes on with the next segment.
-//! - Segments without a record (empty, or nothing but zero fill) are deleted, as is a
-//!   leftover `journal-spare.tmp`; an empty or missing directory is an empty journal.
+//! - Empty segment files are deleted; an empty or missing directory is an empty journal.
 //!
-//! [`Replay::cut_bytes`] counts the bytes dropped either way, up to the last non-zero byte
-//! of the segment (trailing zeros cannot be told apart from fill, so they are not counted).
-//! Decoding validates every length, the checksum, the version and UTF-8, and caps a record
-//! at [`record::MAX_RECORD_LEN`], so no input can make it panic or allocate gigabytes.
+//! [`Replay::cut_bytes`] counts every byte dropped either way. Decoding validates every
+//! length, the checksum, the version and UTF-8, and caps a record at
+//! [`record::MAX_RECORD_LEN`], so no input can make it panic or allocate gigabytes.
 //!
 //! # Why hand-written
 //!
@@ -119,17 +85,12 @@
 //! checkpoint or database model (and `sled`'s log is not a standalone API); the small
 //! standalone WAL crates either leave fsync batching and async acknowledgement to the
 //! caller or are young single-author projects. A few hundred lines that can be audited in
-//! one sitting are the smaller risk. The framing follows vector's `disk_v2` buffer (length-
-//! and checksum-framed records), but not its recovery: vector's reader, on a bad record,
-//! skips the rest of that data file and rolls to the next, and its writer starts a fresh
-//! file after a bad last write. tally does that only for older segments; the tail of the
-//! last segment is truncated, because there it can only be unacknowledged bytes from an
-//! interrupted group, and cutting them leaves every segment a clean run of valid records.
+//! one sitting are the smaller risk. The recovery rules follow vector's `disk_v2` buffer: a
+//! length- and checksum-framed record log, replayed and cut at the first bad record.
 
 pub mod record;
 mod replay;
 mod segment;
-mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -141,31 +102,27 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
 use std::time::Duration;
 
-/// Default [`JournalOptions::segment_bytes`]: 16 MiB. Every segment is zero-filled before
-/// use, and the first one on the start-up path, so its size is start-up latency (≈ 60 ms
-/// here for 16 MiB, ≈ 250 ms for 64 MiB); at ~40 bytes a record it still holds ~400,000
-/// increments, several seconds of full load, and the next one is prepared off the hot path.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 16 << 20;
+use tokio::sync::oneshot;
+
+/// Default [`JournalOptions::segment_bytes`]: 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Tunables for [`Journal::open`].
 #[derive(Clone)]
 pub struct JournalOptions {
-    /// Size of a segment: each is created zero-filled to this many bytes, and the writer
-    /// starts a new segment before writing a group once the active segment holds at least
-    /// this many bytes (a segment may exceed it by one group). Opening a journal writes
-    /// this many zeros before it returns.
+    /// The writer starts a new segment before writing a group once the active segment holds
+    /// at least this many bytes (a segment may exceed it by one group).
     pub segment_bytes: u64,
-    /// Called on the leading append's thread (a runtime worker) after each group is
-    /// durable and before its waiters are woken. Keep it cheap (bump counters, record a
-    /// histogram): it delays the group's acknowledgement and blocks that thread.
+    /// Called on the writer thread after each group is durable and before its waiters are
+    /// woken. Keep it cheap (bump counters, record a histogram).
     pub on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     /// Opt-in wait before a group is gathered, like PostgreSQL's `commit_delay`: when the
     /// previous group held more than one record (so appends are arriving concurrently), the
-    /// leader sleeps this long (blocking its runtime worker) for more of them to queue,
-    /// trading that much latency for fewer, larger fsyncs. Zero (the default) never waits; a lone append never waits.
+    /// writer waits this long for more of them to queue, trading that much latency for
+    /// fewer, larger fsyncs. Zero (the default) never waits; a lone append never waits.
     pub commit_delay: Duration,
 }
 
@@ -230,7 +187,7 @@ pub enum JournalError {
         path: PathBuf,
         source: Arc<io::Error>,
     },
-    /// The journal was closed with [`Journal::close`] (or a leading append panicked).
+    /// The journal was closed with [`Journal::close`] (or its writer thread is gone).
     #[error("journal is closed")]
     Closed,
     /// An earlier write or fsync failed (the wrapped error); the journal accepts no more
@@ -246,6 +203,13 @@ pub enum JournalError {
     /// Another [`Journal`] holds the directory's lock file.
     #[error("journal directory {} is in use by another journal", path.display())]
     Locked { path: PathBuf },
+    /// Bytes that are not a valid record. [`record::decode`] returns the bare
+    /// [`Corruption`]; replay never fails with it (it cuts or skips, see the module docs).
+    #[error("corrupt journal record: {reason}")]
+    Corrupt {
+        #[from]
+        reason: Corruption,
+    },
 }
 
 /// Builds a [`JournalError::Io`] for `op` on `path` (for `map_err`).
@@ -262,18 +226,22 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 /// [`Journal::close`] keeps every segment for replay.
 pub struct Journal {
     shared: Arc<Shared>,
+    /// Queue to the writer thread; `None` once closed.
+    tx: Mutex<Option<mpsc::Sender<segment::Msg>>>,
+    /// Joined on drop.
+    writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
     _lock: File,
 }
 
-/// State shared by every append, `trim` and `close`.
+/// State shared by the API and the writer thread.
 struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     commit_delay: Duration,
-    /// The append buffer, the group it belongs to, and the failed/stopping flags.
-    queue: writer::Queue,
+    /// Set once, by the writer, on the first write/fsync error.
+    failed: OnceLock<JournalError>,
     segments: Mutex<Segments>,
 }
 
@@ -287,14 +255,13 @@ struct Segments {
 
 impl Shared {
     fn segments(&self) -> MutexGuard<'_, Segments> {
-        // The map stays consistent even if a holder panicked: every update is a single
-        // insert, removal or field write.
+        // The map stays consistent even if a holder panicked: every update is one assignment.
         self.segments.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn check_failed(&self) -> Result<(), JournalError> {
-        match self.queue.failed() {
-            Some(err) => Err(JournalError::Failed(Box::new(err))),
+        match self.failed.get() {
+            Some(err) => Err(JournalError::Failed(Box::new(err.clone()))),
             None => Ok(()),
         }
     }
@@ -321,20 +288,18 @@ impl fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (creating if needed) the journal in `dir`, replays every segment, cuts a torn
-    /// tail off the last one and creates a fresh zero-filled active segment.
+    /// tail off the last one, starts a fresh active segment and the writer thread.
     ///
     /// # Errors
     ///
     /// [`JournalError::Locked`] if another journal has `dir` open, and
     /// [`JournalError::Io`] if the directory or a segment cannot be created, read,
-    /// truncated or synced. Corrupt data is not an
+    /// truncated or synced, or the writer thread cannot be spawned. Corrupt data is not an
     /// error: it is logged, dropped, and counted in [`Replay::cut_bytes`].
     pub fn open(dir: &Path, opts: JournalOptions) -> Result<(Journal, Replay), JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         segment::sync_parent(dir)?;
         let lock = lock_dir(dir)?;
-        // A spare left by a crash was never part of the journal.
-        segment::remove_spare(dir)?;
 
         let numbers = segment::list(dir)?;
         let (replay, closed) = replay::replay(dir, &numbers)?;
@@ -346,31 +311,38 @@ impl Journal {
                 ))
             })?,
         };
-        let file = segment::create(dir, active, opts.segment_bytes)?;
-        let writer = writer::Writer::new(file, active, opts.segment_bytes);
+        let file = segment::create(dir, active)?;
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
-            queue: writer::Queue::new(writer),
+            failed: OnceLock::new(),
             segments: Mutex::new(Segments {
                 closed,
                 active,
                 active_max_seq: 0,
             }),
         });
+        let (tx, rx) = mpsc::channel();
+        let writer = segment::Writer::new(file, active, Arc::clone(&shared));
+        let writer = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),
             records = replay.records.len(),
             max_seq = replay.max_seq,
             cut_bytes = replay.cut_bytes,
             active_segment = active,
-            "Opened the journal."
+            "journal opened"
         );
         let journal = Journal {
             shared,
+            tx: Mutex::new(Some(tx)),
+            writer: Some(writer),
             _lock: lock,
         };
         Ok((journal, replay))
@@ -379,12 +351,10 @@ impl Journal {
     /// Appends one record of `entries` tagged with batch `seq`, and resolves once it is
     /// durable (written and fsynced, see the module docs on group commit).
     ///
-    /// The record is encoded into the shared group buffer on the first poll; dropping the
-    /// future after that does not withdraw it: it is written anyway, only the
-    /// acknowledgement is lost. The first poll may lead a group commit, i.e. block the
-    /// calling thread for one write and fsync. Needs no particular runtime (a current-thread
-    /// one works; the wake-ups are `tokio::sync::Notify`). The buffer is unbounded; callers
-    /// bound it by awaiting their appends.
+    /// Dropping the future after it was first polled does not withdraw the record: it is
+    /// written anyway, only the acknowledgement is lost. Needs no particular runtime: the
+    /// writer is a plain thread and the wake-up a `tokio::sync::oneshot`. The queue is
+    /// unbounded; callers bound it by awaiting their appends.
     ///
     /// # Errors
     ///
@@ -394,7 +364,18 @@ impl Journal {
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
-        writer::append(&self.shared, seq, entries).await
+        let bytes = record::encode(seq, entries)?;
+        let (done, acked) = oneshot::channel();
+        self.send(segment::Msg::Append { bytes, seq, done })?;
+        // A dropped sender means the writer thread is gone without answering.
+        acked.await.unwrap_or(Err(JournalError::Closed))
+    }
+
+    fn send(&self, msg: segment::Msg) -> Result<(), JournalError> {
+        self.shared.check_failed()?;
+        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let tx = tx.as_ref().ok_or(JournalError::Closed)?;
+        tx.send(msg).map_err(|_| JournalError::Closed)
     }
 
     /// Deletes every closed segment whose highest seq is `<= applied_seq`, i.e. whose every
@@ -415,23 +396,35 @@ impl Journal {
             .collect();
         self.shared.remove_segments(&doomed)?;
         if !doomed.is_empty() {
-            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
+            tracing::debug!(segments = ?doomed, applied_seq, "journal trimmed");
         }
         Ok(doomed.len())
     }
 
-    /// Refuses new appends and makes everything already queued durable (waiting for a
-    /// running group commit, then leading what is left itself), then, if every
+    /// Stops the writer after it has made everything already queued durable, then, if every
     /// record in every segment (the active one included) has `seq <= applied_seq`, deletes
     /// all segments so the next open starts empty. Otherwise the files stay for replay.
     /// Appends after this fail with [`JournalError::Closed`]. Calling it again is harmless.
     ///
     /// # Errors
     ///
-    /// [`JournalError::Failed`] if a write or fsync had failed (the files are kept), and
+    /// [`JournalError::Failed`] if the writer had failed (the files are kept), and
     /// [`JournalError::Io`] if deleting segments or the directory fsync fails.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
-        writer::drain(&self.shared).await;
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(tx) = tx {
+            let (ack, stopped) = oneshot::channel();
+            let sent = tx.send(segment::Msg::Close(ack)).is_ok();
+            drop(tx);
+            if sent {
+                // Err only if the writer thread died; then there is nothing left to wait for.
+                let _ = stopped.await;
+            }
+        }
         self.shared.check_failed()?;
 
         let doomed = {
@@ -445,7 +438,7 @@ impl Journal {
                 tracing::info!(
                     max_seq,
                     applied_seq,
-                    "Closed the journal; kept segments with records the store lacks."
+                    "journal closed; unapplied records kept"
                 );
                 return Ok(());
             }
@@ -456,18 +449,28 @@ impl Journal {
         self.shared.remove_segments(&doomed)?;
         tracing::info!(
             applied_seq,
-            "Closed the journal; every record is in the store, segments removed."
+            "journal closed; all records applied, segments removed"
         );
         Ok(())
     }
 }
 
 impl Drop for Journal {
-    /// Writes what is still queued (appends whose futures were dropped), so the directory
-    /// lock is released only once nothing writes any more. Blocks for at most one group
-    /// write; after [`Journal::close`] it returns at once.
+    /// Lets the writer finish what is still queued (appends whose futures were dropped) and
+    /// joins it, so the directory lock is released only once nothing writes any more. Blocks
+    /// for at most one group write; after [`Journal::close`] it returns at once.
     fn drop(&mut self) {
-        writer::drain_blocking(&self.shared);
+        drop(
+            self.tx
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("journal writer thread panicked");
+        }
     }
 }
 

@@ -1,5 +1,4 @@
-//! The on-disk record format: encoding (on the caller's thread, into the shared group
-//! buffer) and validating decoding.
+//! The on-disk record format: encoding (on the caller's thread) and validating decoding.
 //!
 //! ```text
 //! offset  size  field
@@ -32,8 +31,8 @@ const FIXED_BODY_LEN: usize = 1 + 8 + 4;
 /// key_len + delta (an entry with an empty key).
 const MIN_ENTRY_LEN: usize = 4 + 8;
 
-/// Why a byte string is not a valid record. Produced by [`decode`]; replay logs it and
-/// cuts or skips the bad bytes (it is never returned as an error).
+/// Why a byte string is not a valid record. Produced by [`decode`], wrapped in
+/// [`JournalError::Corrupt`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Corruption {
     /// The buffer ends before the record does (the classic torn write at the tail).
@@ -53,31 +52,13 @@ pub enum Corruption {
     Malformed(&'static str),
 }
 
-/// Encodes one record into a fresh buffer. See [`encode_into`].
-///
-/// # Errors
-///
-/// As [`encode_into`].
-pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError> {
-    let mut buf = Vec::new();
-    encode_into(&mut buf, seq, entries)?;
-    Ok(buf)
-}
-
-/// Appends one encoded record to `buf` and returns its length. Cheap (one pass over the
-/// entries, one checksum); the journal runs it under its append lock so that records go
-/// straight into the shared group buffer without an allocation of their own. On error
-/// `buf` is left untouched.
+/// Encodes one record. Cheap; meant to run on the caller's thread.
 ///
 /// # Errors
 ///
 /// [`JournalError::EmptyRecord`] if `entries` is empty, [`JournalError::RecordTooLarge`] if
 /// the body would exceed [`MAX_RECORD_LEN`].
-pub fn encode_into(
-    buf: &mut Vec<u8>,
-    seq: u64,
-    entries: &[(&str, i64)],
-) -> Result<usize, JournalError> {
+pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError> {
     if entries.is_empty() {
         return Err(JournalError::EmptyRecord);
     }
@@ -92,8 +73,7 @@ pub fn encode_into(
     }
     let as_u32 = |n: usize| u32::try_from(n).expect("bounded by MAX_RECORD_LEN < u32::MAX");
 
-    let start = buf.len();
-    buf.reserve(HEADER_LEN + body_len);
+    let mut buf = Vec::with_capacity(HEADER_LEN + body_len);
     buf.extend_from_slice(&as_u32(body_len).to_le_bytes());
     buf.extend_from_slice(&[0; 4]); // crc, filled in below
     buf.push(VERSION);
@@ -104,24 +84,10 @@ pub fn encode_into(
         buf.extend_from_slice(key.as_bytes());
         buf.extend_from_slice(&delta.to_le_bytes());
     }
-    debug_assert_eq!(buf.len() - start, HEADER_LEN + body_len);
-    let crc = crc32fast::hash(&buf[start + HEADER_LEN..]);
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    Ok(HEADER_LEN + body_len)
-}
-
-/// Whether `tail` (the rest of a segment after its last valid record) is nothing but the
-/// zero fill of a preallocated segment, i.e. the clean end of the written data. A record
-/// can never start with four zero bytes (its length is at least the smallest body), so a
-/// zero length field is unambiguous; the rest must be zero too, or the tail is torn.
-pub fn is_zero_fill(tail: &[u8]) -> bool {
-    // Eight bytes at a time: a preallocated segment's tail can be tens of MiB.
-    let words = tail.chunks_exact(8);
-    let rest = words.remainder();
-    words
-        .map(|w| u64::from_ne_bytes(w.try_into().expect("chunks_exact(8)")))
-        .all(|w| w == 0)
-        && rest.iter().all(|&b| b == 0)
+    debug_assert_eq!(buf.len(), HEADER_LEN + body_len);
+    let crc = crc32fast::hash(&buf[HEADER_LEN..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(buf)
 }
 
 /// Decodes the record at the start of `buf`, returning it and the number of bytes it took.

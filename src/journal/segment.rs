@@ -1,32 +1,23 @@
-//! Segment files: naming, listing, creating preallocated (zero-filled) segments and the
-//! spare that becomes the next one, cutting, deleting, and directory fsyncs. No
-//! concurrency lives here; [`super::writer`] decides when each of these runs.
+//! Segment files (naming, listing, creating, cutting, deleting, directory fsync) and the
+//! writer thread that appends to the active segment with group commit.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
-use super::{JournalError, io_err};
+use tokio::sync::oneshot;
+
+use super::{GroupStats, JournalError, Shared, io_err};
 
 const PREFIX: &str = "journal-";
 const SUFFIX: &str = ".log";
 const DIGITS: usize = 20;
-/// The next segment while it is being zero-filled. Not a segment name, so [`list`] never
-/// sees it; [`install_spare`] renames it into place.
-const SPARE: &str = "journal-spare.tmp";
-/// Zeros are written in chunks of this size, so preparing a spare can be stopped between
-/// chunks and never needs a segment-sized buffer.
-const ZERO_CHUNK: usize = 1 << 20;
 
 /// Path of segment number `n` in `dir`.
 pub(super) fn path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{PREFIX}{n:0DIGITS$}{SUFFIX}"))
-}
-
-/// Path of the spare segment in `dir`.
-pub(super) fn spare_path(dir: &Path) -> PathBuf {
-    dir.join(SPARE)
 }
 
 /// The segment number in a file name, if it is a segment's name.
@@ -51,84 +42,17 @@ pub(super) fn list(dir: &Path) -> Result<Vec<u64>, JournalError> {
     Ok(numbers)
 }
 
-/// Creates segment `n` (it must not exist) zero-filled to `len` bytes, makes the zeros
-/// durable, then fsyncs the directory, so that records acknowledged from it can be found
-/// after a crash and overwriting the zeros later changes data blocks only.
-pub(super) fn create(dir: &Path, n: u64, len: u64) -> Result<File, JournalError> {
+/// Creates segment `n` (it must not exist) and fsyncs the directory, so that records
+/// acknowledged from it can be found after a crash.
+pub(super) fn create(dir: &Path, n: u64) -> Result<File, JournalError> {
     let path = path(dir, n);
-    let mut file = File::options()
+    let file = File::options()
         .write(true)
         .create_new(true)
         .open(&path)
         .map_err(io_err("create segment", &path))?;
-    zero_fill(&mut file, len, &AtomicBool::new(false))
-        .and_then(|_| file.sync_data())
-        .map_err(io_err("preallocate segment", &path))?;
     sync_dir(dir)?;
     Ok(file)
-}
-
-/// Creates the spare segment zero-filled to `len` bytes, replacing any spare left behind.
-/// Returns `None`, and deletes the partial file, if `stop` was set before it finished.
-/// Runs on a helper thread, off the append path.
-pub(super) fn prepare_spare(
-    dir: &Path,
-    len: u64,
-    stop: &AtomicBool,
-) -> Result<Option<File>, JournalError> {
-    let path = spare_path(dir);
-    remove_spare(dir)?;
-    let mut file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(io_err("create spare segment", &path))?;
-    let finished = zero_fill(&mut file, len, stop)
-        .and_then(|finished| file.sync_data().map(|()| finished))
-        .map_err(io_err("preallocate spare segment", &path))?;
-    if !finished {
-        drop(file);
-        remove_spare(dir)?;
-        return Ok(None);
-    }
-    Ok(Some(file))
-}
-
-/// Turns the prepared spare into segment `n` (rename + directory fsync).
-pub(super) fn install_spare(dir: &Path, n: u64) -> Result<(), JournalError> {
-    let to = path(dir, n);
-    fs::rename(spare_path(dir), &to).map_err(io_err("rename the spare segment to", &to))?;
-    sync_dir(dir)
-}
-
-/// Deletes the spare, if any. Its creation was never made durable in the directory, so
-/// no directory fsync is needed: after a crash it is either gone or deleted on open.
-pub(super) fn remove_spare(dir: &Path) -> Result<(), JournalError> {
-    let path = spare_path(dir);
-    match fs::remove_file(&path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_err("delete spare segment", &path)(e))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Writes `len` zero bytes at the start of the empty `file`. Returns false if `stop` was
-/// set first. Real zeros, not `fallocate`: a range allocated with `fallocate` is
-/// "unwritten" on ext4 and XFS, and the first write into it is a metadata change that
-/// every `fdatasync` would have to commit.
-fn zero_fill(file: &mut File, len: u64, stop: &AtomicBool) -> io::Result<bool> {
-    let zeros = vec![0u8; ZERO_CHUNK.min(usize::try_from(len).unwrap_or(ZERO_CHUNK))];
-    let mut left = len;
-    while left > 0 {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(false);
-        }
-        let n = zeros.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        file.write_all(&zeros[..n])?;
-        left -= n as u64;
-    }
-    Ok(true)
 }
 
 /// Cuts the segment at `path` down to `len` bytes, durably.
@@ -165,5 +89,160 @@ pub(super) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
         Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new(".")),
         Some(p) => sync_dir(p),
         None => Ok(()),
+    }
+}
+
+/// What [`super::Journal`] sends to the writer thread.
+pub(super) enum Msg {
+    /// An encoded record; `done` hears whether it is durable.
+    Append {
+        bytes: Vec<u8>,
+        seq: u64,
+        done: oneshot::Sender<Result<(), JournalError>>,
+    },
+    /// Finish what is queued before this, answer, and exit.
+    Close(oneshot::Sender<()>),
+}
+
+struct Pending {
+    bytes: Vec<u8>,
+    seq: u64,
+    done: oneshot::Sender<Result<(), JournalError>>,
+}
+
+/// Owns the active segment. Runs on its own thread; the only code that writes records.
+pub(super) struct Writer {
+    file: File,
+    number: u64,
+    len: u64,
+    max_seq: u64,
+    shared: Arc<Shared>,
+}
+
+impl Writer {
+    pub(super) fn new(file: File, number: u64, shared: Arc<Shared>) -> Self {
+        Self {
+            file,
+            number,
+            len: 0,
+            max_seq: 0,
+            shared,
+        }
+    }
+
+    /// The writer loop. Returns on [`Msg::Close`] or when the [`super::Journal`] is dropped
+    /// (after writing whatever was still queued).
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
+        let mut group: Vec<Pending> = Vec::new();
+        let mut last_group = 0;
+        // Block (no timer, no spin) until somebody appends.
+        while let Ok(first) = rx.recv() {
+            // ======================== GROUP COMMIT ========================
+            // Everything queued while the previous group was being fsynced is waiting in the
+            // channel now. Take all of it: the first waiter syncs for everyone behind it.
+            // With the opt-in commit delay, and only while appends come concurrently, let
+            // the group grow a little first.
+            if !self.shared.commit_delay.is_zero() && last_group > 1 {
+                std::thread::sleep(self.shared.commit_delay);
+            }
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(msg) = next {
+                match msg {
+                    Msg::Append { bytes, seq, done } => group.push(Pending { bytes, seq, done }),
+                    Msg::Close(ack) => {
+                        close = Some(ack);
+                        break;
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            last_group = group.len();
+            if !group.is_empty() {
+                // One write_all + ONE sync_data for the whole group, then wake every waiter.
+                let result = self.commit(&group);
+                for p in group.drain(..) {
+                    // A waiter that gave up (dropped its future) just misses the answer.
+                    let _ = p.done.send(result.clone());
+                }
+            }
+            // ==============================================================
+            if let Some(ack) = close {
+                let _ = ack.send(());
+                return;
+            }
+        }
+    }
+
+    /// Makes `group` durable, or fails it and turns the journal failed.
+    fn commit(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+        self.shared.check_failed()?;
+        let result = self.write_and_sync(group);
+        if let Err(err) = &result {
+            tracing::error!(
+                error = %err,
+                records = group.len(),
+                "journal write failed; refusing all further appends"
+            );
+            let _ = self.shared.failed.set(err.clone());
+        }
+        result
+    }
+
+    fn write_and_sync(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+        if self.len > 0 && self.len >= self.shared.segment_bytes {
+            self.rotate()?;
+        }
+        let buf = group
+            .iter()
+            .map(|p| p.bytes.as_slice())
+            .collect::<Vec<_>>()
+            .concat();
+        let seg = || path(&self.shared.dir, self.number);
+        self.file
+            .write_all(&buf)
+            .map_err(|e| io_err("write to", &seg())(e))?;
+        let started = Instant::now();
+        self.file
+            .sync_data()
+            .map_err(|e| io_err("fsync", &seg())(e))?;
+        let fsync = started.elapsed();
+
+        self.len += buf.len() as u64;
+        self.max_seq = group.iter().map(|p| p.seq).fold(self.max_seq, u64::max);
+        self.shared.segments().active_max_seq = self.max_seq;
+        if let Some(on_sync) = &self.shared.on_sync {
+            on_sync(GroupStats {
+                records: group.len(),
+                bytes: buf.len(),
+                fsync,
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the full active segment and starts the next one (directory fsynced first).
+    fn rotate(&mut self) -> Result<(), JournalError> {
+        let next = self.number.checked_add(1).ok_or_else(|| {
+            io_err("number a new segment in", &self.shared.dir)(io::Error::other(
+                "segment numbers exhausted",
+            ))
+        })?;
+        self.file = create(&self.shared.dir, next)?;
+        {
+            let mut segs = self.shared.segments();
+            segs.closed.insert(self.number, self.max_seq);
+            segs.active = next;
+            segs.active_max_seq = 0;
+        }
+        tracing::debug!(
+            closed = self.number,
+            active = next,
+            "journal segment rotated"
+        );
+        self.number = next;
+        self.len = 0;
+        self.max_seq = 0;
+        Ok(())
     }
 }
