@@ -85,12 +85,15 @@
 //! checkpoint or database model (and `sled`'s log is not a standalone API); the small
 //! standalone WAL crates either leave fsync batching and async acknowledgement to the
 //! caller or are young single-author projects. A few hundred lines that can be audited in
-//! one sitting are the smaller risk. The recovery rules follow vector's `disk_v2` buffer: a
-//! length- and checksum-framed record log, replayed and cut at the first bad record.
+//! one sitting are the smaller risk. The record framing follows vector's `disk_v2` buffer (a
+//! length- and checksum-framed record log). Its recovery differs: vector skips the rest of a
+//! data file after a bad record and goes on with the next file; tally does that for older
+//! segments only, and truncates the last one at its first bad record, because a crash can
+//! only tear the tail of the segment being appended to.
 
 pub mod record;
 mod replay;
-mod segment;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -203,13 +206,6 @@ pub enum JournalError {
     /// Another [`Journal`] holds the directory's lock file.
     #[error("journal directory {} is in use by another journal", path.display())]
     Locked { path: PathBuf },
-    /// Bytes that are not a valid record. [`record::decode`] returns the bare
-    /// [`Corruption`]; replay never fails with it (it cuts or skips, see the module docs).
-    #[error("corrupt journal record: {reason}")]
-    Corrupt {
-        #[from]
-        reason: Corruption,
-    },
 }
 
 /// Builds a [`JournalError::Io`] for `op` on `path` (for `map_err`).
@@ -227,7 +223,7 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 pub struct Journal {
     shared: Arc<Shared>,
     /// Queue to the writer thread; `None` once closed.
-    tx: Mutex<Option<mpsc::Sender<segment::Msg>>>,
+    tx: Mutex<Option<mpsc::Sender<writer::Msg>>>,
     /// Joined on drop.
     writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
@@ -269,10 +265,10 @@ impl Shared {
     /// Deletes the given segments (already gone is fine), then fsyncs the directory.
     fn remove_segments(&self, numbers: &[u64]) -> Result<(), JournalError> {
         for &n in numbers {
-            segment::remove(&self.dir, n)?;
+            writer::remove(&self.dir, n)?;
         }
         if !numbers.is_empty() {
-            segment::sync_dir(&self.dir)?;
+            writer::sync_dir(&self.dir)?;
         }
         Ok(())
     }
@@ -298,10 +294,10 @@ impl Journal {
     /// error: it is logged, dropped, and counted in [`Replay::cut_bytes`].
     pub fn open(dir: &Path, opts: JournalOptions) -> Result<(Journal, Replay), JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        segment::sync_parent(dir)?;
+        writer::sync_parent(dir)?;
         let lock = lock_dir(dir)?;
 
-        let numbers = segment::list(dir)?;
+        let numbers = writer::list(dir)?;
         let (replay, closed) = replay::replay(dir, &numbers)?;
         let active = match numbers.last() {
             None => 1,
@@ -311,7 +307,7 @@ impl Journal {
                 ))
             })?,
         };
-        let file = segment::create(dir, active)?;
+        let file = writer::create(dir, active)?;
 
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -326,7 +322,7 @@ impl Journal {
             }),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = segment::Writer::new(file, active, Arc::clone(&shared));
+        let writer = writer::Writer::new(file, active, Arc::clone(&shared));
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run(rx))
@@ -337,7 +333,7 @@ impl Journal {
             max_seq = replay.max_seq,
             cut_bytes = replay.cut_bytes,
             active_segment = active,
-            "journal opened"
+            "Opened the journal."
         );
         let journal = Journal {
             shared,
@@ -366,12 +362,12 @@ impl Journal {
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
         let bytes = record::encode(seq, entries)?;
         let (done, acked) = oneshot::channel();
-        self.send(segment::Msg::Append { bytes, seq, done })?;
+        self.send(writer::Msg::Append { bytes, seq, done })?;
         // A dropped sender means the writer thread is gone without answering.
         acked.await.unwrap_or(Err(JournalError::Closed))
     }
 
-    fn send(&self, msg: segment::Msg) -> Result<(), JournalError> {
+    fn send(&self, msg: writer::Msg) -> Result<(), JournalError> {
         self.shared.check_failed()?;
         let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
         let tx = tx.as_ref().ok_or(JournalError::Closed)?;
@@ -396,7 +392,7 @@ impl Journal {
             .collect();
         self.shared.remove_segments(&doomed)?;
         if !doomed.is_empty() {
-            tracing::debug!(segments = ?doomed, applied_seq, "journal trimmed");
+            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
         }
         Ok(doomed.len())
     }
@@ -418,7 +414,7 @@ impl Journal {
             .take();
         if let Some(tx) = tx {
             let (ack, stopped) = oneshot::channel();
-            let sent = tx.send(segment::Msg::Close(ack)).is_ok();
+            let sent = tx.send(writer::Msg::Close(ack)).is_ok();
             drop(tx);
             if sent {
                 // Err only if the writer thread died; then there is nothing left to wait for.
@@ -438,7 +434,7 @@ impl Journal {
                 tracing::info!(
                     max_seq,
                     applied_seq,
-                    "journal closed; unapplied records kept"
+                    "Closed the journal; kept segments with records the store lacks."
                 );
                 return Ok(());
             }
@@ -449,7 +445,7 @@ impl Journal {
         self.shared.remove_segments(&doomed)?;
         tracing::info!(
             applied_seq,
-            "journal closed; all records applied, segments removed"
+            "Closed the journal; every record is in the store, segments removed."
         );
         Ok(())
     }
@@ -469,7 +465,7 @@ impl Drop for Journal {
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
-            tracing::error!("journal writer thread panicked");
+            tracing::error!("The journal writer thread panicked.");
         }
     }
 }

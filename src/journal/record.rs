@@ -31,8 +31,8 @@ const FIXED_BODY_LEN: usize = 1 + 8 + 4;
 /// key_len + delta (an entry with an empty key).
 const MIN_ENTRY_LEN: usize = 4 + 8;
 
-/// Why a byte string is not a valid record. Produced by [`decode`], wrapped in
-/// [`JournalError::Corrupt`].
+/// Why a byte string is not a valid record. Produced by [`decode`]; replay cuts or skips
+/// what it cannot decode and counts it in `Replay::cut_bytes`, so it is never an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Corruption {
     /// The buffer ends before the record does (the classic torn write at the tail).

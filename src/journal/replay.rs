@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use super::{JournalError, Replay, io_err, record, segment};
+use super::{JournalError, Replay, io_err, record, writer};
 
 /// Replays segments `numbers` (ascending) of `dir`. Returns the records and, for every
 /// segment kept, its highest seq. A bad tail of the last segment is truncated off; the
@@ -18,7 +18,7 @@ pub(super) fn replay(
     let mut deleted_any = false;
     for (i, &n) in numbers.iter().enumerate() {
         let is_last = i + 1 == numbers.len();
-        let path = segment::path(dir, n);
+        let path = writer::path(dir, n);
         let data = fs::read(&path).map_err(io_err("read segment", &path))?;
 
         let mut offset = 0;
@@ -36,13 +36,13 @@ pub(super) fn replay(
                     if is_last {
                         tracing::warn!(
                             segment = %path.display(), offset, bytes_cut = cut, %reason,
-                            "journal: cutting torn or corrupt tail off the last segment"
+                            "Cutting a torn or corrupt tail off the last journal segment."
                         );
-                        segment::truncate(&path, offset as u64)?;
+                        writer::truncate(&path, offset as u64)?;
                     } else {
                         tracing::error!(
                             segment = %path.display(), offset, bytes_skipped = cut, %reason,
-                            "journal: corrupt record inside an older segment; skipping its rest"
+                            "Corrupt record inside an older journal segment; skipping the rest of that segment."
                         );
                     }
                     break;
@@ -51,7 +51,7 @@ pub(super) fn replay(
         }
         // Nothing left in the file (it was empty, or all of it was a cut tail): drop it.
         if offset == 0 && (is_last || data.is_empty()) {
-            segment::remove(dir, n)?;
+            writer::remove(dir, n)?;
             deleted_any = true;
             continue;
         }
@@ -59,7 +59,7 @@ pub(super) fn replay(
         kept.insert(n, max_seq);
     }
     if deleted_any {
-        segment::sync_dir(dir)?;
+        writer::sync_dir(dir)?;
     }
     Ok((out, kept))
 }

@@ -307,12 +307,12 @@ fn empty_directory_and_empty_segments() {
     drop(journal);
 
     // Empty leftovers, old and newest, plus an unrelated file that must be ignored.
-    fs::write(segment::path(&dir, 7), b"").expect("write");
-    fs::write(segment::path(&dir, 9), b"").expect("write");
+    fs::write(writer::path(&dir, 7), b"").expect("write");
+    fs::write(writer::path(&dir, 9), b"").expect("write");
     fs::write(dir.join("README"), b"not a segment").expect("write");
     let (_journal, replay) = open(&dir, 100);
     assert_eq!(replay, Replay::default());
-    assert_eq!(segment_files(&dir), vec![segment::path(&dir, 10)]);
+    assert_eq!(segment_files(&dir), vec![writer::path(&dir, 10)]);
     assert!(dir.join("README").exists());
 }
 
@@ -332,10 +332,7 @@ async fn trim_and_close_remove_only_applied_segments() {
             1,
             "never the active one"
         );
-        assert_eq!(
-            segment_files(dir.path()),
-            vec![segment::path(dir.path(), 3)]
-        );
+        assert_eq!(segment_files(dir.path()), vec![writer::path(dir.path(), 3)]);
     }
     {
         let (journal, replay) = open(dir.path(), 100);
@@ -392,7 +389,7 @@ async fn write_failure_fails_the_journal() {
     let (journal, _) = open(dir.path(), 1); // rotate before every group
     journal.append(1, &[("a", 1)]).await.expect("first append");
     // Occupy the next segment's name so rotation cannot create it.
-    fs::create_dir(segment::path(dir.path(), 2)).expect("mkdir");
+    fs::create_dir(writer::path(dir.path(), 2)).expect("mkdir");
     let err = journal
         .append(2, &[("b", 1)])
         .await
@@ -405,7 +402,7 @@ async fn write_failure_fails_the_journal() {
         Err(JournalError::Failed(_))
     ));
     assert_eq!(
-        segment::path(dir.path(), 1),
+        writer::path(dir.path(), 1),
         non_empty_segments(dir.path())[0]
     );
 }

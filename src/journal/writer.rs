@@ -1,5 +1,5 @@
-//! Segment files (naming, listing, creating, cutting, deleting, directory fsync) and the
-//! writer thread that appends to the active segment with group commit.
+//! The writer thread that appends to the active segment with group commit, and the segment
+//! files it works on (naming, listing, creating, cutting, deleting, directory fsync).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -104,7 +104,7 @@ pub(super) enum Msg {
     Close(oneshot::Sender<()>),
 }
 
-struct Pending {
+struct QueuedRecord {
     bytes: Vec<u8>,
     seq: u64,
     done: oneshot::Sender<Result<(), JournalError>>,
@@ -133,7 +133,7 @@ impl Writer {
     /// The writer loop. Returns on [`Msg::Close`] or when the [`super::Journal`] is dropped
     /// (after writing whatever was still queued).
     pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let mut group: Vec<Pending> = Vec::new();
+        let mut group: Vec<QueuedRecord> = Vec::new();
         let mut last_group = 0;
         // Block (no timer, no spin) until somebody appends.
         while let Ok(first) = rx.recv() {
@@ -149,7 +149,9 @@ impl Writer {
             let mut next = Some(first);
             while let Some(msg) = next {
                 match msg {
-                    Msg::Append { bytes, seq, done } => group.push(Pending { bytes, seq, done }),
+                    Msg::Append { bytes, seq, done } => {
+                        group.push(QueuedRecord { bytes, seq, done })
+                    }
                     Msg::Close(ack) => {
                         close = Some(ack);
                         break;
@@ -175,21 +177,21 @@ impl Writer {
     }
 
     /// Makes `group` durable, or fails it and turns the journal failed.
-    fn commit(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+    fn commit(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
         self.shared.check_failed()?;
         let result = self.write_and_sync(group);
         if let Err(err) = &result {
             tracing::error!(
                 error = %err,
                 records = group.len(),
-                "journal write failed; refusing all further appends"
+                "Journal write failed; refusing every further append."
             );
             let _ = self.shared.failed.set(err.clone());
         }
         result
     }
 
-    fn write_and_sync(&mut self, group: &[Pending]) -> Result<(), JournalError> {
+    fn write_and_sync(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
         if self.len > 0 && self.len >= self.shared.segment_bytes {
             self.rotate()?;
         }
@@ -238,7 +240,7 @@ impl Writer {
         tracing::debug!(
             closed = self.number,
             active = next,
-            "journal segment rotated"
+            "Rotated the journal segment."
         );
         self.number = next;
         self.len = 0;
