@@ -29,9 +29,14 @@ pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     let mut signals = Signals::install()?;
     Ok(async move {
         signals.recv().await;
+        drop(signals);
         tracing::info!("Shutdown requested; draining. Send the signal again to exit at once.");
         tokio::spawn(async move {
-            signals.recv().await;
+            // Fresh streams: they see only signals sent from now on.
+            let Ok(mut again) = Signals::install() else {
+                return;
+            };
+            again.recv().await;
             tracing::warn!("Second signal: exiting without draining.");
             std::process::exit(130);
         });
