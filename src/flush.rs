@@ -8,11 +8,17 @@
 //! store in order and a retry after an unknown commit outcome is skipped by the store
 //! instead of counted twice.
 //!
+//! Every batch carries the epoch of this process's claim on its instance id (see
+//! [`crate::store`] on fencing). If the store answers that another process has claimed the
+//! id since, the flusher stops writing for good and marks the instance fenced: handlers
+//! refuse increments and `/readyz` fails, rather than acknowledging deltas that would never
+//! reach the store.
+//!
 //! A batch the store rejects for a data reason (a sum beyond 64 bits) is searched for the
 //! offending keys, which are moved to the dead-letter table in the same transaction as the
 //! rest of the batch: a poison key never wedges the flusher.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -34,6 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub struct FlushHealth {
     /// The error of the last attempt, if it failed; cleared by the next success.
     last_error: Mutex<Option<String>>,
+    /// Set once, when the store refused a batch because another process claimed the id.
+    fenced: OnceLock<String>,
 }
 
 impl FlushHealth {
@@ -43,6 +51,11 @@ impl FlushHealth {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Why this instance no longer writes, once another process has claimed its id.
+    pub fn fenced(&self) -> Option<&str> {
+        self.fenced.get().map(String::as_str)
     }
 
     fn set(&self, error: Option<String>) {
@@ -62,6 +75,8 @@ pub struct Flusher {
     /// caller keeps no journal (benchmarks, `ack=memory` tests of the flusher alone).
     journal: Option<Arc<Journal>>,
     instance_id: Arc<str>,
+    /// The epoch of this process's claim on `instance_id`, carried by every batch.
+    epoch: u64,
     interval: Duration,
     /// Publishes the seq of each batch the store holds; `ack=store` requests wait on it.
     applied: watch::Sender<u64>,
@@ -76,6 +91,8 @@ pub enum Flushed {
     Nothing,
     /// A batch with this many keys is in the store.
     Batch { keys: usize },
+    /// Another process claimed the instance id: nothing was written, and nothing will be.
+    Fenced,
 }
 
 impl Flusher {
@@ -93,6 +110,7 @@ impl Flusher {
             store,
             journal: None,
             instance_id,
+            epoch: 0,
             interval,
             applied,
             health: Arc::default(),
@@ -103,6 +121,15 @@ impl Flusher {
     #[must_use]
     pub fn with_journal(mut self, journal: Arc<Journal>) -> Self {
         self.journal = Some(journal);
+        self
+    }
+
+    /// Writes every batch under `epoch`, this process's claim on the instance id
+    /// ([`crate::store::Store::claim`]). Without it batches carry epoch 0, the epoch of an id
+    /// nobody has claimed (benchmarks, tests of the flusher alone).
+    #[must_use]
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
         self
     }
 
@@ -144,7 +171,10 @@ impl Flusher {
             // it, if the cancelled attempt had committed).
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = self.flush() => {}
+                flushed = self.flush() => if flushed == Flushed::Fenced {
+                    shutdown.cancelled().await;
+                    break;
+                }
             }
         }
         tracing::info!("Draining: flushing every pending delta.");
@@ -152,9 +182,12 @@ impl Flusher {
             while let Flushed::Batch { .. } = self.flush().await {}
         })
         .await;
+        let left = self.aggregator.pending_keys();
         if drained.is_err() {
-            let left = self.aggregator.pending_keys();
             bail!("final flush did not finish within {drain_timeout:?}: {left} keys not written");
+        }
+        if let Some(reason) = self.health.fenced() {
+            bail!("fenced, {left} keys not written (a journal keeps them): {reason}");
         }
         if let Some(journal) = &self.journal {
             journal.close(self.aggregator.applied_seq()).await?;
@@ -169,6 +202,9 @@ impl Flusher {
     /// Writes the batch in flight, or seals and writes the live generation; retries until
     /// the store has it.
     pub async fn flush(&self) -> Flushed {
+        if self.health.fenced().is_some() {
+            return Flushed::Fenced;
+        }
         let Some(batch) = self
             .aggregator
             .inflight()
@@ -176,7 +212,9 @@ impl Flusher {
         else {
             return Flushed::Nothing;
         };
-        let keys = self.commit(&batch).await;
+        let Ok(keys) = self.commit(&batch).await else {
+            return Flushed::Fenced;
+        };
         if let Some(Err(e)) = self.journal.as_ref().map(|j| j.trim(batch.seq)) {
             tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
         }
@@ -186,15 +224,21 @@ impl Flusher {
     /// Writes `batch` until the store has it, then records it applied (the aggregator drops
     /// it, `ack=store` waiters hear of it); returns its key count. Journal replay calls this
     /// for each recovered batch before the flusher runs.
-    pub(crate) async fn commit(&self, batch: &Sealed) -> usize {
-        let keys = self.write(batch).await;
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Fenced`] (the only error: others are retried) if another process
+    /// claimed the instance id; the batch stays in flight, unwritten.
+    pub(crate) async fn commit(&self, batch: &Sealed) -> Result<usize, StoreError> {
+        let keys = self.write(batch).await?;
         self.aggregator.complete(batch.seq);
         self.applied.send_replace(batch.seq);
-        keys
+        Ok(keys)
     }
 
-    /// Applies `batch`, retrying with backoff until it is in the store; returns its key count.
-    async fn write(&self, batch: &Sealed) -> usize {
+    /// Applies `batch`, retrying with backoff until it is in the store; returns its key
+    /// count, or the store's [`StoreError::Fenced`].
+    async fn write(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let mut entries = batch.sorted();
         let mut dead_letters = Vec::new();
         let mut backoff = BACKOFF_START;
@@ -205,6 +249,7 @@ impl Flusher {
                 .store
                 .apply(Batch {
                     instance_id: &self.instance_id,
+                    epoch: self.epoch,
                     seq: batch.seq,
                     entries: &entries,
                     dead_letters: &dead_letters,
@@ -231,7 +276,19 @@ impl Flusher {
                         result,
                         "Flushed batch."
                     );
-                    return entries.len();
+                    return Ok(entries.len());
+                }
+                Err(e @ StoreError::Fenced { .. }) => {
+                    metrics.flush_batches.fenced.increment(1);
+                    tracing::error!(
+                        error = %e, seq = batch.seq, keys = entries.len(),
+                        "Fenced: another process claimed this instance id. Writing nothing more and \
+                         refusing increments; what is pending stays in the journal (ack=journal). Give \
+                         each instance its own --instance-id, then restart this one."
+                    );
+                    let _ = self.health.fenced.set(e.to_string());
+                    self.health.set(Some(e.to_string()));
+                    return Err(e);
                 }
                 Err(StoreError::Rejected { reason, keys }) => {
                     metrics.flush_batches.rejected.increment(1);

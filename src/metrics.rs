@@ -29,8 +29,9 @@ pub const SHED: &str = "tally_shed_total";
 /// Keys not yet in the store: the live generation plus the batch in flight.
 pub const PENDING_KEYS: &str = "tally_pending_keys";
 /// Batch write attempts, by `result`: `committed`, `already_applied` (a retry of a batch the
-/// store had already committed), `failed` (to be retried) and `rejected` (the store refused
-/// some keys for a data reason; they go to the dead-letter table and the rest is retried).
+/// store had already committed), `failed` (to be retried), `rejected` (the store refused
+/// some keys for a data reason; they go to the dead-letter table and the rest is retried) and
+/// `fenced` (another process claimed this instance id; nothing more is written).
 pub const FLUSH_BATCHES: &str = "tally_flush_batches_total";
 /// Distinct keys per batch.
 pub const FLUSH_KEYS: &str = "tally_flush_keys";
@@ -92,6 +93,7 @@ pub struct FlushBatches {
     pub already_applied: Counter,
     pub failed: Counter,
     pub rejected: Counter,
+    pub fenced: Counter,
 }
 
 /// The `reason` values of [`REJECTED`]: the error codes an [`crate::http::error::ApiError`]
@@ -170,6 +172,7 @@ impl Metrics {
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
                     failed: metrics::counter!(FLUSH_BATCHES, "result" => "failed"),
                     rejected: metrics::counter!(FLUSH_BATCHES, "result" => "rejected"),
+                    fenced: metrics::counter!(FLUSH_BATCHES, "result" => "fenced"),
                 },
                 flush_keys: metrics::histogram!(FLUSH_KEYS),
                 flush_duration: metrics::histogram!(FLUSH_DURATION),

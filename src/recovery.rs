@@ -22,7 +22,8 @@ use crate::journal::{Journal, Replay};
 /// # Errors
 ///
 /// A journal generation whose sum for a key does not fit in 64 bits (only a corrupted or
-/// hand-edited journal can hold one), or a failed trim.
+/// hand-edited journal can hold one), another process claiming the instance id meanwhile,
+/// or a failed trim.
 pub(crate) async fn replay_journal(
     flusher: &Flusher,
     journal: &Journal,
@@ -52,7 +53,10 @@ pub(crate) async fn replay_journal(
             })
             .collect::<anyhow::Result<Vec<_>>>()
             .context("cannot replay the journal")?;
-        flusher.commit(&Sealed::from_deltas(seq, deltas)).await;
+        flusher
+            .commit(&Sealed::from_deltas(seq, deltas))
+            .await
+            .context("cannot replay the journal")?;
         applied = seq;
     }
     if replayed > 0 || replay.cut_bytes > 0 {

@@ -87,12 +87,16 @@ impl App {
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
         let instance_id: Arc<str> = instance_id(&config)?.into();
-        let applied = store.last_applied(&instance_id).await.with_context(|| {
+        // Claiming fences off any earlier process with this id, and waits for a batch of a
+        // predecessor still being committed, so `applied` includes it.
+        let claim = store.claim(&instance_id).await.with_context(|| {
             format!(
-                "cannot read this instance's progress from the {} store",
+                "cannot claim instance id {instance_id:?} in the {} store",
                 store.name()
             )
         })?;
+        let applied = claim.last_seq;
+        tracing::info!(%instance_id, epoch = claim.epoch, applied_seq = applied, "Claimed the instance id.");
 
         let journal_dir = config.store.data_dir.join("journal");
         let options = JournalOptions {
@@ -116,6 +120,7 @@ impl App {
             Arc::clone(&instance_id),
             config.flush.interval,
         )
+        .with_epoch(claim.epoch)
         .with_journal(Arc::clone(&journal));
         recovery::replay_journal(&flusher, &journal, replay, applied).await?;
 

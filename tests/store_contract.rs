@@ -14,7 +14,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tally::store::{Applied, Batch, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored};
+use tally::store::{
+    Applied, Batch, Claim, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored,
+};
 use tempfile::TempDir;
 
 use both_stores::on_both_stores;
@@ -107,10 +109,16 @@ impl Fixture {
 fn batch<'a>(instance_id: &'a str, seq: u64, entries: &'a [(&'a str, i64)]) -> Batch<'a> {
     Batch {
         instance_id,
+        epoch: 0,
         seq,
         entries,
         dead_letters: &[],
     }
+}
+
+/// The last seq the store holds for `instance_id`, read without claiming it.
+async fn last_seq(store: &dyn Store, instance_id: &str) -> u64 {
+    store.read("", instance_id).await.expect("read").applied_seq
 }
 
 async fn value(store: &dyn Store, key: &str) -> Option<i64> {
@@ -121,7 +129,7 @@ async fn apply_adds_every_delta_and_records_the_seq(backend: Backend) {
     let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
     store.ping().await.expect("ping");
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 0);
+    assert_eq!(last_seq(&*store, "i1").await, 0);
     let first = [("a", 5), ("b", -3), ("é/ключ", 1)];
     assert_eq!(
         store.apply(batch("i1", 1, &first)).await.expect("apply"),
@@ -132,8 +140,8 @@ async fn apply_adds_every_delta_and_records_the_seq(backend: Backend) {
         store.apply(batch("i1", 2, &second)).await.expect("apply"),
         Applied::Committed
     );
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 2);
-    assert_eq!(store.last_applied("i2").await.expect("last_applied"), 0);
+    assert_eq!(last_seq(&*store, "i1").await, 2);
+    assert_eq!(last_seq(&*store, "i2").await, 0);
     let want: BTreeMap<String, i64> = [
         ("a".to_owned(), 7),
         ("b".to_owned(), -3),
@@ -149,7 +157,7 @@ async fn apply_adds_every_delta_and_records_the_seq(backend: Backend) {
         store.apply(batch("i1", 3, &[])).await.expect("apply"),
         Applied::Committed
     );
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 3);
+    assert_eq!(last_seq(&*store, "i1").await, 3);
 }
 on_both_stores!(apply_adds_every_delta_and_records_the_seq);
 
@@ -179,8 +187,8 @@ async fn a_seq_already_applied_is_skipped_and_reported(backend: Backend) {
         Applied::Committed
     );
     assert_eq!(value(&*store, "k").await, Some(20));
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
-    assert_eq!(store.last_applied("i2").await.expect("last_applied"), 1);
+    assert_eq!(last_seq(&*store, "i1").await, 1);
+    assert_eq!(last_seq(&*store, "i2").await, 1);
 }
 on_both_stores!(a_seq_already_applied_is_skipped_and_reported);
 
@@ -207,12 +215,12 @@ async fn seqs_only_move_forward(backend: Backend) {
             "seq {newer}"
         );
     }
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 10);
+    assert_eq!(last_seq(&*store, "i1").await, 10);
     assert_eq!(value(&*store, "k").await, Some(3));
     // The recorded seq survives reopening the store.
     drop(store);
     let store = fixture.open().await;
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 10);
+    assert_eq!(last_seq(&*store, "i1").await, 10);
     assert_eq!(
         store.apply(batch("i1", 10, &one)).await.expect("apply"),
         Applied::AlreadyApplied
@@ -248,7 +256,7 @@ async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(backe
         want,
         "nothing applied, nothing wrapped"
     );
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
+    assert_eq!(last_seq(&*store, "i1").await, 1);
     // The same seq without the offending key then goes in.
     let rest = [("aaa", 1), ("high", 1), ("zzz", 1)];
     assert_eq!(
@@ -283,7 +291,7 @@ async fn probe_checks_without_writing(backend: Backend) {
         [("edge".to_owned(), i64::MAX)].into(),
         "probe wrote nothing"
     );
-    assert_eq!(store.last_applied("i1").await.expect("last_applied"), 1);
+    assert_eq!(last_seq(&*store, "i1").await, 1);
 }
 on_both_stores!(probe_checks_without_writing);
 
@@ -298,6 +306,7 @@ async fn dead_letters_are_recorded_with_their_batch(backend: Backend) {
     let entries = [("fine", 1)];
     let with_dead = Batch {
         instance_id: "i1",
+        epoch: 0,
         seq: 7,
         entries: &entries,
         dead_letters: &dead,
@@ -314,6 +323,7 @@ async fn dead_letters_are_recorded_with_their_batch(backend: Backend) {
     // A batch of dead letters only.
     let only_dead = Batch {
         instance_id: "i1",
+        epoch: 0,
         seq: 8,
         entries: &[],
         dead_letters: &dead,
@@ -423,3 +433,56 @@ async fn opening_twice_keeps_the_schema_and_the_data(backend: Backend) {
     assert!(!versions.is_empty(), "migrations are recorded");
 }
 on_both_stores!(opening_twice_keeps_the_schema_and_the_data);
+
+async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    let first = store.claim("i1").await.expect("claim");
+    assert_eq!(first.last_seq, 0, "a new id has applied nothing");
+    let one = [("k", 1)];
+    let under = |claim: Claim, seq| Batch {
+        epoch: claim.epoch,
+        ..batch("i1", seq, &one)
+    };
+    assert_eq!(
+        store.apply(under(first, 1)).await.expect("apply"),
+        Applied::Committed
+    );
+
+    // A second process claims the id: it sees the first one's progress, and the first one's
+    // batches are refused from now on, whatever their seq.
+    let second = store.claim("i1").await.expect("claim");
+    assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
+    assert_eq!(second.last_seq, 1);
+    for seq in [1, 2] {
+        match store.apply(under(first, seq)).await {
+            Err(StoreError::Fenced {
+                instance_id,
+                epoch,
+                current,
+            }) => assert_eq!(
+                (instance_id.as_str(), epoch, current),
+                ("i1", first.epoch, second.epoch)
+            ),
+            other => panic!("seq {seq} of the fenced holder: want Fenced, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        value(&*store, "k").await,
+        Some(1),
+        "nothing of theirs written"
+    );
+    assert_eq!(
+        store.apply(under(second, 2)).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(value(&*store, "k").await, Some(2));
+    // Claims are per id, and survive reopening the store.
+    assert_eq!(store.claim("i2").await.expect("claim").last_seq, 0);
+    drop(store);
+    let store = fixture.open().await;
+    let third = store.claim("i1").await.expect("claim");
+    assert!(third.epoch > second.epoch);
+    assert_eq!(third.last_seq, 2);
+}
+on_both_stores!(a_new_claim_fences_off_the_previous_holder);

@@ -45,6 +45,11 @@ pub enum ApiError {
     /// The store cannot be read right now. 503 with `Retry-After`.
     #[error("the store is unavailable")]
     StoreUnavailable(#[source] StoreError),
+    /// Another process claimed this instance's id: it writes nothing more, so it accepts
+    /// nothing. 503 with `Retry-After` (a retry through the load balancer reaches another
+    /// instance; `/readyz` takes this one out).
+    #[error("this instance was fenced off")]
+    Fenced,
     /// The instance is shutting down and can no longer confirm this request. 503.
     #[error("tally is shutting down")]
     ShuttingDown,
@@ -92,6 +97,7 @@ pub const ERROR_CODES: &[&str] = &[
     "overloaded",
     "store_unavailable",
     "shutting_down",
+    "fenced",
     "unauthorized",
     "rate_limited",
     "timeout",
@@ -113,6 +119,7 @@ impl ApiError {
             Self::Shedding(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Self::Fenced => (StatusCode::SERVICE_UNAVAILABLE, "fenced"),
             Self::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
@@ -151,12 +158,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let extra_header = match &self {
-            ApiError::Shedding(_) | ApiError::StoreUnavailable(_) | ApiError::ShuttingDown => {
-                Some((
-                    header::RETRY_AFTER,
-                    HeaderValue::from_static(RETRY_AFTER_SECONDS),
-                ))
-            }
+            ApiError::Shedding(_)
+            | ApiError::StoreUnavailable(_)
+            | ApiError::ShuttingDown
+            | ApiError::Fenced => Some((
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            )),
             ApiError::RateLimited {
                 retry_after_seconds,
             } => Some((header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds))),
@@ -183,6 +191,9 @@ impl IntoResponse for ApiError {
                 }
                 "store_unavailable" => "the store is unavailable; retry later".to_owned(),
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
+                "fenced" => "another process claimed this instance's id (--instance-id); \
+                             retry on another instance"
+                    .to_owned(),
                 "timeout" => "the request did not finish within the request timeout \
                               (--request-timeout); an increment may or may not have been applied"
                     .to_owned(),

@@ -59,7 +59,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
         (status = 415, description = "Content-Type is neither JSON nor a form.", body = ErrorBody),
         (status = 422, description = "A field is missing, has the wrong type or an invalid value, \
             or adding the value would overflow the key's pending 64-bit sum.", body = ErrorBody),
-        (status = 503, description = "Shedding load (pending-key cap), shutting down or timed out.", body = ErrorBody,
+        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off or timed out.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
     )
 )]
@@ -109,7 +109,7 @@ pub struct Accepted {
         (status = 415, description = "Content-Type is neither JSON nor NDJSON.", body = ErrorBody),
         (status = 422, description = "An item is invalid, or would overflow its key's pending \
             64-bit sum; nothing was applied.", body = ErrorBody),
-        (status = 503, description = "Shedding load (pending-key cap), shutting down or timed out.", body = ErrorBody,
+        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off or timed out.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
     )
 )]
@@ -135,6 +135,9 @@ pub async fn many(
 
 /// Adds `items` to the aggregator (all or none), then waits for the configured durability.
 async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
+    if state.health.fenced().is_some() {
+        return Err(ApiError::Fenced);
+    }
     let seq = match items {
         [one] => state.aggregator.add(&one.key, one.delta)?,
         _ => state.aggregator.add_all(items)?,

@@ -50,7 +50,27 @@ pub async fn healthz() -> Json<Status> {
     )
 )]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let reason = match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
+    let reason = not_ready(&state).await;
+    match reason {
+        None => Json(Status { status: "ready" }).into_response(),
+        Some(message) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            Json(ErrorBody {
+                error: "not_ready",
+                message,
+            }),
+        )
+            .into_response(),
+    }
+}
+
+/// Why this instance should not take traffic, if it should not.
+async fn not_ready(state: &AppState) -> Option<String> {
+    if let Some(reason) = state.health.fenced() {
+        return Some(format!("fenced: {reason}"));
+    }
+    match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
         Err(_) => Some(format!(
             "store ({}) did not answer within {PING_TIMEOUT:?}",
             state.store.name()
@@ -63,17 +83,5 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             .health
             .last_error()
             .map(|e| format!("last flush failed: {e}")),
-    };
-    match reason {
-        None => Json(Status { status: "ready" }).into_response(),
-        Some(message) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            Json(ErrorBody {
-                error: "not_ready",
-                message,
-            }),
-        )
-            .into_response(),
     }
 }

@@ -8,6 +8,12 @@
 //!   outcome never counts twice.
 //! - A sum outside the 64-bit range is refused with [`StoreError::Rejected`], never wrapped
 //!   or turned into a float, and nothing of that batch is applied.
+//! - **Fencing.** [`Store::claim`] makes the caller the one process that writes as an
+//!   instance id: it bumps the id's epoch, and [`Store::apply`] refuses, with
+//!   [`StoreError::Fenced`], a batch whose epoch is no longer the current one. The claim
+//!   waits for a batch of the previous holder that is still being committed (its row lock),
+//!   so the seq it returns includes that batch: a restart after `kill -9` never numbers a
+//!   batch with a seq its dead predecessor has just used.
 //! - [`Store::read`] returns a key's value together with this instance's last applied seq,
 //!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
 
@@ -26,6 +32,9 @@ pub use sqlite::SqliteStore;
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     pub instance_id: &'a str,
+    /// The epoch of the writer's [`Claim`]; 0 for a writer that never claimed (tools and
+    /// tests: 0 is the epoch of an unclaimed id).
+    pub epoch: u64,
     pub seq: u64,
     /// `(key, delta)`, sorted by key, each key once.
     pub entries: &'a [(&'a str, i64)],
@@ -39,6 +48,14 @@ pub struct DeadLetter {
     pub key: String,
     pub delta: i64,
     pub reason: String,
+}
+
+/// What [`Store::claim`] returns: the claim's fencing epoch, and the last seq the store
+/// holds for the id (0 if none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: u64,
+    pub last_seq: u64,
 }
 
 /// The outcome of a successful [`Store::apply`].
@@ -70,6 +87,28 @@ pub enum StoreError {
     /// the offending keys when the backend can tell (empty when it cannot).
     #[error("store rejected the batch: {reason}")]
     Rejected { reason: String, keys: Vec<String> },
+    /// The batch's epoch is not the instance id's current one: another process has claimed
+    /// the id since. Nothing was written, and retrying cannot help.
+    #[error(
+        "instance id {instance_id:?} was claimed by another process (epoch {current}, this \
+         process holds {epoch}); this process no longer writes as it"
+    )]
+    Fenced {
+        instance_id: String,
+        epoch: u64,
+        current: u64,
+    },
+    /// Another live process holds the instance id (PostgreSQL: its session lock), still
+    /// after waiting `waited` for it to go away.
+    #[error(
+        "instance id {instance_id:?} is in use by another running tally (still after {waited:?}); \
+         give each instance its own --instance-id, or leave it unset so that each data directory \
+         generates its own"
+    )]
+    InUse {
+        instance_id: String,
+        waited: std::time::Duration,
+    },
     /// The database schema could not be created or migrated.
     #[error("schema migration failed: {0}")]
     Migration(String),
@@ -87,19 +126,24 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metrics: `sqlite` or `postgres`.
     fn name(&self) -> &'static str;
 
-    /// The last seq applied for `instance_id`; 0 if none.
+    /// Claims `instance_id` for the calling process (see the module docs on fencing): from
+    /// now on only batches carrying the returned epoch are written. Waits for a batch of an
+    /// earlier holder still being committed; the returned `last_seq` includes it.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] if the store cannot be read.
-    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError>;
+    /// [`StoreError::InUse`] if another live process holds the id;
+    /// [`StoreError::Unavailable`] if the store cannot be written.
+    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError>;
 
     /// Applies `batch` in one transaction unless its seq is already applied.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing applied);
-    /// [`StoreError::Unavailable`] if the transaction failed or its outcome is unknown.
+    /// [`StoreError::Fenced`] if the batch's epoch is not the id's current one (nothing
+    /// applied); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
+    /// applied); [`StoreError::Unavailable`] if the transaction failed or its outcome is
+    /// unknown.
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
 
     /// Checks, without writing anything, whether `entries` could be applied: used to find
@@ -132,6 +176,21 @@ pub(crate) fn seq_to_sql(seq: u64) -> Result<i64, StoreError> {
         reason: format!("batch seq {seq} is beyond the 64-bit signed range"),
         keys: Vec::new(),
     })
+}
+
+/// The fencing check of [`Store::apply`], the same on every backend: a batch of
+/// `instance_id` carrying `epoch` may be written when the id's stored epoch is `current`
+/// (0 when the id has no row yet).
+pub(crate) fn check_epoch(instance_id: &str, epoch: u64, current: u64) -> Result<(), StoreError> {
+    if current == epoch {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced {
+            instance_id: instance_id.to_owned(),
+            epoch,
+            current,
+        })
+    }
 }
 
 /// Reads a seq back from a signed 64-bit column (never negative: only `seq_to_sql` writes it).

@@ -1,22 +1,40 @@
 //! The PostgreSQL store: the production and multi-instance backend.
 //!
 //! A batch is one transaction of three statements whatever its size: lock this instance's
-//! seq row, upsert every key with one set-based statement over two arrays (`unnest`), and
+//! row (and check its fencing epoch), upsert every key with one set-based statement over two arrays (`unnest`), and
 //! record the new seq. Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`,
 //! which is reported as [`StoreError::Rejected`].
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::{Applied, Batch, Store, StoreError, Stored, migrate, seq_from_sql, seq_to_sql};
+use super::{
+    Applied, Batch, Claim, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
+    seq_to_sql,
+};
 
 /// How long to wait for a connection (to open, or to get one from the pool) before calling
 /// the store unavailable. Short, so that an outage shows in `/readyz` and the logs quickly;
 /// the flusher retries anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a start waits for another session to release the instance id's lock. A
+/// predecessor killed a moment ago holds it until PostgreSQL notices its connection closed
+/// (at once for a local kill; a few seconds over a network that drops packets).
+const HOLDER_WAIT: Duration = Duration::from_secs(5);
+
+/// `application_name` of the connection that holds an instance id's lock, so that
+/// `pg_stat_activity` shows what it is.
+const HOLDER_APPLICATION: &str = "tally instance lock";
+
+/// Takes the session-level advisory lock of an instance id: 64-bit key from the id's text.
+const TRY_HOLD: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 
 /// Key of the advisory lock that serialises migrations when several instances start at once.
 const MIGRATION_LOCK: i64 = 0x0074_616c_6c79; // "tally" in ASCII
@@ -25,15 +43,28 @@ const UPSERT: &str = "INSERT INTO counters (key, value) \
      SELECT * FROM unnest($1::text[], $2::int8[]) \
      ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, updated_at = now()";
 
-const LOCK_SEQ: &str = "SELECT last_seq FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
+const LOCK_SEQ: &str =
+    "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
 
-const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq) VALUES ($1, $2) \
+const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch) VALUES ($1, $2, $3) \
      ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()";
 
-/// The PostgreSQL backend: a connection pool.
+/// One statement, so one implicit transaction: the upsert waits for the row lock (or the
+/// uncommitted insert) of a batch still being committed, then works on its committed row.
+const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch) VALUES ($1, 0, 1) \
+     ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, updated_at = now() \
+     RETURNING last_seq, epoch";
+
+/// The PostgreSQL backend: a connection pool, plus one connection per claimed instance id
+/// that holds the id's lock.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    config: tokio_postgres::Config,
+    /// Instance ids whose lock this store holds. Dropping the last clone of the store
+    /// drops the guards, which close the lock connections (an app restarted in-process, as
+    /// the tests do, must be able to claim its id again).
+    held: Arc<Mutex<HashMap<String, DropGuard>>>,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -74,7 +105,7 @@ impl PgStore {
             config.application_name("tally");
         }
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -87,7 +118,11 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(StoreError::unavailable)?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            config,
+            held: Arc::default(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -122,9 +157,116 @@ impl PgStore {
         Ok(())
     }
 
+    /// Takes `instance_id`'s advisory lock on a connection of its own and keeps both for
+    /// the life of the process, so that a second live process with the same id refuses to
+    /// start. The lock is what tells a live duplicate from a dead predecessor; correctness
+    /// does not rest on it (a lock goes with its connection, while the process may live
+    /// on): the claim's epoch does. If the connection drops, it is re-taken in the
+    /// background.
+    async fn hold(&self, instance_id: &str) -> Result<(), StoreError> {
+        if self.lock_held().contains_key(instance_id) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut announced = false;
+        let client = loop {
+            if let Some(client) = try_hold(&self.config, instance_id).await? {
+                break client;
+            }
+            if started.elapsed() >= HOLDER_WAIT {
+                return Err(StoreError::InUse {
+                    instance_id: instance_id.to_owned(),
+                    waited: HOLDER_WAIT,
+                });
+            }
+            if !announced {
+                tracing::warn!(
+                    %instance_id,
+                    wait = ?HOLDER_WAIT,
+                    "Another PostgreSQL session holds this instance id; waiting in case it is a process that just died."
+                );
+                announced = true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let stop = CancellationToken::new();
+        tokio::spawn(keep_holding(
+            self.config.clone(),
+            instance_id.to_owned(),
+            client,
+            stop.clone(),
+        ));
+        self.lock_held()
+            .insert(instance_id.to_owned(), stop.drop_guard());
+        Ok(())
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, DropGuard>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The pool, for tests and tools that inspect the database directly.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+}
+
+/// A connection holding `instance_id`'s lock, or `None` when another session holds it.
+async fn try_hold(
+    config: &tokio_postgres::Config,
+    instance_id: &str,
+) -> Result<Option<Holder>, StoreError> {
+    let mut config = config.clone();
+    config.application_name(HOLDER_APPLICATION);
+    let (client, connection) = config.connect(NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let row = client.query_one(TRY_HOLD, &[&instance_id]).await?;
+    Ok(row
+        .get::<_, bool>(0)
+        .then_some(Holder { client, connection }))
+}
+
+/// The connection that holds an instance id's lock, and the task driving it.
+struct Holder {
+    client: tokio_postgres::Client,
+    connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+/// Keeps `holder` open until `stop`; when its connection ends, takes the lock again on a
+/// new one.
+async fn keep_holding(
+    config: tokio_postgres::Config,
+    instance_id: String,
+    holder: Holder,
+    stop: CancellationToken,
+) {
+    // Dropping the client ends the connection, and with it the lock.
+    stop.run_until_cancelled(hold_forever(config, instance_id, holder))
+        .await;
+}
+
+async fn hold_forever(config: tokio_postgres::Config, instance_id: String, mut holder: Holder) {
+    loop {
+        let ended = (&mut holder.connection).await;
+        drop(holder.client);
+        tracing::warn!(
+            %instance_id,
+            error = ?ended.ok().and_then(Result::err).map(|e| e.to_string()),
+            "Lost the connection that holds this instance id's lock; taking it again. (Fencing still keeps another process's writes apart.)"
+        );
+        holder = loop {
+            tokio::time::sleep(HOLDER_WAIT).await;
+            match try_hold(&config, &instance_id).await {
+                Ok(Some(holder)) => break holder,
+                Ok(None) => {
+                    tracing::warn!(%instance_id, "Another session holds this instance id's lock; this process will be fenced off if it claimed the id.")
+                }
+                Err(e) => {
+                    tracing::debug!(%instance_id, error = %e, "Cannot take the instance id's lock yet.")
+                }
+            }
+        };
+        tracing::info!(%instance_id, "Holding this instance id's lock again.");
     }
 }
 
@@ -138,27 +280,29 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError> {
+    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
+        self.hold(instance_id).await?;
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT last_seq FROM tally_instances WHERE instance_id = $1",
-                &[&instance_id],
-            )
-            .await?;
-        Ok(row.map_or(0, |r| seq_from_sql(r.get(0))))
+        let row = client.query_one(CLAIM, &[&instance_id]).await?;
+        Ok(Claim {
+            last_seq: seq_from_sql(row.get(0)),
+            epoch: seq_from_sql(row.get(1)),
+        })
     }
 
     #[tracing::instrument(name = "pg.apply", skip_all, fields(seq = batch.seq, keys = batch.entries.len()))]
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         let seq = seq_to_sql(batch.seq)?;
+        let epoch = seq_to_sql(batch.epoch)?;
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
         let lock_seq = tx.prepare_cached(LOCK_SEQ).await?;
-        let last = tx.query_opt(&lock_seq, &[&batch.instance_id]).await?;
-        if last.is_some_and(|r| r.get::<_, i64>(0) >= seq) {
+        let row = tx.query_opt(&lock_seq, &[&batch.instance_id]).await?;
+        let (last, current) = row.map_or((0, 0), |r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+        check_epoch(batch.instance_id, batch.epoch, seq_from_sql(current))?;
+        if last >= seq {
             return Ok(Applied::AlreadyApplied);
         }
         let (keys, deltas) = split(batch.entries);
@@ -180,7 +324,8 @@ impl Store for PgStore {
             .await?;
         }
         let record_seq = tx.prepare_cached(RECORD_SEQ).await?;
-        tx.execute(&record_seq, &[&batch.instance_id, &seq]).await?;
+        tx.execute(&record_seq, &[&batch.instance_id, &seq, &epoch])
+            .await?;
         tx.commit().await?;
         Ok(Applied::Committed)
     }

@@ -14,7 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{Applied, Batch, Store, StoreError, Stored, migrate, seq_from_sql, seq_to_sql};
+use super::{
+    Applied, Batch, Claim, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
+    seq_to_sql,
+};
 
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -141,17 +144,21 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
-    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError> {
+    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
         let id = instance_id.to_owned();
-        Self::with(&self.read, move |conn| {
-            let seq: Option<i64> = conn
-                .query_row(
-                    "SELECT last_seq FROM tally_instances WHERE instance_id = ?1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(seq.map_or(0, seq_from_sql))
+        Self::with(&self.write, move |conn| {
+            let (last_seq, epoch): (i64, i64) = conn.query_row(
+                "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
+                 VALUES (?1, 0, 1, ?2) \
+                 ON CONFLICT (instance_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at \
+                 RETURNING last_seq, epoch",
+                params![id, now()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(Claim {
+                last_seq: seq_from_sql(last_seq),
+                epoch: seq_from_sql(epoch),
+            })
         })
         .await
     }
@@ -160,20 +167,26 @@ impl Store for SqliteStore {
         // The blocking pool needs owned data: one copy of the batch, cheap next to the I/O.
         let id = batch.instance_id.to_owned();
         let seq = seq_to_sql(batch.seq)?;
+        let epoch = seq_to_sql(batch.epoch)?;
         let entries: Vec<(String, i64)> = batch
             .entries
             .iter()
             .map(|(k, d)| ((*k).to_owned(), *d))
             .collect();
         let dead = batch.dead_letters.to_vec();
+        let batch_epoch = batch.epoch;
         Self::with(&self.write, move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let last: Option<i64> = tx
-                .query_row("SELECT last_seq FROM tally_instances WHERE instance_id = ?1", [&id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            if last.is_some_and(|last| last >= seq) {
+            let (last, current): (i64, i64) = tx
+                .query_row(
+                    "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = ?1",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?
+                .unwrap_or((0, 0));
+            check_epoch(&id, batch_epoch, seq_from_sql(current))?;
+            if last >= seq {
                 return Ok(Applied::AlreadyApplied);
             }
             let sums = new_sums(&tx, &entries)?.map_err(rejected)?;
@@ -195,9 +208,9 @@ impl Store for SqliteStore {
                 }
             }
             tx.execute(
-                "INSERT INTO tally_instances (instance_id, last_seq, updated_at) VALUES (?1, ?2, ?3) \
+                "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (instance_id) DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at",
-                params![id, seq, now],
+                params![id, seq, epoch, now],
             )?;
             tx.commit()?;
             Ok(Applied::Committed)

@@ -266,6 +266,7 @@ async fn capacity_in(
                                 let applied = store
                                     .apply(Batch {
                                         instance_id: "bench-apply",
+                                        epoch: 0,
                                         seq: apply_seq,
                                         entries: &entries,
                                         dead_letters: &[],

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tally::store::{Applied, Batch, Store, StoreError, Stored};
+use tally::store::{Applied, Batch, Claim, Store, StoreError, Stored};
 
 use crate::app::{spawn_app, test_config};
 use crate::both_stores::on_both_stores;
@@ -98,8 +98,8 @@ impl Store for Outage {
         self.inner.name()
     }
 
-    async fn last_applied(&self, instance_id: &str) -> Result<u64, StoreError> {
-        self.inner.last_applied(instance_id).await
+    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
+        self.inner.claim(instance_id).await
     }
 
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {

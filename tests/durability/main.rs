@@ -24,6 +24,7 @@ mod store;
 
 mod ack;
 mod crash;
+mod fencing;
 mod outage;
 mod poison;
 mod replay;

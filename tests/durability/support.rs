@@ -231,9 +231,25 @@ impl Tally {
         }
     }
 
+    /// Waits for the process to exit on its own; panics (with the log tail) after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("wait for tally"),
+            Err(_) => panic!(
+                "tally did not exit within {timeout:?}; log tail:\n{}",
+                self.log_tail()
+            ),
+        }
+    }
+
+    /// This run's whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last lines of this run's log.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let text = self.log();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }

@@ -1,0 +1,269 @@
+//! The instance id is claimed, not assumed: a batch of a process that no longer holds the
+//! claim never lands as if it were the new one's, and the new one never reuses its seqs.
+//!
+//! The case that broke before fencing: `kill -9` while PostgreSQL is still committing the
+//! dead process's batch. The commit finishes *after* the restarted instance read its
+//! progress, so the restart numbered its first batch with the seq the dead process had
+//! just used; the store then skipped that batch as "already applied", and increments
+//! acknowledged after the restart were lost. A deferred constraint trigger that sleeps
+//! makes that commit slow on demand, so the test is deterministic.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::data_dir;
+use crate::pg::{self, PgDatabase, shout};
+use crate::support::{Direct, Tally, TallyConfig, eventually};
+
+/// How long the dead process's commit takes: longer than a restart.
+const SLOW_COMMIT: &str = "2";
+/// Increments acknowledged by the restarted instance.
+const AFTER: i64 = 20;
+
+/// Makes every commit that wrote `tally_instances` sleep while `zombie_switch.slow` is set.
+const SLOW_COMMIT_SQL: &str = "
+    CREATE TABLE zombie_switch (slow boolean NOT NULL);
+    INSERT INTO zombie_switch VALUES (false);
+    CREATE FUNCTION zombie_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF (SELECT slow FROM zombie_switch) THEN PERFORM pg_sleep(SLOW); END IF;
+        RETURN NULL;
+    END $$;
+    CREATE CONSTRAINT TRIGGER zombie_slow_commit AFTER INSERT OR UPDATE ON tally_instances
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION zombie_slow_commit();";
+
+async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
+    client
+        .post(format!("{address}/increment"))
+        .json(&json!({ "key": key, "value": 1 }))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_finishing_after_kill_9_does_not_swallow_the_restarts_first_batch() {
+    let Some(db) = PgDatabase::create("zombie_commit").await else {
+        return;
+    };
+    let dir = data_dir();
+    // ack=memory: nothing but the store's bookkeeping decides what the restart numbers.
+    let config = TallyConfig::new(dir.path(), Some(&db), "memory", "100ms");
+    let admin = pg::client(&db.url).await;
+    let client = reqwest::Client::new();
+
+    let mut tally = Tally::start(&config).await;
+    admin
+        .batch_execute(&SLOW_COMMIT_SQL.replace("SLOW", SLOW_COMMIT))
+        .await
+        .expect("install the slow-commit trigger");
+    // A first batch, committed at normal speed: the instance's row exists from now on, and
+    // the slow commit below updates it (as every commit but an instance's first does).
+    assert_eq!(increment(&client, &tally.address, "warm-up").await, 202);
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the warm-up batch is stored",
+        || async { direct.value("warm-up").await == Some(1) },
+    )
+    .await;
+    admin
+        .batch_execute("UPDATE zombie_switch SET slow = true")
+        .await
+        .expect("turn the slow commit on");
+    assert_eq!(increment(&client, &tally.address, "before").await, 202);
+    eventually(
+        Duration::from_secs(10),
+        "tally's batch commit is in the slow trigger",
+        || async {
+            let row = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event = 'PgSleep'",
+                    &[],
+                )
+                .await
+                .expect("read pg_stat_activity");
+            row.get::<_, i64>(0) > 0
+        },
+    )
+    .await;
+    tally.kill9().await;
+    // The dead process's commit is sleeping already; later commits are fast.
+    admin
+        .batch_execute("UPDATE zombie_switch SET slow = false")
+        .await
+        .expect("turn the slow commit off");
+
+    let mut tally = Tally::start(&config).await;
+    for _ in 0..AFTER {
+        assert_eq!(increment(&client, &tally.address, "after").await, 202);
+    }
+    let status = tally.terminate().await;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
+
+    assert_eq!(
+        direct.value("before").await,
+        Some(1),
+        "the dead process's commit went through (else this test tests nothing)"
+    );
+    assert_eq!(
+        direct.value("after").await,
+        Some(AFTER),
+        "every increment acknowledged after the restart is in the store"
+    );
+    shout(
+        "fencing postgres: a batch commit still running at kill -9 finished after the restart \
+         read its progress; the restart's own batches were all stored",
+    );
+}
+
+/// `--instance-id` given to both instances of the tests below.
+const SHARED_ID: &str = "shared-id";
+
+fn with_shared_id(mut config: TallyConfig) -> TallyConfig {
+    config.extra = vec!["--instance-id".to_owned(), SHARED_ID.to_owned()];
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_process_with_the_same_instance_id_refuses_to_start() {
+    let Some(db) = PgDatabase::create("duplicate_id").await else {
+        return;
+    };
+    let (dir_a, dir_b) = (data_dir(), data_dir());
+    let config_a = with_shared_id(TallyConfig::new(
+        dir_a.path(),
+        Some(&db),
+        "journal",
+        "100ms",
+    ));
+    let config_b = with_shared_id(TallyConfig::new(
+        dir_b.path(),
+        Some(&db),
+        "journal",
+        "100ms",
+    ));
+    let client = reqwest::Client::new();
+
+    let mut a = Tally::start(&config_a).await;
+    assert_eq!(increment(&client, &a.address, "k").await, 202);
+    let mut b = Tally::spawn(&config_b);
+    let status = b.wait_exit(Duration::from_secs(30)).await;
+    let log = b.log();
+    assert!(
+        !status.success(),
+        "the duplicate must not run: {status}\n{log}"
+    );
+    assert!(
+        log.contains("in use by another running tally") && log.contains(SHARED_ID),
+        "the duplicate says why, naming the id:\n{log}"
+    );
+
+    // The first one never noticed.
+    assert_eq!(increment(&client, &a.address, "k").await, 202);
+    let status = a.terminate().await;
+    assert!(
+        status.success(),
+        "the first instance drains and exits 0: {status}"
+    );
+    let direct = Direct::open(dir_a.path(), Some(&db)).await;
+    assert_eq!(direct.value("k").await, Some(2));
+    shout("fencing postgres: a second live process with the same --instance-id refused to start");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing() {
+    let Some(db) = PgDatabase::create("claim_taken").await else {
+        return;
+    };
+    let dir = data_dir();
+    let config = with_shared_id(TallyConfig::new(dir.path(), Some(&db), "journal", "100ms"));
+    let admin = pg::client(&db.url).await;
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    let client = reqwest::Client::new();
+
+    let mut tally = Tally::start(&config).await;
+    for _ in 0..5 {
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the first increments are stored",
+        || async { direct.value("k").await == Some(5) },
+    )
+    .await;
+
+    // Another process claims the id, as a duplicate whose lock connection had dropped would.
+    admin
+        .batch_execute(&format!(
+            "UPDATE tally_instances SET epoch = epoch + 1 WHERE instance_id = '{SHARED_ID}'"
+        ))
+        .await
+        .expect("take the claim");
+    // Until its next batch is refused, the instance does not know: what it acknowledges
+    // meanwhile is journaled. Then it refuses.
+    let mut acked_after = 0;
+    let mut refused = None;
+    for _ in 0..500 {
+        let response = client
+            .post(format!("{}/increment", tally.address))
+            .json(&json!({ "key": "k", "value": 1 }))
+            .send()
+            .await
+            .expect("an answer");
+        match response.status().as_u16() {
+            202 => acked_after += 1,
+            _ => {
+                refused = Some((response.status(), response.text().await.unwrap_or_default()));
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, body) = refused.expect("the fenced instance stops acknowledging");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""error":"fenced""#), "{body}");
+    let ready = client
+        .get(format!("{}/readyz", tally.address))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), 503);
+    let ready = ready.text().await.unwrap_or_default();
+    assert!(ready.contains("fenced"), "/readyz says why: {ready}");
+    assert!(
+        tally
+            .metric("tally_flush_batches_total{result=\"fenced\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        direct.value("k").await,
+        Some(5),
+        "nothing written after the fence"
+    );
+
+    let status = tally.terminate().await;
+    assert!(
+        !status.success(),
+        "a fenced drain is a failed drain: {status}"
+    );
+    let log = tally.log();
+    assert!(
+        log.contains("Fenced: another process claimed this instance id"),
+        "the log says what happened:\n{log}"
+    );
+
+    // The operator fixes the fleet and restarts it: the journal still has what was
+    // acknowledged between the fence and its discovery.
+    let mut tally = Tally::start(&config).await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(5 + acked_after));
+    shout(&format!(
+        "fencing postgres: an instance whose claim was taken answered 503 fenced and /readyz 503; \
+         the {acked_after} increments it acknowledged before it knew were replayed from its journal"
+    ));
+}
