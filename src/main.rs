@@ -12,6 +12,7 @@ use clap::Parser;
 use tally::config::Config;
 use tally::startup::App;
 use tally::{shutdown, telemetry};
+use tokio::signal::unix::SignalKind;
 
 /// The exit code of a usage error, the same as clap's.
 const USAGE_ERROR: u8 = 2;
@@ -39,6 +40,13 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can answer /healthz: a SIGTERM from then on drains instead of killing.
     let stop = shutdown::signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+    // A file-size limit (`ulimit -f`, systemd's LimitFSIZE=) must show as a failed write,
+    // which the journal handles like a full disk, not kill the process (SIGXFSZ's default
+    // action). A handler installed through tokio stays for the life of the process.
+    drop(
+        tokio::signal::unix::signal(SignalKind::from_raw(libc::SIGXFSZ))
+            .context("cannot install the SIGXFSZ handler")?,
+    );
     let app = App::build(config).await?;
     app.run_until(stop).await
 }

@@ -45,6 +45,8 @@ pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 pub const JOURNAL_FSYNC: &str = "tally_journal_fsync_seconds";
 /// Records made durable by one journal fsync.
 pub const JOURNAL_GROUP: &str = "tally_journal_group_size";
+/// 1 while the journal cannot write (a full disk, an I/O error) and increments are refused.
+pub const JOURNAL_FAILED: &str = "tally_journal_failed";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -71,6 +73,8 @@ pub struct Metrics {
     pub pending_keys: Gauge,
     /// [`FLUSH_LAG`].
     pub flush_lag: Gauge,
+    /// [`JOURNAL_FAILED`].
+    pub journal_failed: Gauge,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -167,6 +171,7 @@ impl Metrics {
                 dead_letters: metrics::counter!(DEAD_LETTERS),
                 pending_keys: metrics::gauge!(PENDING_KEYS),
                 flush_lag: metrics::gauge!(FLUSH_LAG),
+                journal_failed: metrics::gauge!(JOURNAL_FAILED),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -290,6 +295,10 @@ fn describe() {
         "Time of one journal fsync."
     );
     describe_histogram!(JOURNAL_GROUP, "Records made durable by one journal fsync.");
+    describe_gauge!(
+        JOURNAL_FAILED,
+        "1 while the journal cannot write and increments are refused."
+    );
     describe_counter!(
         RATE_LIMITED,
         "Requests refused with 429 because their client was over its rate limit."

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -211,6 +212,12 @@ impl App {
         } = self;
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.http.shutdown_timeout));
+        if let Some(journal) = &state.journal {
+            tokio::spawn(keep_journal_writable(
+                Arc::clone(journal),
+                flush_stop.clone(),
+            ));
+        }
 
         let http_stop = CancellationToken::new();
         let metrics_state = Arc::clone(&state);
@@ -263,6 +270,26 @@ impl App {
         let drained = flusher.await.context("the flusher task panicked")?;
         served.context("the HTTP server task panicked")?;
         drained
+    }
+}
+
+/// How often a failed journal tries to start a fresh segment.
+const JOURNAL_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// While the journal is failed (a full disk), tries every second to recover it, so that
+/// increments are taken again once the disk has room, without a restart. The journal logs
+/// each change of state; failed attempts are only debug lines.
+async fn keep_journal_writable(journal: Arc<Journal>, stop: CancellationToken) {
+    while stop
+        .run_until_cancelled(tokio::time::sleep(JOURNAL_RECOVERY_INTERVAL))
+        .await
+        .is_some()
+    {
+        if journal.is_failed()
+            && let Err(e) = journal.recover().await
+        {
+            tracing::debug!(error = %e, "The journal cannot start a fresh segment yet.");
+        }
     }
 }
 

@@ -50,6 +50,15 @@ pub enum ApiError {
     /// instance; `/readyz` takes this one out).
     #[error("this instance was fenced off")]
     Fenced,
+    /// `ack=journal` and the journal cannot write (a full disk, an I/O error): nothing was
+    /// added. 503 with `Retry-After`; tally recovers by itself once the disk takes writes.
+    #[error("the journal cannot write")]
+    JournalUnavailable(#[source] crate::journal::JournalError),
+    /// The delta was added in memory but the journal failed to make it durable: it may or
+    /// may not be counted. 503 without `Retry-After`, like [`ApiError::Timeout`], so that a
+    /// careful client does not retry blindly.
+    #[error("the increment could not be made durable")]
+    NotDurable(#[source] crate::journal::JournalError),
     /// The instance is shutting down and can no longer confirm this request. 503.
     #[error("tally is shutting down")]
     ShuttingDown,
@@ -98,6 +107,8 @@ pub const ERROR_CODES: &[&str] = &[
     "store_unavailable",
     "shutting_down",
     "fenced",
+    "journal_unavailable",
+    "unknown_outcome",
     "unauthorized",
     "rate_limited",
     "timeout",
@@ -120,6 +131,8 @@ impl ApiError {
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Self::Fenced => (StatusCode::SERVICE_UNAVAILABLE, "fenced"),
+            Self::JournalUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "journal_unavailable"),
+            Self::NotDurable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unknown_outcome"),
             Self::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
@@ -161,7 +174,8 @@ impl IntoResponse for ApiError {
             ApiError::Shedding(_)
             | ApiError::StoreUnavailable(_)
             | ApiError::ShuttingDown
-            | ApiError::Fenced => Some((
+            | ApiError::Fenced
+            | ApiError::JournalUnavailable(_) => Some((
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECONDS),
             )),
@@ -184,7 +198,21 @@ impl IntoResponse for ApiError {
             Metrics::global().shed.increment(1);
         }
         let message = if status.is_server_error() {
-            tracing::warn!(error = ?anyhow::Error::from(self), code, "Request failed.");
+            // A refusal that follows from the instance's state (load shedding, a store or
+            // journal outage, a fence, a shutdown) is logged where the state changes, once:
+            // a line per refused request would bury that one.
+            if matches!(
+                code,
+                "overloaded"
+                    | "store_unavailable"
+                    | "shutting_down"
+                    | "fenced"
+                    | "journal_unavailable"
+            ) {
+                tracing::debug!(code, "Request refused.");
+            } else {
+                tracing::warn!(error = ?anyhow::Error::from(self), code, "Request failed.");
+            }
             match code {
                 "overloaded" => {
                     "too many keys are pending; retry after the Retry-After delay".to_owned()
@@ -193,6 +221,13 @@ impl IntoResponse for ApiError {
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
                 "fenced" => "another process claimed this instance's id (--instance-id); \
                              retry on another instance"
+                    .to_owned(),
+                "journal_unavailable" => "the journal cannot write (e.g. a full disk); nothing \
+                                          was counted; retry after the Retry-After delay"
+                    .to_owned(),
+                "unknown_outcome" => "the increment was taken but could not be made durable \
+                                      (journal write failed); it may or may not be counted, so \
+                                      do not retry it blindly"
                     .to_owned(),
                 "timeout" => "the request did not finish within the request timeout \
                               (--request-timeout); an increment may or may not have been applied"

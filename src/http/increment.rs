@@ -59,8 +59,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
         (status = 415, description = "Content-Type is neither JSON nor a form.", body = ErrorBody),
         (status = 422, description = "A field is missing, has the wrong type or an invalid value, \
             or adding the value would overflow the key's pending 64-bit sum.", body = ErrorBody),
-        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off or timed out.", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
+        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off, journal unavailable, timed out or an unknown outcome.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout` and `unknown_outcome`)."))),
     )
 )]
 #[tracing::instrument(level = "debug", name = "POST /increment", skip_all)]
@@ -109,8 +109,8 @@ pub struct Accepted {
         (status = 415, description = "Content-Type is neither JSON nor NDJSON.", body = ErrorBody),
         (status = 422, description = "An item is invalid, or would overflow its key's pending \
             64-bit sum; nothing was applied.", body = ErrorBody),
-        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off or timed out.", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout`)."))),
+        (status = 503, description = "Shedding load (pending-key cap), shutting down, fenced off, journal unavailable, timed out or an unknown outcome.", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout` and `unknown_outcome`)."))),
     )
 )]
 #[tracing::instrument(level = "debug", name = "POST /increments", skip_all)]
@@ -138,6 +138,15 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
     if state.health.fenced().is_some() {
         return Err(ApiError::Fenced);
     }
+    // Nothing is added while the journal cannot write: the client hears so and retries.
+    if let Some(failure) = state
+        .journal
+        .as_ref()
+        .filter(|j| j.is_failed())
+        .and_then(|j| j.failure())
+    {
+        return Err(ApiError::JournalUnavailable(failure));
+    }
     let seq = match items {
         [one] => state.aggregator.add(&one.key, one.delta)?,
         _ => state.aggregator.add_all(items)?,
@@ -150,10 +159,11 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
             })?;
             let entries: Vec<(&str, i64)> =
                 items.iter().map(|i| (i.key.as_str(), i.delta)).collect();
+            // Added, but not durable: the outcome is unknown to the client.
             journal
                 .append(seq, &entries)
                 .await
-                .map_err(|e| ApiError::Internal(e.into()))?;
+                .map_err(ApiError::NotDurable)?;
         }
         Ack::Store => {
             state.aggregator.request_flush();

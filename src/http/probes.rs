@@ -70,6 +70,9 @@ async fn not_ready(state: &AppState) -> Option<String> {
     if let Some(reason) = state.health.fenced() {
         return Some(format!("fenced: {reason}"));
     }
+    if let Some(failure) = state.journal.as_ref().and_then(|j| j.failure()) {
+        return Some(format!("the journal cannot write: {failure}"));
+    }
     match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
         Err(_) => Some(format!(
             "store ({}) did not answer within {PING_TIMEOUT:?}",

@@ -28,6 +28,10 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metrics
         .pending_keys
         .set(state.aggregator.pending_keys() as f64);
+    let journal_failed = state.journal.as_ref().is_some_and(|j| j.is_failed());
+    metrics
+        .journal_failed
+        .set(f64::from(u8::from(journal_failed)));
     render_metrics(&state.metrics)
 }
 

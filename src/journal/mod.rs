@@ -37,10 +37,15 @@
 //! segment file is created, and the directory fsynced, before any record in it is
 //! acknowledged. [`JournalOptions::on_sync`] reports every group for metrics.
 //!
-//! If a write or an fsync fails, the waiters of that group get the error and the journal
-//! turns **failed**: every later append fails with [`JournalError::Failed`]. After a failed
-//! fsync the kernel's page cache says nothing trustworthy about the disk, so the only
-//! honest answer is to stop acknowledging; a restart replays what did reach the disk.
+//! If a write or an fsync fails (a full disk, an I/O error), the waiters of that group get the
+//! error and the journal turns **failed**: every later append fails with
+//! [`JournalError::Failed`]. After a failed fsync the kernel's page cache says nothing
+//! trustworthy about that file, so the segment is never appended to again.
+//! [`Journal::recover`] (the app calls it periodically while failed) closes that segment and
+//! starts a fresh one; appends work again once a new segment can be created, and the next
+//! group's write and fsync are the test of the disk (if they fail, the journal is failed
+//! again). The failed segment stays, like any closed one, until the store has every batch it
+//! may hold; a restart replays whatever of it did reach the disk.
 //!
 //! # Trimming
 //!
@@ -105,7 +110,8 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -193,8 +199,8 @@ pub enum JournalError {
     /// The journal was closed with [`Journal::close`] (or its writer thread is gone).
     #[error("journal is closed")]
     Closed,
-    /// An earlier write or fsync failed (the wrapped error); the journal accepts no more
-    /// appends, because it can no longer tell what is durable. Restart to recover.
+    /// An earlier write or fsync failed (the wrapped error); the journal accepts no appends
+    /// until [`Journal::recover`] has started a fresh segment.
     #[error("journal is failed after an earlier error: {0}")]
     Failed(Box<JournalError>),
     /// The encoded record would exceed [`record::MAX_RECORD_LEN`].
@@ -236,8 +242,10 @@ struct Shared {
     segment_bytes: u64,
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     commit_delay: Duration,
-    /// Set once, by the writer, on the first write/fsync error.
-    failed: OnceLock<JournalError>,
+    /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
+    failed: Mutex<Option<JournalError>>,
+    /// `failed.is_some()`, readable without the lock on every append.
+    is_failed: AtomicBool,
     segments: Mutex<Segments>,
 }
 
@@ -256,10 +264,29 @@ impl Shared {
     }
 
     fn check_failed(&self) -> Result<(), JournalError> {
-        match self.failed.get() {
-            Some(err) => Err(JournalError::Failed(Box::new(err.clone()))),
+        if !self.is_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.failure() {
+            Some(err) => Err(JournalError::Failed(Box::new(err))),
             None => Ok(()),
         }
+    }
+
+    fn failure(&self) -> Option<JournalError> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records `err` as the journal's failure (or clears it); true if that changed the state.
+    fn set_failed(&self, err: Option<JournalError>) -> bool {
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        let changed = failed.is_some() != err.is_some();
+        self.is_failed.store(err.is_some(), Ordering::Release);
+        *failed = err;
+        changed
     }
 
     /// Deletes the given segments (already gone is fine), then fsyncs the directory.
@@ -314,7 +341,8 @@ impl Journal {
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
-            failed: OnceLock::new(),
+            failed: Mutex::new(None),
+            is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
                 closed,
                 active,
@@ -367,6 +395,38 @@ impl Journal {
         acked.await.unwrap_or(Err(JournalError::Closed))
     }
 
+    /// Whether a write or fsync failed and [`Journal::recover`] has not yet started a fresh
+    /// segment. One atomic load.
+    pub fn is_failed(&self) -> bool {
+        self.shared.is_failed.load(Ordering::Acquire)
+    }
+
+    /// The error that failed the journal, while it is failed.
+    pub fn failure(&self) -> Option<JournalError> {
+        self.shared.failure()
+    }
+
+    /// After a failed write or fsync: closes the segment it happened in and starts a fresh
+    /// one, so appends are accepted again. Does nothing if the journal is not failed.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Io`] if the new segment cannot be created (the journal stays failed),
+    /// [`JournalError::Closed`] after [`Journal::close`].
+    pub async fn recover(&self) -> Result<(), JournalError> {
+        if !self.is_failed() {
+            return Ok(());
+        }
+        let (done, recovered) = oneshot::channel();
+        {
+            let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+            let tx = tx.as_ref().ok_or(JournalError::Closed)?;
+            tx.send(writer::Msg::Recover(done))
+                .map_err(|_| JournalError::Closed)?;
+        }
+        recovered.await.unwrap_or(Err(JournalError::Closed))
+    }
+
     fn send(&self, msg: writer::Msg) -> Result<(), JournalError> {
         self.shared.check_failed()?;
         let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
@@ -404,8 +464,8 @@ impl Journal {
     ///
     /// # Errors
     ///
-    /// [`JournalError::Failed`] if the writer had failed (the files are kept), and
-    /// [`JournalError::Io`] if deleting segments or the directory fsync fails.
+    /// [`JournalError::Io`] if deleting segments or the directory fsync fails. A journal that
+    /// failed is closed like any other: the caller has drained every batch to the store.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
         let tx = self
             .tx
@@ -421,7 +481,12 @@ impl Journal {
                 let _ = stopped.await;
             }
         }
-        self.shared.check_failed()?;
+        // A failed group's records may be on disk without being in the bookkeeping below.
+        // They were never acknowledged, and their seqs are no newer than the batches the
+        // caller has drained to the store, so they need no keeping either.
+        if let Some(e) = self.shared.failure() {
+            tracing::warn!(error = %e, "Closing a failed journal.");
+        }
 
         let doomed = {
             let mut segs = self.shared.segments();

@@ -397,13 +397,51 @@ async fn write_failure_fails_the_journal() {
     assert!(matches!(err, JournalError::Io { .. }), "{err}");
     let err = journal.append(3, &[("c", 1)]).await.expect_err("failed");
     assert!(matches!(err, JournalError::Failed(_)), "{err}");
-    assert!(matches!(
-        journal.close(9).await,
-        Err(JournalError::Failed(_))
-    ));
+    assert!(journal.is_failed());
+    assert!(journal.failure().is_some());
+    // Recovery needs a fresh segment, which cannot be created either: still failed.
+    assert!(journal.recover().await.is_err());
+    assert!(journal.is_failed());
+    journal.close(0).await.expect("close keeps the files");
     assert_eq!(
         writer::path(dir.path(), 1),
         non_empty_segments(dir.path())[0]
+    );
+}
+
+#[tokio::test]
+async fn a_failed_journal_recovers_into_a_fresh_segment_and_replays_all_it_acknowledged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), 1); // rotate before every group
+        journal.append(1, &[("a", 1)]).await.expect("first append");
+        fs::create_dir(writer::path(dir.path(), 2)).expect("mkdir");
+        journal
+            .append(2, &[("b", 1)])
+            .await
+            .expect_err("rotation fails");
+        assert!(journal.is_failed());
+        journal
+            .recover()
+            .await
+            .expect_err("segment 2 is still blocked");
+        fs::remove_dir(writer::path(dir.path(), 2)).expect("rmdir");
+        journal.recover().await.expect("recovers");
+        assert!(!journal.is_failed());
+        assert!(journal.failure().is_none());
+        journal.append(3, &[("c", 1)]).await.expect("appends again");
+        journal
+            .recover()
+            .await
+            .expect("recovering a healthy journal is a no-op");
+        journal.append(4, &[("d", 1)]).await.expect("appends again");
+    }
+    let (_, replay) = open(dir.path(), 1);
+    let seqs: Vec<u64> = replay.records.iter().map(|r| r.seq).collect();
+    assert_eq!(
+        seqs,
+        [1, 3, 4],
+        "every acknowledged record, none of the failed one"
     );
 }
 

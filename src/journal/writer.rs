@@ -4,6 +4,7 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
@@ -92,6 +93,22 @@ pub(super) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
     }
 }
 
+/// Room a failed journal needs before it takes appends again.
+pub(super) const PROBE_BYTES: usize = 1 << 20;
+
+/// Writes and fsyncs [`PROBE_BYTES`] in a scratch file of `dir`, then deletes it.
+fn probe(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join("probe.tmp");
+    let result = File::create(&path)
+        .and_then(|mut f| {
+            f.write_all(&vec![0; PROBE_BYTES])?;
+            f.sync_data()
+        })
+        .map_err(io_err("write a probe", &path));
+    let _ = fs::remove_file(&path);
+    result
+}
+
 /// What [`super::Journal`] sends to the writer thread.
 pub(super) enum Msg {
     /// An encoded record; `done` hears whether it is durable.
@@ -102,6 +119,8 @@ pub(super) enum Msg {
     },
     /// Finish what is queued before this, answer, and exit.
     Close(oneshot::Sender<()>),
+    /// Leave a failed segment for a fresh one (see [`super::Journal::recover`]).
+    Recover(oneshot::Sender<Result<(), JournalError>>),
 }
 
 struct QueuedRecord {
@@ -146,6 +165,7 @@ impl Writer {
                 std::thread::sleep(self.shared.commit_delay);
             }
             let mut close = None;
+            let mut recover = None;
             let mut next = Some(first);
             while let Some(msg) = next {
                 match msg {
@@ -154,6 +174,10 @@ impl Writer {
                     }
                     Msg::Close(ack) => {
                         close = Some(ack);
+                        break;
+                    }
+                    Msg::Recover(done) => {
+                        recover = Some(done);
                         break;
                     }
                 }
@@ -169,6 +193,9 @@ impl Writer {
                 }
             }
             // ==============================================================
+            if let Some(done) = recover {
+                let _ = done.send(self.recover());
+            }
             if let Some(ack) = close {
                 let _ = ack.send(());
                 return;
@@ -180,15 +207,36 @@ impl Writer {
     fn commit(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
         self.shared.check_failed()?;
         let result = self.write_and_sync(group);
-        if let Err(err) = &result {
+        if let Err(err) = &result
+            && self.shared.set_failed(Some(err.clone()))
+        {
             tracing::error!(
                 error = %err,
                 records = group.len(),
-                "Journal write failed; refusing every further append."
+                segment = self.number,
+                "Journal write failed; refusing increments until a fresh segment can be written."
             );
-            let _ = self.shared.failed.set(err.clone());
         }
         result
+    }
+
+    /// Leaves the failed active segment for a fresh one; see [`super::Journal::recover`].
+    /// Only once [`PROBE_BYTES`] can be written and fsynced in the directory: a fresh
+    /// segment alone would always look writable on a full disk (creating a file needs no
+    /// data blocks), and the journal would flap between failed and recovered.
+    fn recover(&mut self) -> Result<(), JournalError> {
+        if !self.shared.is_failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        probe(&self.shared.dir)?;
+        self.rotate()?;
+        if self.shared.set_failed(None) {
+            tracing::info!(
+                segment = self.number,
+                "Journal can write again; continuing in a fresh segment."
+            );
+        }
+        Ok(())
     }
 
     fn write_and_sync(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
@@ -230,6 +278,9 @@ impl Writer {
                 "segment numbers exhausted",
             ))
         })?;
+        // A failed recovery may have left `next` behind, empty: nothing was ever written to
+        // it, so it is taken over.
+        let _ = remove(&self.shared.dir, next);
         self.file = create(&self.shared.dir, next)?;
         {
             let mut segs = self.shared.segments();

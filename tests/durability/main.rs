@@ -24,6 +24,7 @@ mod store;
 
 mod ack;
 mod crash;
+mod disk_full;
 mod fencing;
 mod outage;
 mod poison;

@@ -71,6 +71,9 @@ pub struct TallyConfig {
     pub flush_interval: &'static str,
     /// More flags, appended as they are.
     pub extra: Vec<String>,
+    /// A command that runs the binary (e.g. `prlimit --fsize=…`), if any; it must exec it,
+    /// so that the pid is tally's.
+    pub wrapper: Vec<String>,
 }
 
 impl TallyConfig {
@@ -86,6 +89,7 @@ impl TallyConfig {
             ack,
             flush_interval,
             extra: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -130,7 +134,15 @@ impl Tally {
         let out = File::create(&log).expect("create the child's log file");
         let err = out.try_clone().expect("clone the log file handle");
 
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        let binary = env!("CARGO_BIN_EXE_tally");
+        let mut command = match config.wrapper.split_first() {
+            None => Command::new(binary),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+        };
         // The child's configuration is exactly what is written here, not what the test
         // environment happens to export.
         for (name, _) in std::env::vars_os() {
@@ -208,6 +220,11 @@ impl Tally {
             .status()
             .expect("run kill");
         assert!(status.success(), "kill -{signal} {} failed", self.pid);
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
     /// SIGKILL, then waits until the process is gone.
