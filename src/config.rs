@@ -290,11 +290,26 @@ pub struct HttpConfig {
     #[arg(long, env = "TALLY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Time a client has to send a request's headers; also how long an idle keep-alive
-    /// connection stays open. Defends against slow-loris clients.
+    /// Time a client has to send a request's headers, from the connection's start or from
+    /// the first byte of a request on a kept-alive connection. Defends against slow-loris
+    /// clients.
     #[arg(long, env = "TALLY_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT,
           value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// How long a kept-alive connection may stay idle between requests. Keep it longer
+    /// than a proxy's upstream keep-alive (nginx: 60s), so the proxy, not tally, closes idle
+    /// connections: otherwise a request sent as tally closes one fails at the proxy.
+    #[arg(long, env = "TALLY_IDLE_TIMEOUT", default_value = "75s",
+          value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// On SIGTERM, how long to keep serving while /readyz answers 503 "draining", so that a
+    /// load balancer takes the instance out before its listener closes. Set it to at least
+    /// twice the balancer's health-check interval.
+    #[arg(long, env = "TALLY_DRAIN_DELAY", default_value = "0s",
+          value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
 
     /// Longest time for one request, body included; past it tally answers 503 `timeout`
     /// (for an increment, the outcome is then unknown).
@@ -347,6 +362,13 @@ pub struct StoreConfig {
     /// Largest PostgreSQL connection pool size.
     #[arg(long, env = "TALLY_DATABASE_POOL_SIZE", default_value_t = nonzero(8))]
     pub database_pool_size: NonZeroUsize,
+
+    /// Deadline of every store operation (a batch's transaction, a read, a claim). An
+    /// attempt past it is abandoned, logged and counted as failed, and the batch retried:
+    /// a database connection that hangs instead of failing cannot stall the flusher.
+    #[arg(long, env = "TALLY_STORE_TIMEOUT", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub store_timeout: Duration,
 
     /// Stable id of this instance in the store's batch bookkeeping. Default: generated once
     /// and kept in DATA_DIR/instance-id. Two running instances must never share one.
@@ -536,6 +558,7 @@ impl Config {
 impl HttpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("header-read-timeout", self.header_read_timeout)?;
+        positive("idle-timeout", self.idle_timeout)?;
         positive("request-timeout", self.request_timeout)?;
         if self.max_connections.get() > tokio::sync::Semaphore::MAX_PERMITS {
             return fail("max-connections", "is too large");
@@ -552,6 +575,7 @@ impl HttpConfig {
 
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        positive("store-timeout", self.store_timeout)?;
         if let Some(id) = &self.instance_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
         {
@@ -694,13 +718,15 @@ impl fmt::Display for HttpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "listen={} metrics-listen={} header-read-timeout={} request-timeout={} \
-             max-connections={} shutdown-timeout={}",
+            "listen={} metrics-listen={} header-read-timeout={} idle-timeout={} \
+             request-timeout={} max-connections={} drain-delay={} shutdown-timeout={}",
             self.listen,
             Or(self.metrics_listen.as_ref(), "(main listener)"),
             human(self.header_read_timeout),
+            human(self.idle_timeout),
             human(self.request_timeout),
             self.max_connections,
+            human(self.drain_delay),
             human(self.shutdown_timeout),
         )
     }
@@ -729,8 +755,9 @@ impl fmt::Display for StoreConfig {
         }
         write!(
             f,
-            " database-pool-size={} instance-id={}",
+            " database-pool-size={} store-timeout={} instance-id={}",
             self.database_pool_size,
+            human(self.store_timeout),
             Or(self.instance_id.as_ref(), "(from data dir)"),
         )
     }

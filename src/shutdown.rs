@@ -1,7 +1,9 @@
 //! Shutdown: which signal starts it, and the order in which tally drains.
 //!
 //! The drain order, each step logged at info by [`crate::startup::App::run_until`]:
-//! 1. SIGTERM or SIGINT arrives: the listener closes, no new connection is accepted.
+//! 1. SIGTERM or SIGINT arrives. With `--drain-delay`, `/readyz` answers 503 "draining" for
+//!    that long while everything is still served, so that a load balancer takes the
+//!    instance out first. Then the listener closes: no new connection is accepted.
 //! 2. Requests in flight finish (bounded by `--shutdown-timeout`). The flusher still runs
 //!    meanwhile, so `ack=store` requests get their commit.
 //! 3. The flusher is told to stop: it seals what is pending and writes batches until

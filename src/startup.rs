@@ -10,6 +10,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -26,7 +27,7 @@ use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::journal::{GroupStats, Journal, JournalOptions};
 use crate::metrics as m;
 use crate::recovery;
-use crate::store::{PgStore, SqliteStore, Store};
+use crate::store::{PgStore, SqliteStore, Store, Timed};
 
 /// A built, not yet serving, tally instance.
 pub struct App {
@@ -85,6 +86,7 @@ impl App {
     /// As [`App::build`].
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         config.validate()?;
+        let store: Arc<dyn Store> = Arc::new(Timed::new(store, config.store.store_timeout));
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
         let instance_id: Arc<str> = instance_id(&config)?.into();
@@ -157,6 +159,7 @@ impl App {
             applied: flusher.subscribe(),
             health: flusher.health(),
             metrics: m::handle(),
+            draining: AtomicBool::new(false),
         });
         Ok(Self {
             config,
@@ -221,8 +224,10 @@ impl App {
 
         let http_stop = CancellationToken::new();
         let metrics_state = Arc::clone(&state);
+        let drain_state = Arc::clone(&state);
         let options = ServeOptions {
             header_read_timeout: config.http.header_read_timeout,
+            idle_timeout: config.http.idle_timeout,
             max_connections: config.http.max_connections.get(),
             // Only the rate limiter reads the peer address.
             connect_info: router.rate_limit.is_some(),
@@ -248,6 +253,14 @@ impl App {
         let served = tokio::select! {
             result = &mut server => result,
             () = shutdown => {
+                if !config.http.drain_delay.is_zero() {
+                    drain_state.draining.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        delay = %humantime::format_duration(config.http.drain_delay),
+                        "Draining: /readyz answers 503 while requests are still served, then the listener closes."
+                    );
+                    tokio::time::sleep(config.http.drain_delay).await;
+                }
                 tracing::info!("Stopped accepting connections; finishing requests in flight.");
                 http_stop.cancel();
                 match tokio::time::timeout(config.http.shutdown_timeout, &mut server).await {

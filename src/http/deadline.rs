@@ -53,6 +53,9 @@ tokio::task_local! {
 struct ConnClock {
     /// Since when the connection waits for a request head; `None` while serving a request.
     head_since: Cell<Option<Instant>>,
+    /// While waiting for a head: no byte of it has come yet on a kept-alive connection, so
+    /// the idle timeout applies rather than the header timeout.
+    idle: Cell<bool>,
     /// When the request in flight must be answered; `None` between requests, and for
     /// requests of a router without [`super::observe::Observe`].
     deadline: Cell<Option<Instant>>,
@@ -65,9 +68,14 @@ struct ConnClock {
 /// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of
 /// its task (as `tokio::spawn(drive(..))`): the timer keeps the waker it was first polled
 /// with.
-pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option<F::Output> {
+pub async fn drive<F: Future>(
+    connection: F,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+) -> Option<F::Output> {
     let clock = ConnClock {
         head_since: Cell::new(Some(Instant::now())),
+        idle: Cell::new(false),
         deadline: Cell::new(None),
         expired: Cell::new(false),
     };
@@ -82,9 +90,10 @@ pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option
                     if let Poll::Ready(output) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Some(output));
                     }
-                    let (head_since, deadline, expired) = CLOCK.with(|clock| {
+                    let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
                         (
                             clock.head_since.get(),
+                            clock.idle.get(),
                             clock.deadline.get(),
                             clock.expired.get(),
                         )
@@ -93,6 +102,7 @@ pub async fn drive<F: Future>(connection: F, header_timeout: Duration) -> Option
                         // Marked; the request answers when hyper next polls it.
                         (Some(_), _) if expired => return Poll::Pending,
                         (Some(deadline), _) => deadline,
+                        (None, Some(since)) if idle => since + idle_timeout,
                         (None, Some(since)) => since + header_timeout,
                         // A request without a deadline of its own.
                         (None, None) => return Poll::Pending,
@@ -134,10 +144,73 @@ pub fn head_received() {
     let _ = CLOCK.try_with(|clock| clock.head_since.set(None));
 }
 
-/// The response is produced: the next head phase starts. Called by the connection's
-/// service.
+/// The response is produced: the connection is idle until the next request's first byte.
+/// Called by the connection's service.
 pub fn response_produced() {
-    let _ = CLOCK.try_with(|clock| clock.head_since.set(Some(Instant::now())));
+    let _ = CLOCK.try_with(|clock| {
+        clock.head_since.set(Some(Instant::now()));
+        clock.idle.set(true);
+    });
+}
+
+/// Bytes came in: on an idle connection, a request head has started, and the header
+/// timeout runs from now. Called by the connection's socket ([`Watched`]).
+fn bytes_received() {
+    let _ = CLOCK.try_with(|clock| {
+        if clock.idle.replace(false) {
+            clock.head_since.set(Some(Instant::now()));
+        }
+    });
+}
+
+/// A connection's socket that tells its clock when bytes come in, so that an idle
+/// kept-alive connection gets `--idle-timeout` and a started request head
+/// `--header-read-timeout`. Must be read from the task that runs [`drive`].
+pub struct Watched<T>(pub T);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            bytes_received();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
 }
 
 /// The deadline of one request.
@@ -245,6 +318,7 @@ mod tests {
     async fn start(
         request_timeout: Duration,
         header_read_timeout: Duration,
+        idle_timeout: Duration,
     ) -> (
         std::net::SocketAddr,
         CancellationToken,
@@ -258,6 +332,7 @@ mod tests {
         let stop = CancellationToken::new();
         let options = ServeOptions {
             header_read_timeout,
+            idle_timeout,
             max_connections: 4,
             connect_info: false,
         };
@@ -267,22 +342,66 @@ mod tests {
 
     const ECHO: &[u8] = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
 
-    /// After a response, a kept-alive connection that sends no new head is closed after the
-    /// header timeout, as a fresh silent one is.
+    /// After a response, a kept-alive connection waits for its next request up to the idle
+    /// timeout, which is longer than the header timeout; then it is closed.
     #[tokio::test]
-    async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
-        let (address, stop, server) =
-            start(Duration::from_secs(30), Duration::from_millis(300)).await;
+    async fn an_idle_kept_alive_connection_stays_for_the_idle_timeout_then_closes() {
+        let (address, stop, server) = start(
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+            Duration::from_millis(1_500),
+        )
+        .await;
         let mut stream = TcpStream::connect(address).await.expect("connect");
         stream.write_all(ECHO).await.expect("write");
+        assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 202"));
+        // Idle for twice the header timeout: still open.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        stream.write_all(ECHO).await.expect("write");
         let text = read_response(&mut stream).await;
-        assert!(text.starts_with("HTTP/1.1 202"), "{text}");
+        assert!(
+            text.starts_with("HTTP/1.1 202"),
+            "kept alive past the header timeout: {text}"
+        );
+        let idle = std::time::Instant::now();
         let mut buf = [0u8; 64];
         let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
             .await
             .expect("the idle connection is closed")
             .unwrap_or(0);
         assert_eq!(n, 0, "closed without another answer");
+        assert!(
+            idle.elapsed() >= Duration::from_millis(1_200),
+            "closed after the idle timeout, not before: {:?}",
+            idle.elapsed()
+        );
+        stop.cancel();
+        server.await.expect("server task");
+    }
+
+    /// On a kept-alive connection, a request head that has started must be complete within
+    /// the header timeout (slow loris), however long the idle timeout.
+    #[tokio::test]
+    async fn a_started_head_on_a_kept_alive_connection_gets_the_header_timeout() {
+        let (address, stop, server) = start(
+            Duration::from_secs(30),
+            Duration::from_millis(300),
+            Duration::from_secs(30),
+        )
+        .await;
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream.write_all(ECHO).await.expect("write");
+        assert!(read_response(&mut stream).await.starts_with("HTTP/1.1 202"));
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("closed within the header timeout, not the idle timeout")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
         stop.cancel();
         server.await.expect("server task");
     }
@@ -292,8 +411,12 @@ mod tests {
     /// takes the re-arm path (the timer fires at the first request's deadline first).
     #[tokio::test]
     async fn a_later_request_on_a_kept_alive_connection_still_times_out() {
-        let (address, stop, server) =
-            start(Duration::from_millis(300), Duration::from_secs(10)).await;
+        let (address, stop, server) = start(
+            Duration::from_millis(300),
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await;
         let mut stream = TcpStream::connect(address).await.expect("connect");
         for _ in 0..3 {
             stream.write_all(ECHO).await.expect("write");

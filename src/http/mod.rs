@@ -50,6 +50,9 @@ pub struct AppState {
     pub applied: watch::Receiver<u64>,
     pub health: Arc<FlushHealth>,
     pub metrics: PrometheusHandle,
+    /// Set on SIGTERM, for `--drain-delay`: `/readyz` answers 503 while requests are still
+    /// served.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// How the router is put together: limits and the optional guards.

@@ -67,6 +67,9 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 /// Why this instance should not take traffic, if it should not.
 async fn not_ready(state: &AppState) -> Option<String> {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Some("draining: shutting down; send new requests elsewhere".to_owned());
+    }
     if let Some(reason) = state.health.fenced() {
         return Some(format!("fenced: {reason}"));
     }

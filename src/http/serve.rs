@@ -7,10 +7,12 @@
 //! forever. This loop is axum::serve's, plus:
 //!
 //! - **Header deadline** (`--header-read-timeout`): a connection that has not sent a complete
-//!   request head that long after it opened or after its previous response is closed, so
-//!   idle keep-alive connections are closed after that long too. Kept by the connection's
-//!   timer (`deadline`) rather than hyper's `header_read_timeout`, which boxes and
-//!   arms a new timer for every request head.
+//!   request head that long after it opened, or after the first byte of a request on a
+//!   kept-alive connection, is closed. **Idle deadline** (`--idle-timeout`): a kept-alive
+//!   connection with no byte of a next request that long after its previous response is
+//!   closed; longer than a proxy's upstream keep-alive, so that the proxy closes first. Both
+//!   are kept by the connection's timer (`deadline`) rather than hyper's
+//!   `header_read_timeout`, which boxes and arms a new timer for every request head.
 //! - **HTTP/1.1 only**: hyper-util's auto (HTTP/1 + h2c) builder first sniffs the protocol
 //!   with no deadline at all, and HTTP/2 has no header-read deadline; tally's clients and
 //!   load balancers speak HTTP/1.1.
@@ -55,6 +57,8 @@ use super::deadline;
 pub struct ServeOptions {
     /// Time a client has to send a complete request head (`--header-read-timeout`).
     pub header_read_timeout: Duration,
+    /// Time a kept-alive connection may wait for its next request (`--idle-timeout`).
+    pub idle_timeout: Duration,
     /// Most connections open at once (`--max-connections`).
     pub max_connections: usize,
     /// Put the peer address into every request (needed by the rate limiter).
@@ -102,18 +106,13 @@ pub async fn serve(
         };
         // Responses are written in one go; Nagle's algorithm would only add latency.
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(deadline::Watched(stream));
         let service = ConnectionService {
             app: app.clone(),
             peer: options.connect_info.then_some(peer),
         };
         let connection = builder.serve_connection(io, service);
-        spawn_connection(
-            graceful.watch(connection),
-            peer,
-            permit,
-            options.header_read_timeout,
-        );
+        spawn_connection(graceful.watch(connection), peer, permit, options);
     }
     drop(listener);
     graceful.shutdown().await;
@@ -124,15 +123,21 @@ fn spawn_connection(
     connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    header_timeout: Duration,
+    options: ServeOptions,
 ) {
     tokio::spawn(async move {
         // Header timeouts, resets and malformed requests are the client's business, not an
         // operator's.
-        match deadline::drive(connection, header_timeout).await {
+        match deadline::drive(
+            connection,
+            options.header_read_timeout,
+            options.idle_timeout,
+        )
+        .await
+        {
             Some(Ok(())) => {}
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
-            None => tracing::debug!(%peer, "No complete request head in time; closed."),
+            None => tracing::debug!(%peer, "Idle, or no complete request head in time; closed."),
         }
         drop(permit);
     });

@@ -20,6 +20,7 @@
 mod migrate;
 pub mod postgres;
 pub mod sqlite;
+pub mod timed;
 
 use std::error::Error as StdError;
 
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+pub use timed::Timed;
 
 /// A numbered batch of deltas from one instance.
 #[derive(Debug, Clone, Copy)]

@@ -24,6 +24,9 @@ use super::{
 /// the flusher retries anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Unacknowledged-data limit and keepalive idle time of every connection (see `connect`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a start waits for another session to release the instance id's lock. A
 /// predecessor killed a moment ago holds it until PostgreSQL notices its connection closed
 /// (at once for a local kill; a few seconds over a network that drops packets).
@@ -100,6 +103,15 @@ impl PgStore {
         let mut config: tokio_postgres::Config = url.parse()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A peer that vanished without a reset (a failover, a partition): the kernel drops
+        // a connection whose data stays unacknowledged this long, instead of retrying for
+        // ~15 minutes, and keepalives find idle pooled connections that died.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+            config.keepalives_idle(TCP_USER_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("tally");

@@ -69,6 +69,7 @@ pub async fn noop(listen: SocketAddr, plain_axum: bool) -> anyhow::Result<()> {
     let defaults = tally::config::Config::defaults();
     let options = tally::http::serve::ServeOptions {
         header_read_timeout: defaults.http.header_read_timeout,
+        idle_timeout: defaults.http.idle_timeout,
         max_connections: defaults.http.max_connections.get(),
         connect_info: false,
     };

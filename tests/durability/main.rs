@@ -25,6 +25,7 @@ mod store;
 mod ack;
 mod crash;
 mod disk_full;
+mod drain;
 mod fencing;
 mod outage;
 mod poison;

@@ -2,6 +2,10 @@
 //! proxy cuts every connection (and drops new ones) for a few seconds under load. Ingest
 //! must keep answering 202 (ack=journal), `/readyz` must say 503 while the store is gone,
 //! the flusher must catch up by itself, and the totals must be exact afterwards.
+//!
+//! The proxy can also *freeze*: connections stay open but nothing is forwarded, as in a
+//! partition without a reset. Then `--store-timeout` must abandon the stuck attempt, log
+//! it and report it, instead of the flusher waiting for the kernel's TCP retries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{spawn_app, test_config};
 use crate::common::{Backend, data_dir};
 use crate::pg::{PgDatabase, shout};
-use crate::support::{Direct, Ledger, Load, Rng, eventually, key_name, seed};
+use crate::support::{Direct, Ledger, Load, Rng, Tally, TallyConfig, eventually, key_name, seed};
 
 const KEYS: usize = 100;
 const IN_FLIGHT: usize = 16;
@@ -30,10 +34,12 @@ const AFTER_RECOVERY: Duration = Duration::from_millis(1_000);
 const READYZ_TIMEOUT: Duration = Duration::from_secs(15);
 const LOAD_CAP: Duration = Duration::from_secs(30);
 
-/// A TCP proxy to PostgreSQL that can cut every live connection and refuse new ones.
+/// A TCP proxy to PostgreSQL that can cut every live connection and refuse new ones, or
+/// freeze every connection (forward nothing, close nothing).
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
     /// Cancelled by `cut`: every connection opened before the cut holds a clone.
     live: Arc<Mutex<CancellationToken>>,
     task: JoinHandle<()>,
@@ -47,8 +53,10 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let cut = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(CancellationToken::new()));
+        let frozen = tokio::sync::watch::Sender::new(false);
         let task = {
             let (cut, live) = (Arc::clone(&cut), Arc::clone(&live));
+            let frozen = frozen.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((mut inbound, _)) = listener.accept().await else {
@@ -62,13 +70,17 @@ impl Proxy {
                         continue;
                     }
                     let upstream = upstream.clone();
+                    let (up, down) = (frozen.subscribe(), frozen.subscribe());
                     tokio::spawn(async move {
                         let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
                             return;
                         };
+                        let (mut in_read, mut in_write) = inbound.split();
+                        let (mut out_read, mut out_write) = outbound.split();
                         tokio::select! {
                             () = token.cancelled() => {}
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            () = pump(&mut in_read, &mut out_write, up) => {}
+                            () = pump(&mut out_read, &mut in_write, down) => {}
                         }
                         // Both sockets drop here: each side sees its connection end.
                     });
@@ -78,9 +90,19 @@ impl Proxy {
         Self {
             port,
             cut,
+            frozen,
             live,
             task,
         }
+    }
+
+    /// Stops forwarding on every connection, open or new, without closing any.
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
     }
 
     /// Closes every live connection; new ones are accepted and closed at once.
@@ -105,6 +127,24 @@ impl Drop for Proxy {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .cancel();
+    }
+}
+
+/// Copies `from` to `to` until either side ends; holds what it read while `frozen`.
+async fn pump(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n @ 1..) = from.read(&mut buf).await else {
+            return;
+        };
+        if frozen.wait_for(|f| !f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -235,5 +275,85 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
          stored == acked for all {KEYS} keys (Σ {})",
         ledger.requests_attempted,
         ledger.acked_total()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_database_connection_is_abandoned_after_the_store_timeout() {
+    let Some(db) = PgDatabase::create("frozen").await else {
+        return;
+    };
+    let (upstream, _) = via_proxy(&db.url, 0);
+    let proxy = Proxy::start(upstream).await;
+    let (_, proxied_url) = via_proxy(&db.url, proxy.port);
+    let dir = data_dir();
+    // The real binary, so that its metrics are its own.
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.database_url = Some(proxied_url);
+    config.extra = vec!["--store-timeout".to_owned(), "1s".to_owned()];
+    let mut tally = Tally::start(&config).await;
+    let client = reqwest::Client::new();
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    let increment = || async {
+        client
+            .post(format!("{}/increment", tally.address))
+            .json(&serde_json::json!({ "key": "k", "value": 1 }))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    };
+
+    assert_eq!(increment().await, 202);
+    eventually(
+        Duration::from_secs(10),
+        "the first increment is stored",
+        || async { direct.value("k").await == Some(1) },
+    )
+    .await;
+
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(increment().await, 202, "ingest goes on (journal)");
+    }
+    // The stuck batch is abandoned, logged and counted failed within seconds, not after
+    // the kernel's ~15 minutes of TCP retries.
+    eventually(
+        Duration::from_secs(10),
+        "a batch attempt counted failed",
+        || async {
+            tally
+                .metric(r#"tally_flush_batches_total{result="failed"}"#)
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    let failed_after = frozen_at.elapsed();
+    let log = tally.log();
+    assert!(
+        log.contains("Batch not written; retrying") && log.contains("--store-timeout"),
+        "the log says the attempt timed out:\n{log}"
+    );
+    assert_eq!(readyz(&client, &tally.address).await, Some(503));
+
+    proxy.thaw();
+    eventually(
+        Duration::from_secs(20),
+        "the store catches up after the thaw",
+        || async { direct.value("k").await == Some(11) },
+    )
+    .await;
+    eventually(READYZ_TIMEOUT, "/readyz answers 200 after the thaw", || {
+        let (client, address) = (&client, &tally.address);
+        async move { readyz(client, address).await == Some(200) }
+    })
+    .await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "drains after the freeze: {status}");
+    assert_eq!(direct.value("k").await, Some(11), "exactly once");
+    shout(&format!(
+        "frozen postgres connection: the stuck batch was counted failed {failed_after:.1?} after the \
+         freeze (--store-timeout 1s); caught up exactly once after the thaw"
     ));
 }

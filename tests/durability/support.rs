@@ -222,6 +222,11 @@ impl Tally {
         assert!(status.success(), "kill -{signal} {} failed", self.pid);
     }
 
+    /// Sends SIGTERM and returns at once (see [`Tally::terminate`] to wait for the exit).
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
