@@ -304,12 +304,13 @@ pub struct HttpConfig {
           value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// On SIGTERM, how long to keep serving while /readyz answers 503 "draining", so that a
-    /// load balancer takes the instance out before its listener closes. Set it to at least
-    /// twice the balancer's health-check interval.
-    #[arg(long, env = "TALLY_DRAIN_DELAY", default_value = "0s",
+    /// On SIGTERM, how long to keep serving while /readyz answers 503 shutting_down, so that
+    /// a load balancer takes the instance out before its listener closes. 0 for a bare
+    /// process; behind HAProxy at least fall × inter (e.g. 3s), on Kubernetes at least the
+    /// readiness probe's period × failureThreshold plus endpoint propagation (e.g. 10s).
+    #[arg(long, env = "TALLY_SHUTDOWN_DELAY", default_value = "0s",
           value_parser = humantime::parse_duration)]
-    pub drain_delay: Duration,
+    pub shutdown_delay: Duration,
 
     /// Longest time for one request, body included; past it tally answers 503 `timeout`
     /// (for an increment, the outcome is then unknown).
@@ -719,14 +720,14 @@ impl fmt::Display for HttpConfig {
         write!(
             f,
             "listen={} metrics-listen={} header-read-timeout={} idle-timeout={} \
-             request-timeout={} max-connections={} drain-delay={} shutdown-timeout={}",
+             request-timeout={} max-connections={} shutdown-delay={} shutdown-timeout={}",
             self.listen,
             Or(self.metrics_listen.as_ref(), "(main listener)"),
             human(self.header_read_timeout),
             human(self.idle_timeout),
             human(self.request_timeout),
             self.max_connections,
-            human(self.drain_delay),
+            human(self.shutdown_delay),
             human(self.shutdown_timeout),
         )
     }

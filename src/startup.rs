@@ -253,13 +253,13 @@ impl App {
         let served = tokio::select! {
             result = &mut server => result,
             () = shutdown => {
-                if !config.http.drain_delay.is_zero() {
+                if !config.http.shutdown_delay.is_zero() {
                     drain_state.draining.store(true, Ordering::Relaxed);
                     tracing::info!(
-                        delay = %humantime::format_duration(config.http.drain_delay),
-                        "Draining: /readyz answers 503 while requests are still served, then the listener closes."
+                        delay = %humantime::format_duration(config.http.shutdown_delay),
+                        "Shutting down: /readyz answers 503 while requests are still served, then the listener closes."
                     );
-                    tokio::time::sleep(config.http.drain_delay).await;
+                    tokio::time::sleep(config.http.shutdown_delay).await;
                 }
                 tracing::info!("Stopped accepting connections; finishing requests in flight.");
                 http_stop.cancel();

@@ -50,7 +50,7 @@ pub struct AppState {
     pub applied: watch::Receiver<u64>,
     pub health: Arc<FlushHealth>,
     pub metrics: PrometheusHandle,
-    /// Set on SIGTERM, for `--drain-delay`: `/readyz` answers 503 while requests are still
+    /// Set on SIGTERM, for `--shutdown-delay`: `/readyz` answers 503 while requests are still
     /// served.
     pub draining: std::sync::atomic::AtomicBool,
 }

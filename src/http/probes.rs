@@ -45,11 +45,16 @@ pub async fn healthz() -> Json<Status> {
     security(()),
     responses(
         (status = 200, description = "Ready to take traffic.", body = Status),
-        (status = 503, description = "Not ready (`error` is `not_ready`); the message says why.", body = ErrorBody,
+        (status = 503, description = "Not ready: `error` is `not_ready`, or `shutting_down` during `--shutdown-delay`; the message says why.", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait before asking again."))),
     )
 )]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let code = if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        "shutting_down"
+    } else {
+        "not_ready"
+    };
     let reason = not_ready(&state).await;
     match reason {
         None => Json(Status { status: "ready" }).into_response(),
@@ -57,7 +62,7 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
             Json(ErrorBody {
-                error: "not_ready",
+                error: code,
                 message,
             }),
         )
@@ -68,7 +73,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// Why this instance should not take traffic, if it should not.
 async fn not_ready(state: &AppState) -> Option<String> {
     if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return Some("draining: shutting down; send new requests elsewhere".to_owned());
+        return Some(
+            "shutting down: still serving until --shutdown-delay ends; send new requests elsewhere"
+                .to_owned(),
+        );
     }
     if let Some(reason) = state.health.fenced() {
         return Some(format!("fenced: {reason}"));

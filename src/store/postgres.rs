@@ -24,6 +24,10 @@ use super::{
 /// the flusher retries anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a pooled connection may take to answer the check before reuse; a healthy one
+/// answers in well under a millisecond.
+const RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Unacknowledged-data limit and keepalive idle time of every connection (see `connect`).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -120,7 +124,10 @@ impl PgStore {
             config.clone(),
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // Verified: a pooled connection answers a trivial query before it is reused, or
+                // it is dropped for a fresh one. A connection left stuck by an attempt that
+                // --store-timeout abandoned must not be handed to the retry.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
@@ -128,6 +135,7 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(RECYCLE_TIMEOUT))
             .build()
             .map_err(StoreError::unavailable)?;
         let store = Self {

@@ -105,3 +105,57 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
     tokio::spawn(connection);
     Ok(client)
 }
+
+/// Slow commits on demand, to hold a batch's transaction open in its COMMIT: a deferred
+/// constraint trigger on `tally_instances` sleeps that long while the switch is on.
+#[allow(dead_code, reason = "used by the durability tests only")]
+pub struct SlowCommits<'a> {
+    client: &'a tokio_postgres::Client,
+}
+
+#[allow(dead_code, reason = "used by the durability tests only")]
+impl<'a> SlowCommits<'a> {
+    /// Installs the trigger (off) in `client`'s database, which tally has migrated.
+    pub async fn install(client: &'a tokio_postgres::Client, sleep: Duration) -> Self {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE slow_commit_switch (slow boolean NOT NULL);
+                 INSERT INTO slow_commit_switch VALUES (false);
+                 CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     IF (SELECT slow FROM slow_commit_switch) THEN
+                         PERFORM pg_sleep({});
+                     END IF;
+                     RETURN NULL;
+                 END $$;
+                 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT OR UPDATE ON tally_instances
+                     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();",
+                sleep.as_secs_f64()
+            ))
+            .await
+            .expect("install the slow-commit trigger");
+        Self { client }
+    }
+
+    /// Turns slow commits on or off (a commit already sleeping sleeps on).
+    pub async fn set(&self, slow: bool) {
+        self.client
+            .execute("UPDATE slow_commit_switch SET slow = $1", &[&slow])
+            .await
+            .expect("switch slow commits");
+    }
+
+    /// Whether a commit is sleeping in the trigger now.
+    pub async fn sleeping(&self) -> bool {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event = 'PgSleep'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get::<_, i64>(0)
+            > 0
+    }
+}

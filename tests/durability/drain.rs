@@ -1,5 +1,5 @@
-//! Shutdown behind a load balancer: with `--drain-delay`, SIGTERM first turns `/readyz` to
-//! 503 "draining" while every request is still served, so the balancer takes the instance
+//! Shutdown behind a load balancer: with `--shutdown-delay`, SIGTERM first turns `/readyz` to
+//! 503 `shutting_down` while every request is still served, so the balancer takes the instance
 //! out by its health check rather than by failed connections; then tally drains and exits 0
 //! with every acknowledged increment stored.
 
@@ -10,13 +10,13 @@ use serde_json::json;
 use crate::common::data_dir;
 use crate::support::{Direct, Tally, TallyConfig};
 
-const DRAIN_DELAY: Duration = Duration::from_secs(2);
+const SHUTDOWN_DELAY: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_a_drain_delay_fails_readyz_first_and_keeps_serving() {
+async fn sigterm_with_a_shutdown_delay_fails_readyz_first_and_keeps_serving() {
     let dir = data_dir();
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.extra = vec!["--drain-delay".to_owned(), "2s".to_owned()];
+    config.extra = vec!["--shutdown-delay".to_owned(), "2s".to_owned()];
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
     let increment = || async {
@@ -45,16 +45,16 @@ async fn sigterm_with_a_drain_delay_fails_readyz_first_and_keeps_serving() {
     let signalled = Instant::now();
     let (status, body) = loop {
         let (status, body) = readyz().await;
-        if status != 200 || signalled.elapsed() > DRAIN_DELAY {
+        if status != 200 || signalled.elapsed() > SHUTDOWN_DELAY {
             break (status, body);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status, 503, "/readyz fails during the drain delay: {body}");
-    assert!(body.contains("draining"), "{body}");
+    assert!(body.contains(r#""error":"shutting_down""#), "{body}");
     // Still served, on new connections too, until the delay is over.
     let mut served = 0;
-    while signalled.elapsed() < DRAIN_DELAY - Duration::from_millis(500) {
+    while signalled.elapsed() < SHUTDOWN_DELAY - Duration::from_millis(500) {
         assert_eq!(increment().await, 202, "served during the drain delay");
         served += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -63,7 +63,7 @@ async fn sigterm_with_a_drain_delay_fails_readyz_first_and_keeps_serving() {
     let status = tally.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     assert!(
-        signalled.elapsed() >= DRAIN_DELAY,
+        signalled.elapsed() >= SHUTDOWN_DELAY,
         "the listener stayed open for the drain delay"
     );
     let stored = Direct::open(dir.path(), None).await.value("k").await;

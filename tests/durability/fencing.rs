@@ -17,21 +17,9 @@ use crate::pg::{self, PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig, eventually};
 
 /// How long the dead process's commit takes: longer than a restart.
-const SLOW_COMMIT: &str = "2";
+const SLOW_COMMIT: Duration = Duration::from_secs(2);
 /// Increments acknowledged by the restarted instance.
 const AFTER: i64 = 20;
-
-/// Makes every commit that wrote `tally_instances` sleep while `zombie_switch.slow` is set.
-const SLOW_COMMIT_SQL: &str = "
-    CREATE TABLE zombie_switch (slow boolean NOT NULL);
-    INSERT INTO zombie_switch VALUES (false);
-    CREATE FUNCTION zombie_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF (SELECT slow FROM zombie_switch) THEN PERFORM pg_sleep(SLOW); END IF;
-        RETURN NULL;
-    END $$;
-    CREATE CONSTRAINT TRIGGER zombie_slow_commit AFTER INSERT OR UPDATE ON tally_instances
-        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION zombie_slow_commit();";
 
 async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
     client
@@ -54,10 +42,7 @@ async fn a_commit_finishing_after_kill_9_does_not_swallow_the_restarts_first_bat
     let client = reqwest::Client::new();
 
     let mut tally = Tally::start(&config).await;
-    admin
-        .batch_execute(&SLOW_COMMIT_SQL.replace("SLOW", SLOW_COMMIT))
-        .await
-        .expect("install the slow-commit trigger");
+    let slow = pg::SlowCommits::install(&admin, SLOW_COMMIT).await;
     // A first batch, committed at normal speed: the instance's row exists from now on, and
     // the slow commit below updates it (as every commit but an instance's first does).
     assert_eq!(increment(&client, &tally.address, "warm-up").await, 202);
@@ -68,33 +53,17 @@ async fn a_commit_finishing_after_kill_9_does_not_swallow_the_restarts_first_bat
         || async { direct.value("warm-up").await == Some(1) },
     )
     .await;
-    admin
-        .batch_execute("UPDATE zombie_switch SET slow = true")
-        .await
-        .expect("turn the slow commit on");
+    slow.set(true).await;
     assert_eq!(increment(&client, &tally.address, "before").await, 202);
     eventually(
         Duration::from_secs(10),
         "tally's batch commit is in the slow trigger",
-        || async {
-            let row = admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND wait_event = 'PgSleep'",
-                    &[],
-                )
-                .await
-                .expect("read pg_stat_activity");
-            row.get::<_, i64>(0) > 0
-        },
+        || slow.sleeping(),
     )
     .await;
     tally.kill9().await;
     // The dead process's commit is sleeping already; later commits are fast.
-    admin
-        .batch_execute("UPDATE zombie_switch SET slow = false")
-        .await
-        .expect("turn the slow commit off");
+    slow.set(false).await;
 
     let mut tally = Tally::start(&config).await;
     for _ in 0..AFTER {
