@@ -40,6 +40,10 @@ async fn main() -> ExitCode {
 async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can answer /healthz: a SIGTERM from then on drains instead of killing.
     let stop = shutdown::signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+    // Everything tally creates (data directory, journal, SQLite files, lock, instance id) is
+    // its own: 0700 directories and 0600 files, whatever umask it was started with.
+    // SAFETY: umask only swaps the process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
     // A file-size limit (`ulimit -f`, systemd's LimitFSIZE=) must show as a failed write,
     // which the journal handles like a full disk, not kill the process (SIGXFSZ's default
     // action). A handler installed through tokio stays for the life of the process.

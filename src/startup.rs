@@ -24,7 +24,7 @@ use crate::http::auth::Auth;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::serve::{ServeOptions, serve};
 use crate::http::{self, AppState, RouterOptions, body::Limits};
-use crate::journal::{GroupStats, Journal, JournalOptions};
+use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
 use crate::metrics as m;
 use crate::recovery;
 use crate::store::{PgStore, SqliteStore, Store, Timed};
@@ -317,10 +317,7 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join("lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let file = no_follow(File::options().create(true).truncate(false).write(true))
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
@@ -341,7 +338,13 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
         return Ok(id.clone());
     }
     let path = config.store.data_dir.join("instance-id");
-    match fs::read_to_string(&path) {
+    let read = no_follow(File::options().read(true))
+        .open(&path)
+        .and_then(|mut f| {
+            let mut id = String::new();
+            std::io::Read::read_to_string(&mut f, &mut id).map(|_| id)
+        });
+    match read {
         Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -351,8 +354,13 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
     // Write-then-rename so a crash never leaves a half-written id; the journal's meaning
     // depends on it.
     let tmp = path.with_extension("tmp");
-    let mut file =
-        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // Created exclusively, after removing a leftover: never written through a planted link.
+    let _ = fs::remove_file(&tmp);
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(id.as_bytes())
         .and_then(|()| file.sync_all())
         .and_then(|()| fs::rename(&tmp, &path))

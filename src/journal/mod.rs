@@ -104,6 +104,7 @@ mod writer;
 mod tests;
 
 pub use record::Corruption;
+pub(crate) use writer::no_follow;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -209,6 +210,14 @@ pub enum JournalError {
     /// [`Journal::append`] was called with no entries.
     #[error("journal record has no entries")]
     EmptyRecord,
+    /// A segment's name is a symbolic link: tally never follows links in its data
+    /// directory (reading or cutting it would touch a file it did not create).
+    #[error(
+        "journal: {} is a symbolic link; tally never follows links in its data directory \
+         (move the real file there, or remove the link)",
+        path.display()
+    )]
+    Symlink { path: PathBuf },
     /// Another [`Journal`] holds the directory's lock file.
     #[error("journal directory {} is in use by another journal", path.display())]
     Locked { path: PathBuf },
@@ -538,10 +547,7 @@ impl Drop for Journal {
 /// Takes the advisory lock on `dir/journal.lock`, so two journals never share a directory.
 fn lock_dir(dir: &Path) -> Result<File, JournalError> {
     let path = dir.join("journal.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
+    let file = writer::no_follow(File::options().create(true).truncate(false).write(true))
         .open(&path)
         .map_err(io_err("open lock file", &path))?;
     match file.try_lock() {

@@ -1,10 +1,9 @@
 //! Reading the segments back on open, and cutting what a crash left half-written.
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::path::Path;
 
-use super::{JournalError, Replay, io_err, record, writer};
+use super::{JournalError, Replay, record, writer};
 
 /// Replays segments `numbers` (ascending) of `dir`. Returns the records and, for every
 /// segment kept, its highest seq. A bad tail of the last segment is truncated off; the
@@ -19,7 +18,7 @@ pub(super) fn replay(
     for (i, &n) in numbers.iter().enumerate() {
         let is_last = i + 1 == numbers.len();
         let path = writer::path(dir, n);
-        let data = fs::read(&path).map_err(io_err("read segment", &path))?;
+        let data = writer::read(&path)?;
 
         let mut offset = 0;
         let mut max_seq = 0;

@@ -30,12 +30,23 @@ fn parse_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Segment numbers present in `dir`, ascending. Other files are ignored.
+/// `options` that refuse to open a symbolic link (`O_NOFOLLOW`): every file tally opens in
+/// its data directory is one it created, never a link planted there.
+pub(crate) fn no_follow(options: &mut fs::OpenOptions) -> &mut fs::OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_NOFOLLOW)
+}
+
+/// Segment numbers present in `dir`, ascending. Other files are ignored; a segment name
+/// that is a symbolic link is refused.
 pub(super) fn list(dir: &Path) -> Result<Vec<u64>, JournalError> {
     let mut numbers = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
         let entry = entry.map_err(io_err("list", dir))?;
         if let Some(n) = entry.file_name().to_str().and_then(parse_name) {
+            if entry.file_type().map_err(io_err("list", dir))?.is_symlink() {
+                return Err(JournalError::Symlink { path: entry.path() });
+            }
             numbers.push(n);
         }
     }
@@ -56,10 +67,20 @@ pub(super) fn create(dir: &Path, n: u64) -> Result<File, JournalError> {
     Ok(file)
 }
 
+/// Reads the whole segment at `path`, never through a symbolic link.
+pub(super) fn read(path: &Path) -> Result<Vec<u8>, JournalError> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    no_follow(File::options().read(true))
+        .open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io_err("read segment", path))?;
+    Ok(data)
+}
+
 /// Cuts the segment at `path` down to `len` bytes, durably.
 pub(super) fn truncate(path: &Path, len: u64) -> Result<(), JournalError> {
-    let file = File::options()
-        .write(true)
+    let file = no_follow(File::options().write(true))
         .open(path)
         .map_err(io_err("open segment to truncate", path))?;
     file.set_len(len)
@@ -99,7 +120,12 @@ pub(super) const PROBE_BYTES: usize = 1 << 20;
 /// Writes and fsyncs [`PROBE_BYTES`] in a scratch file of `dir`, then deletes it.
 fn probe(dir: &Path) -> Result<(), JournalError> {
     let path = dir.join("probe.tmp");
-    let result = File::create(&path)
+    // A leftover (or a planted link) goes first: the probe is created anew, exclusively.
+    let _ = fs::remove_file(&path);
+    let result = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
         .and_then(|mut f| {
             f.write_all(&vec![0; PROBE_BYTES])?;
             f.sync_data()

@@ -24,6 +24,7 @@ mod store;
 
 mod ack;
 mod crash;
+mod datadir;
 mod disk_full;
 mod drain;
 mod fencing;
