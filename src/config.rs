@@ -51,6 +51,13 @@ pub const DEFAULT_MAX_BATCH_ITEMS: usize = 10_000;
 /// slow-loris client cannot hold a connection slot for long.
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
 
+/// Default `--max-header-bytes`: 32 KiB, far above any request of this API (a JWT is well
+/// under 2 KiB) and far below hyper's own default of ~400 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// hyper's smallest read buffer.
+const MIN_HEADER_BYTES: usize = 8192;
+
 /// Default limit on one request, from its headers to its response. Far above a normal
 /// request (sub-millisecond) and above an `ack=store` wait through a few failed flushes, so
 /// only stuck or deliberately slow requests reach it.
@@ -338,6 +345,12 @@ pub struct LimitsConfig {
     #[arg(long, env = "TALLY_MAX_KEY_BYTES", default_value_t = nonzero(DEFAULT_MAX_KEY_BYTES))]
     pub max_key_bytes: NonZeroUsize,
 
+    /// Largest request head (request line and headers), in bytes; past it 431. Bounds the
+    /// memory a connection holds before anything is checked (checked before each read, so a
+    /// head may pass it by up to one read: at most about twice this). At least 8192.
+    #[arg(long, env = "TALLY_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "TALLY_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
@@ -538,6 +551,12 @@ impl Config {
     /// A [`ConfigError`] naming the first flag whose value cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.http.validate()?;
+        if self.limits.max_header_bytes < MIN_HEADER_BYTES {
+            return fail(
+                "max-header-bytes",
+                format!("must be at least {MIN_HEADER_BYTES}"),
+            );
+        }
         self.store.validate()?;
         self.flush.validate()?;
         self.journal.validate()?;
@@ -737,8 +756,8 @@ impl fmt::Display for LimitsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "max-key-bytes={} max-body-bytes={} max-batch-items={}",
-            self.max_key_bytes, self.max_body_bytes, self.max_batch_items,
+            "max-key-bytes={} max-header-bytes={} max-body-bytes={} max-batch-items={}",
+            self.max_key_bytes, self.max_header_bytes, self.max_body_bytes, self.max_batch_items,
         )
     }
 }

@@ -342,20 +342,25 @@ impl Flusher {
                 keys: named,
             });
         }
+        let first = dead_letters.len();
         for &i in bad.iter().rev() {
             let (key, delta) = entries.remove(i);
-            tracing::error!(
-                key,
-                delta,
-                reason,
-                "Store refused a delta; moved it to tally_dead_letters."
-            );
             dead_letters.push(DeadLetter {
                 key: key.to_owned(),
                 delta,
                 reason: reason.to_owned(),
             });
         }
+        // One line per batch, not per delta: a batch of thousands of poison keys must not
+        // bury the log. The table has every one of them.
+        let moved = &dead_letters[first..];
+        let sample: Vec<&str> = moved.iter().take(5).map(|d| d.key.as_str()).collect();
+        tracing::error!(
+            deltas = moved.len(),
+            keys = ?sample,
+            reason,
+            "Store refused deltas; moved them to tally_dead_letters (keys: the first five)."
+        );
         Metrics::global().dead_letters.increment(bad.len() as u64);
         Ok(())
     }

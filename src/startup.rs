@@ -228,6 +228,7 @@ impl App {
         let options = ServeOptions {
             header_read_timeout: config.http.header_read_timeout,
             idle_timeout: config.http.idle_timeout,
+            max_header_bytes: config.limits.max_header_bytes,
             max_connections: config.http.max_connections.get(),
             // Only the rate limiter reads the peer address.
             connect_info: router.rate_limit.is_some(),

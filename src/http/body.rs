@@ -4,7 +4,9 @@
 //! (400) are told apart from wrong or missing values (422) with serde_json's error
 //! classification.
 
-use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 use crate::key::{Increment, Key};
@@ -27,8 +29,9 @@ pub struct Limits {
     pub max_batch_items: usize,
 }
 
-/// One increment as it travels on the wire. Unknown fields are ignored.
-#[derive(Deserialize, utoipa::ToSchema)]
+/// One increment as it travels on the wire: a JSON object (not an array of its values) or
+/// a form. Unknown fields are ignored.
+#[derive(utoipa::ToSchema)]
 #[schema(as = Increment, example = json!({"key": "page:home", "value": 1}))]
 pub(crate) struct Wire {
     /// The counter: non-empty UTF-8 of at most `--max-key-bytes` bytes (default 256),
@@ -38,6 +41,50 @@ pub(crate) struct Wire {
     /// The delta to add: a signed 64-bit integer (negative decrements).
     #[schema(format = Int64)]
     value: i64,
+}
+
+/// [`Wire`]'s fields, as serde's derive reads them.
+#[derive(Deserialize)]
+struct Fields {
+    key: String,
+    value: i64,
+}
+
+impl<'de> Deserialize<'de> for Wire {
+    /// An object only: serde's derive would also take `["k", 1]`, the fields by position,
+    /// which is not the contract.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly;
+        impl<'de> Visitor<'de> for ObjectOnly {
+            type Value = Wire;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(r#"an object {"key": …, "value": …}"#)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Wire, A::Error> {
+                let Fields { key, value } = Fields::deserialize(MapAccessDeserializer::new(map))?;
+                Ok(Wire { key, value })
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
+}
+
+/// Refuses a form whose percent-escapes do not decode to UTF-8 (`key=%ff`): decoded
+/// lossily, distinct byte strings would share one counter, where a JSON body with invalid
+/// UTF-8 is refused.
+fn check_form_utf8(body: &[u8]) -> Result<(), ApiError> {
+    for part in body.split(|&b| b == b'&' || b == b'=') {
+        if percent_encoding::percent_decode(part)
+            .decode_utf8()
+            .is_err()
+        {
+            return Err(ApiError::Invalid(format!(
+                "form body: {:?} does not decode to UTF-8",
+                String::from_utf8_lossy(part)
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Wire {
@@ -117,8 +164,11 @@ pub fn parse_one(format: Format, body: &[u8], limits: &Limits) -> Result<Increme
         Format::Json | Format::Ndjson => {
             serde_json::from_slice(body).map_err(|e| json_error(&e, ""))?
         }
-        Format::Form => serde_urlencoded::from_bytes(body)
-            .map_err(|e| ApiError::Invalid(format!("form body: {e}")))?,
+        Format::Form => {
+            check_form_utf8(body)?;
+            serde_urlencoded::from_bytes(body)
+                .map_err(|e| ApiError::Invalid(format!("form body: {e}")))?
+        }
     };
     wire.validate(limits)
 }
@@ -192,6 +242,13 @@ mod tests {
             Some(want.clone())
         );
         assert_eq!(one(Format::Form, "key=abc&value=-5").ok(), Some(want));
+        // Escaped UTF-8 and `+` still read as they should.
+        assert_eq!(
+            one(Format::Form, "key=%C3%A9+x&value=1")
+                .map(|i| i.key.as_str().to_owned())
+                .ok(),
+            Some("é x".to_owned())
+        );
     }
 
     #[test]
@@ -214,7 +271,10 @@ mod tests {
             (Format::Json, r#"{"key":"123456789","value":1}"#, "422"),
             (Format::Json, r#"{"key":"a\u0000","value":1}"#, "422"),
             (Format::Json, "[]", "422"),
+            (Format::Json, r#"["a", 1]"#, "422"),
             (Format::Form, "key=a", "422"),
+            (Format::Form, "key=%ff&value=1", "422"),
+            (Format::Form, "key=a&value=1&x=%c3%28", "422"),
             (Format::Form, "key=a&value=x", "422"),
             (Format::Form, "key=&value=1", "422"),
         ];

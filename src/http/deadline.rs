@@ -333,6 +333,7 @@ mod tests {
         let options = ServeOptions {
             header_read_timeout,
             idle_timeout,
+            max_header_bytes: crate::config::DEFAULT_MAX_HEADER_BYTES,
             max_connections: 4,
             connect_info: false,
         };

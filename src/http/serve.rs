@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Time a kept-alive connection may wait for its next request (`--idle-timeout`).
     pub idle_timeout: Duration,
+    /// Largest request head, in bytes (`--max-header-bytes`, at least 8192).
+    pub max_header_bytes: usize,
     /// Most connections open at once (`--max-connections`).
     pub max_connections: usize,
     /// Put the peer address into every request (needed by the rate limiter).
@@ -84,6 +86,8 @@ pub async fn serve(
     // No hyper timer and no `header_read_timeout`: the header deadline is the connection
     // driver's (see the module doc).
     builder.keep_alive(true);
+    // The read buffer's cap: a request head larger than this gets 431 before it is held.
+    builder.max_buf_size(options.max_header_bytes);
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => {
