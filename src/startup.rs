@@ -230,8 +230,8 @@ impl App {
             idle_timeout: config.http.idle_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             max_connections: config.http.max_connections.get(),
-            // Only the rate limiter reads the peer address.
-            connect_info: router.rate_limit.is_some(),
+            // Only the guards read the peer address (the rate limit, the failed-auth budget).
+            connect_info: router.rate_limit.is_some() || router.auth.is_some(),
         };
         let app = http::router(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);

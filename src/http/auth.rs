@@ -20,6 +20,14 @@
 //!    leeway; `aud` and `iss` are required and checked when `--jwt-audience` /
 //!    `--jwt-issuer` are set.
 //!
+//! **Failed authorizations are throttled before any verification**: each client (peer
+//! address, or with `--trust-proxy` the address the proxy appended) has a budget of
+//! [`FAILURE_BURST`] failures, refilled at [`FAILURES_PER_SECOND`]; once it is spent, the
+//! client's requests get `429` with `Retry-After` without their token being looked at, so a
+//! stream of forged tokens (an ES256 signature check costs ~300 µs) cannot keep a core busy.
+//! The guards run in this order: this budget, the token, then the per-client rate limit
+//! (`--rate-limit-per-second`, keyed by the verified subject when there is one).
+//!
 //! Verified JWTs are remembered (up to [`JWT_CACHE_CAPACITY`], keyed by the whole token),
 //! so a client that reuses its token, as clients do until it expires, pays for the
 //! signature check once: an ES256 verification costs about 300 µs of CPU, against about 15 µs
@@ -34,6 +42,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ahash::RandomState;
 use axum::extract::Request;
@@ -44,11 +53,19 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::rate_limit::RateLimiter;
 use crate::config::{Config, Secret};
+use crate::metrics::Metrics;
 
 /// Clock skew tolerated on `exp` and `nbf`. jsonwebtoken's default is 60s; 30s covers
 /// NTP-synchronised hosts with room to spare while keeping expired tokens short-lived.
 pub const JWT_LEEWAY_SECONDS: u64 = 30;
+
+/// Failed authorizations a client may make at once before it is throttled.
+pub const FAILURE_BURST: u32 = 20;
+
+/// Failed authorizations per second a client may sustain.
+pub const FAILURES_PER_SECOND: f64 = 2.0;
 
 /// Most verified JWTs remembered at once. Tokens are a few hundred bytes, so the cache
 /// stays under a few MB; 10,000 is far more distinct live tokens than one instance serves.
@@ -93,6 +110,8 @@ struct JwtKey {
 
 /// The configured credentials. Built once at start-up, shared by every request.
 pub struct Auth {
+    /// Failed authorizations per client, checked before verifying.
+    failures: RateLimiter,
     static_token: Option<Secret>,
     /// HS256 key (`--jwt-secret`).
     hmac: Option<JwtKey>,
@@ -166,6 +185,12 @@ impl Auth {
             }
         };
         Ok(Some(Self {
+            failures: RateLimiter::new(
+                FAILURES_PER_SECOND,
+                FAILURE_BURST,
+                config.rate_limit.max_clients.get(),
+                config.rate_limit.trust_proxy,
+            ),
             static_token: config.auth.token.clone(),
             hmac,
             public,
@@ -329,10 +354,26 @@ impl super::guard::Guard for Auth {
         if is_open(request.uri().path()) {
             return Ok(());
         }
-        if let Some(subject) = self.verify(request.headers().get(header::AUTHORIZATION))? {
-            request.extensions_mut().insert(subject);
+        let client = self.failures.client_key(request);
+        let now = Instant::now();
+        if let Err(limited) = self.failures.peek(client, now) {
+            Metrics::global().rate_limited.increment(1);
+            return Err(ApiError::RateLimited {
+                retry_after_seconds: limited.retry_after_seconds(),
+            });
         }
-        Ok(())
+        match self.verify(request.headers().get(header::AUTHORIZATION)) {
+            Ok(Some(subject)) => {
+                request.extensions_mut().insert(subject);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(refusal) => {
+                // Spends one failure; the answer to this request is the 401 either way.
+                let _ = self.failures.check(client, now);
+                Err(refusal)
+            }
+        }
     }
 }
 

@@ -193,6 +193,29 @@ impl RateLimiter {
         Ok(())
     }
 
+    /// Whether `key` has a token left at time `now`, without taking it (for budgets that
+    /// are spent only on some outcomes, like failed authorizations).
+    ///
+    /// # Errors
+    ///
+    /// [`Limited`] with the time until a token is available, when the bucket is empty.
+    pub fn peek(&self, key: ClientKey, now: Instant) -> Result<(), Limited> {
+        let now_ns =
+            u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % self.shards.len()];
+        let clients = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tat = clients.get(&key).map_or(now_ns, |&tat| tat.max(now_ns));
+        let allowed_until = now_ns.saturating_add(self.tolerance_ns);
+        if tat > allowed_until {
+            return Err(Limited {
+                wait: Duration::from_nanos(tat - allowed_until),
+            });
+        }
+        Ok(())
+    }
+
     /// Clients currently remembered (for tests and diagnostics; locks every shard).
     pub fn tracked_clients(&self) -> usize {
         self.shards

@@ -46,20 +46,28 @@ const TRY_HOLD: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 /// Key of the advisory lock that serialises migrations when several instances start at once.
 const MIGRATION_LOCK: i64 = 0x0074_616c_6c79; // "tally" in ASCII
 
-const UPSERT: &str = "INSERT INTO counters (key, value) \
-     SELECT * FROM unnest($1::text[], $2::int8[]) \
-     ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, updated_at = now()";
+// `now()` is taken in the inserted rows and copied in `DO UPDATE SET`, never called there:
+// Citus refuses non-IMMUTABLE functions in the `DO UPDATE SET` of a distributed table (see
+// docs/operations.md), and this way the same statements run on it.
+const UPSERT: &str = "INSERT INTO counters (key, value, updated_at) \
+     SELECT k, v, now() FROM unnest($1::text[], $2::int8[]) AS u(k, v) \
+     ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, \
+     updated_at = EXCLUDED.updated_at";
 
 const LOCK_SEQ: &str =
     "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
 
-const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch) VALUES ($1, $2, $3) \
-     ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, updated_at = now()";
+const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
+     VALUES ($1, $2, $3, now()) \
+     ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
+     updated_at = EXCLUDED.updated_at";
 
 /// One statement, so one implicit transaction: the upsert waits for the row lock (or the
 /// uncommitted insert) of a batch still being committed, then works on its committed row.
-const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch) VALUES ($1, 0, 1) \
-     ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, updated_at = now() \
+const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
+     VALUES ($1, 0, 1, now()) \
+     ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, \
+     updated_at = EXCLUDED.updated_at \
      RETURNING last_seq, epoch";
 
 /// The PostgreSQL backend: a connection pool, plus one connection per claimed instance id

@@ -345,3 +345,41 @@ async fn an_unusable_public_key_stops_start_up_naming_the_flag() {
         assert!(error.contains("--jwt-public-key"), "{error}");
     }
 }
+
+/// Failed authorizations a client may make at once (tally's `FAILURE_BURST`).
+const FAILURE_BURST: usize = 20;
+
+/// Forged tokens spend a per-client budget of failures, checked before any signature work:
+/// past it the client gets 429 with `Retry-After` without its token being verified (even a
+/// valid one), and once the budget refills a valid token works again.
+#[tokio::test]
+async fn failed_authorizations_are_throttled_before_verification() {
+    let server = start_with(|c| c.auth.jwt_secret = Some(Secret::new(SECRET.to_owned()))).await;
+    let client = client();
+    let forged = hs256(
+        &claims(json!({})),
+        "not-the-secret-0123456789abcdef0123456789",
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let response = increment(&client, &server, Some(&forged)).await;
+        if response.status() == 429 {
+            assert!(response.headers().contains_key("retry-after"));
+        }
+        statuses.push(response.status().as_u16());
+    }
+    let refused = statuses.iter().filter(|&&s| s == 401).count();
+    let throttled = statuses.iter().filter(|&&s| s == 429).count();
+    assert_eq!(refused + throttled, 100, "{statuses:?}");
+    assert!(
+        (FAILURE_BURST..=FAILURE_BURST + 10).contains(&refused),
+        "about one burst of 401s, then 429s: {refused} × 401"
+    );
+    let valid = hs256(&claims(json!({})), SECRET);
+    let throttled_valid = increment(&client, &server, Some(&valid)).await;
+    assert_eq!(throttled_valid.status(), 429, "checked before the token");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let later = increment(&client, &server, Some(&valid)).await;
+    assert_eq!(later.status(), 202, "the budget refills");
+    server.stop().await;
+}
