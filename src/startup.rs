@@ -223,6 +223,7 @@ impl App {
         }
 
         let http_stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let metrics_state = Arc::clone(&state);
         let drain_state = Arc::clone(&state);
         let options = ServeOptions {
@@ -232,17 +233,18 @@ impl App {
             max_connections: config.http.max_connections.get(),
             // Only the guards read the peer address (the rate limit, the failed-auth budget).
             connect_info: router.rate_limit.is_some() || router.auth.is_some(),
+            draining: draining.clone(),
         };
         let app = http::router(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);
-        let mut server = tokio::spawn(serve(listener, app, options, http_stop.clone()));
+        let mut server = tokio::spawn(serve(listener, app, options.clone(), http_stop.clone()));
         tracing::info!(%address, "Listening.");
         let metrics_server = metrics_listener.map(|listener| {
             let address = listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "Serving /metrics on its own listener.");
             let options = ServeOptions {
                 connect_info: false,
-                ..options
+                ..options.clone()
             };
             tokio::spawn(serve(
                 listener,
@@ -254,6 +256,7 @@ impl App {
         let served = tokio::select! {
             result = &mut server => result,
             () = shutdown => {
+                draining.cancel();
                 if !config.http.shutdown_delay.is_zero() {
                     drain_state.draining.store(true, Ordering::Relaxed);
                     tracing::info!(

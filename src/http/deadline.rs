@@ -334,6 +334,7 @@ mod tests {
             header_read_timeout,
             idle_timeout,
             max_header_bytes: crate::config::DEFAULT_MAX_HEADER_BYTES,
+            draining: CancellationToken::new(),
             max_connections: 4,
             connect_info: false,
         };

@@ -53,7 +53,7 @@ use tower::Service;
 use super::deadline;
 
 /// Connection-level limits of one listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// Time a client has to send a complete request head (`--header-read-timeout`).
     pub header_read_timeout: Duration,
@@ -65,6 +65,11 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// Put the peer address into every request (needed by the rate limiter).
     pub connect_info: bool,
+    /// Cancelled when shutdown begins (`--shutdown-delay`): from then on every response
+    /// carries `Connection: close`, so that proxies drop their kept-alive connections to
+    /// this instance before its listener closes, rather than send a request into a closing
+    /// one.
+    pub draining: CancellationToken,
 }
 
 /// How long to pause after `accept` fails for lack of resources (EMFILE, ENOMEM): long
@@ -114,9 +119,15 @@ pub async fn serve(
         let service = ConnectionService {
             app: app.clone(),
             peer: options.connect_info.then_some(peer),
+            draining: options.draining.clone(),
         };
         let connection = builder.serve_connection(io, service);
-        spawn_connection(graceful.watch(connection), peer, permit, options);
+        spawn_connection(
+            graceful.watch(connection),
+            peer,
+            permit,
+            (options.header_read_timeout, options.idle_timeout),
+        );
     }
     drop(listener);
     graceful.shutdown().await;
@@ -127,18 +138,12 @@ fn spawn_connection(
     connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
     peer: SocketAddr,
     permit: OwnedSemaphorePermit,
-    options: ServeOptions,
+    (header_read_timeout, idle_timeout): (Duration, Duration),
 ) {
     tokio::spawn(async move {
         // Header timeouts, resets and malformed requests are the client's business, not an
         // operator's.
-        match deadline::drive(
-            connection,
-            options.header_read_timeout,
-            options.idle_timeout,
-        )
-        .await
-        {
+        match deadline::drive(connection, header_read_timeout, idle_timeout).await {
             Some(Ok(())) => {}
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
             None => tracing::debug!(%peer, "Idle, or no complete request head in time; closed."),
@@ -155,6 +160,8 @@ struct ConnectionService {
     app: Router,
     /// `Some` when the peer address goes into each request as `ConnectInfo`.
     peer: Option<SocketAddr>,
+    /// See [`ServeOptions::draining`].
+    draining: CancellationToken,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
@@ -171,6 +178,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
         Exchange {
             inner: self.app.clone().call(request),
             done: false,
+            close: self.draining.is_cancelled(),
         }
     }
 }
@@ -180,6 +188,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
 struct Exchange {
     inner: RouteFuture<Infallible>,
     done: bool,
+    /// Answer with `Connection: close` (shutdown has begun).
+    close: bool,
 }
 
 impl Future for Exchange {
@@ -187,9 +197,17 @@ impl Future for Exchange {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let response = std::task::ready!(Pin::new(&mut this.inner).poll(cx));
+        let mut response = std::task::ready!(Pin::new(&mut this.inner).poll(cx));
         this.done = true;
         deadline::response_produced();
+        if this.close
+            && let Ok(response) = &mut response
+        {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
         Poll::Ready(response)
     }
 }

@@ -71,6 +71,7 @@ pub async fn noop(listen: SocketAddr, plain_axum: bool) -> anyhow::Result<()> {
         header_read_timeout: defaults.http.header_read_timeout,
         idle_timeout: defaults.http.idle_timeout,
         max_header_bytes: defaults.limits.max_header_bytes,
+        draining: tokio_util::sync::CancellationToken::new(),
         max_connections: defaults.http.max_connections.get(),
         connect_info: false,
     };

@@ -1,7 +1,9 @@
 //! Shutdown behind a load balancer: with `--shutdown-delay`, SIGTERM first turns `/readyz` to
 //! 503 `shutting_down` while every request is still served, so the balancer takes the instance
-//! out by its health check rather than by failed connections; then tally drains and exits 0
-//! with every acknowledged increment stored.
+//! out by its health check rather than by failed connections, and every response carries
+//! `Connection: close` so that a proxy that does not poll `/readyz` (nginx) drops its
+//! kept-alive connections; then tally drains and exits 0 with every acknowledged increment
+//! stored.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,20 @@ async fn sigterm_with_a_shutdown_delay_fails_readyz_first_and_keeps_serving() {
     };
     assert_eq!(status, 503, "/readyz fails during the drain delay: {body}");
     assert!(body.contains(r#""error":"shutting_down""#), "{body}");
+    // Responses now ask the client (a proxy) to drop the connection: its kept-alive ones to
+    // this instance are gone before the listener closes.
+    let response = client
+        .get(format!("{}/healthz", tally.address))
+        .send()
+        .await
+        .expect("served during the shutdown delay");
+    assert_eq!(
+        response
+            .headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     // Still served, on new connections too, until the delay is over.
     let mut served = 0;
     while signalled.elapsed() < SHUTDOWN_DELAY - Duration::from_millis(500) {
