@@ -155,6 +155,7 @@ impl App {
             limits: Limits {
                 max_key_bytes: config.limits.max_key_bytes.get(),
                 max_batch_items: config.limits.max_batch_items.get(),
+                max_body_bytes: config.limits.max_body_bytes,
             },
             applied: flusher.subscribe(),
             health: flusher.health(),

@@ -27,6 +27,8 @@ pub enum Format {
 pub struct Limits {
     pub max_key_bytes: usize,
     pub max_batch_items: usize,
+    /// `--max-body-bytes`: checked against `Content-Length` before the body is read.
+    pub max_body_bytes: usize,
 }
 
 /// One increment as it travels on the wire: a JSON object (not an array of its values) or
@@ -223,6 +225,7 @@ mod tests {
     use super::*;
 
     const LIMITS: Limits = Limits {
+        max_body_bytes: 4096,
         max_key_bytes: 8,
         max_batch_items: 3,
     };

@@ -37,6 +37,36 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
     }
 }
 
+/// Refuses a request whose `Content-Length` is over `--max-body-bytes` before its body is
+/// touched: hyper answers `Expect: 100-continue` when the body is first read, so a client
+/// that asked first gets `413` at once instead of `100 Continue` and a refusal after
+/// sending it all. Declared before the body in the handlers' arguments, it runs first.
+pub struct BodyWithinLimit;
+
+impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match declared {
+            Some(length) if length > state.limits.max_body_bytes as u64 => {
+                Err(ApiError::TooLarge(format!(
+                    "request body of {length} bytes is larger than the limit of {} (--max-body-bytes)",
+                    state.limits.max_body_bytes
+                )))
+            }
+            _ => Ok(Self),
+        }
+    }
+}
+
 /// Add a delta to one counter.
 ///
 /// The body is one JSON object or a form. `202` with an empty body once the delta is
@@ -67,6 +97,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
 pub async fn one(
     State(state): State<Arc<AppState>>,
     content_type: ContentType,
+    _: BodyWithinLimit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Form])?;
@@ -117,6 +148,7 @@ pub struct Accepted {
 pub async fn many(
     State(state): State<Arc<AppState>>,
     content_type: ContentType,
+    _: BodyWithinLimit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Ndjson])?;

@@ -271,3 +271,27 @@ async fn a_request_head_past_the_header_limit_gets_431() {
     assert_eq!(ok.status(), 200, "16 KiB of headers is within the limit");
     server.stop().await;
 }
+
+/// `Expect: 100-continue` with a `Content-Length` over `--max-body-bytes`: 413 at once, never
+/// `100 Continue` (which would invite the client to send the whole body first).
+#[tokio::test]
+async fn an_oversized_expect_continue_request_gets_413_without_100_continue() {
+    let (mut config, dir) = support::config();
+    config.limits.max_body_bytes = 100;
+    let server = support::start((config, dir)).await;
+    let mut stream = raw_connect(
+        server.socket,
+        b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf))
+        .await
+        .expect("an answer at once")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "got {text:?}");
+    assert!(text.contains(r#""error":"too_large""#), "{text}");
+    server.stop().await;
+}

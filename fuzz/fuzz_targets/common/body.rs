@@ -4,6 +4,7 @@
 use tally::http::body::{Format, Limits, parse_many, parse_one};
 
 const LIMITS: Limits = Limits {
+    max_body_bytes: 4 << 20,
     max_key_bytes: 256,
     max_batch_items: 10_000,
 };
