@@ -44,6 +44,47 @@ use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
+/// What the accept loop may know of one connection: whether it is idle between requests
+/// (and since when), and a way to ask it to close. Shared by the connection's driver and
+/// the connection registry of [`super::serve`].
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// Nanoseconds since [`epoch`] at which the connection became idle after a response;
+    /// 0 while it is not idle (a new connection, a request head or a request in flight).
+    idle_since: std::sync::atomic::AtomicU64,
+    /// Notified to close the connection if it is idle.
+    close: tokio::sync::Notify,
+}
+
+impl ConnState {
+    /// Since when the connection is idle, if it is (in the units of [`epoch`]).
+    pub fn idle_since(&self) -> Option<u64> {
+        match self.idle_since.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            since => Some(since),
+        }
+    }
+
+    /// Asks the connection to close if it is (still) idle.
+    pub fn close_if_idle(&self) {
+        self.close.notify_one();
+    }
+
+    fn set_idle(&self, at: Option<Instant>) {
+        let since = at.map_or(0, |at| {
+            u64::try_from(at.duration_since(epoch()).as_nanos()).map_or(u64::MAX, |n| n.max(1))
+        });
+        self.idle_since
+            .store(since, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The zero point of [`ConnState`]'s idle times.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
 tokio::task_local! {
     /// The deadline of the request in flight on this task's connection.
     static CLOCK: ConnClock;
@@ -61,6 +102,8 @@ struct ConnClock {
     deadline: Cell<Option<Instant>>,
     /// Set by the driver once `deadline` has passed.
     expired: Cell<bool>,
+    /// Shared with the accept loop.
+    shared: std::sync::Arc<ConnState>,
 }
 
 /// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines.
@@ -72,8 +115,11 @@ pub async fn drive<F: Future>(
     connection: F,
     header_timeout: Duration,
     idle_timeout: Duration,
+    shared: std::sync::Arc<ConnState>,
 ) -> Option<F::Output> {
+    let closing = std::sync::Arc::clone(&shared);
     let clock = ConnClock {
+        shared,
         head_since: Cell::new(Some(Instant::now())),
         idle: Cell::new(false),
         deadline: Cell::new(None),
@@ -85,10 +131,20 @@ pub async fn drive<F: Future>(
             // A `Sleep` enters the timer wheel when first polled or reset, not when built.
             let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
             let mut armed: Option<Instant> = None;
+            let mut close = pin!(closing.close.notified());
             poll_fn(|cx| {
                 loop {
                     if let Poll::Ready(output) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Some(output));
+                    }
+                    if close.as_mut().poll(cx).is_ready() {
+                        if closing.idle_since().is_some() {
+                            // The accept loop needs this slot for a new client.
+                            return Poll::Ready(None);
+                        }
+                        // Busy again by now: stay, and listen for the next request to close.
+                        close.set(closing.close.notified());
+                        continue;
                     }
                     let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
                         (
@@ -148,8 +204,10 @@ pub fn head_received() {
 /// Called by the connection's service.
 pub fn response_produced() {
     let _ = CLOCK.try_with(|clock| {
-        clock.head_since.set(Some(Instant::now()));
+        let now = Instant::now();
+        clock.head_since.set(Some(now));
         clock.idle.set(true);
+        clock.shared.set_idle(Some(now));
     });
 }
 
@@ -159,6 +217,7 @@ fn bytes_received() {
     let _ = CLOCK.try_with(|clock| {
         if clock.idle.replace(false) {
             clock.head_since.set(Some(Instant::now()));
+            clock.shared.set_idle(None);
         }
     });
 }

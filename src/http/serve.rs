@@ -17,8 +17,11 @@
 //!   with no deadline at all, and HTTP/2 has no header-read deadline; tally's clients and
 //!   load balancers speak HTTP/1.1.
 //! - **Connection cap** (`--max-connections`): a semaphore permit is taken *before*
-//!   `accept` and held by the connection's task. At the cap the loop stops accepting and new
-//!   connections wait in the kernel's listen backlog until one closes. A semaphore here,
+//!   `accept` and held by the connection's task. At the cap, a new client takes the slot of
+//!   the connection that has been idle longest between requests (as nginx does): that one is
+//!   closed, which a keep-alive client handles by reconnecting. Only when no connection is
+//!   idle (every one is mid-request or mid-head) does the new client wait, in the listen
+//!   backlog, for one to close. A semaphore here,
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.
@@ -50,7 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-use super::deadline;
+use super::deadline::{self, ConnState};
 
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone)]
@@ -86,6 +89,7 @@ pub async fn serve(
     // Permits = open connections; taken before accept, released when the task ends. Never
     // closed, so `acquire_owned` cannot fail.
     let slots = Arc::new(Semaphore::new(options.max_connections));
+    let registry = Arc::new(Registry::default());
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // No hyper timer and no `header_read_timeout`: the header deadline is the connection
@@ -94,24 +98,42 @@ pub async fn serve(
     // The read buffer's cap: a request head larger than this gets 431 before it is held.
     builder.max_buf_size(options.max_header_bytes);
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => {
-                permit.expect("the connection semaphore is never closed")
-            }
-            () = stop.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    if !is_connection_error(&e) {
-                        tracing::warn!(error = %e, "Cannot accept a connection; pausing.");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
-                    continue;
+        let (permit, accepted) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => (permit, None),
+            // At the cap: a slot that frees, or a client, for whom the longest-idle
+            // connection makes room.
+            Err(_) => tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => {
+                    (permit.expect("the connection semaphore is never closed"), None)
                 }
+                accepted = listener.accept() => {
+                    registry.close_oldest_idle();
+                    tokio::select! {
+                        permit = Arc::clone(&slots).acquire_owned() => {
+                            (permit.expect("the connection semaphore is never closed"), Some(accepted))
+                        }
+                        () = stop.cancelled() => break,
+                    }
+                }
+                () = stop.cancelled() => break,
             },
-            () = stop.cancelled() => break,
+        };
+        let accepted = match accepted {
+            Some(accepted) => accepted,
+            None => tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => break,
+            },
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if !is_connection_error(&e) {
+                    tracing::warn!(error = %e, "Cannot accept a connection; pausing.");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
         };
         // Responses are written in one go; Nagle's algorithm would only add latency.
         let _ = stream.set_nodelay(true);
@@ -122,10 +144,11 @@ pub async fn serve(
             draining: options.draining.clone(),
         };
         let connection = builder.serve_connection(io, service);
+        let shared = registry.add();
         spawn_connection(
             graceful.watch(connection),
             peer,
-            permit,
+            (permit, shared, Arc::clone(&registry)),
             (options.header_read_timeout, options.idle_timeout),
         );
     }
@@ -137,17 +160,18 @@ pub async fn serve(
 fn spawn_connection(
     connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    (permit, (id, shared), registry): (OwnedSemaphorePermit, (u64, Arc<ConnState>), Arc<Registry>),
     (header_read_timeout, idle_timeout): (Duration, Duration),
 ) {
     tokio::spawn(async move {
         // Header timeouts, resets and malformed requests are the client's business, not an
         // operator's.
-        match deadline::drive(connection, header_read_timeout, idle_timeout).await {
+        match deadline::drive(connection, header_read_timeout, idle_timeout, shared).await {
             Some(Ok(())) => {}
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
             None => tracing::debug!(%peer, "Idle, or no complete request head in time; closed."),
         }
+        registry.remove(id);
         drop(permit);
     });
 }
@@ -217,6 +241,56 @@ impl Drop for Exchange {
         if !self.done {
             // Dropped unanswered (the connection is going away): back to waiting for a head.
             deadline::response_produced();
+        }
+    }
+}
+
+/// The open connections, for the accept loop to find the longest-idle one at the cap.
+/// Touched once when a connection opens and once when it closes; requests only write their
+/// connection's own [`ConnState`].
+#[derive(Default)]
+struct Registry {
+    connections: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnState>>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self) -> (u64, Arc<ConnState>) {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shared = Arc::new(ConnState::default());
+        self.lock().insert(id, Arc::clone(&shared));
+        (id, shared)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Asks the connection idle the longest to close; false if none is idle. A scan of
+    /// the open connections, done only at the cap.
+    fn close_oldest_idle(&self) -> bool {
+        let oldest = self
+            .lock()
+            .values()
+            .filter_map(|c| c.idle_since().map(|since| (since, Arc::clone(c))))
+            .min_by_key(|(since, _)| *since);
+        match oldest {
+            Some((_, connection)) => {
+                connection.close_if_idle();
+                tracing::debug!(
+                    "At --max-connections: closing the longest-idle connection for a new client."
+                );
+                true
+            }
+            None => false,
         }
     }
 }

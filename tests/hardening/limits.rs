@@ -89,26 +89,18 @@ async fn a_request_that_outlives_the_request_timeout_gets_a_json_503() {
     server.stop().await;
 }
 
+/// At the cap, a connection that is busy (here: in the middle of a request head) keeps its
+/// slot: a new client waits until one closes.
 #[tokio::test]
-async fn connections_past_the_cap_wait_until_one_closes() {
+async fn connections_past_the_cap_wait_while_every_slot_is_busy() {
     let (mut config, dir) = support::config();
     config.http.max_connections = 2_usize.try_into().expect("non-zero");
     let server = support::start((config, dir)).await;
 
-    // Two keep-alive connections, each served once and then left idle: both slots taken.
     let mut held = Vec::new();
     for _ in 0..2 {
-        let mut stream =
-            raw_connect(server.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let mut buf = [0u8; 1024];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("served within 5 s")
-            .expect("read");
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
-        held.push(stream);
+        held.push(raw_connect(server.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await);
     }
-
     let third = reqwest::Client::builder()
         .timeout(Duration::from_millis(700))
         .build()
@@ -129,6 +121,62 @@ async fn connections_past_the_cap_wait_until_one_closes() {
         .await
         .expect("served");
     assert_eq!(served.status(), 200);
+    drop(held);
+    server.stop().await;
+}
+
+/// At the cap, idle keep-alive connections yield: a new client gets the slot of the one idle
+/// longest, which is closed; the others stay open.
+#[tokio::test]
+async fn at_the_cap_the_longest_idle_connection_yields_to_a_new_client() {
+    let (mut config, dir) = support::config();
+    config.http.max_connections = 3_usize.try_into().expect("non-zero");
+    let server = support::start((config, dir)).await;
+
+    // Three keep-alive connections, each served once and then left idle, oldest first.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream =
+            raw_connect(server.socket, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("served within 5 s")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(stream);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let started = Instant::now();
+    let served = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .expect("client")
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .expect("a new client is served within a second while the cap is full of idle connections");
+    assert_eq!(served.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    let mut oldest = held.remove(0);
+    let closed = read_to_close(&mut oldest, Duration::from_secs(2))
+        .await
+        .expect("the longest-idle connection is closed");
+    assert!(closed.is_empty(), "closed without an answer: {closed:?}");
+    // The newest idle one was left alone.
+    let newest = held.last_mut().expect("held");
+    newest
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), newest.read(&mut buf))
+        .await
+        .expect("answered")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     drop(held);
     server.stop().await;
 }
@@ -241,7 +289,11 @@ fn help_documents_every_hardening_flag_without_showing_secrets() {
         "--header-read-timeout",
         "--request-timeout",
         "--max-connections",
+        "--max-header-bytes",
         "--max-body-bytes",
+        "--idle-timeout",
+        "--shutdown-delay",
+        "--store-timeout",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
