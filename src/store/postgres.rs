@@ -34,7 +34,7 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a start waits for another session to release the instance id's lock. A
 /// predecessor killed a moment ago holds it until PostgreSQL notices its connection closed
 /// (at once for a local kill; a few seconds over a network that drops packets).
-const HOLDER_WAIT: Duration = Duration::from_secs(5);
+const HOLDER_WAIT: Duration = super::timed::CLAIM_WAIT;
 
 /// `application_name` of the connection that holds an instance id's lock, so that
 /// `pg_stat_activity` shows what it is.

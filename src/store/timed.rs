@@ -8,9 +8,13 @@
 //! counts it `failed` and retries the same batch, which is safe: a batch whose commit
 //! outcome is unknown is skipped by the store if it did commit.
 //!
-//! [`Store::claim`] is not wrapped: it waits on purpose (for another process's session
-//! lock, bounded by the backend, and for a predecessor's commit still in progress), and it
-//! runs once, at start-up, before anything is acknowledged.
+//! [`Store::claim`] waits on purpose (for another process's session lock, up to
+//! [`CLAIM_WAIT`], and for a predecessor's commit still in progress), so its deadline is the
+//! store timeout plus that wait; it runs once, at start-up, before anything is acknowledged.
+
+/// What a claim may wait on top of `--store-timeout` (PostgreSQL: for the session lock of a
+/// predecessor that just died).
+pub const CLAIM_WAIT: Duration = Duration::from_secs(5);
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +24,8 @@ use async_trait::async_trait;
 
 use super::{Applied, Batch, Claim, Store, StoreError, Stored};
 
-/// A store whose every operation but [`Store::claim`] fails after `timeout`.
+/// A store whose every operation fails after `timeout` ([`Store::claim`]: `timeout` plus
+/// [`CLAIM_WAIT`]).
 pub struct Timed {
     inner: Arc<dyn Store>,
     timeout: Duration,
@@ -36,10 +41,17 @@ impl Timed {
         operation: &'static str,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.timeout, f).await.map_err(|_| {
+        Self::within_for(operation, self.timeout, f).await
+    }
+
+    async fn within_for<T>(
+        operation: &'static str,
+        timeout: Duration,
+        f: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(timeout, f).await.map_err(|_| {
             StoreError::unavailable(format!(
-                "{operation} got no answer within {:?} (--store-timeout)",
-                self.timeout
+                "{operation} got no answer within {timeout:?} (--store-timeout)"
             ))
         })?
     }
@@ -52,7 +64,13 @@ impl Store for Timed {
     }
 
     async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
-        self.inner.claim(instance_id).await
+        let deadline = self.timeout + CLAIM_WAIT;
+        Self::within_for(
+            "the claim of the instance id",
+            deadline,
+            self.inner.claim(instance_id),
+        )
+        .await
     }
 
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
