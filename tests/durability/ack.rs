@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use serde_json::json;
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
 
 use crate::common::data_dir;
 use crate::pg::{PgDatabase, shout};
-use crate::support::{Direct, Tally, TallyConfig};
+use crate::support::{Direct, Tally, TallyConfig, increment};
 
 /// Sequential increments, each checked in the store right after its 202.
 const SEQUENTIAL: i64 = 20;
@@ -19,15 +18,6 @@ const CONCURRENT: usize = 200;
 /// Committed batches allowed for the concurrent burst: a quarter of one per request.
 const MAX_BATCHES: f64 = CONCURRENT as f64 / 4.0;
 const COMMITTED: &str = "tally_flush_batches_total{result=\"committed\"}";
-
-async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
-    client
-        .post(format!("{address}/increment"))
-        .json(&json!({ "key": key, "value": 1 }))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
 
 async fn store_ack_answers_after_the_commit(db: Option<&PgDatabase>) {
     let dir = data_dir();

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::common::data_dir;
 use crate::pg::{PgDatabase, shout};
-use crate::support::{Direct, Tally, TallyConfig};
+use crate::support::{Direct, Tally, TallyConfig, readyz};
 
 /// The journal's "disk": the file-size limit of the child, in bytes. Below the 1 MiB that
 /// tally's recovery probe writes, so it cannot recover before the limit is raised.
@@ -107,13 +107,8 @@ async fn a_full_disk_refuses_increments_without_counting_them_and_recovers_witho
         );
         assert_eq!(s.retry_after, s.code == "journal_unavailable", "{}", s.code);
     }
-    let ready = client
-        .get(format!("{}/readyz", tally.address))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 503);
-    let ready = ready.text().await.unwrap_or_default();
+    let (status, ready) = readyz(&client, &tally.address).await;
+    assert_eq!(status, 503);
     assert!(
         ready.contains("journal cannot write"),
         "/readyz says why: {ready}"
@@ -151,12 +146,7 @@ async fn a_full_disk_refuses_increments_without_counting_them_and_recovers_witho
         assert_eq!(s.status, 202, "{}", s.code);
         sent.push(s);
     }
-    let ready = client
-        .get(format!("{}/readyz", tally.address))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 200, "ready again");
+    assert_eq!(readyz(&client, &tally.address).await.0, 200, "ready again");
     assert_eq!(tally.metric("tally_journal_failed").await, 0.0);
     let status = tally.terminate().await;
     assert!(

@@ -7,10 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::common::data_dir;
-use crate::support::{Direct, Tally, TallyConfig};
+use crate::support::{self, Direct, Tally, TallyConfig};
 
 const SHUTDOWN_DELAY: Duration = Duration::from_secs(2);
 
@@ -21,25 +19,8 @@ async fn sigterm_with_a_shutdown_delay_fails_readyz_first_and_keeps_serving() {
     config.extra = vec!["--shutdown-delay".to_owned(), "2s".to_owned()];
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
-    let increment = || async {
-        client
-            .post(format!("{}/increment", tally.address))
-            .json(&json!({ "key": "k", "value": 1 }))
-            .send()
-            .await
-            .map_or(0, |r| r.status().as_u16())
-    };
-    let readyz = || async {
-        let response = client
-            .get(format!("{}/readyz", tally.address))
-            .send()
-            .await
-            .expect("readyz answers during the drain delay");
-        (
-            response.status().as_u16(),
-            response.text().await.unwrap_or_default(),
-        )
-    };
+    let increment = || support::increment(&client, &tally.address, "k");
+    let readyz = || support::readyz(&client, &tally.address);
     assert_eq!(readyz().await.0, 200);
     assert_eq!(increment().await, 202);
 

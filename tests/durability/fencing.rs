@@ -14,21 +14,12 @@ use serde_json::json;
 
 use crate::common::data_dir;
 use crate::pg::{self, PgDatabase, shout};
-use crate::support::{Direct, Tally, TallyConfig, eventually};
+use crate::support::{Direct, Tally, TallyConfig, eventually, increment, readyz};
 
 /// How long the dead process's commit takes: longer than a restart.
 const SLOW_COMMIT: Duration = Duration::from_secs(2);
 /// Increments acknowledged by the restarted instance.
 const AFTER: i64 = 20;
-
-async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
-    client
-        .post(format!("{address}/increment"))
-        .json(&json!({ "key": key, "value": 1 }))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_finishing_after_kill_9_does_not_swallow_the_restarts_first_batch() {
@@ -47,12 +38,7 @@ async fn a_commit_finishing_after_kill_9_does_not_swallow_the_restarts_first_bat
     // the slow commit below updates it (as every commit but an instance's first does).
     assert_eq!(increment(&client, &tally.address, "warm-up").await, 202);
     let direct = Direct::open(dir.path(), Some(&db)).await;
-    eventually(
-        Duration::from_secs(10),
-        "the warm-up batch is stored",
-        || async { direct.value("warm-up").await == Some(1) },
-    )
-    .await;
+    direct.wait_for("warm-up", 1, Duration::from_secs(10)).await;
     slow.set(true).await;
     assert_eq!(increment(&client, &tally.address, "before").await, 202);
     eventually(
@@ -157,12 +143,7 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     for _ in 0..5 {
         assert_eq!(increment(&client, &tally.address, "k").await, 202);
     }
-    eventually(
-        Duration::from_secs(10),
-        "the first increments are stored",
-        || async { direct.value("k").await == Some(5) },
-    )
-    .await;
+    direct.wait_for("k", 5, Duration::from_secs(10)).await;
 
     // Another process claims the id, as a duplicate whose lock connection had dropped would.
     admin
@@ -194,13 +175,8 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     let (status, body) = refused.expect("the fenced instance stops acknowledging");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(r#""error":"fenced""#), "{body}");
-    let ready = client
-        .get(format!("{}/readyz", tally.address))
-        .send()
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status(), 503);
-    let ready = ready.text().await.unwrap_or_default();
+    let (status, ready) = readyz(&client, &tally.address).await;
+    assert_eq!(status, 503);
     assert!(ready.contains("fenced"), "/readyz says why: {ready}");
     assert!(
         tally

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{spawn_app, test_config};
 use crate::common::{Backend, data_dir};
 use crate::pg::{self, PgDatabase, shout};
-use crate::support::{Direct, Ledger, Load, Rng, Tally, TallyConfig, eventually, key_name, seed};
+use crate::support::{
+    Direct, Ledger, Load, Rng, Tally, TallyConfig, eventually, increment, key_name, seed,
+};
 
 const KEYS: usize = 100;
 const IN_FLIGHT: usize = 16;
@@ -300,31 +302,21 @@ async fn frozen_database_connections_are_replaced_by_fresh_ones() {
     let client = reqwest::Client::new();
     let direct = Direct::open(dir.path(), Some(&db)).await;
 
-    assert_eq!(increment(&client, &tally.address).await, 202);
-    eventually(
-        Duration::from_secs(10),
-        "the first increment is stored",
-        || async { direct.value("k").await == Some(1) },
-    )
-    .await;
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
 
     proxy.freeze_open_connections();
     let frozen_at = Instant::now();
     for _ in 0..10 {
         assert_eq!(
-            increment(&client, &tally.address).await,
+            increment(&client, &tally.address, "k").await,
             202,
             "ingest goes on"
         );
     }
     // Every pooled connection is frozen for good: the batches get through only if tally
     // gives up on those and opens new ones.
-    eventually(
-        Duration::from_secs(20),
-        "the store catches up on fresh connections",
-        || async { direct.value("k").await == Some(11) },
-    )
-    .await;
+    direct.wait_for("k", 11, Duration::from_secs(20)).await;
     let caught_up_after = frozen_at.elapsed();
     eventually(READYZ_TIMEOUT, "/readyz answers 200", || {
         let (client, address) = (&client, &tally.address);
@@ -359,18 +351,13 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
     let failed = r#"tally_flush_batches_total{result="failed"}"#;
     let already = r#"tally_flush_batches_total{result="already_applied"}"#;
 
-    assert_eq!(increment(&client, &tally.address).await, 202);
-    eventually(
-        Duration::from_secs(10),
-        "the first increment is stored",
-        || async { direct.value("k").await == Some(1) },
-    )
-    .await;
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
 
     slow.set(true).await;
     let hung_at = Instant::now();
     for _ in 0..5 {
-        assert_eq!(increment(&client, &tally.address).await, 202);
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
     }
     eventually(
         Duration::from_secs(10),
@@ -386,12 +373,7 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
         "the log says the attempt timed out:\n{log}"
     );
     // The abandoned COMMIT lands when its trigger wakes; the retry then finds it applied.
-    eventually(
-        Duration::from_secs(20),
-        "the store has every increment",
-        || async { direct.value("k").await == Some(6) },
-    )
-    .await;
+    direct.wait_for("k", 6, Duration::from_secs(20)).await;
     eventually(
         Duration::from_secs(10),
         "the retry is skipped as applied",
@@ -405,13 +387,4 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
         "hung postgres commit: abandoned and counted failed {failed_after:.1?} after it hung \
          (--store-timeout 1s); it landed later and the retry was skipped as already applied: counted once"
     ));
-}
-
-async fn increment(client: &reqwest::Client, address: &str) -> u16 {
-    client
-        .post(format!("{address}/increment"))
-        .json(&serde_json::json!({ "key": "k", "value": 1 }))
-        .send()
-        .await
-        .map_or(0, |r| r.status().as_u16())
 }

@@ -400,6 +400,41 @@ impl Direct {
     }
 }
 
+/// `POST /increment` of 1 to `key` at `address`; the status, 0 when there was no answer.
+pub async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
+    client
+        .post(format!("{address}/increment"))
+        .json(&serde_json::json!({ "key": key, "value": 1 }))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// `GET /readyz` at `address`: status and body.
+pub async fn readyz(client: &reqwest::Client, address: &str) -> (u16, String) {
+    let response = client
+        .get(format!("{address}/readyz"))
+        .send()
+        .await
+        .expect("/readyz answers");
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap_or_default(),
+    )
+}
+
+impl Direct {
+    /// Waits until `key` is stored with `value`; panics after `timeout`.
+    pub async fn wait_for(&self, key: &str, value: i64, timeout: Duration) {
+        eventually(
+            timeout,
+            &format!("{key} = {value} in the store"),
+            || async { self.value(key).await == Some(value) },
+        )
+        .await;
+    }
+}
+
 /// Polls `check` every 20 ms until it returns true; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
