@@ -373,6 +373,11 @@ pub struct StoreConfig {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<DatabaseUrl>,
 
+    /// File holding the PostgreSQL password (its first line), so that neither the command
+    /// line (visible in `ps`) nor the environment carries it. The URL then has no password.
+    #[arg(long, env = "TALLY_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+
     /// Largest PostgreSQL connection pool size.
     #[arg(long, env = "TALLY_DATABASE_POOL_SIZE", default_value_t = nonzero(8))]
     pub database_pool_size: NonZeroUsize,
@@ -594,8 +599,45 @@ impl HttpConfig {
 }
 
 impl StoreConfig {
+    /// The password of `--database-password-file` (its first line, without the line end),
+    /// if one is configured.
+    ///
+    /// # Errors
+    ///
+    /// If the file cannot be read.
+    pub fn database_password(&self) -> std::io::Result<Option<String>> {
+        self.database_password_file
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|text| text.lines().next().unwrap_or_default().to_owned())
+            })
+            .transpose()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         positive("store-timeout", self.store_timeout)?;
+        if let Some(path) = &self.database_password_file {
+            let Some(url) = &self.database_url else {
+                return fail("database-password-file", "needs --database-url");
+            };
+            if url
+                .expose()
+                .parse::<tokio_postgres::Config>()
+                .is_ok_and(|c| c.get_password().is_some())
+            {
+                return fail(
+                    "database-password-file",
+                    "--database-url carries a password too; give it in one place",
+                );
+            }
+            if let Err(e) = self.database_password() {
+                return fail(
+                    "database-password-file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+            }
+        }
         if let Some(id) = &self.instance_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
         {
@@ -775,7 +817,14 @@ impl fmt::Display for StoreConfig {
         }
         write!(
             f,
-            " database-pool-size={} store-timeout={} instance-id={}",
+            " database-password-file={} database-pool-size={} store-timeout={} instance-id={}",
+            Or(
+                self.database_password_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .as_ref(),
+                "(none)"
+            ),
             self.database_pool_size,
             human(self.store_timeout),
             Or(self.instance_id.as_ref(), "(from data dir)"),

@@ -61,11 +61,21 @@ impl App {
             );
         }
         let store: Arc<dyn Store> = match &config.store.database_url {
-            Some(url) => Arc::new(
-                PgStore::connect(url.expose(), config.store.database_pool_size.get())
+            Some(url) => {
+                let password = config
+                    .store
+                    .database_password()
+                    .context("cannot read --database-password-file")?;
+                Arc::new(
+                    PgStore::connect_with_password(
+                        url.expose(),
+                        password.as_deref(),
+                        config.store.database_pool_size.get(),
+                    )
                     .await
                     .context("cannot use the PostgreSQL store (--database-url)")?,
-            ),
+                )
+            }
             None => {
                 create_data_dir(&config.store.data_dir)?;
                 let path = config.store.data_dir.join("tally.db");

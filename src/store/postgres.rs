@@ -112,7 +112,24 @@ impl PgStore {
     /// [`StoreError::Unavailable`] if the URL is invalid or the server cannot be reached;
     /// [`StoreError::Migration`] if the schema cannot be brought up to date.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
+        Self::connect_with_password(url, None, pool_size).await
+    }
+
+    /// [`PgStore::connect`], with the password given apart from the URL
+    /// (`--database-password-file`).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::connect`].
+    pub async fn connect_with_password(
+        url: &str,
+        password: Option<&str>,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse()?;
+        if let Some(password) = password {
+            config.password(password);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }

@@ -106,3 +106,30 @@ async fn a_symlinked_instance_id_temp_file_does_not_redirect_the_write() {
             .is_symlink()
     );
 }
+
+/// A PostgreSQL password read from `--database-password-file` is used and never shown: the
+/// start-up line names the file, not its content. (The test server trusts every local
+/// connection, so what this shows is that tally starts with it and keeps it out of the log.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_is_read_and_never_logged() {
+    let Some(db) = crate::pg::PgDatabase::create("password_file").await else {
+        return;
+    };
+    let dir = data_dir();
+    let secrets = data_dir();
+    let file = secrets.path().join("pgpass");
+    std::fs::write(&file, "s3cret-from-a-file\n").expect("write the password file");
+    let mut config = TallyConfig::new(dir.path(), Some(&db), "journal", "100ms");
+    config.extra = vec![
+        "--database-password-file".to_owned(),
+        file.display().to_string(),
+    ];
+    let mut tally = Tally::start(&config).await;
+    assert!(tally.terminate().await.success());
+    let log = tally.log();
+    assert!(log.contains("database-password-file="), "{log}");
+    assert!(
+        !log.contains("s3cret-from-a-file"),
+        "the password is in the log:\n{log}"
+    );
+}

@@ -116,3 +116,51 @@ fn help_does_not_print_secrets_from_the_environment() {
         assert!(!help.contains(secret), "--help prints {secret}: {help}");
     }
 }
+
+/// `--database-password-file` is checked before start: it needs a URL without a password of
+/// its own, and a file that can be read; each refusal names the flag and exits 2.
+#[test]
+fn a_database_password_file_is_checked_before_start() {
+    let dir = data_dir();
+    let secret = dir.path().join("pgpass");
+    std::fs::write(&secret, "s3cret\n").expect("write the password file");
+    let secret = secret.to_str().expect("UTF-8 temp path");
+    let missing = dir.path().join("missing");
+    let missing = missing.to_str().expect("UTF-8 temp path");
+    for (args, why) in [
+        (
+            vec!["--database-password-file", secret],
+            "needs --database-url",
+        ),
+        (
+            vec![
+                "--database-url",
+                "postgres://u:inline@127.0.0.1/db",
+                "--database-password-file",
+                secret,
+            ],
+            "give it in one place",
+        ),
+        (
+            vec![
+                "--database-url",
+                "postgres://u@127.0.0.1/db",
+                "--database-password-file",
+                missing,
+            ],
+            "cannot read",
+        ),
+    ] {
+        let output = tally(&args);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: invalid --database-password-file: ") && stderr.contains(why),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("s3cret") && !stderr.contains("inline"),
+            "{stderr}"
+        );
+    }
+}
