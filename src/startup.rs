@@ -10,7 +10,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -86,7 +85,7 @@ impl App {
                 )
             }
         };
-        Self::build_with_store(config, store).await
+        Self::assemble(config, store).await
     }
 
     /// Builds the app on an already opened store (tests wrap a real store to inject faults).
@@ -96,6 +95,11 @@ impl App {
     /// As [`App::build`].
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         config.validate()?;
+        Self::assemble(config, store).await
+    }
+
+    /// Builds the app on `store` from a validated configuration.
+    async fn assemble(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         let store: Arc<dyn Store> = Arc::new(Timed::new(store, config.store.store_timeout));
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
@@ -170,7 +174,7 @@ impl App {
             applied: flusher.subscribe(),
             health: flusher.health(),
             metrics: m::handle(),
-            draining: AtomicBool::new(false),
+            draining: CancellationToken::new(),
         });
         Ok(Self {
             config,
@@ -234,9 +238,8 @@ impl App {
         }
 
         let http_stop = CancellationToken::new();
-        let draining = CancellationToken::new();
+        let draining = state.draining.clone();
         let metrics_state = Arc::clone(&state);
-        let drain_state = Arc::clone(&state);
         let options = ServeOptions {
             header_read_timeout: config.http.header_read_timeout,
             idle_timeout: config.http.idle_timeout,
@@ -269,7 +272,6 @@ impl App {
             () = shutdown => {
                 draining.cancel();
                 if !config.http.shutdown_delay.is_zero() {
-                    drain_state.draining.store(true, Ordering::Relaxed);
                     tracing::info!(
                         delay = %humantime::format_duration(config.http.shutdown_delay),
                         "Shutting down: /readyz answers 503 while requests are still served, then the listener closes."

@@ -94,15 +94,12 @@ tokio::task_local! {
 struct ConnClock {
     /// Since when the connection waits for a request head; `None` while serving a request.
     head_since: Cell<Option<Instant>>,
-    /// While waiting for a head: no byte of it has come yet on a kept-alive connection, so
-    /// the idle timeout applies rather than the header timeout.
-    idle: Cell<bool>,
     /// When the request in flight must be answered; `None` between requests, and for
     /// requests of a router without [`super::observe::Observe`].
     deadline: Cell<Option<Instant>>,
     /// Set by the driver once `deadline` has passed.
     expired: Cell<bool>,
-    /// Shared with the accept loop.
+    /// Shared with the accept loop; also says whether the connection is idle.
     shared: std::sync::Arc<ConnState>,
 }
 
@@ -121,7 +118,6 @@ pub async fn drive<F: Future>(
     let clock = ConnClock {
         shared,
         head_since: Cell::new(Some(Instant::now())),
-        idle: Cell::new(false),
         deadline: Cell::new(None),
         expired: Cell::new(false),
     };
@@ -149,7 +145,8 @@ pub async fn drive<F: Future>(
                     let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
                         (
                             clock.head_since.get(),
-                            clock.idle.get(),
+                            // Idle: no byte of the next head yet, so the idle timeout runs.
+                            clock.shared.idle_since().is_some(),
                             clock.deadline.get(),
                             clock.expired.get(),
                         )
@@ -206,7 +203,6 @@ pub fn response_produced() {
     let _ = CLOCK.try_with(|clock| {
         let now = Instant::now();
         clock.head_since.set(Some(now));
-        clock.idle.set(true);
         clock.shared.set_idle(Some(now));
     });
 }
@@ -215,7 +211,7 @@ pub fn response_produced() {
 /// timeout runs from now. Called by the connection's socket ([`Watched`]).
 fn bytes_received() {
     let _ = CLOCK.try_with(|clock| {
-        if clock.idle.replace(false) {
+        if clock.shared.idle_since().is_some() {
             clock.head_since.set(Some(Instant::now()));
             clock.shared.set_idle(None);
         }

@@ -50,9 +50,9 @@ pub struct AppState {
     pub applied: watch::Receiver<u64>,
     pub health: Arc<FlushHealth>,
     pub metrics: PrometheusHandle,
-    /// Set on SIGTERM, for `--shutdown-delay`: `/readyz` answers 503 while requests are still
-    /// served.
-    pub draining: std::sync::atomic::AtomicBool,
+    /// Cancelled when shutdown begins: `/readyz` answers 503 `shutting_down` (while
+    /// `--shutdown-delay` keeps serving) and responses carry `Connection: close`.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// How the router is put together: limits and the optional guards.

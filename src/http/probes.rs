@@ -50,15 +50,10 @@ pub async fn healthz() -> Json<Status> {
     )
 )]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let code = if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        "shutting_down"
-    } else {
-        "not_ready"
-    };
     let reason = not_ready(&state).await;
     match reason {
         None => Json(Status { status: "ready" }).into_response(),
-        Some(message) => (
+        Some((code, message)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, "1")],
             Json(ErrorBody {
@@ -70,14 +65,21 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-/// Why this instance should not take traffic, if it should not.
-async fn not_ready(state: &AppState) -> Option<String> {
-    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return Some(
+/// Why this instance should not take traffic, if it should not: the error code and the
+/// message of the 503.
+async fn not_ready(state: &AppState) -> Option<(&'static str, String)> {
+    if state.draining.is_cancelled() {
+        return Some((
+            "shutting_down",
             "shutting down: still serving until --shutdown-delay ends; send new requests elsewhere"
                 .to_owned(),
-        );
+        ));
     }
+    not_able(state).await.map(|message| ("not_ready", message))
+}
+
+/// What keeps this instance from doing its job, if anything.
+async fn not_able(state: &AppState) -> Option<String> {
     if let Some(reason) = state.health.fenced() {
         return Some(format!("fenced: {reason}"));
     }

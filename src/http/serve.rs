@@ -19,9 +19,9 @@
 //! - **Connection cap** (`--max-connections`): a semaphore permit is taken *before*
 //!   `accept` and held by the connection's task. At the cap, a new client takes the slot of
 //!   the connection that has been idle longest between requests (as nginx does): that one is
-//!   closed, which a keep-alive client handles by reconnecting. Only when no connection is
-//!   idle (every one is mid-request or mid-head) does the new client wait, in the listen
-//!   backlog, for one to close. A semaphore here,
+//!   closed, which a keep-alive client handles by reconnecting. When no connection is idle
+//!   (every one is mid-request or mid-head), that client waits, accepted, for a slot to
+//!   free, and the ones after it wait in the listen backlog. A semaphore here,
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.

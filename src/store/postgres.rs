@@ -1,8 +1,8 @@
 //! The PostgreSQL store: the production and multi-instance backend.
 //!
 //! A batch is one transaction of three statements whatever its size: lock this instance's
-//! row (and check its fencing epoch), upsert every key with one set-based statement over two arrays (`unnest`), and
-//! record the new seq. Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`,
+//! row (and check its fencing epoch), upsert every key with one set-based statement over two
+//! arrays (`unnest`), and record the new seq. Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`,
 //! which is reported as [`StoreError::Rejected`].
 
 use std::collections::HashMap;
@@ -139,6 +139,7 @@ impl PgStore {
         if config.get_tcp_user_timeout().is_none() {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
+        // tokio-postgres' default idle time is 2 h; a URL that sets one keeps it.
         if config.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
             config.keepalives_idle(TCP_USER_TIMEOUT);
         }
@@ -235,12 +236,15 @@ impl PgStore {
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let stop = CancellationToken::new();
-        tokio::spawn(keep_holding(
-            self.config.clone(),
-            instance_id.to_owned(),
-            client,
-            stop.clone(),
-        ));
+        // Dropping the guard below (with the last clone of the store) cancels the task; its
+        // client goes with it, which ends the connection and with it the lock.
+        let (config, id) = (self.config.clone(), instance_id.to_owned());
+        let keeping = stop.clone();
+        tokio::spawn(async move {
+            keeping
+                .run_until_cancelled(hold_forever(config, id, client))
+                .await
+        });
         self.lock_held()
             .insert(instance_id.to_owned(), stop.drop_guard());
         Ok(())
@@ -277,19 +281,7 @@ struct Holder {
     connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 }
 
-/// Keeps `holder` open until `stop`; when its connection ends, takes the lock again on a
-/// new one.
-async fn keep_holding(
-    config: tokio_postgres::Config,
-    instance_id: String,
-    holder: Holder,
-    stop: CancellationToken,
-) {
-    // Dropping the client ends the connection, and with it the lock.
-    stop.run_until_cancelled(hold_forever(config, instance_id, holder))
-        .await;
-}
-
+/// Keeps `holder` open; when its connection ends, takes the lock again on a new one.
 async fn hold_forever(config: tokio_postgres::Config, instance_id: String, mut holder: Holder) {
     loop {
         let ended = (&mut holder.connection).await;

@@ -45,7 +45,9 @@ struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
     /// Freezes the connections opened since the last freeze.
-    frozen: Arc<Mutex<tokio::sync::watch::Sender<bool>>>,
+    /// One switch per freeze; the last one is the open connections'. Earlier ones are kept:
+    /// dropping a switch would end its connections' pumps, a cut rather than a freeze.
+    frozen: Arc<Mutex<Vec<tokio::sync::watch::Sender<bool>>>>,
     /// Cancelled by `cut`: every connection opened before the cut holds a clone.
     live: Arc<Mutex<CancellationToken>>,
     task: JoinHandle<()>,
@@ -59,7 +61,7 @@ impl Proxy {
         let port = listener.local_addr().expect("proxy address").port();
         let cut = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(CancellationToken::new()));
-        let frozen = Arc::new(Mutex::new(tokio::sync::watch::Sender::new(false)));
+        let frozen = Arc::new(Mutex::new(vec![tokio::sync::watch::Sender::new(false)]));
         let task = {
             let (cut, live) = (Arc::clone(&cut), Arc::clone(&live));
             let frozen = Arc::clone(&frozen);
@@ -77,8 +79,9 @@ impl Proxy {
                     }
                     let upstream = upstream.clone();
                     let (up, down) = {
-                        let frozen = frozen.lock().unwrap_or_else(PoisonError::into_inner);
-                        (frozen.subscribe(), frozen.subscribe())
+                        let switches = frozen.lock().unwrap_or_else(PoisonError::into_inner);
+                        let current = switches.last().expect("a switch for open connections");
+                        (current.subscribe(), current.subscribe())
                     };
                     tokio::spawn(async move {
                         let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
@@ -108,9 +111,11 @@ impl Proxy {
     /// Stops forwarding on every open connection, for good, without closing any; new
     /// connections work.
     fn freeze_open_connections(&self) {
-        let mut frozen = self.frozen.lock().unwrap_or_else(PoisonError::into_inner);
-        frozen.send_replace(true);
-        *frozen = tokio::sync::watch::Sender::new(false);
+        let mut switches = self.frozen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(current) = switches.last() {
+            current.send_replace(true);
+        }
+        switches.push(tokio::sync::watch::Sender::new(false));
     }
 
     /// Closes every live connection; new ones are accepted and closed at once.
