@@ -107,7 +107,9 @@ pub async fn serve(
                     (permit.expect("the connection semaphore is never closed"), None)
                 }
                 accepted = listener.accept() => {
-                    registry.close_oldest_idle();
+                    if accepted.is_ok() {
+                        registry.close_oldest_idle();
+                    }
                     tokio::select! {
                         permit = Arc::clone(&slots).acquire_owned() => {
                             (permit.expect("the connection semaphore is never closed"), Some(accepted))
@@ -274,23 +276,19 @@ impl Registry {
         self.lock().remove(&id);
     }
 
-    /// Asks the connection idle the longest to close; false if none is idle. A scan of
-    /// the open connections, done only at the cap.
-    fn close_oldest_idle(&self) -> bool {
+    /// Asks the connection idle the longest to close, if one is idle. A scan of the open
+    /// connections, done only at the cap.
+    fn close_oldest_idle(&self) {
         let oldest = self
             .lock()
             .values()
             .filter_map(|c| c.idle_since().map(|since| (since, Arc::clone(c))))
             .min_by_key(|(since, _)| *since);
-        match oldest {
-            Some((_, connection)) => {
-                connection.close_if_idle();
-                tracing::debug!(
-                    "At --max-connections: closing the longest-idle connection for a new client."
-                );
-                true
-            }
-            None => false,
+        if let Some((_, connection)) = oldest {
+            connection.close_if_idle();
+            tracing::debug!(
+                "At --max-connections: closing the longest-idle connection for a new client."
+            );
         }
     }
 }
