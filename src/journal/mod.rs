@@ -26,11 +26,15 @@
 //!
 //! # When data is durable (group commit)
 //!
-//! [`Journal::append`] encodes the record on the caller's thread and queues it for one
-//! dedicated writer thread. The writer blocks for the first queued record, then takes
-//! everything else queued by then, writes the whole group with one `write_all`, makes it
-//! durable with **one** `fdatasync` (`File::sync_data`), and only then wakes every waiter of
-//! the group. While that fsync runs, new appends queue up and form the next group, so under
+//! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
+//! buffer (no allocation of its own), notes the journal position where its record ends, and
+//! waits on a `tokio::sync::Notify` until the *settled* position has passed it. One dedicated
+//! writer thread sleeps on a condition variable until something is queued (appends wake it
+//! only while it sleeps), swaps the buffer for an empty one, writes the whole group with one
+//! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
+//! advances the settled position and wakes the waiters. No message or allocation per record
+//! crosses the threads: earlier versions sent each record through a channel with a oneshot
+//! back, and glibc's cross-thread frees alone cost more than the fsync's share. While that fsync runs, new appends queue up and form the next group, so under
 //! load one fsync serves many requests and at low load a lone request pays for one fsync and
 //! no timer. There is no sleep anywhere on this path. `Ok(())` from `append` therefore means:
 //! this record survives `kill -9` and power loss (as far as the disk honours fsync). A new
@@ -111,11 +115,11 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 /// Default [`JournalOptions::segment_bytes`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
@@ -237,8 +241,6 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JournalErr
 /// [`Journal::close`] keeps every segment for replay.
 pub struct Journal {
     shared: Arc<Shared>,
-    /// Queue to the writer thread; `None` once closed.
-    tx: Mutex<Option<mpsc::Sender<writer::Msg>>>,
     /// Joined on drop.
     writer: Option<std::thread::JoinHandle<()>>,
     /// Holds the advisory lock on `journal.lock` for as long as the journal lives.
@@ -256,6 +258,44 @@ struct Shared {
     /// `failed.is_some()`, readable without the lock on every append.
     is_failed: AtomicBool,
     segments: Mutex<Segments>,
+    /// Records waiting for the writer, and requests for it.
+    queue: Mutex<Queue>,
+    /// Wakes the writer thread while it sleeps (see [`Queue::writer_idle`]).
+    wake_writer: Condvar,
+    /// Every journal position below this has been through a group commit: durable, unless
+    /// it lies in one of `failures`. Positions count the bytes appended since open.
+    settled: AtomicU64,
+    /// Woken after every group commit (and when the writer thread ends).
+    progress: Notify,
+    /// Positions `start..end` of the groups whose write or fsync failed (or that came while
+    /// the journal was failed): a handful per disk failure, so never pruned.
+    failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
+    /// `failures` is not empty: the common path checks this and skips the lock.
+    any_failure: AtomicBool,
+    /// The writer thread has ended; nothing more will be settled.
+    writer_gone: AtomicBool,
+}
+
+/// What appends hand to the writer thread. Every record is encoded straight into `buf`, so
+/// an append allocates nothing and wakes the writer only if it sleeps.
+#[derive(Default)]
+struct Queue {
+    /// Encoded records the writer has not taken yet.
+    buf: Vec<u8>,
+    /// How many records `buf` holds, and the highest seq among them.
+    records: usize,
+    max_seq: u64,
+    /// The journal position after the last byte in `buf`.
+    end: u64,
+    /// Set by close or drop: appends are refused, and the writer exits once it has written
+    /// what `buf` holds.
+    closing: bool,
+    close_acks: Vec<oneshot::Sender<()>>,
+    recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
+    /// The writer waits on `wake_writer`: whoever queues something next notifies it.
+    writer_idle: bool,
+    /// The writer thread has ended: nobody will answer a request queued now.
+    stopped: bool,
 }
 
 /// Which segments exist and the highest seq in each.
@@ -267,6 +307,66 @@ struct Segments {
 }
 
 impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Every update of the queue is complete before anything that can panic.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Releases `queue`, waking the writer if it sleeps.
+    fn wake_writer(&self, mut queue: MutexGuard<'_, Queue>) {
+        let idle = std::mem::take(&mut queue.writer_idle);
+        drop(queue);
+        if idle {
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Publishes the outcome of `group` (called by the writer, in position order) and wakes
+    /// its waiters.
+    fn settle(&self, group: &writer::Group, result: Result<(), JournalError>) {
+        if let Err(err) = result {
+            self.failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((group.start..group.end, err));
+            self.any_failure.store(true, Ordering::Release);
+        }
+        self.settled.store(group.end, Ordering::Release);
+        self.progress.notify_waiters();
+    }
+
+    /// Waits until the record ending at position `end` has been through a group commit,
+    /// and returns whether it is durable.
+    async fn settled(&self, end: u64) -> Result<(), JournalError> {
+        loop {
+            let notified = self.progress.notified();
+            let mut notified = std::pin::pin!(notified);
+            // Registered before the check, so a commit in between still wakes us.
+            notified.as_mut().enable();
+            if self.settled.load(Ordering::Acquire) >= end {
+                return self.outcome(end);
+            }
+            if self.writer_gone.load(Ordering::Acquire) {
+                return Err(JournalError::Closed);
+            }
+            notified.await;
+        }
+    }
+
+    fn outcome(&self, end: u64) -> Result<(), JournalError> {
+        if !self.any_failure.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        match failures
+            .iter()
+            .find(|(range, _)| range.start < end && end <= range.end)
+        {
+            Some((_, err)) => Err(err.clone()),
+            None => Ok(()),
+        }
+    }
+
     fn segments(&self) -> MutexGuard<'_, Segments> {
         // The map stays consistent even if a holder panicked: every update is one assignment.
         self.segments.lock().unwrap_or_else(PoisonError::into_inner)
@@ -357,12 +457,18 @@ impl Journal {
                 active,
                 active_max_seq: 0,
             }),
+            queue: Mutex::default(),
+            wake_writer: Condvar::new(),
+            settled: AtomicU64::new(0),
+            progress: Notify::new(),
+            failures: Mutex::default(),
+            any_failure: AtomicBool::new(false),
+            writer_gone: AtomicBool::new(false),
         });
-        let (tx, rx) = mpsc::channel();
         let writer = writer::Writer::new(file, active, Arc::clone(&shared));
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run())
             .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),
@@ -374,7 +480,6 @@ impl Journal {
         );
         let journal = Journal {
             shared,
-            tx: Mutex::new(Some(tx)),
             writer: Some(writer),
             _lock: lock,
         };
@@ -386,7 +491,7 @@ impl Journal {
     ///
     /// Dropping the future after it was first polled does not withdraw the record: it is
     /// written anyway, only the acknowledgement is lost. Needs no particular runtime: the
-    /// writer is a plain thread and the wake-up a `tokio::sync::oneshot`. The queue is
+    /// writer is a plain thread and the wake-up a `tokio::sync::Notify`. The queue is
     /// unbounded; callers bound it by awaiting their appends.
     ///
     /// # Errors
@@ -397,11 +502,21 @@ impl Journal {
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
-        let bytes = record::encode(seq, entries)?;
-        let (done, acked) = oneshot::channel();
-        self.send(writer::Msg::Append { bytes, seq, done })?;
-        // A dropped sender means the writer thread is gone without answering.
-        acked.await.unwrap_or(Err(JournalError::Closed))
+        self.shared.check_failed()?;
+        let end = {
+            let mut queue = self.shared.queue();
+            if queue.closing {
+                return Err(JournalError::Closed);
+            }
+            let len = record::encode_into(&mut queue.buf, seq, entries)?;
+            queue.records += 1;
+            queue.max_seq = queue.max_seq.max(seq);
+            queue.end += len as u64;
+            let end = queue.end;
+            self.shared.wake_writer(queue);
+            end
+        };
+        self.shared.settled(end).await
     }
 
     /// Whether a write or fsync failed and [`Journal::recover`] has not yet started a fresh
@@ -428,19 +543,15 @@ impl Journal {
         }
         let (done, recovered) = oneshot::channel();
         {
-            let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-            let tx = tx.as_ref().ok_or(JournalError::Closed)?;
-            tx.send(writer::Msg::Recover(done))
-                .map_err(|_| JournalError::Closed)?;
+            let mut queue = self.shared.queue();
+            if queue.closing || queue.stopped {
+                return Err(JournalError::Closed);
+            }
+            queue.recover.push(done);
+            self.shared.wake_writer(queue);
         }
+        // A dropped sender means the writer thread is gone without answering.
         recovered.await.unwrap_or(Err(JournalError::Closed))
-    }
-
-    fn send(&self, msg: writer::Msg) -> Result<(), JournalError> {
-        self.shared.check_failed()?;
-        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = tx.as_ref().ok_or(JournalError::Closed)?;
-        tx.send(msg).map_err(|_| JournalError::Closed)
     }
 
     /// Deletes every closed segment whose highest seq is `<= applied_seq`, i.e. whose every
@@ -476,20 +587,20 @@ impl Journal {
     /// [`JournalError::Io`] if deleting segments or the directory fsync fails. A journal that
     /// failed is closed like any other: the caller has drained every batch to the store.
     pub async fn close(&self, applied_seq: u64) -> Result<(), JournalError> {
-        let tx = self
-            .tx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(tx) = tx {
-            let (ack, stopped) = oneshot::channel();
-            let sent = tx.send(writer::Msg::Close(ack)).is_ok();
-            drop(tx);
-            if sent {
-                // Err only if the writer thread died; then there is nothing left to wait for.
-                let _ = stopped.await;
+        let (ack, stopped) = oneshot::channel();
+        {
+            let mut queue = self.shared.queue();
+            queue.closing = true;
+            if queue.stopped {
+                drop(ack); // nobody will answer: the wait below ends at once
+            } else {
+                queue.close_acks.push(ack);
             }
+            self.shared.wake_writer(queue);
         }
+        // Err if the writer has already stopped (an earlier close, or it died): then there
+        // is nothing left to wait for.
+        let _ = stopped.await;
         // A failed group's records may be on disk without being in the bookkeeping below.
         // They were never acknowledged, and their seqs are no newer than the batches the
         // caller has drained to the store, so they need no keeping either.
@@ -530,12 +641,9 @@ impl Drop for Journal {
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
     /// for at most one group write; after [`Journal::close`] it returns at once.
     fn drop(&mut self) {
-        drop(
-            self.tx
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take(),
-        );
+        let mut queue = self.shared.queue();
+        queue.closing = true;
+        self.shared.wake_writer(queue);
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {

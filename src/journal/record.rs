@@ -59,6 +59,23 @@ pub enum Corruption {
 /// [`JournalError::EmptyRecord`] if `entries` is empty, [`JournalError::RecordTooLarge`] if
 /// the body would exceed [`MAX_RECORD_LEN`].
 pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError> {
+    let mut buf = Vec::new();
+    encode_into(&mut buf, seq, entries)?;
+    Ok(buf)
+}
+
+/// Appends one encoded record to `buf` and returns its length; on an error `buf` is left
+/// as it was. The journal encodes straight into its shared group buffer with this, so an
+/// append allocates nothing of its own.
+///
+/// # Errors
+///
+/// As [`encode`].
+pub fn encode_into(
+    buf: &mut Vec<u8>,
+    seq: u64,
+    entries: &[(&str, i64)],
+) -> Result<usize, JournalError> {
     if entries.is_empty() {
         return Err(JournalError::EmptyRecord);
     }
@@ -73,7 +90,8 @@ pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError
     }
     let as_u32 = |n: usize| u32::try_from(n).expect("bounded by MAX_RECORD_LEN < u32::MAX");
 
-    let mut buf = Vec::with_capacity(HEADER_LEN + body_len);
+    let start = buf.len();
+    buf.reserve(HEADER_LEN + body_len);
     buf.extend_from_slice(&as_u32(body_len).to_le_bytes());
     buf.extend_from_slice(&[0; 4]); // crc, filled in below
     buf.push(VERSION);
@@ -84,10 +102,11 @@ pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError
         buf.extend_from_slice(key.as_bytes());
         buf.extend_from_slice(&delta.to_le_bytes());
     }
-    debug_assert_eq!(buf.len(), HEADER_LEN + body_len);
-    let crc = crc32fast::hash(&buf[HEADER_LEN..]);
-    buf[4..8].copy_from_slice(&crc.to_le_bytes());
-    Ok(buf)
+    let record = &mut buf[start..];
+    debug_assert_eq!(record.len(), HEADER_LEN + body_len);
+    let crc = crc32fast::hash(&record[HEADER_LEN..]);
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(record.len())
 }
 
 /// Decodes the record at the start of `buf`, returning it and the number of bytes it took.

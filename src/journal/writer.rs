@@ -5,10 +5,8 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, PoisonError};
 use std::time::Instant;
-
-use tokio::sync::oneshot;
 
 use super::{GroupStats, JournalError, Shared, io_err};
 
@@ -135,24 +133,13 @@ fn probe(dir: &Path) -> Result<(), JournalError> {
     result
 }
 
-/// What [`super::Journal`] sends to the writer thread.
-pub(super) enum Msg {
-    /// An encoded record; `done` hears whether it is durable.
-    Append {
-        bytes: Vec<u8>,
-        seq: u64,
-        done: oneshot::Sender<Result<(), JournalError>>,
-    },
-    /// Finish what is queued before this, answer, and exit.
-    Close(oneshot::Sender<()>),
-    /// Leave a failed segment for a fresh one (see [`super::Journal::recover`]).
-    Recover(oneshot::Sender<Result<(), JournalError>>),
-}
-
-struct QueuedRecord {
-    bytes: Vec<u8>,
-    seq: u64,
-    done: oneshot::Sender<Result<(), JournalError>>,
+/// One group the writer took from the queue: the bytes of the journal positions
+/// `start..end` (counted from the journal's open), holding `records` records.
+pub(super) struct Group {
+    pub(super) start: u64,
+    pub(super) end: u64,
+    pub(super) records: usize,
+    pub(super) max_seq: u64,
 }
 
 /// Owns the active segment. Runs on its own thread; the only code that writes records.
@@ -163,6 +150,26 @@ pub(super) struct Writer {
     max_seq: u64,
     shared: Arc<Shared>,
 }
+
+/// Tells the waiters when the writer thread ends, however it ends (a panic included), so
+/// that none waits for a group commit that will never come.
+struct ExitGuard<'a>(&'a Shared);
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue();
+        queue.stopped = true;
+        // Dropping the senders answers whoever waits on them.
+        drop(std::mem::take(&mut queue.close_acks));
+        drop(std::mem::take(&mut queue.recover));
+        drop(queue);
+        self.0.writer_gone.store(true, Ordering::Release);
+        self.0.progress.notify_waiters();
+    }
+}
+
+/// A buffer that grew past this (a huge batch) is not kept for reuse.
+const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
 impl Writer {
     pub(super) fn new(file: File, number: u64, shared: Arc<Shared>) -> Self {
@@ -175,70 +182,80 @@ impl Writer {
         }
     }
 
-    /// The writer loop. Returns on [`Msg::Close`] or when the [`super::Journal`] is dropped
-    /// (after writing whatever was still queued).
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Msg>) {
-        let mut group: Vec<QueuedRecord> = Vec::new();
+    /// The writer loop. Returns once the journal is closed or dropped, after writing
+    /// everything appended before that.
+    pub(super) fn run(mut self) {
+        let shared = Arc::clone(&self.shared);
+        let _exit = ExitGuard(&shared);
+        // The group being written; swapped with the queue's buffer, so appends go on into
+        // the other one meanwhile and neither is reallocated.
+        let mut bytes = Vec::new();
+        let mut taken = 0;
         let mut last_group = 0;
-        // Block (no timer, no spin) until somebody appends.
-        while let Ok(first) = rx.recv() {
+        loop {
             // ======================== GROUP COMMIT ========================
-            // Everything queued while the previous group was being fsynced is waiting in the
-            // channel now. Take all of it: the first waiter syncs for everyone behind it.
+            // Sleep (no timer, no spin) until somebody appends or asks for something.
+            let mut queue = shared.queue();
+            while queue.buf.is_empty() && queue.recover.is_empty() && !queue.closing {
+                queue.writer_idle = true;
+                queue = shared
+                    .wake_writer
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
             // With the opt-in commit delay, and only while appends come concurrently, let
             // the group grow a little first.
-            if !self.shared.commit_delay.is_zero() && last_group > 1 {
-                std::thread::sleep(self.shared.commit_delay);
+            if !shared.commit_delay.is_zero() && last_group > 1 && !queue.buf.is_empty() {
+                drop(queue);
+                std::thread::sleep(shared.commit_delay);
+                queue = shared.queue();
             }
-            let mut close = None;
-            let mut recover = None;
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    Msg::Append { bytes, seq, done } => {
-                        group.push(QueuedRecord { bytes, seq, done })
-                    }
-                    Msg::Close(ack) => {
-                        close = Some(ack);
-                        break;
-                    }
-                    Msg::Recover(done) => {
-                        recover = Some(done);
-                        break;
-                    }
-                }
-                next = rx.try_recv().ok();
+            // Everything appended while the previous group was being fsynced is in the
+            // buffer now. Take all of it: one write and ONE fsync for the whole group.
+            std::mem::swap(&mut queue.buf, &mut bytes);
+            let group = Group {
+                start: taken,
+                end: queue.end,
+                records: std::mem::take(&mut queue.records),
+                max_seq: std::mem::take(&mut queue.max_seq),
+            };
+            let recover = std::mem::take(&mut queue.recover);
+            let closing = queue.closing;
+            let close_acks = std::mem::take(&mut queue.close_acks);
+            drop(queue);
+            taken = group.end;
+            last_group = group.records;
+            if group.records > 0 {
+                let result = self.commit(&bytes, &group);
+                shared.settle(&group, result);
             }
-            last_group = group.len();
-            if !group.is_empty() {
-                // One write_all + ONE sync_data for the whole group, then wake every waiter.
-                let result = self.commit(&group);
-                for p in group.drain(..) {
-                    // A waiter that gave up (dropped its future) just misses the answer.
-                    let _ = p.done.send(result.clone());
-                }
+            bytes.clear();
+            if bytes.capacity() > KEEP_BUFFER_BYTES {
+                bytes = Vec::new();
             }
             // ==============================================================
-            if let Some(done) = recover {
+            for done in recover {
                 let _ = done.send(self.recover());
             }
-            if let Some(ack) = close {
-                let _ = ack.send(());
+            if closing {
+                for ack in close_acks {
+                    let _ = ack.send(());
+                }
                 return;
             }
         }
     }
 
     /// Makes `group` durable, or fails it and turns the journal failed.
-    fn commit(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
+    fn commit(&mut self, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
         self.shared.check_failed()?;
-        let result = self.write_and_sync(group);
+        let result = self.write_and_sync(bytes, group);
         if let Err(err) = &result
             && self.shared.set_failed(Some(err.clone()))
         {
             tracing::error!(
                 error = %err,
-                records = group.len(),
+                records = group.records,
                 segment = self.number,
                 "Journal write failed; refusing increments until a fresh segment can be written."
             );
@@ -265,18 +282,13 @@ impl Writer {
         Ok(())
     }
 
-    fn write_and_sync(&mut self, group: &[QueuedRecord]) -> Result<(), JournalError> {
+    fn write_and_sync(&mut self, buf: &[u8], group: &Group) -> Result<(), JournalError> {
         if self.len > 0 && self.len >= self.shared.segment_bytes {
             self.rotate()?;
         }
-        let buf = group
-            .iter()
-            .map(|p| p.bytes.as_slice())
-            .collect::<Vec<_>>()
-            .concat();
         let seg = || path(&self.shared.dir, self.number);
         self.file
-            .write_all(&buf)
+            .write_all(buf)
             .map_err(|e| io_err("write to", &seg())(e))?;
         let started = Instant::now();
         self.file
@@ -285,11 +297,11 @@ impl Writer {
         let fsync = started.elapsed();
 
         self.len += buf.len() as u64;
-        self.max_seq = group.iter().map(|p| p.seq).fold(self.max_seq, u64::max);
+        self.max_seq = self.max_seq.max(group.max_seq);
         self.shared.segments().active_max_seq = self.max_seq;
         if let Some(on_sync) = &self.shared.on_sync {
             on_sync(GroupStats {
-                records: group.len(),
+                records: group.records,
                 bytes: buf.len(),
                 fsync,
             });
