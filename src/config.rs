@@ -424,10 +424,11 @@ pub struct JournalConfig {
     #[arg(long, env = "TALLY_ACK", value_enum, default_value_t = Ack::Journal)]
     pub ack: Ack,
 
-    /// ack=journal: while requests arrive concurrently, wait this long (e.g. 200us) before
-    /// each journal fsync so that more requests share it, like PostgreSQL's commit_delay.
-    /// Trades that much latency for fewer fsyncs; 0 never waits.
-    #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "0s",
+    /// ack=journal: while many requests arrive concurrently (5 or more in the previous
+    /// fsync group), wait this long before each journal fsync so that more requests share
+    /// it, like PostgreSQL's commit_delay. Fewer fsyncs leave more CPU for serving; a lone
+    /// request never waits. 0 never waits.
+    #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "500us",
           value_parser = humantime::parse_duration)]
     pub commit_delay: Duration,
 }

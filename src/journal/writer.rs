@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Instant;
 
-use super::{GroupStats, JournalError, Shared, io_err};
+use super::{COMMIT_SIBLINGS, GroupStats, JournalError, Shared, io_err};
 
 const PREFIX: &str = "journal-";
 const SUFFIX: &str = ".log";
@@ -203,9 +203,12 @@ impl Writer {
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner);
             }
-            // With the opt-in commit delay, and only while appends come concurrently, let
-            // the group grow a little first.
-            if !shared.commit_delay.is_zero() && last_group > 1 && !queue.buf.is_empty() {
+            // With the commit delay, and only while many appends come concurrently, let the
+            // group grow a little first.
+            if !shared.commit_delay.is_zero()
+                && last_group >= COMMIT_SIBLINGS
+                && !queue.buf.is_empty()
+            {
                 drop(queue);
                 std::thread::sleep(shared.commit_delay);
                 queue = shared.queue();
