@@ -43,6 +43,10 @@ pub const DEFAULT_MAX_PENDING_KEYS: usize = 1_000_000;
 /// keys of typical length, far below anything that could hurt memory.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Default `--max-body-memory`: 128 MiB, room for 32 bodies of the largest size at once
+/// (thousands of typical batches).
+pub const DEFAULT_MAX_BODY_MEMORY: usize = 128 * 1024 * 1024;
+
 /// Default item limit of `POST /increments`.
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 10_000;
 
@@ -358,6 +362,12 @@ pub struct LimitsConfig {
     /// Most items accepted in one POST /increments.
     #[arg(long, env = "TALLY_MAX_BATCH_ITEMS", default_value_t = nonzero(DEFAULT_MAX_BATCH_ITEMS))]
     pub max_batch_items: NonZeroUsize,
+
+    /// Memory all request bodies being read may take at once, in bytes. A body over 16 KiB
+    /// that finds no room is refused with 503 (overloaded, Retry-After) before it is read.
+    /// Bounds what slow or hostile uploads can hold, whatever --max-connections is.
+    #[arg(long, env = "TALLY_MAX_BODY_MEMORY", default_value_t = DEFAULT_MAX_BODY_MEMORY)]
+    pub max_body_memory: usize,
 }
 
 /// Where the counters live, and under which identity this instance writes them.
@@ -561,6 +571,15 @@ impl Config {
             return fail(
                 "max-header-bytes",
                 format!("must be at least {MIN_HEADER_BYTES}"),
+            );
+        }
+        if self.limits.max_body_memory < self.limits.max_body_bytes {
+            return fail(
+                "max-body-memory",
+                format!(
+                    "must be at least --max-body-bytes ({}), or no body of that size could be read",
+                    self.limits.max_body_bytes
+                ),
             );
         }
         self.store.validate()?;
@@ -799,8 +818,12 @@ impl fmt::Display for LimitsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "max-key-bytes={} max-header-bytes={} max-body-bytes={} max-batch-items={}",
-            self.max_key_bytes, self.max_header_bytes, self.max_body_bytes, self.max_batch_items,
+            "max-key-bytes={} max-header-bytes={} max-body-bytes={} max-body-memory={} max-batch-items={}",
+            self.max_key_bytes,
+            self.max_header_bytes,
+            self.max_body_bytes,
+            self.max_body_memory,
+            self.max_batch_items,
         )
     }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::Aggregator;
 use crate::config::{Ack, Config};
 use crate::flush::Flusher;
+use crate::http::BodyBudget;
 use crate::http::auth::Auth;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::serve::{ServeOptions, serve};
@@ -171,6 +172,7 @@ impl App {
                 max_batch_items: config.limits.max_batch_items.get(),
                 max_body_bytes: config.limits.max_body_bytes,
             },
+            body_budget: BodyBudget::new(config.limits.max_body_memory),
             applied: flusher.subscribe(),
             health: flusher.health(),
             metrics: m::handle(),

@@ -42,6 +42,10 @@ pub enum ApiError {
     /// Pending-key cap reached: back-pressure. 503 with `Retry-After`.
     #[error(transparent)]
     Shedding(AddError),
+    /// Request bodies being read fill `--max-body-memory`: this one is refused before it
+    /// is read. 503 `overloaded` with `Retry-After`.
+    #[error("request bodies being read fill the memory allowed for them ({limit} bytes)")]
+    BodiesFull { limit: usize },
     /// The store cannot be read right now. 503 with `Retry-After`.
     #[error("the store is unavailable")]
     StoreUnavailable(#[source] StoreError),
@@ -127,7 +131,9 @@ impl ApiError {
             Self::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Self::Shedding(_) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Shedding(_) | Self::BodiesFull { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
             Self::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
             Self::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             Self::Fenced => (StatusCode::SERVICE_UNAVAILABLE, "fenced"),
@@ -172,6 +178,7 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let extra_header = match &self {
             ApiError::Shedding(_)
+            | ApiError::BodiesFull { .. }
             | ApiError::StoreUnavailable(_)
             | ApiError::ShuttingDown
             | ApiError::Fenced
@@ -197,6 +204,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Shedding(_) = &self {
             Metrics::global().shed.increment(1);
         }
+        let bodies_full = matches!(self, ApiError::BodiesFull { .. }).then(|| self.to_string());
         let message = if status.is_server_error() {
             // A refusal that follows from the instance's state (load shedding, a store or
             // journal outage, a fence, a shutdown) is logged where the state changes, once:
@@ -214,9 +222,14 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = ?anyhow::Error::from(self), code, "Request failed.");
             }
             match code {
-                "overloaded" => {
-                    "too many keys are pending; retry after the Retry-After delay".to_owned()
-                }
+                "overloaded" => match bodies_full {
+                    Some(full) => {
+                        format!("{full} (--max-body-memory); retry after the Retry-After delay")
+                    }
+                    None => {
+                        "too many keys are pending; retry after the Retry-After delay".to_owned()
+                    }
+                },
                 "store_unavailable" => "the store is unavailable; retry later".to_owned(),
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
                 "fenced" => "another process claimed this instance's id (--instance-id); \

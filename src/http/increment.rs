@@ -2,6 +2,7 @@
 //! ack level, answer 202.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -10,6 +11,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::AppState;
 use super::body::{self, Format, Wire};
@@ -41,7 +43,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
 /// touched: hyper answers `Expect: 100-continue` when the body is first read, so a client
 /// that asked first gets `413` at once instead of `100 Continue` and a refusal after
 /// sending it all. Declared before the body in the handlers' arguments, it runs first.
-pub struct BodyWithinLimit;
+///
+/// It also reserves the body's room in the [`BodyBudget`] (`--max-body-memory`) and holds it
+/// until the handler returns.
+pub struct BodyWithinLimit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
     type Rejection = ApiError;
@@ -55,14 +60,84 @@ impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let max = state.limits.max_body_bytes;
         match declared {
-            Some(length) if length > state.limits.max_body_bytes as u64 => {
-                Err(ApiError::TooLarge(format!(
-                    "request body of {length} bytes is larger than the limit of {} (--max-body-bytes)",
-                    state.limits.max_body_bytes
-                )))
+            Some(length) if length > max as u64 => Err(ApiError::TooLarge(format!(
+                "request body of {length} bytes is larger than the limit of {max} (--max-body-bytes)",
+            ))),
+            // Within the limit, so it fits a usize; a body of unknown length may reach it.
+            Some(length) => state.body_budget.reserve(length as usize).map(Self),
+            None => state.body_budget.reserve(max).map(Self),
+        }
+    }
+}
+
+/// Bodies up to this size are not counted against `--max-body-memory`: every increment is
+/// far below it, so the hot path takes no shared lock, and what such bodies can hold is
+/// bounded by `--max-connections` × this (64 MiB at the defaults).
+pub const SMALL_BODY_BYTES: usize = 16 * 1024;
+
+/// The room all request bodies being read may take at once (`--max-body-memory`). A body
+/// is buffered whole before it is parsed, so without it the bound would be
+/// `--max-connections` × `--max-body-bytes` (16 GiB at the defaults) for as long as
+/// `--request-timeout`: 60 clients each sending 4 MiB − 1 of a body held 260 MB. A request
+/// that finds no room is answered `503 overloaded` with `Retry-After` at once, before its
+/// body is read, rather than queued holding its connection.
+///
+/// A tokio `Semaphore` of KiB permits, because `acquire_many` counts in `u32`.
+pub struct BodyBudget {
+    permits: Arc<Semaphore>,
+    limit: usize,
+    /// Seconds since `epoch` of the last "budget exhausted" warning (one per minute at most).
+    warned_at: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl BodyBudget {
+    /// A budget of `limit` bytes (rounded down to whole KiB).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new((limit / 1024).min(Semaphore::MAX_PERMITS))),
+            limit,
+            warned_at: AtomicU64::new(u64::MAX),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    /// Reserves room for a body of `len` bytes; `None` for a small one (nothing to hold).
+    ///
+    /// # Errors
+    ///
+    /// [`ApiError::BodiesFull`] when the budget has no room for it now.
+    pub fn reserve(&self, len: usize) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
+        if len <= SMALL_BODY_BYTES {
+            return Ok(None);
+        }
+        let kib = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+        match Arc::clone(&self.permits).try_acquire_many_owned(kib) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                self.warn_full();
+                Err(ApiError::BodiesFull { limit: self.limit })
             }
-            _ => Ok(Self),
+        }
+    }
+
+    fn warn_full(&self) {
+        let now = self.epoch.elapsed().as_secs();
+        let last = self.warned_at.load(Ordering::Relaxed);
+        if (last == u64::MAX || now >= last + 60)
+            && self
+                .warned_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                limit_bytes = self.limit,
+                "Request bodies being read fill --max-body-memory; refusing large bodies with \
+                 503 until some finish (logged at most once a minute; counted in \
+                 tally_rejected_total{{reason=\"overloaded\"}})."
+            );
         }
     }
 }

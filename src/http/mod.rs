@@ -14,6 +14,7 @@ pub(crate) mod deadline;
 pub(crate) mod error;
 pub(crate) mod guard;
 mod increment;
+pub use increment::{BodyBudget, SMALL_BODY_BYTES};
 pub(crate) mod observe;
 pub(crate) mod openapi;
 mod probes;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub instance_id: Arc<str>,
     pub ack: Ack,
     pub limits: body::Limits,
+    /// `--max-body-memory`: room for the request bodies being read.
+    pub body_budget: increment::BodyBudget,
     /// Seq of the last batch in the store, published by the flusher; `ack=store` waits on it.
     pub applied: watch::Receiver<u64>,
     pub health: Arc<FlushHealth>,

@@ -58,12 +58,16 @@ def main():
         body = b'{"key":"' + b"k" * (4 * 1024 * 1024 - 1 - 20)
         head = (b"POST /increments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n" % (4 * 1024 * 1024))
+        refused = 0
         for i in range(60):
             s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(head + body[: 4 * 1024 * 1024 - 1])
+            try:
+                s.sendall(head + body[: 4 * 1024 * 1024 - 1])
+            except OSError:  # answered 503 before the body, and closed
+                refused += 1
             conns.append(s)
         time.sleep(1)
-        print(f"60 x (4 MiB - 1) body, open   {rss_mb(server.pid):7.1f} MB")
+        print(f"60 x (4 MiB - 1) body, open   {rss_mb(server.pid):7.1f} MB  ({refused} refused)")
         for s in conns:
             s.close()
         time.sleep(2)

@@ -673,7 +673,9 @@ async fn measure(
 
     let is_tally = matches!(variant.kind, Kind::Tally { .. });
     let stop = Arc::new(AtomicBool::new(false));
-    let lag_task = is_tally.then(|| tokio::spawn(scrape_lag(addr, Arc::clone(&stop))));
+    // With the token: unauthorized scrapes would spend the failed-authorization budget of
+    // 127.0.0.1, which wrk shares, and get wrk's requests refused with 429.
+    let lag_task = is_tally.then(|| tokio::spawn(scrape_lag(addr, bearer, Arc::clone(&stop))));
     let gap_task = (is_tally && db.is_some())
         .then(|| db.map(|d| tokio::spawn(poll_commit_gap(d.url.clone(), Arc::clone(&stop)))))
         .flatten();
@@ -865,10 +867,14 @@ fn sqlite_total(path: &Path) -> anyhow::Result<i64> {
 }
 
 /// Scrapes /metrics every 250 ms until `stop`; the largest flush lag seen.
-async fn scrape_lag(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> Option<f64> {
+async fn scrape_lag(
+    addr: std::net::SocketAddr,
+    bearer: Option<&'static str>,
+    stop: Arc<AtomicBool>,
+) -> Option<f64> {
     let mut max: Option<f64> = None;
     while !stop.load(Ordering::Relaxed) {
-        if let Ok((200, text)) = crate::http::get(addr, "/metrics").await
+        if let Ok((200, text)) = crate::http::get_with(addr, "/metrics", bearer).await
             && let Some(v) = crate::http::metric(&text, "tally_flush_lag_seconds")
         {
             max = Some(max.map_or(v, |m: f64| m.max(v)));

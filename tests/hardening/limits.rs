@@ -347,3 +347,66 @@ async fn an_oversized_expect_continue_request_gets_413_without_100_continue() {
     assert!(text.contains(r#""error":"too_large""#), "{text}");
     server.stop().await;
 }
+
+/// `--max-body-memory` bounds what slow uploads hold together, whatever the connection cap:
+/// with room for two bodies, two clients trickling large bodies take it, a third large body
+/// is refused at once with `503 overloaded` and `Retry-After` (before it is read), small
+/// increments go on, and the room comes back when an upload ends.
+#[tokio::test]
+async fn slow_large_bodies_cannot_take_more_than_the_body_memory() {
+    const BODY: usize = 100 * 1024;
+    let (mut config, dir) = support::config();
+    config.limits.max_body_bytes = BODY;
+    config.limits.max_body_memory = 2 * BODY + 1024;
+    config.http.request_timeout = Duration::from_secs(30);
+    let server = support::start((config, dir)).await;
+    let head = format!(
+        "POST /increments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {BODY}\r\n\r\n["
+    );
+    // Two uploads that send their head and one byte of body, then stall.
+    let mut holders = Vec::new();
+    for _ in 0..2 {
+        holders.push(raw_connect(server.socket, head.as_bytes()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut third = raw_connect(server.socket, head.as_bytes()).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), third.read(&mut buf))
+        .await
+        .expect("refused at once, not after the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 503"), "got {text:?}");
+    assert!(text.to_ascii_lowercase().contains("retry-after:"), "{text}");
+    assert!(text.contains(r#""error":"overloaded""#), "{text}");
+    assert!(text.contains("--max-body-memory"), "{text}");
+
+    // Small bodies are not counted: increments go on.
+    let ok = client()
+        .post(server.url("/increment"))
+        .json(&serde_json::json!({"key": "k", "value": 1}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status(), 202);
+
+    // One upload gives up: its room is back and a large body is taken again.
+    drop(holders.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let items: Vec<String> = (0..1000)
+        .map(|i| format!(r#"{{"key":"big{i}","value":1}}"#))
+        .collect();
+    let mut body = format!("[{}]", items.join(","));
+    body.push_str(&" ".repeat(BODY - body.len()));
+    let ok = client()
+        .post(server.url("/increments"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status(), 202, "{:?}", ok.text().await);
+    server.stop().await;
+}
