@@ -179,8 +179,87 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// Replaces every password in a `postgres://` URL with `***`: the one in the user info
-/// (`user:password@host`) and the value of a `password=` query parameter.
+/// A `postgres://` URL fit for a log line: parsed by the driver and rebuilt without the
+/// password ([`describe`]), or, when the driver cannot parse it or reads it in a way the
+/// user cannot have meant ([`misread`]), masked by its shape ([`mask_by_shape`]).
+fn mask_password(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(config) if !misread(&config) => describe(url, &config),
+        _ => mask_by_shape(url),
+    }
+}
+
+/// Whether the driver's reading of a URL is one the user cannot have meant: a user or host
+/// name holding `@`, `/` or `?`. The driver splits the user info at the first `@`, so a
+/// password with a raw `@` (`u:se@cret@h`) leaves part of it in the host name, and an `@`
+/// in the query turns the path into a user name; such a URL is masked by its shape instead.
+fn misread(config: &tokio_postgres::Config) -> bool {
+    let odd = |s: &str| s.contains(['@', '/', '?']);
+    config.get_user().is_some_and(odd)
+        || config.get_hosts().iter().any(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => odd(name),
+            tokio_postgres::config::Host::Unix(_) => false,
+        })
+}
+
+/// The URL as the driver reads it, rebuilt from what it parsed with the password left out:
+/// whatever the driver takes for the password (from the user info, a `password=` parameter,
+/// however escaped) cannot show, because it is never copied. Parameters other than the
+/// user, hosts, ports, database, application name and SSL mode are not shown.
+fn describe(url: &str, config: &tokio_postgres::Config) -> String {
+    use std::fmt::Write;
+    let scheme = url.split_once("://").map_or("postgres", |(s, _)| s);
+    let mut out = format!("{scheme}://");
+    let password = config.get_password().is_some();
+    match (config.get_user(), password) {
+        (Some(user), true) => {
+            let _ = write!(out, "{user}:***@");
+        }
+        (Some(user), false) => {
+            let _ = write!(out, "{user}@");
+        }
+        (None, true) => out.push_str(":***@"),
+        (None, false) => {}
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match ports.get(i).or(if ports.len() == 1 {
+                ports.first()
+            } else {
+                None
+            }) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    out.push_str(&hosts.join(","));
+    if let Some(db) = config.get_dbname() {
+        let _ = write!(out, "/{db}");
+    }
+    let mut params = Vec::new();
+    if let Some(name) = config.get_application_name() {
+        params.push(format!("application_name={name}"));
+    }
+    if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
+        params.push(format!("sslmode={:?}", config.get_ssl_mode()).to_lowercase());
+    }
+    if !params.is_empty() {
+        let _ = write!(out, "?{}", params.join("&"));
+    }
+    out
+}
+
+/// Replaces every password in a `postgres://` URL with `***` by the URL's shape: the one in
+/// the user info (`user:password@host`) and the value of a `password=` query parameter.
 ///
 /// The user info ends at the last `@` before the query: a password may hold a raw `@`
 /// (libpq accepts it), and the query may hold one too (`options=…@…`) without being user
@@ -188,7 +267,7 @@ impl fmt::Display for DatabaseUrl {
 /// looks like a path, the split is ambiguous (`postgres://u:p?ss@h` or
 /// `postgres://h?opt=a@b`); then everything up to the last `@` is masked, because masking
 /// too much is harmless and leaking is not.
-fn mask_password(url: &str) -> String {
+fn mask_by_shape(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -928,38 +1007,41 @@ mod tests {
     #[test]
     fn masks_the_database_password() {
         let cases = [
-            ("postgres://u:secret@h/db", "postgres://u:***@h/db"),
-            ("postgres://u@h/db", "postgres://u@h/db"),
-            ("postgres://h/db", "postgres://h/db"),
-            // A raw `@` in the password: the user info ends at the last `@`.
-            (
-                "postgres://u:se@cret@h:5432/db",
-                "postgres://u:***@h:5432/db",
-            ),
-            // An `@` in the query is not user info.
+            // As the driver reads them, rebuilt without the password (and with its port).
+            ("postgres://u:secret@h/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u@h/db", "postgres://u@h:5432/db"),
+            ("postgres://h/db", "postgres://h:5432/db"),
             (
                 "postgres://u:secret@h/db?options=-c%20a@b",
-                "postgres://u:***@h/db?options=-c%20a@b",
-            ),
-            (
-                "postgres://h/db?application_name=a@b",
-                "postgres://h/db?application_name=a@b",
+                "postgres://u:***@h:5432/db",
             ),
             // The password as a query parameter.
             (
                 "postgresql://h/db?user=u&password=secret&sslmode=require",
-                "postgresql://h/db?user=u&password=***&sslmode=require",
+                "postgresql://u:***@h:5432/db?sslmode=require",
             ),
+            ("postgres://u:se?cret@h/db", "postgres://u:***@h:5432/db"),
+            // A raw `@` in the password: the driver would read "cret@h" as the host. Masked
+            // by shape, up to the last `@`.
+            (
+                "postgres://u:se@cret@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            // An `@` in the query: the driver would read "h/db?application_name=a" as the
+            // user. Masked by shape (nothing to mask).
+            (
+                "postgres://h/db?application_name=a@b",
+                "postgres://h/db?application_name=a@b",
+            ),
+            // Not parsed by the driver (an unknown parameter): masked by shape.
             (
                 "postgres://u:secret@h/db?PASSWORD=secret",
                 "postgres://u:***@h/db?PASSWORD=***",
             ),
-            // Ambiguous: masked up to the last `@`.
-            ("postgres://u:se?cret@h/db", "postgres://***@h/db"),
         ];
         for (url, masked) in cases {
             let url = DatabaseUrl::new(url).expect("a postgres URL");
-            assert_eq!(url.to_string(), masked);
+            assert_eq!(url.to_string(), masked, "{}", url.expose());
             assert_eq!(format!("{url:?}"), format!("DatabaseUrl({masked})"));
             assert!(!url.to_string().contains("secret"), "{url}");
             assert!(!url.to_string().contains("cret"), "{url}");
@@ -1084,7 +1166,7 @@ mod tests {
         assert!(
             config
                 .to_string()
-                .contains("database-url=postgres://u:***@h/db")
+                .contains("database-url=postgres://u:***@h:5432/db")
         );
         assert!(config.auth_enabled());
         assert!(!Config::defaults().auth_enabled());
