@@ -28,6 +28,7 @@ mod datadir;
 mod disk_full;
 mod drain;
 mod fencing;
+mod memory;
 mod outage;
 mod poison;
 mod replay;
