@@ -27,6 +27,15 @@ def some_requests(port, n=2000):
         s.recv(4096)
     s.close()
 
+def close_and_measure(pid, port, conns):
+    for s in conns:
+        s.close()
+    time.sleep(2)
+    print(f"  after they closed           {rss_mb(pid):7.1f} MB")
+    some_requests(port)
+    time.sleep(1)
+    print(f"  and 2,000 requests later    {rss_mb(pid):7.1f} MB")
+
 def main():
     port = int(sys.argv[1])
     command = sys.argv[sys.argv.index("--") + 1:]
@@ -47,13 +56,7 @@ def main():
             conns.append(s)
         time.sleep(1)
         print(f"1000 x 30 KiB head, open      {rss_mb(server.pid):7.1f} MB")
-        for s in conns:
-            s.close()
-        time.sleep(2)
-        print(f"  after they closed           {rss_mb(server.pid):7.1f} MB")
-        some_requests(port)
-        time.sleep(1)
-        print(f"  and 2,000 requests later    {rss_mb(server.pid):7.1f} MB")
+        close_and_measure(server.pid, port, conns)
         conns = []
         body = b'{"key":"' + b"k" * (4 * 1024 * 1024 - 1 - 20)
         head = (b"POST /increments HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -68,13 +71,7 @@ def main():
             conns.append(s)
         time.sleep(1)
         print(f"60 x (4 MiB - 1) body, open   {rss_mb(server.pid):7.1f} MB  ({refused} refused)")
-        for s in conns:
-            s.close()
-        time.sleep(2)
-        print(f"  after they closed           {rss_mb(server.pid):7.1f} MB")
-        some_requests(port)
-        time.sleep(1)
-        print(f"  and 2,000 requests later    {rss_mb(server.pid):7.1f} MB")
+        close_and_measure(server.pid, port, conns)
     finally:
         server.terminate()
         server.wait()
