@@ -234,11 +234,13 @@ fn describe(url: &str, config: &tokio_postgres::Config) -> String {
                 tokio_postgres::config::Host::Tcp(name) => name.clone(),
                 tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
             };
-            match ports.get(i).or(if ports.len() == 1 {
+            // One port applies to every host, as libpq reads it.
+            let port = if ports.len() == 1 {
                 ports.first()
             } else {
-                None
-            }) {
+                ports.get(i)
+            };
+            match port {
                 Some(port) => format!("{name}:{port}"),
                 None => name,
             }

@@ -46,7 +46,9 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
 ///
 /// It also reserves the body's room in the [`BodyBudget`] (`--max-body-memory`) and holds it
 /// until the handler returns.
-pub struct BodyWithinLimit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct BodyWithinLimit {
+    _room: Option<OwnedSemaphorePermit>,
+}
 
 impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
     type Rejection = ApiError;
@@ -66,9 +68,10 @@ impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
                 "request body of {length} bytes is larger than the limit of {max} (--max-body-bytes)",
             ))),
             // Within the limit, so it fits a usize; a body of unknown length may reach it.
-            Some(length) => state.body_budget.reserve(length as usize).map(Self),
-            None => state.body_budget.reserve(max).map(Self),
+            Some(length) => state.body_budget.reserve(length as usize),
+            None => state.body_budget.reserve(max),
         }
+        .map(|room| Self { _room: room })
     }
 }
 

@@ -279,7 +279,9 @@ struct Shared {
     failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
     /// `failures` is not empty: the common path checks this and skips the lock.
     any_failure: AtomicBool,
-    /// The writer thread has ended; nothing more will be settled.
+    /// The writer thread has ended; nothing more will be settled, and nobody answers a
+    /// request queued now. Set while holding the `queue` lock, so a caller holding it can
+    /// trust the value.
     writer_gone: AtomicBool,
 }
 
@@ -301,8 +303,6 @@ struct Queue {
     recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
     /// The writer waits on `wake_writer`: whoever queues something next notifies it.
     writer_idle: bool,
-    /// The writer thread has ended: nobody will answer a request queued now.
-    stopped: bool,
 }
 
 /// Which segments exist and the highest seq in each.
@@ -551,7 +551,7 @@ impl Journal {
         let (done, recovered) = oneshot::channel();
         {
             let mut queue = self.shared.queue();
-            if queue.closing || queue.stopped {
+            if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {
                 return Err(JournalError::Closed);
             }
             queue.recover.push(done);
@@ -598,7 +598,7 @@ impl Journal {
         {
             let mut queue = self.shared.queue();
             queue.closing = true;
-            if queue.stopped {
+            if self.shared.writer_gone.load(Ordering::Acquire) {
                 drop(ack); // nobody will answer: the wait below ends at once
             } else {
                 queue.close_acks.push(ack);

@@ -160,7 +160,7 @@ fn group_commit_groups_concurrent_appends() {
 }
 
 #[test]
-fn a_commit_delay_never_holds_a_lone_append_and_loses_nothing_under_concurrency() {
+fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_concurrency() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A delay far longer than the test may take: if a lone append waited for it, the
     // timeout below would fire.
@@ -180,6 +180,25 @@ fn a_commit_delay_never_holds_a_lone_append_and_loses_nothing_under_concurrency(
                 .expect("a lone append is not delayed")
                 .expect("append");
         }
+        // Rounds of fewer concurrent appends than COMMIT_SIBLINGS: never delayed either.
+        assert_eq!(COMMIT_SIBLINGS, 5);
+        for round in 0..3 {
+            let entry = [("few", round)];
+            let few = async {
+                tokio::join!(
+                    journal.append(1, &entry),
+                    journal.append(1, &entry),
+                    journal.append(1, &entry),
+                    journal.append(1, &entry),
+                )
+            };
+            let results = tokio::time::timeout(Duration::from_secs(30), few)
+                .await
+                .expect("a few concurrent appends are not delayed");
+            for result in [results.0, results.1, results.2, results.3] {
+                result.expect("append");
+            }
+        }
     });
     drop(journal);
     // Concurrent appends with a short delay: every record durable and replayed.
@@ -188,7 +207,7 @@ fn a_commit_delay_never_holds_a_lone_append_and_loses_nothing_under_concurrency(
         ..JournalOptions::default()
     };
     let (journal, replay) = Journal::open(dir.path(), options).expect("reopen");
-    assert_eq!(replay.records.len(), 3);
+    assert_eq!(replay.records.len(), 3 + 3 * 4);
     let journal = Arc::new(journal);
     rt().block_on(async {
         let mut set = tokio::task::JoinSet::new();

@@ -158,12 +158,11 @@ struct ExitGuard<'a>(&'a Shared);
 impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
         let mut queue = self.0.queue();
-        queue.stopped = true;
+        self.0.writer_gone.store(true, Ordering::Release);
         // Dropping the senders answers whoever waits on them.
         drop(std::mem::take(&mut queue.close_acks));
         drop(std::mem::take(&mut queue.recover));
         drop(queue);
-        self.0.writer_gone.store(true, Ordering::Release);
         self.0.progress.notify_waiters();
     }
 }

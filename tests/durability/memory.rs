@@ -25,14 +25,20 @@ fn rss(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Opens a connection and sends `bytes`, as far as the server takes them (it may answer and
-/// close first).
-async fn hold(address: &str, bytes: &[u8]) -> Option<TcpStream> {
-    let mut stream = TcpStream::connect(address.trim_start_matches("http://"))
-        .await
-        .ok()?;
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(bytes)).await;
-    Some(stream)
+/// Opens `n` connections that each send `bytes`, as far as the server takes them (it may
+/// answer and close first), and keeps them open; returns them and the RSS growth of `pid`
+/// over `idle` half a second later.
+async fn hold(address: &str, bytes: &[u8], n: u64, pid: u32, idle: u64) -> (Vec<TcpStream>, u64) {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let Ok(mut stream) = TcpStream::connect(address.trim_start_matches("http://")).await else {
+            continue;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(bytes)).await;
+        open.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (open, rss(pid).saturating_sub(idle))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,12 +77,7 @@ async fn hostile_connections_hold_bounded_memory_and_give_it_back() {
     const HEADS: u64 = 300;
     let mut head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ".to_vec();
     head.resize(390 * 1024, b'a');
-    let mut open = Vec::new();
-    for _ in 0..HEADS {
-        open.extend(hold(&tally.address, &head).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let heads_peak = rss(tally.pid()).saturating_sub(idle);
+    let (open, heads_peak) = hold(&tally.address, &head, HEADS, tally.pid(), idle).await;
     // The flag's documented bound: at most about twice the limit per connection.
     assert!(
         heads_peak < HEADS * 2 * MAX_HEADER_BYTES,
@@ -95,12 +96,7 @@ async fn hostile_connections_hold_bounded_memory_and_give_it_back() {
     )
     .into_bytes();
     upload.resize(upload.len() + body_len as usize - 2, b' ');
-    let mut open = Vec::new();
-    for _ in 0..BODIES {
-        open.extend(hold(&tally.address, &upload).await);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let bodies_peak = rss(tally.pid()).saturating_sub(idle);
+    let (open, bodies_peak) = hold(&tally.address, &upload, BODIES, tally.pid(), idle).await;
     assert!(
         bodies_peak < 3 * BODY_MEMORY,
         "{BODIES} stalled 4 MiB uploads grew RSS by {} MiB, over 3 × --max-body-memory \
