@@ -44,8 +44,8 @@ impl<S: Send + Sync> FromRequestParts<S> for ContentType {
 /// that asked first gets `413` at once instead of `100 Continue` and a refusal after
 /// sending it all. Declared before the body in the handlers' arguments, it runs first.
 ///
-/// It also reserves the body's room in the [`BodyBudget`] (`--max-body-memory`) and holds it
-/// until the handler returns.
+/// It also reserves the body's room in the [`BodyBudget`] (`--max-body-memory`); the handler
+/// drops it once the body is parsed.
 pub struct BodyWithinLimit {
     _room: Option<OwnedSemaphorePermit>,
 }
@@ -175,12 +175,15 @@ impl BodyBudget {
 pub async fn one(
     State(state): State<Arc<AppState>>,
     content_type: ContentType,
-    _: BodyWithinLimit,
+    room: BodyWithinLimit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Form])?;
     let body = body.map_err(ApiError::from_body)?;
     let item = body::parse_one(format, &body, &state.limits)?;
+    // Parsed into owned items: the body's bytes and their room in the budget go now, not
+    // after the durability wait below.
+    drop((body, room));
     ingest(&state, std::slice::from_ref(&item)).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -226,12 +229,15 @@ pub struct Accepted {
 pub async fn many(
     State(state): State<Arc<AppState>>,
     content_type: ContentType,
-    _: BodyWithinLimit,
+    room: BodyWithinLimit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Ndjson])?;
     let body = body.map_err(ApiError::from_body)?;
     let items = body::parse_many(format, &body, &state.limits)?;
+    // Parsed into owned items: the body's bytes and their room in the budget go now, not
+    // after the durability wait below.
+    drop((body, room));
     if !items.is_empty() {
         ingest(&state, &items).await?;
     }

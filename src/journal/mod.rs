@@ -512,7 +512,8 @@ impl Journal {
         self.shared.check_failed()?;
         let end = {
             let mut queue = self.shared.queue();
-            if queue.closing {
+            // Nobody would write what is queued after the writer ended (a panic).
+            if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {
                 return Err(JournalError::Closed);
             }
             let len = record::encode_into(&mut queue.buf, seq, entries)?;

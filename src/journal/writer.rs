@@ -189,7 +189,6 @@ impl Writer {
         // The group being written; swapped with the queue's buffer, so appends go on into
         // the other one meanwhile and neither is reallocated.
         let mut bytes = Vec::new();
-        let mut taken = 0;
         let mut last_group = 0;
         loop {
             // ======================== GROUP COMMIT ========================
@@ -216,7 +215,7 @@ impl Writer {
             // buffer now. Take all of it: one write and ONE fsync for the whole group.
             std::mem::swap(&mut queue.buf, &mut bytes);
             let group = Group {
-                start: taken,
+                start: queue.end - bytes.len() as u64,
                 end: queue.end,
                 records: std::mem::take(&mut queue.records),
                 max_seq: std::mem::take(&mut queue.max_seq),
@@ -225,7 +224,6 @@ impl Writer {
             let closing = queue.closing;
             let close_acks = std::mem::take(&mut queue.close_acks);
             drop(queue);
-            taken = group.end;
             last_group = group.records;
             if group.records > 0 {
                 let result = self.commit(&bytes, &group);
