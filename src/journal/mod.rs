@@ -28,7 +28,8 @@
 //!
 //! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
 //! buffer (no allocation of its own), notes the journal position where its record ends, and
-//! waits on a `tokio::sync::Notify` until the *settled* position has passed it. One dedicated
+//! waits on a `tokio::sync::Notify` until the *settled* position has passed it (one of two,
+//! by the parity of its group, so a commit wakes only its own group). One dedicated
 //! writer thread sleeps on a condition variable until something is queued (appends wake it
 //! only while it sleeps), swaps the buffer for an empty one, writes the whole group with one
 //! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
@@ -272,8 +273,13 @@ struct Shared {
     /// Every journal position below this has been through a group commit: durable, unless
     /// it lies in one of `failures`. Positions count the bytes appended since open.
     settled: AtomicU64,
-    /// Woken after every group commit (and when the writer thread ends).
-    progress: Notify,
+    /// Woken after a group commit, each for the groups of one parity of
+    /// [`Queue::generation`] (and both when the writer thread ends). Two suffice: while group
+    /// `g` is being committed, appends go to group `g + 1`, and group `g + 2` starts only
+    /// after `g` is settled. So a commit wakes just its own group's waiters, never the ones
+    /// queued behind it (with one `Notify`, 400 connections and groups of 40, every
+    /// request was polled ten times for nothing).
+    progress: [Notify; 2],
     /// Positions `start..end` of the groups whose write or fsync failed (or that came while
     /// the journal was failed): a handful per disk failure, so never pruned.
     failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
@@ -296,6 +302,8 @@ struct Queue {
     max_seq: u64,
     /// The journal position after the last byte in `buf`.
     end: u64,
+    /// Number of the group `buf` is gathering; the writer counts it up as it takes `buf`.
+    generation: u64,
     /// Set by close or drop: appends are refused, and the writer exits once it has written
     /// what `buf` holds.
     closing: bool,
@@ -339,14 +347,19 @@ impl Shared {
             self.any_failure.store(true, Ordering::Release);
         }
         self.settled.store(group.end, Ordering::Release);
-        self.progress.notify_waiters();
+        self.progress(group.generation).notify_waiters();
     }
 
-    /// Waits until the record ending at position `end` has been through a group commit,
-    /// and returns whether it is durable.
-    async fn settled(&self, end: u64) -> Result<(), JournalError> {
+    /// The `Notify` that the waiters of group `generation` wait on.
+    fn progress(&self, generation: u64) -> &Notify {
+        &self.progress[(generation % 2) as usize]
+    }
+
+    /// Waits until the record ending at position `end`, queued in group `generation`, has
+    /// been through a group commit, and returns whether it is durable.
+    async fn settled(&self, end: u64, generation: u64) -> Result<(), JournalError> {
         loop {
-            let notified = self.progress.notified();
+            let notified = self.progress(generation).notified();
             let mut notified = std::pin::pin!(notified);
             // Registered before the check, so a commit in between still wakes us.
             notified.as_mut().enable();
@@ -467,7 +480,7 @@ impl Journal {
             queue: Mutex::default(),
             wake_writer: Condvar::new(),
             settled: AtomicU64::new(0),
-            progress: Notify::new(),
+            progress: [Notify::new(), Notify::new()],
             failures: Mutex::default(),
             any_failure: AtomicBool::new(false),
             writer_gone: AtomicBool::new(false),
@@ -510,7 +523,7 @@ impl Journal {
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
         self.shared.check_failed()?;
-        let end = {
+        let (end, generation) = {
             let mut queue = self.shared.queue();
             // Nobody would write what is queued after the writer ended (a panic).
             if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {
@@ -520,11 +533,11 @@ impl Journal {
             queue.records += 1;
             queue.max_seq = queue.max_seq.max(seq);
             queue.end += len as u64;
-            let end = queue.end;
+            let queued = (queue.end, queue.generation);
             self.shared.wake_writer(queue);
-            end
+            queued
         };
-        self.shared.settled(end).await
+        self.shared.settled(end, generation).await
     }
 
     /// Whether a write or fsync failed and [`Journal::recover`] has not yet started a fresh

@@ -159,6 +159,71 @@ fn group_commit_groups_concurrent_appends() {
     assert!(syncs < N / 10, "{syncs} fsyncs for {N} records");
 }
 
+/// Counts the wake-ups of a future polled by hand.
+struct CountingWaker(AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_commit_wakes_only_the_waiters_of_its_own_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Every group's callback (after its fsync, before its waiters are woken) reports, then
+    // holds the writer until the test lets it go on.
+    let (synced, group_synced) = std::sync::mpsc::channel::<()>();
+    let (go_on, permit) = std::sync::mpsc::channel::<()>();
+    let hold = Mutex::new((synced, permit));
+    let on_sync = Arc::new(move |_: GroupStats| {
+        let hold = hold.lock().expect("hold");
+        let _ = hold.0.send(());
+        let _ = hold.1.recv();
+    });
+    let options = JournalOptions {
+        on_sync: Some(on_sync),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let journal = Arc::new(journal);
+    // Bound after the journal, so that a failing assertion drops it first: the held writer
+    // then goes on, and the journal's drop can join it.
+    let go_on = go_on;
+    let first = std::thread::spawn({
+        let journal = Arc::clone(&journal);
+        move || rt().block_on(journal.append(1, &[("first", 1)]))
+    });
+    group_synced.recv().expect("first group synced");
+
+    // Queued while the first group is being committed: it belongs to the next group.
+    let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
+    let waker = std::task::Waker::from(Arc::clone(&wakes));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut second = Box::pin(journal.append(1, &[("second", 2)]));
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+
+    // The first group settles and its waiter returns; the writer then holds the second
+    // group before settling it.
+    go_on.send(()).expect("let the first group settle");
+    first.join().expect("first thread").expect("first append");
+    group_synced.recv().expect("second group synced");
+    assert_eq!(
+        wakes.0.load(Ordering::SeqCst),
+        0,
+        "woken by the commit of a group it is not in"
+    );
+
+    go_on.send(()).expect("let the second group settle");
+    while wakes.0.load(Ordering::SeqCst) == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(matches!(
+        second.as_mut().poll(&mut cx),
+        std::task::Poll::Ready(Ok(()))
+    ));
+}
+
 #[test]
 fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_concurrency() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -140,6 +140,8 @@ pub(super) struct Group {
     pub(super) end: u64,
     pub(super) records: usize,
     pub(super) max_seq: u64,
+    /// The group's number (see `Queue::generation`).
+    pub(super) generation: u64,
 }
 
 /// Owns the active segment. Runs on its own thread; the only code that writes records.
@@ -163,7 +165,9 @@ impl Drop for ExitGuard<'_> {
         drop(std::mem::take(&mut queue.close_acks));
         drop(std::mem::take(&mut queue.recover));
         drop(queue);
-        self.0.progress.notify_waiters();
+        for progress in &self.0.progress {
+            progress.notify_waiters();
+        }
     }
 }
 
@@ -219,7 +223,9 @@ impl Writer {
                 end: queue.end,
                 records: std::mem::take(&mut queue.records),
                 max_seq: std::mem::take(&mut queue.max_seq),
+                generation: queue.generation,
             };
+            queue.generation += 1;
             let recover = std::mem::take(&mut queue.recover);
             let closing = queue.closing;
             let close_acks = std::mem::take(&mut queue.close_acks);
