@@ -251,7 +251,7 @@ impl App {
             connect_info: router.rate_limit.is_some() || router.auth.is_some(),
             draining: draining.clone(),
         };
-        let app = http::router(state, &router);
+        let app = http::app(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);
         let mut server = tokio::spawn(serve(listener, app, options.clone(), http_stop.clone()));
         tracing::info!(%address, "Listening.");

@@ -149,13 +149,20 @@ impl ApiError {
     /// Maps axum's body rejection: too large (413) or unreadable (400).
     pub fn from_body(rejection: BytesRejection) -> Self {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Self::TooLarge("request body is larger than the limit (--max-body-bytes)".to_owned())
+            Self::body_too_large()
         } else {
-            Self::Malformed(format!(
-                "could not read the request body: {}",
-                rejection.body_text()
-            ))
+            Self::body_unreadable(&rejection.body_text())
         }
+    }
+
+    /// 413 for a body that outgrew `--max-body-bytes` while being read.
+    pub fn body_too_large() -> Self {
+        Self::TooLarge("request body is larger than the limit (--max-body-bytes)".to_owned())
+    }
+
+    /// 400 for a body that could not be read (the client broke off, or sent bad chunks).
+    pub fn body_unreadable(error: &dyn std::fmt::Display) -> Self {
+        Self::Malformed(format!("could not read the request body: {error}"))
     }
 
     /// Maps axum's path rejection (e.g. a percent-encoded key that is not UTF-8): 400.

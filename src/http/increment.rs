@@ -30,12 +30,18 @@ impl ContentType {
     }
 }
 
+impl ContentType {
+    pub(super) fn of(parts: &Parts) -> Self {
+        // A `HeaderValue` shares the bytes hyper read: cloning it does not allocate.
+        Self(parts.headers.get(header::CONTENT_TYPE).cloned())
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ContentType {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        // A `HeaderValue` shares the bytes hyper read: cloning it does not allocate.
-        Ok(Self(parts.headers.get(header::CONTENT_TYPE).cloned()))
+        Ok(Self::of(parts))
     }
 }
 
@@ -57,6 +63,12 @@ impl FromRequestParts<Arc<AppState>> for BodyWithinLimit {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
+        Self::check(parts, state)
+    }
+}
+
+impl BodyWithinLimit {
+    pub(super) fn check(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -171,20 +183,36 @@ impl BodyBudget {
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying (absent on `timeout` and `unknown_outcome`)."))),
     )
 )]
-#[tracing::instrument(level = "debug", name = "POST /increment", skip_all)]
 pub async fn one(
     State(state): State<Arc<AppState>>,
     content_type: ContentType,
     room: BodyWithinLimit,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
+    accept_one(
+        &state,
+        content_type,
+        room,
+        body.map_err(ApiError::from_body),
+    )
+    .await
+}
+
+/// [`one`] once its parts are extracted; the hot route ([`super::hot`]) calls it directly.
+#[tracing::instrument(level = "debug", name = "POST /increment", skip_all)]
+pub(super) async fn accept_one(
+    state: &AppState,
+    content_type: ContentType,
+    room: BodyWithinLimit,
+    body: Result<Bytes, ApiError>,
+) -> Result<StatusCode, ApiError> {
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Form])?;
-    let body = body.map_err(ApiError::from_body)?;
+    let body = body?;
     let item = body::parse_one(format, &body, &state.limits)?;
     // Parsed into owned items: the body's bytes and their room in the budget go now, not
     // after the durability wait below.
     drop((body, room));
-    ingest(&state, std::slice::from_ref(&item)).await?;
+    ingest(state, std::slice::from_ref(&item)).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

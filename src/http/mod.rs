@@ -4,7 +4,7 @@
 //! timeout, in one layer), then (when configured) authorization and the per-client rate
 //! limit (`guard`), the body limit, and the handler. Guards that are not configured are
 //! not installed, so an open tally pays nothing for them. None of these layers allocates per
-//! request. Connection-level limits (header deadline, connection cap) live in [`serve`];
+//! request. `POST /increment` passes the same layers without the routing ([`hot`]). Connection-level limits (header deadline, connection cap) live in [`serve`];
 //! both deadlines share one timer per connection (`deadline`).
 
 pub(crate) mod auth;
@@ -13,6 +13,7 @@ mod counters;
 pub(crate) mod deadline;
 pub(crate) mod error;
 pub(crate) mod guard;
+pub mod hot;
 mod increment;
 pub use increment::{BodyBudget, SMALL_BODY_BYTES};
 pub(crate) mod observe;
@@ -107,6 +108,24 @@ pub fn router(state: Arc<AppState>, options: &RouterOptions) -> Router {
     router
         .layer(observe::Observe::new(options.request_timeout))
         .with_state(state)
+}
+
+/// What the main listener serves: the [`router`], with `POST /increment` taken off it by
+/// the [`hot`] route (the same layers and handler, without the routing).
+pub fn app(state: Arc<AppState>, options: &RouterOptions) -> serve::App {
+    // The router's order: authorization first, then the rate limit.
+    let guards: Vec<Arc<dyn guard::Guard>> = [
+        options.auth.clone().map(|a| a as Arc<dyn guard::Guard>),
+        options
+            .rate_limit
+            .clone()
+            .map(|r| r as Arc<dyn guard::Guard>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let hot = hot::HotIncrement::new(Arc::clone(&state), guards, options.request_timeout);
+    serve::App::new(router(state, options), Some(hot))
 }
 
 /// The router of `--metrics-listen`: `/metrics` only, no token.

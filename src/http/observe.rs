@@ -83,13 +83,13 @@ where
             Method::POST => 1,
             _ => 2,
         };
-        ObserveFuture {
-            inner: self.inner.call(request),
-            deadline: Deadline::start(started + self.timeout),
+        ObserveFuture::new(
+            self.inner.call(request),
             started,
+            self.timeout,
             route,
             method,
-        }
+        )
     }
 }
 
@@ -100,6 +100,20 @@ pub struct ObserveFuture<F> {
     started: Instant,
     route: usize,
     method: usize,
+}
+
+impl<F> ObserveFuture<F> {
+    /// Watches `inner`, a request of `route` and `method` (indexes into [`http::ROUTES`] and
+    /// [`http::METHODS`]) that came at `started` and must be answered within `timeout`.
+    pub fn new(inner: F, started: Instant, timeout: Duration, route: usize, method: usize) -> Self {
+        Self {
+            inner,
+            deadline: Deadline::start(started + timeout),
+            started,
+            route,
+            method,
+        }
+    }
 }
 
 impl<F> Future for ObserveFuture<F>

@@ -42,6 +42,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
@@ -54,6 +55,30 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 
 use super::deadline::{self, ConnState};
+use super::hot::{HotFuture, HotIncrement};
+
+/// What one listener serves: a router, and optionally the hot route ([`super::hot`]),
+/// recognised before the router.
+#[derive(Clone)]
+pub struct App {
+    router: Router,
+    increment: Option<Arc<HotIncrement>>,
+}
+
+impl App {
+    pub fn new(router: Router, increment: Option<HotIncrement>) -> Self {
+        Self {
+            router,
+            increment: increment.map(Arc::new),
+        }
+    }
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> Self {
+        Self::new(router, None)
+    }
+}
 
 /// Connection-level limits of one listener.
 #[derive(Debug, Clone)]
@@ -82,10 +107,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Serves `app` on `listener` until `stop` is cancelled and every connection has closed.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl Into<App>,
     options: ServeOptions,
     stop: CancellationToken,
 ) {
+    let app = app.into();
     // Permits = open connections; taken before accept, released when the task ends. Never
     // closed, so `acquire_owned` cannot fail.
     let slots = Arc::new(Semaphore::new(options.max_connections));
@@ -178,12 +204,13 @@ fn spawn_connection(
     });
 }
 
-/// The service hyper calls for each request of one connection: the router, plus the peer
+/// The service hyper calls for each request of one connection: the app, plus the peer
 /// address when asked for, plus the phase changes the header deadline needs. Written out
-/// rather than `TowerToHyperService` over `map_request` so that it can mark those phases;
-/// like that one it clones the router (an `Arc`) per request, and adds no allocation.
+/// rather than `TowerToHyperService` over `map_request` so that it can mark those phases
+/// and take the hot route; like that one it clones the router (an `Arc`) per request, and
+/// adds no allocation.
 struct ConnectionService {
-    app: Router,
+    app: App,
     /// `Some` when the peer address goes into each request as `ConnectInfo`.
     peer: Option<SocketAddr>,
     /// See [`ServeOptions::draining`].
@@ -200,19 +227,25 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
         if let Some(peer) = self.peer {
             request.extensions_mut().insert(ConnectInfo(peer));
         }
-        // `Router` is always ready, so `call` needs no `poll_ready` first.
+        let inner = match &self.app.increment {
+            Some(hot) if HotIncrement::serves(&request) => {
+                Inner::Hot(hot.call(request.map(Body::new)))
+            }
+            // `Router` is always ready, so `call` needs no `poll_ready` first.
+            _ => Inner::Router(self.app.router.clone().call(request)),
+        };
         Exchange {
-            inner: self.app.clone().call(request),
+            inner,
             done: false,
             close: self.draining.is_cancelled(),
         }
     }
 }
 
-/// One request's future: the router's, and the start of the next head phase once it is
-/// answered.
+/// One request's future: the router's or the hot route's, and the start of the next head
+/// phase once it is answered.
 struct Exchange {
-    inner: RouteFuture<Infallible>,
+    inner: Inner,
     done: bool,
     /// Answer with `Connection: close` (shutdown has begun).
     close: bool,
@@ -223,7 +256,10 @@ impl Future for Exchange {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let mut response = std::task::ready!(Pin::new(&mut this.inner).poll(cx));
+        let mut response = std::task::ready!(match &mut this.inner {
+            Inner::Router(inner) => Pin::new(inner).poll(cx),
+            Inner::Hot(inner) => Pin::new(inner).poll(cx),
+        });
         this.done = true;
         deadline::response_produced();
         if this.close
@@ -236,6 +272,14 @@ impl Future for Exchange {
         }
         Poll::Ready(response)
     }
+}
+
+/// Who answers a request. Unboxed: the enum lives inside the connection's task either way,
+/// and a box would cost the router's requests an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Inner {
+    Router(RouteFuture<Infallible>),
+    Hot(HotFuture),
 }
 
 impl Drop for Exchange {
