@@ -28,12 +28,13 @@
 //!
 //! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
 //! buffer (no allocation of its own), notes the journal position where its record ends, and
-//! waits on a `tokio::sync::Notify` until the *settled* position has passed it (one of two,
-//! by the parity of its group, so a commit wakes only its own group). One dedicated
+//! leaves its task's waker beside the record, under the same lock. One dedicated
 //! writer thread sleeps on a condition variable until something is queued (appends wake it
 //! only while it sleeps), swaps the buffer for an empty one, writes the whole group with one
 //! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
-//! advances the settled position and wakes the waiters. No message or allocation per record
+//! advances the *settled* position and wakes that group's wakers, no others. (A
+//! `tokio::sync::Notify` woke every waiter, the next group's too, and its own lock and list
+//! cost more per request than the fsync's share.) No message or allocation per record
 //! crosses the threads: earlier versions sent each record through a channel with a oneshot
 //! back, and glibc's cross-thread frees alone cost more than the fsync's share. While that fsync runs, new appends queue up and form the next group, so under
 //! load one fsync serves many requests and at low load a lone request pays for one fsync and
@@ -120,7 +121,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::{Notify, oneshot};
+use std::task::{Context, Poll, Waker};
+
+use tokio::sync::oneshot;
 
 /// Fewest records in the previous group for [`JournalOptions::commit_delay`] to apply (as
 /// PostgreSQL's `commit_siblings`): below it, appends are too few for a wait to gather more.
@@ -273,13 +276,6 @@ struct Shared {
     /// Every journal position below this has been through a group commit: durable, unless
     /// it lies in one of `failures`. Positions count the bytes appended since open.
     settled: AtomicU64,
-    /// Woken after a group commit, each for the groups of one parity of
-    /// [`Queue::generation`] (and both when the writer thread ends). Two suffice: while group
-    /// `g` is being committed, appends go to group `g + 1`, and group `g + 2` starts only
-    /// after `g` is settled. So a commit wakes just its own group's waiters, never the ones
-    /// queued behind it (with one `Notify`, 400 connections and groups of 40, every
-    /// request was polled ten times for nothing).
-    progress: [Notify; 2],
     /// Positions `start..end` of the groups whose write or fsync failed (or that came while
     /// the journal was failed): a handful per disk failure, so never pruned.
     failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
@@ -304,6 +300,11 @@ struct Queue {
     end: u64,
     /// Number of the group `buf` is gathering; the writer counts it up as it takes `buf`.
     generation: u64,
+    /// The wakers of the tasks whose records are in `buf`.
+    wakers: Vec<Waker>,
+    /// The wakers of the group being committed (`generation - 1`): taken with `buf`, woken
+    /// once it is settled. A waiter of that group polled again meanwhile adds itself here.
+    committing: Vec<Waker>,
     /// Set by close or drop: appends are refused, and the writer exits once it has written
     /// what `buf` holds.
     closing: bool,
@@ -327,6 +328,29 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Queues one record and the waker of the task that waits for it; returns the record's
+    /// end position and group.
+    fn enqueue(
+        &self,
+        seq: u64,
+        entries: &[(&str, i64)],
+        waker: &Waker,
+    ) -> Result<(u64, u64), JournalError> {
+        let mut queue = self.queue();
+        // Nobody would write what is queued after the writer ended (a panic).
+        if queue.closing || self.writer_gone.load(Ordering::Acquire) {
+            return Err(JournalError::Closed);
+        }
+        let len = record::encode_into(&mut queue.buf, seq, entries)?;
+        queue.records += 1;
+        queue.max_seq = queue.max_seq.max(seq);
+        queue.end += len as u64;
+        queue.wakers.push(waker.clone());
+        let queued = (queue.end, queue.generation);
+        self.wake_writer(queue);
+        Ok(queued)
+    }
+
     /// Releases `queue`, waking the writer if it sleeps.
     fn wake_writer(&self, mut queue: MutexGuard<'_, Queue>) {
         let idle = std::mem::take(&mut queue.writer_idle);
@@ -347,30 +371,40 @@ impl Shared {
             self.any_failure.store(true, Ordering::Release);
         }
         self.settled.store(group.end, Ordering::Release);
-        self.progress(group.generation).notify_waiters();
     }
 
-    /// The `Notify` that the waiters of group `generation` wait on.
-    fn progress(&self, generation: u64) -> &Notify {
-        &self.progress[(generation % 2) as usize]
-    }
-
-    /// Waits until the record ending at position `end`, queued in group `generation`, has
-    /// been through a group commit, and returns whether it is durable.
-    async fn settled(&self, end: u64, generation: u64) -> Result<(), JournalError> {
-        loop {
-            let notified = self.progress(generation).notified();
-            let mut notified = std::pin::pin!(notified);
-            // Registered before the check, so a commit in between still wakes us.
-            notified.as_mut().enable();
-            if self.settled.load(Ordering::Acquire) >= end {
-                return self.outcome(end);
-            }
-            if self.writer_gone.load(Ordering::Acquire) {
-                return Err(JournalError::Closed);
-            }
-            notified.await;
+    /// Whether the record ending at position `end`, queued in group `generation`, has been
+    /// through a group commit (and if so, whether it is durable). Called when its task is
+    /// polled again; until then its waker waits beside its record (see [`Journal::append`]).
+    /// A poll before the commit (a spurious one) leaves a fresh waker where the writer will
+    /// find it.
+    fn poll_settled(
+        &self,
+        end: u64,
+        generation: u64,
+        cx: &Context<'_>,
+    ) -> Poll<Result<(), JournalError>> {
+        if self.settled.load(Ordering::Acquire) >= end {
+            return Poll::Ready(self.outcome(end));
         }
+        let mut queue = self.queue();
+        // Under the lock the writer stores `settled` before it takes `committing`: either
+        // it is settled now, or the waker left below is woken.
+        if self.settled.load(Ordering::Acquire) >= end {
+            return Poll::Ready(self.outcome(end));
+        }
+        if self.writer_gone.load(Ordering::Acquire) {
+            return Poll::Ready(Err(JournalError::Closed));
+        }
+        let wakers = if queue.generation == generation {
+            &mut queue.wakers
+        } else {
+            &mut queue.committing
+        };
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     fn outcome(&self, end: u64) -> Result<(), JournalError> {
@@ -480,7 +514,6 @@ impl Journal {
             queue: Mutex::default(),
             wake_writer: Condvar::new(),
             settled: AtomicU64::new(0),
-            progress: [Notify::new(), Notify::new()],
             failures: Mutex::default(),
             any_failure: AtomicBool::new(false),
             writer_gone: AtomicBool::new(false),
@@ -523,21 +556,18 @@ impl Journal {
     /// treated as not durable.
     pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
         self.shared.check_failed()?;
-        let (end, generation) = {
-            let mut queue = self.shared.queue();
-            // Nobody would write what is queued after the writer ended (a panic).
-            if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {
-                return Err(JournalError::Closed);
+        // Queued on the first poll, with that poll's waker, which the writer wakes once the
+        // group is settled; so the next poll is the one that finds it settled.
+        let mut queued = None;
+        std::future::poll_fn(|cx| match queued {
+            None => {
+                let (end, generation) = self.shared.enqueue(seq, entries, cx.waker())?;
+                queued = Some((end, generation));
+                Poll::Pending
             }
-            let len = record::encode_into(&mut queue.buf, seq, entries)?;
-            queue.records += 1;
-            queue.max_seq = queue.max_seq.max(seq);
-            queue.end += len as u64;
-            let queued = (queue.end, queue.generation);
-            self.shared.wake_writer(queue);
-            queued
-        };
-        self.shared.settled(end, generation).await
+            Some((end, generation)) => self.shared.poll_settled(end, generation, cx),
+        })
+        .await
     }
 
     /// Whether a write or fsync failed and [`Journal::recover`] has not yet started a fresh

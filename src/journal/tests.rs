@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -197,30 +198,52 @@ fn a_commit_wakes_only_the_waiters_of_its_own_group() {
     group_synced.recv().expect("first group synced");
 
     // Queued while the first group is being committed: it belongs to the next group.
-    let wakes = Arc::new(CountingWaker(AtomicUsize::new(0)));
-    let waker = std::task::Waker::from(Arc::clone(&wakes));
-    let mut cx = std::task::Context::from_waker(&waker);
+    let counting = || Arc::new(CountingWaker(AtomicUsize::new(0)));
+    let (queued, gathering, committing) = (counting(), counting(), counting());
+    fn poll<F: Future>(future: &mut Pin<Box<F>>, wakes: &Arc<CountingWaker>) -> Poll<F::Output> {
+        let waker = std::task::Waker::from(Arc::clone(wakes));
+        future
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&waker))
+    }
     let mut second = Box::pin(journal.append(1, &[("second", 2)]));
-    assert!(second.as_mut().poll(&mut cx).is_pending());
+    assert!(poll(&mut second, &queued).is_pending());
+    // Polled again (by another waker) while its group still gathers.
+    assert!(poll(&mut second, &gathering).is_pending());
 
     // The first group settles and its waiter returns; the writer then holds the second
     // group before settling it.
     go_on.send(()).expect("let the first group settle");
     first.join().expect("first thread").expect("first append");
     group_synced.recv().expect("second group synced");
+    let wakes = |w: &Arc<CountingWaker>| w.0.load(Ordering::SeqCst);
     assert_eq!(
-        wakes.0.load(Ordering::SeqCst),
-        0,
+        (wakes(&queued), wakes(&gathering)),
+        (0, 0),
         "woken by the commit of a group it is not in"
     );
+    // Polled again while its group is being committed.
+    assert!(poll(&mut second, &committing).is_pending());
 
+    // Its own commit wakes every waker it left, and then it is done.
     go_on.send(()).expect("let the second group settle");
-    while wakes.0.load(Ordering::SeqCst) == 0 {
-        std::thread::sleep(Duration::from_millis(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (what, waker) in [
+        ("queued", &queued),
+        ("gathering", &gathering),
+        ("committing", &committing),
+    ] {
+        while wakes(waker) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waker left while {what} was never woken"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     assert!(matches!(
-        second.as_mut().poll(&mut cx),
-        std::task::Poll::Ready(Ok(()))
+        poll(&mut second, &committing),
+        Poll::Ready(Ok(()))
     ));
 }
 

@@ -6,6 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
+use std::task::Waker;
 use std::time::Instant;
 
 use super::{COMMIT_SIBLINGS, GroupStats, JournalError, Shared, io_err};
@@ -140,8 +141,6 @@ pub(super) struct Group {
     pub(super) end: u64,
     pub(super) records: usize,
     pub(super) max_seq: u64,
-    /// The group's number (see `Queue::generation`).
-    pub(super) generation: u64,
 }
 
 /// Owns the active segment. Runs on its own thread; the only code that writes records.
@@ -164,10 +163,12 @@ impl Drop for ExitGuard<'_> {
         // Dropping the senders answers whoever waits on them.
         drop(std::mem::take(&mut queue.close_acks));
         drop(std::mem::take(&mut queue.recover));
+        let wakers = [
+            std::mem::take(&mut queue.wakers),
+            std::mem::take(&mut queue.committing),
+        ];
         drop(queue);
-        for progress in &self.0.progress {
-            progress.notify_waiters();
-        }
+        wakers.into_iter().flatten().for_each(Waker::wake);
     }
 }
 
@@ -193,6 +194,8 @@ impl Writer {
         // The group being written; swapped with the queue's buffer, so appends go on into
         // the other one meanwhile and neither is reallocated.
         let mut bytes = Vec::new();
+        // The previous group's wakers while they are woken; the list goes back for reuse.
+        let mut wakers = Vec::new();
         let mut last_group = 0;
         loop {
             // ======================== GROUP COMMIT ========================
@@ -223,8 +226,11 @@ impl Writer {
                 end: queue.end,
                 records: std::mem::take(&mut queue.records),
                 max_seq: std::mem::take(&mut queue.max_seq),
-                generation: queue.generation,
             };
+            // The group's wakers move to `committing`, whose emptied list (the previous
+            // group's, woken) gathers the next group's.
+            let queue_ref = &mut *queue;
+            std::mem::swap(&mut queue_ref.wakers, &mut queue_ref.committing);
             queue.generation += 1;
             let recover = std::mem::take(&mut queue.recover);
             let closing = queue.closing;
@@ -235,6 +241,9 @@ impl Writer {
                 let result = self.commit(&bytes, &group);
                 shared.settle(&group, result);
             }
+            // Settled (or empty): its waiters can go.
+            std::mem::swap(&mut shared.queue().committing, &mut wakers);
+            wakers.drain(..).for_each(Waker::wake);
             bytes.clear();
             if bytes.capacity() > KEEP_BUFFER_BYTES {
                 bytes = Vec::new();
