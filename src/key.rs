@@ -80,6 +80,16 @@ pub struct Increment {
     pub delta: i64,
 }
 
+impl crate::journal::Entry for Increment {
+    fn key(&self) -> &str {
+        self.key.as_str()
+    }
+
+    fn delta(&self) -> i64 {
+        self.delta
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -301,11 +301,9 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
             let journal = state.journal.as_ref().ok_or_else(|| {
                 ApiError::Internal(anyhow::anyhow!("ack=journal without a journal"))
             })?;
-            let entries: Vec<(&str, i64)> =
-                items.iter().map(|i| (i.key.as_str(), i.delta)).collect();
             // Added, but not durable: the outcome is unknown to the client.
             journal
-                .append(seq, &entries)
+                .append(seq, items)
                 .await
                 .map_err(ApiError::NotDurable)?;
         }

@@ -109,7 +109,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use record::Corruption;
+pub use record::{Corruption, Entry};
 pub(crate) use writer::no_follow;
 
 use std::collections::BTreeMap;
@@ -330,10 +330,10 @@ impl Shared {
 
     /// Queues one record and the waker of the task that waits for it; returns the record's
     /// end position and group.
-    fn enqueue(
+    fn enqueue<E: Entry>(
         &self,
         seq: u64,
-        entries: &[(&str, i64)],
+        entries: &[E],
         waker: &Waker,
     ) -> Result<(u64, u64), JournalError> {
         let mut queue = self.queue();
@@ -554,7 +554,11 @@ impl Journal {
     /// [`JournalError::Io`] if this record's write or fsync failed, and
     /// [`JournalError::Failed`] if an earlier one did. On any error the record must be
     /// treated as not durable.
-    pub async fn append(&self, seq: u64, entries: &[(&str, i64)]) -> Result<(), JournalError> {
+    pub async fn append<E: Entry + Sync>(
+        &self,
+        seq: u64,
+        entries: &[E],
+    ) -> Result<(), JournalError> {
         self.shared.check_failed()?;
         // Queued on the first poll, with that poll's waker, which the writer wakes once the
         // group is settled; so the next poll is the one that finds it settled.

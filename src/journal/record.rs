@@ -71,16 +71,16 @@ pub fn encode(seq: u64, entries: &[(&str, i64)]) -> Result<Vec<u8>, JournalError
 /// # Errors
 ///
 /// As [`encode`].
-pub fn encode_into(
+pub fn encode_into<E: Entry>(
     buf: &mut Vec<u8>,
     seq: u64,
-    entries: &[(&str, i64)],
+    entries: &[E],
 ) -> Result<usize, JournalError> {
     if entries.is_empty() {
         return Err(JournalError::EmptyRecord);
     }
-    let body_len = entries.iter().fold(FIXED_BODY_LEN, |acc, (key, _)| {
-        acc.saturating_add(MIN_ENTRY_LEN + key.len())
+    let body_len = entries.iter().fold(FIXED_BODY_LEN, |acc, entry| {
+        acc.saturating_add(MIN_ENTRY_LEN + entry.key().len())
     });
     if body_len > MAX_RECORD_LEN {
         return Err(JournalError::RecordTooLarge {
@@ -97,16 +97,34 @@ pub fn encode_into(
     buf.push(VERSION);
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&as_u32(entries.len()).to_le_bytes());
-    for (key, delta) in entries {
+    for entry in entries {
+        let key = entry.key();
         buf.extend_from_slice(&as_u32(key.len()).to_le_bytes());
         buf.extend_from_slice(key.as_bytes());
-        buf.extend_from_slice(&delta.to_le_bytes());
+        buf.extend_from_slice(&entry.delta().to_le_bytes());
     }
     let record = &mut buf[start..];
     debug_assert_eq!(record.len(), HEADER_LEN + body_len);
     let crc = crc32fast::hash(&record[HEADER_LEN..]);
     record[4..8].copy_from_slice(&crc.to_le_bytes());
     Ok(record.len())
+}
+
+/// One `(key, delta)` entry of a record, as the caller holds it: a pair, or the service's
+/// own parsed increment, so that appending needs no list of pairs built per request.
+pub trait Entry {
+    fn key(&self) -> &str;
+    fn delta(&self) -> i64;
+}
+
+impl Entry for (&str, i64) {
+    fn key(&self) -> &str {
+        self.0
+    }
+
+    fn delta(&self) -> i64 {
+        self.1
+    }
 }
 
 /// Decodes the record at the start of `buf`, returning it and the number of bytes it took.

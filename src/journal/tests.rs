@@ -557,7 +557,7 @@ async fn invalid_records_are_refused_without_failing_the_journal() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (journal, _) = open(dir.path(), 100);
     assert!(matches!(
-        journal.append(1, &[]).await,
+        journal.append::<(&str, i64)>(1, &[]).await,
         Err(JournalError::EmptyRecord)
     ));
     journal.append(1, &[("ok", 1)]).await.expect("append");
