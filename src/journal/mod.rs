@@ -544,7 +544,7 @@ impl Journal {
     ///
     /// Dropping the future after it was first polled does not withdraw the record: it is
     /// written anyway, only the acknowledgement is lost. Needs no particular runtime: the
-    /// writer is a plain thread and the wake-up a `tokio::sync::Notify`. The queue is
+    /// writer is a plain thread and the wake-up the task's own `Waker`. The queue is
     /// unbounded; callers bound it by awaiting their appends.
     ///
     /// # Errors
