@@ -83,6 +83,11 @@ async fn accept(state: &AppState, request: Request) -> Result<axum::http::Status
     let (parts, body) = request.into_parts();
     let content_type = ContentType::of(&parts);
     let room = BodyWithinLimit::check(&parts, state)?;
+    // The header values share hyper's read buffer. Dropped here, before any wait, they
+    // leave hyper the only owner of that buffer, so it reads the next request into it
+    // again; held across the journal's wait, they made hyper allocate a new buffer for its
+    // keep-alive read and the old one was freed later, often on another worker.
+    drop(parts);
     let body = read(body, state.limits.max_body_bytes).await;
     increment::accept_one(state, content_type, room, body).await
 }

@@ -209,9 +209,10 @@ pub(super) async fn accept_one(
     let format = body::format(content_type.as_str(), &[Format::Json, Format::Form])?;
     let body = body?;
     let item = body::parse_one(format, &body, &state.limits)?;
-    // Parsed into owned items: the body's bytes and their room in the budget go now, not
-    // after the durability wait below.
-    drop((body, room));
+    // Parsed into an owned item: the body's bytes, the Content-Type (both share hyper's
+    // read buffer) and the body's room in the budget go now, not after the durability wait
+    // below.
+    drop((body, content_type, room));
     ingest(state, std::slice::from_ref(&item)).await?;
     Ok(StatusCode::ACCEPTED)
 }
