@@ -31,6 +31,10 @@ pub(super) const POSTGRES: &[Migration] = &[
         version: 2,
         sql: include_str!("../../migrations/postgres/0002_fencing.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/postgres/0003_fillfactor.sql"),
+    },
 ];
 
 /// The bookkeeping table, the same SQL on both backends.
