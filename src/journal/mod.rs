@@ -21,6 +21,11 @@
 //!               \_______________________ len bytes, covered by crc32 _______________/
 //! ```
 //!
+//! The writer zero-fills the active segment up to 1 MiB ahead of its records and writes
+//! each group over those zeros, so that a group's `fdatasync` commits data and not a new file
+//! size; the zeros are cut off when the segment is closed. A crash leaves them: replay ends at
+//! a record boundary followed by nothing but zeros as at the end of the file.
+//!
 //! `seq` is the batch (generation) the aggregator put these deltas into. The exact layout,
 //! and the rule that it never changes in place, live in [`record`].
 //!

@@ -29,7 +29,17 @@ pub(super) fn replay(
                     out.records.push(rec);
                     offset += used;
                 }
+                // Zeros the writer wrote ahead of its records (a crash left them): the end
+                // of the records, not damage. The last segment is cut back to its records.
+                Err(_) if data[offset..].iter().all(|&b| b == 0) => {
+                    if is_last {
+                        writer::truncate(&path, offset as u64)?;
+                    }
+                    break;
+                }
                 Err(reason) => {
+                    // After a torn record this counts the zeros written ahead too: which of
+                    // the final zero bytes were the record's cannot be told.
                     let cut = data.len() - offset;
                     out.cut_bytes += cut as u64;
                     if is_last {
@@ -48,8 +58,8 @@ pub(super) fn replay(
                 }
             }
         }
-        // Nothing left in the file (it was empty, or all of it was a cut tail): drop it.
-        if offset == 0 && (is_last || data.is_empty()) {
+        // Nothing left in the file (it was empty or zeros, or all of it was a cut tail): drop it.
+        if offset == 0 && (is_last || data.iter().all(|&b| b == 0)) {
             writer::remove(dir, n)?;
             deleted_any = true;
             continue;

@@ -352,6 +352,63 @@ async fn torn_tail_is_cut_and_later_appends_stay_consistent() {
 }
 
 #[tokio::test]
+async fn the_active_segment_is_zero_filled_ahead_and_cut_back_when_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    append_seqs(&journal, 1..=3).await;
+    let seg = segment_files(dir.path()).pop().expect("the active segment");
+    // Written ahead: every group's fdatasync then overwrites blocks the file has.
+    assert_eq!(fs::metadata(&seg).expect("stat").len(), 1 << 20);
+    let bytes = fs::read(&seg).expect("read");
+    let records = 3 * 36;
+    assert!(bytes[..records].iter().any(|&b| b != 0));
+    assert!(
+        bytes[records..].iter().all(|&b| b == 0),
+        "zeros after the records"
+    );
+    drop(journal);
+    assert_eq!(
+        fs::metadata(&seg).expect("stat").len(),
+        records as u64,
+        "the zeros are cut off when the writer stops"
+    );
+}
+
+#[tokio::test]
+async fn a_zeroed_tail_left_by_a_crash_ends_replay_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        append_seqs(&journal, 1..=5).await;
+    }
+    let seg = non_empty_segments(dir.path()).pop().expect("a segment");
+    let good = fs::read(&seg).expect("read");
+    // What kill -9 leaves: the records, then the zeros written ahead of them.
+    let mut crashed = good.clone();
+    crashed.resize(good.len() + 100_000, 0);
+    fs::write(&seg, &crashed).expect("write");
+    {
+        let (journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        assert_eq!(seqs(&replay), vec![1, 2, 3, 4, 5]);
+        assert_eq!(replay.cut_bytes, 0, "zeros are not damage");
+        assert_eq!(
+            fs::read(&seg).expect("read"),
+            good,
+            "cut back to its records"
+        );
+        append_seqs(&journal, 6..=6).await;
+    }
+    // A record torn by the crash, then zeros: cut like any torn tail, zeros included.
+    let mut torn = fs::read(&seg).expect("read");
+    torn.extend_from_slice(&good[..20]);
+    torn.resize(torn.len() + 4096, 0);
+    fs::write(&seg, &torn).expect("write");
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    assert_eq!(seqs(&replay), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(replay.cut_bytes, 20 + 4096);
+}
+
+#[tokio::test]
 async fn garbage_tail_is_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     {

@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -143,11 +144,25 @@ pub(super) struct Group {
     pub(super) max_seq: u64,
 }
 
+/// The writer zero-fills the active segment this far ahead of its records (less for tiny
+/// `segment_bytes`). A group's `fdatasync` then overwrites blocks the file already has, and
+/// commits data only: appending past the end made every one also commit the new file size
+/// through the filesystem's journal. Measured on this project's disk (ext4 on a virtual
+/// disk, 2 KiB per fsync): 200-240 µs → 125 µs of wall time and 85-100 → 40-55 µs of CPU per
+/// `fdatasync` (docs/benchmarks.md). The size changes once per chunk instead.
+const PREALLOCATE_BYTES: u64 = 1 << 20;
+
+/// What the zero-fill writes from.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 /// Owns the active segment. Runs on its own thread; the only code that writes records.
 pub(super) struct Writer {
     file: File,
     number: u64,
+    /// Bytes of records in the active segment: where the next group goes.
     len: u64,
+    /// Bytes of the active segment known to be written (records, then zeros).
+    allocated: u64,
     max_seq: u64,
     shared: Arc<Shared>,
 }
@@ -181,6 +196,7 @@ impl Writer {
             file,
             number,
             len: 0,
+            allocated: 0,
             max_seq: 0,
             shared,
         }
@@ -253,6 +269,7 @@ impl Writer {
                 let _ = done.send(self.recover());
             }
             if closing {
+                self.trim_tail();
                 for ack in close_acks {
                     let _ = ack.send(());
                 }
@@ -301,9 +318,13 @@ impl Writer {
         if self.len > 0 && self.len >= self.shared.segment_bytes {
             self.rotate()?;
         }
+        let end = self.len + buf.len() as u64;
+        if end > self.allocated {
+            self.preallocate(end);
+        }
         let seg = || path(&self.shared.dir, self.number);
         self.file
-            .write_all(buf)
+            .write_all_at(buf, self.len)
             .map_err(|e| io_err("write to", &seg())(e))?;
         let started = Instant::now();
         self.file
@@ -311,7 +332,8 @@ impl Writer {
             .map_err(|e| io_err("fsync", &seg())(e))?;
         let fsync = started.elapsed();
 
-        self.len += buf.len() as u64;
+        self.len = end;
+        self.allocated = self.allocated.max(end);
         self.max_seq = self.max_seq.max(group.max_seq);
         self.shared.segments().active_max_seq = self.max_seq;
         if let Some(on_sync) = &self.shared.on_sync {
@@ -324,6 +346,42 @@ impl Writer {
         Ok(())
     }
 
+    /// Zero-fills the active segment past `end`, up to a multiple of the chunk
+    /// ([`PREALLOCATE_BYTES`]). The group's own `fdatasync` makes the zeros and the new size
+    /// durable. Best effort: if the disk refuses (full, or a file-size limit), the group is
+    /// written past the zeros as before, and its own write reports the failure.
+    fn preallocate(&mut self, end: u64) {
+        let chunk = self
+            .shared
+            .segment_bytes
+            .clamp(4096, PREALLOCATE_BYTES)
+            .next_multiple_of(4096);
+        let target = end.next_multiple_of(chunk);
+        while self.allocated < target {
+            let n = (target - self.allocated).min(ZEROS.len() as u64) as usize;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n], self.allocated) {
+                tracing::debug!(error = %e, segment = self.number, "Cannot zero-fill the journal segment ahead; appending without.");
+                return;
+            }
+            self.allocated += n as u64;
+        }
+    }
+
+    /// Cuts the zeros after the last record off the active segment, before it is closed. Not
+    /// fsynced and not needed for correctness (replay ends cleanly at a zeroed tail, which a
+    /// crash leaves); it keeps closed segments exactly their records long. A failed
+    /// segment keeps whatever its failed write left, for replay.
+    fn trim_tail(&mut self) {
+        if self.allocated > self.len && !self.shared.is_failed.load(Ordering::Acquire) {
+            match self.file.set_len(self.len) {
+                Ok(()) => self.allocated = self.len,
+                Err(e) => {
+                    tracing::debug!(error = %e, segment = self.number, "Cannot cut the zeroed tail off the journal segment; replay skips it.")
+                }
+            }
+        }
+    }
+
     /// Closes the full active segment and starts the next one (directory fsynced first).
     fn rotate(&mut self) -> Result<(), JournalError> {
         let next = self.number.checked_add(1).ok_or_else(|| {
@@ -334,7 +392,9 @@ impl Writer {
         // A failed recovery may have left `next` behind, empty: nothing was ever written to
         // it, so it is taken over.
         let _ = remove(&self.shared.dir, next);
-        self.file = create(&self.shared.dir, next)?;
+        let file = create(&self.shared.dir, next)?;
+        self.trim_tail();
+        self.file = file;
         {
             let mut segs = self.shared.segments();
             segs.closed.insert(self.number, self.max_seq);
@@ -348,6 +408,7 @@ impl Writer {
         );
         self.number = next;
         self.len = 0;
+        self.allocated = 0;
         self.max_seq = 0;
         Ok(())
     }
