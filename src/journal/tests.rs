@@ -374,8 +374,9 @@ async fn the_active_segment_is_zero_filled_ahead_and_cut_back_when_closed() {
     );
 }
 
-#[tokio::test]
-async fn a_zeroed_tail_left_by_a_crash_ends_replay_cleanly() {
+/// A journal directory whose one segment holds records of seqs 1..=5, written and closed;
+/// returns the segment's path and bytes.
+async fn five_records_written() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
@@ -383,6 +384,12 @@ async fn a_zeroed_tail_left_by_a_crash_ends_replay_cleanly() {
     }
     let seg = non_empty_segments(dir.path()).pop().expect("a segment");
     let good = fs::read(&seg).expect("read");
+    (dir, seg, good)
+}
+
+#[tokio::test]
+async fn a_zeroed_tail_left_by_a_crash_ends_replay_cleanly() {
+    let (dir, seg, good) = five_records_written().await;
     // What kill -9 leaves: the records, then the zeros written ahead of them.
     let mut crashed = good.clone();
     crashed.resize(good.len() + 100_000, 0);
@@ -410,13 +417,7 @@ async fn a_zeroed_tail_left_by_a_crash_ends_replay_cleanly() {
 
 #[tokio::test]
 async fn garbage_tail_is_cut() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
-        append_seqs(&journal, 1..=5).await;
-    }
-    let seg = non_empty_segments(dir.path()).pop().expect("a segment");
-    let good = fs::read(&seg).expect("read");
+    let (dir, seg, good) = five_records_written().await;
     // A plausible header (small length) followed by bytes that fail the checksum.
     let mut garbage = 40u32.to_le_bytes().to_vec();
     garbage.extend([0xAB; 45]);
