@@ -23,6 +23,7 @@
 //! - [`aggregate`]: the sharded map of pending deltas and its generations.
 //! - [`flush`]: the task that seals, numbers and applies batches, and retries them.
 //! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
+//! - [`idle`]: tells the journal when every runtime worker is parked.
 //! - `recovery`: start-up replay of the journal into the store.
 //! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
 //! - [`metrics`]: every metric name and its handle, registered once at start.
@@ -31,7 +32,7 @@
 //! # Why these modules are public
 //!
 //! The library is not a published API. Its modules are public because the crate's other
-//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`), the
+//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`, `idle`), the
 //! integration tests (`store`, `config`, `startup`, `metrics`), the benchmark crate
 //! `tally-bench` (`aggregate`, `flush`, `store`, `http::serve`) and the fuzz targets
 //! (`http::body`, `journal::record`). What none of them needs stays private (`recovery`, and
@@ -41,6 +42,7 @@ pub mod aggregate;
 pub mod config;
 pub mod flush;
 pub mod http;
+pub mod idle;
 pub mod journal;
 pub mod key;
 pub mod metrics;

@@ -6,10 +6,12 @@
 //! for a failure while starting or running (one log record with the whole context chain).
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use tally::config::Config;
+use tally::idle::IdleWorkers;
 use tally::startup::App;
 use tally::{shutdown, telemetry};
 use tokio::signal::unix::SignalKind;
@@ -24,8 +26,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The exit code of a usage error, the same as clap's.
 const USAGE_ERROR: u8 = 2;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::parse();
     // Checked before logging starts: a bad flag is a usage error, printed like clap's own
     // (one line, no timestamp or level), not a log record an operator has to decode.
@@ -34,7 +35,14 @@ async fn main() -> ExitCode {
         return ExitCode::from(USAGE_ERROR);
     }
     telemetry::init(config.log.format);
-    match run(config).await {
+    // The runtime `#[tokio::main]` would build, plus hooks that tell the journal when every
+    // worker is parked (its commit delay ends then: nothing more can come to wait for).
+    let idle = IdleWorkers::new();
+    let result = idle
+        .build(tokio::runtime::Builder::new_multi_thread().enable_all())
+        .context("cannot start the Tokio runtime")
+        .and_then(|runtime| runtime.block_on(run(config, &idle)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` prints the context chain on one line ("cannot …: because …").
@@ -44,7 +52,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, idle: &Arc<IdleWorkers>) -> anyhow::Result<()> {
     // Before anything can answer /healthz: a SIGTERM from then on drains instead of killing.
     let stop = shutdown::signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     // Everything tally creates (data directory, journal, SQLite files, lock, instance id) is
@@ -59,5 +67,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
             .context("cannot install the SIGXFSZ handler")?,
     );
     let app = App::build(config).await?;
+    app.follow_workers(idle);
     app.run_until(stop).await
 }

@@ -24,6 +24,7 @@ use crate::http::auth::Auth;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::serve::{ServeOptions, serve};
 use crate::http::{self, AppState, RouterOptions, body::Limits};
+use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
 use crate::metrics as m;
 use crate::recovery;
@@ -213,6 +214,14 @@ impl App {
     /// This instance's id in the store's batch bookkeeping.
     pub fn instance_id(&self) -> &str {
         &self.state.instance_id
+    }
+
+    /// Lets the journal's commit delay end as soon as every worker of the runtime behind
+    /// `idle` is parked ([`Journal::follow_workers`]). Only `ack=journal` has a delay.
+    pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
+        if let Some(journal) = &self.state.journal {
+            journal.follow_workers(idle);
+        }
     }
 
     /// Serves until `shutdown` resolves, then drains (see [`crate::shutdown`]).

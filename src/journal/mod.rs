@@ -123,12 +123,14 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use std::task::{Context, Poll, Waker};
 
 use tokio::sync::oneshot;
+
+use crate::idle::IdleWorkers;
 
 /// Fewest records in the previous group for [`JournalOptions::commit_delay`] to apply (as
 /// PostgreSQL's `commit_siblings`): below it, appends are too few for a wait to gather more.
@@ -151,8 +153,9 @@ pub struct JournalOptions {
     /// concurrently), the writer waits this long for more of them to queue, trading that
     /// much latency for fewer, larger fsyncs. Each fsync costs ~50 µs of kernel CPU whatever
     /// its size, so under load this is CPU given back to serving. Zero (this struct's
-    /// default; the service's is 500 µs) never waits; a lone append, or a few concurrent
-    /// ones, never wait.
+    /// default; the service's is 1 ms) never waits; a lone append, or a few concurrent
+    /// ones, never wait. With [`Journal::follow_workers`] the wait also ends as soon as
+    /// every runtime worker is parked.
     pub commit_delay: Duration,
 }
 
@@ -286,6 +289,10 @@ struct Shared {
     failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
     /// `failures` is not empty: the common path checks this and skips the lock.
     any_failure: AtomicBool,
+    /// The writer waits out its commit delay; [`Shared::hurry`] ends the wait.
+    delaying: AtomicBool,
+    /// The runtime whose workers append, once [`Journal::follow_workers`] names it.
+    workers: OnceLock<Arc<IdleWorkers>>,
     /// The writer thread has ended; nothing more will be settled, and nobody answers a
     /// request queued now. Set while holding the `queue` lock, so a caller holding it can
     /// trust the value.
@@ -363,6 +370,21 @@ impl Shared {
         if idle {
             self.wake_writer.notify_one();
         }
+    }
+
+    /// Ends the writer's commit delay now, if it is in one.
+    fn hurry(&self) {
+        if self.delaying.swap(false, Ordering::SeqCst) {
+            // Taken once the writer waits (it holds the lock from its check of `delaying`
+            // until the wait begins), so the notification cannot be missed.
+            drop(self.queue());
+            self.wake_writer.notify_one();
+        }
+    }
+
+    /// Whether every worker of the runtime that appends is parked (false if none is known).
+    fn workers_idle(&self) -> bool {
+        self.workers.get().is_some_and(|w| w.is_idle())
     }
 
     /// Publishes the outcome of `group` (called by the writer, in position order) and wakes
@@ -521,6 +543,8 @@ impl Journal {
             settled: AtomicU64::new(0),
             failures: Mutex::default(),
             any_failure: AtomicBool::new(false),
+            delaying: AtomicBool::new(false),
+            workers: OnceLock::new(),
             writer_gone: AtomicBool::new(false),
         });
         let writer = writer::Writer::new(file, active, Arc::clone(&shared));
@@ -577,6 +601,22 @@ impl Journal {
             Some((end, generation)) => self.shared.poll_settled(end, generation, cx),
         })
         .await
+    }
+
+    /// Ends the commit delay early whenever every worker of the runtime behind `idle` is
+    /// parked: then no append can come before a socket is readable again, and waiting
+    /// longer would only add latency (see [`crate::idle`]). Without it the delay always
+    /// runs its full length. The first call wins; later ones are ignored.
+    pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
+        if self.shared.workers.set(Arc::clone(idle)).is_err() {
+            return;
+        }
+        let shared = Arc::downgrade(&self.shared);
+        idle.on_idle(move || {
+            if let Some(shared) = shared.upgrade() {
+                shared.hurry();
+            }
+        });
     }
 
     /// Whether a write or fsync failed and [`Journal::recover`] has not yet started a fresh
@@ -658,6 +698,8 @@ impl Journal {
             }
             self.shared.wake_writer(queue);
         }
+        // Nothing more comes to wait for.
+        self.shared.hurry();
         // Err if the writer has already stopped (an earlier close, or it died): then there
         // is nothing left to wait for.
         let _ = stopped.await;
@@ -704,6 +746,7 @@ impl Drop for Journal {
         let mut queue = self.shared.queue();
         queue.closing = true;
         self.shared.wake_writer(queue);
+        self.shared.hurry();
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {

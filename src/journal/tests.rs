@@ -318,6 +318,70 @@ fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_con
     assert_eq!(sum, (0..100).sum::<i64>());
 }
 
+/// Rounds of ten concurrent appends (queued together, so they tend to share one group) on a
+/// two-worker runtime, until a round came right after a group of at least
+/// [`COMMIT_SIBLINGS`], which the commit delay applies to. Returns how long that round took.
+fn delayed_round(delay: Duration, follow: bool) -> Duration {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let groups = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&groups);
+    let options = JournalOptions {
+        commit_delay: delay,
+        on_sync: Some(Arc::new(move |stats: GroupStats| {
+            seen.lock().expect("lock").push(stats.records);
+        })),
+        ..JournalOptions::default()
+    };
+    let journal = Arc::new(Journal::open(dir.path(), options).expect("open").0);
+    let idle = crate::idle::IdleWorkers::new();
+    let runtime = idle
+        .build(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_time(),
+        )
+        .expect("runtime");
+    if follow {
+        journal.follow_workers(&idle);
+    }
+    runtime.block_on(async {
+        for round in 0..50 {
+            let after_big_group = groups
+                .lock()
+                .expect("lock")
+                .last()
+                .is_some_and(|&n| n >= COMMIT_SIBLINGS);
+            let started = std::time::Instant::now();
+            let mut ten = tokio::task::JoinSet::new();
+            for _ in 0..10 {
+                let journal = Arc::clone(&journal);
+                ten.spawn(async move { journal.append(1, &[("k", round)]).await });
+            }
+            let all = tokio::time::timeout(Duration::from_secs(30), ten.join_all())
+                .await
+                .expect("the round ends");
+            for result in all {
+                result.expect("append");
+            }
+            if after_big_group {
+                return started.elapsed();
+            }
+        }
+        panic!("no group of {COMMIT_SIBLINGS} or more in 50 rounds: {groups:?}");
+    })
+}
+
+#[test]
+fn a_commit_delay_ends_as_soon_as_every_worker_is_parked() {
+    // Nothing else runs: once the ten appends are queued the workers park, and the group
+    // goes at once instead of after the (hour-long) delay.
+    let took = delayed_round(Duration::from_secs(3600), true);
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    // The control: not following the workers, the same round waits out the delay.
+    let took = delayed_round(Duration::from_millis(800), false);
+    assert!(took >= Duration::from_millis(800), "took {took:?}");
+}
+
 #[tokio::test]
 async fn torn_tail_is_cut_and_later_appends_stay_consistent() {
     let dir = tempfile::tempdir().expect("tempdir");

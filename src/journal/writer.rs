@@ -225,14 +225,25 @@ impl Writer {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             // With the commit delay, and only while many appends come concurrently, let the
-            // group grow a little first.
+            // group grow a little first; but not once every worker is parked, when nothing
+            // more can come (see `Journal::follow_workers`).
             if !shared.commit_delay.is_zero()
                 && last_group >= COMMIT_SIBLINGS
                 && !queue.buf.is_empty()
             {
-                drop(queue);
-                std::thread::sleep(shared.commit_delay);
-                queue = shared.queue();
+                // Published before the workers are asked: either this sees them all
+                // parked, or the last one to park sees `delaying` and ends the wait.
+                shared.delaying.store(true, Ordering::SeqCst);
+                if !shared.workers_idle() {
+                    queue = shared
+                        .wake_writer
+                        .wait_timeout_while(queue, shared.commit_delay, |queue| {
+                            !queue.closing && shared.delaying.load(Ordering::SeqCst)
+                        })
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                shared.delaying.store(false, Ordering::SeqCst);
             }
             // Everything appended while the previous group was being fsynced is in the
             // buffer now. Take all of it: one write and ONE fsync for the whole group.

@@ -1,0 +1,145 @@
+//! Knows when every worker thread of the Tokio runtime is parked: then nothing is left to
+//! run, and no request can append to the journal before a socket becomes readable again.
+//!
+//! The journal's commit delay uses it ([`crate::journal::Journal::follow_workers`]): the
+//! delay waits for more appends to join a group, and once the workers are idle none will
+//! come, so the group is committed at once instead of at the end of the delay. Under
+//! saturating load the workers never park and the delay runs as configured; with few
+//! clients the delay would only have added latency and capped throughput at
+//! `clients / (delay + fsync)`.
+//!
+//! Tokio reports parking through [`tokio::runtime::Builder::on_thread_park`] and
+//! [`tokio::runtime::Builder::on_thread_unpark`], called in pairs on worker threads only;
+//! [`IdleWorkers::build`] sets both.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Counts the runtime's parked workers and calls one callback when the last one parks.
+#[derive(Default)]
+pub struct IdleWorkers {
+    /// Workers of the runtime; 0 until [`IdleWorkers::set_workers`], so never idle before.
+    workers: AtomicUsize,
+    parked: AtomicUsize,
+    on_idle: OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl IdleWorkers {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Builds the runtime `builder` describes, with the park hooks that keep count.
+    ///
+    /// # Errors
+    ///
+    /// If the runtime cannot be built (its threads cannot be spawned).
+    pub fn build(
+        self: &Arc<Self>,
+        builder: &mut tokio::runtime::Builder,
+    ) -> std::io::Result<tokio::runtime::Runtime> {
+        let parking = Arc::clone(self);
+        let unparked = Arc::clone(self);
+        let runtime = builder
+            .on_thread_park(move || parking.parking())
+            .on_thread_unpark(move || unparked.unparked())
+            .build()?;
+        self.set_workers(runtime.metrics().num_workers());
+        Ok(runtime)
+    }
+
+    fn set_workers(&self, workers: usize) {
+        self.workers.store(workers, Ordering::SeqCst);
+    }
+
+    /// Sets what to call each time the last busy worker parks (once; later calls are
+    /// ignored). Called on that worker's thread just before it parks: keep it cheap.
+    pub fn on_idle(&self, callback: impl Fn() + Send + Sync + 'static) {
+        let _ = self.on_idle.set(Box::new(callback));
+    }
+
+    /// Every worker is parked. Sequentially consistent with the count the park hook
+    /// updates, so a caller that publishes a flag (SeqCst) before asking, while the
+    /// callback reads that flag, cannot miss both.
+    pub fn is_idle(&self) -> bool {
+        let workers = self.workers.load(Ordering::SeqCst);
+        workers > 0 && self.parked.load(Ordering::SeqCst) >= workers
+    }
+
+    fn parking(&self) {
+        let parked = self.parked.fetch_add(1, Ordering::SeqCst) + 1;
+        if parked == self.workers.load(Ordering::SeqCst)
+            && let Some(callback) = self.on_idle.get()
+        {
+            callback();
+        }
+    }
+
+    fn unparked(&self) {
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn idle_once_every_worker_of_a_real_runtime_parks_and_busy_while_one_works() {
+        let idle = IdleWorkers::new();
+        let called = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&called);
+        idle.on_idle(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        let runtime = idle
+            .build(tokio::runtime::Builder::new_multi_thread().worker_threads(2))
+            .expect("a runtime");
+        // Nothing to run: both workers park, and the last one calls back.
+        wait_until(|| idle.is_idle());
+        assert!(called.load(Ordering::SeqCst) >= 1);
+
+        // A task that spins keeps one worker busy: not idle while it runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinning = Arc::new(AtomicBool::new(false));
+        let (stop2, spinning2) = (Arc::clone(&stop), Arc::clone(&spinning));
+        runtime.spawn(async move {
+            spinning2.store(true, Ordering::SeqCst);
+            while !stop2.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        });
+        wait_until(|| spinning.load(Ordering::SeqCst));
+        for _ in 0..20 {
+            assert!(!idle.is_idle(), "a worker is running a task");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = called.load(Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+        wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) > before);
+    }
+
+    #[test]
+    fn never_idle_before_the_worker_count_is_known() {
+        let idle = IdleWorkers::new();
+        idle.parking();
+        assert!(!idle.is_idle());
+        idle.set_workers(1);
+        assert!(idle.is_idle());
+        idle.unparked();
+        assert!(!idle.is_idle());
+    }
+
+    fn wait_until(mut done: impl FnMut() -> bool) {
+        for _ in 0..2000 {
+            if done() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("condition not reached within 2 s");
+    }
+}
