@@ -45,6 +45,9 @@ pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 pub const JOURNAL_FSYNC: &str = "tally_journal_fsync_seconds";
 /// Records made durable by one journal fsync.
 pub const JOURNAL_GROUP: &str = "tally_journal_group_size";
+/// How long the journal writer waited for more records before writing a group: 0 when it did
+/// not wait, less than `--journal-commit-delay` when every worker went idle first.
+pub const JOURNAL_COMMIT_DELAY: &str = "tally_journal_commit_delay_seconds";
 /// 1 while the journal cannot write (a full disk, an I/O error) and increments are refused.
 pub const JOURNAL_FAILED: &str = "tally_journal_failed";
 /// HTTP request duration, by `route`, `method` and `status`.
@@ -85,6 +88,8 @@ pub struct Metrics {
     pub journal_fsync: Histogram,
     /// [`JOURNAL_GROUP`].
     pub journal_group: Histogram,
+    /// [`JOURNAL_COMMIT_DELAY`].
+    pub journal_commit_delay: Histogram,
     /// [`REJECTED`], in the order of [`REJECT_REASONS`].
     rejected: Box<[Counter]>,
     /// [`HTTP_DURATION`], one slot per route × method × status of [`http`].
@@ -183,6 +188,7 @@ impl Metrics {
                 flush_duration: metrics::histogram!(FLUSH_DURATION),
                 journal_fsync: metrics::histogram!(JOURNAL_FSYNC),
                 journal_group: metrics::histogram!(JOURNAL_GROUP),
+                journal_commit_delay: metrics::histogram!(JOURNAL_COMMIT_DELAY),
                 rejected: reject_reasons()
                     .map(|reason| metrics::counter!(REJECTED, "reason" => reason))
                     .collect(),
@@ -295,6 +301,11 @@ fn describe() {
         "Time of one journal fsync."
     );
     describe_histogram!(JOURNAL_GROUP, "Records made durable by one journal fsync.");
+    describe_histogram!(
+        JOURNAL_COMMIT_DELAY,
+        metrics::Unit::Seconds,
+        "Time the journal writer waited for more records before a group."
+    );
     describe_gauge!(
         JOURNAL_FAILED,
         "1 while the journal cannot write and increments are refused."

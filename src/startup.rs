@@ -26,7 +26,7 @@ use crate::http::serve::{ServeOptions, serve};
 use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
-use crate::metrics as m;
+use crate::metrics::{self as m, Metrics};
 use crate::recovery;
 use crate::store::{PgStore, SqliteStore, Store, Timed};
 
@@ -399,6 +399,8 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
 }
 
 fn record_sync(stats: GroupStats) {
-    metrics::histogram!(m::JOURNAL_FSYNC).record(stats.fsync);
-    metrics::histogram!(m::JOURNAL_GROUP).record(stats.records as f64);
+    let metrics = Metrics::global();
+    metrics.journal_fsync.record(stats.fsync);
+    metrics.journal_group.record(stats.records as f64);
+    metrics.journal_commit_delay.record(stats.waited);
 }

@@ -188,6 +188,9 @@ pub struct GroupStats {
     pub bytes: usize,
     /// How long the `sync_data` call took.
     pub fsync: Duration,
+    /// How long the writer waited for more records before taking the group (see
+    /// [`JournalOptions::commit_delay`]); zero if it did not wait.
+    pub waited: Duration,
 }
 
 /// One record read back on [`Journal::open`].

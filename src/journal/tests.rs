@@ -320,15 +320,16 @@ fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_con
 
 /// Rounds of ten concurrent appends (queued together, so they tend to share one group) on a
 /// two-worker runtime, until a round came right after a group of at least
-/// [`COMMIT_SIBLINGS`], which the commit delay applies to. Returns how long that round took.
-fn delayed_round(delay: Duration, follow: bool) -> Duration {
+/// [`COMMIT_SIBLINGS`], which the commit delay applies to. Returns how long that round took,
+/// and the longest commit delay any group reported.
+fn delayed_round(delay: Duration, follow: bool) -> (Duration, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let groups = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&groups);
     let options = JournalOptions {
         commit_delay: delay,
         on_sync: Some(Arc::new(move |stats: GroupStats| {
-            seen.lock().expect("lock").push(stats.records);
+            seen.lock().expect("lock").push(stats);
         })),
         ..JournalOptions::default()
     };
@@ -350,7 +351,7 @@ fn delayed_round(delay: Duration, follow: bool) -> Duration {
                 .lock()
                 .expect("lock")
                 .last()
-                .is_some_and(|&n| n >= COMMIT_SIBLINGS);
+                .is_some_and(|g| g.records >= COMMIT_SIBLINGS);
             let started = std::time::Instant::now();
             let mut ten = tokio::task::JoinSet::new();
             for _ in 0..10 {
@@ -364,7 +365,9 @@ fn delayed_round(delay: Duration, follow: bool) -> Duration {
                 result.expect("append");
             }
             if after_big_group {
-                return started.elapsed();
+                let took = started.elapsed();
+                let waited = groups.lock().expect("lock").iter().map(|g| g.waited).max();
+                return (took, waited.unwrap_or_default());
             }
         }
         panic!("no group of {COMMIT_SIBLINGS} or more in 50 rounds: {groups:?}");
@@ -375,11 +378,20 @@ fn delayed_round(delay: Duration, follow: bool) -> Duration {
 fn a_commit_delay_ends_as_soon_as_every_worker_is_parked() {
     // Nothing else runs: once the ten appends are queued the workers park, and the group
     // goes at once instead of after the (hour-long) delay.
-    let took = delayed_round(Duration::from_secs(3600), true);
+    let (took, waited) = delayed_round(Duration::from_secs(3600), true);
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    // The control: not following the workers, the same round waits out the delay.
-    let took = delayed_round(Duration::from_millis(800), false);
+    assert!(
+        waited < Duration::from_secs(10),
+        "reported a wait of {waited:?}"
+    );
+    // The control: not following the workers, the same round waits out the delay, and the
+    // group says so.
+    let (took, waited) = delayed_round(Duration::from_millis(800), false);
     assert!(took >= Duration::from_millis(800), "took {took:?}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "reported a wait of {waited:?}"
+    );
 }
 
 #[tokio::test]

@@ -142,6 +142,8 @@ pub(super) struct Group {
     pub(super) end: u64,
     pub(super) records: usize,
     pub(super) max_seq: u64,
+    /// The commit delay the writer waited before taking the group.
+    pub(super) waited: std::time::Duration,
 }
 
 /// The writer zero-fills the active segment this far ahead of its records (less for tiny
@@ -227,10 +229,12 @@ impl Writer {
             // With the commit delay, and only while many appends come concurrently, let the
             // group grow a little first; but not once every worker is parked, when nothing
             // more can come (see `Journal::follow_workers`).
+            let mut waited = std::time::Duration::ZERO;
             if !shared.commit_delay.is_zero()
                 && last_group >= COMMIT_SIBLINGS
                 && !queue.buf.is_empty()
             {
+                let started = Instant::now();
                 // Published before the workers are asked: either this sees them all
                 // parked, or the last one to park sees `delaying` and ends the wait.
                 shared.delaying.store(true, Ordering::SeqCst);
@@ -244,6 +248,7 @@ impl Writer {
                         .0;
                 }
                 shared.delaying.store(false, Ordering::SeqCst);
+                waited = started.elapsed();
             }
             // Everything appended while the previous group was being fsynced is in the
             // buffer now. Take all of it: one write and ONE fsync for the whole group.
@@ -253,6 +258,7 @@ impl Writer {
                 end: queue.end,
                 records: std::mem::take(&mut queue.records),
                 max_seq: std::mem::take(&mut queue.max_seq),
+                waited,
             };
             // The group's wakers move to `committing`, whose emptied list (the previous
             // group's, woken) gathers the next group's.
@@ -352,6 +358,7 @@ impl Writer {
                 records: group.records,
                 bytes: buf.len(),
                 fsync,
+                waited: group.waited,
             });
         }
         Ok(())
