@@ -522,7 +522,7 @@ pub struct JournalConfig {
     /// fsync group), wait this long before each journal fsync so that more requests share
     /// it, like PostgreSQL's commit_delay. Fewer fsyncs leave more CPU for serving; a lone
     /// request never waits, and the wait ends early once tally has nothing else to run
-    /// (every worker thread idle: no more requests are coming to share the fsync). 0 never
+    /// (every worker thread idle: the requests in hand have all joined the group). 0 never
     /// waits.
     #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "1ms",
           value_parser = humantime::parse_duration)]

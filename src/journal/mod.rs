@@ -606,9 +606,9 @@ impl Journal {
         .await
     }
 
-    /// Ends the commit delay early whenever every worker of the runtime behind `idle` is
-    /// parked: then no append can come before a socket is readable again, and waiting
-    /// longer would only add latency (see [`crate::idle`]). Without it the delay always
+    /// Ends the commit delay early whenever every worker of the runtime behind `idle` runs
+    /// out of work: the requests in the process have been served, so waiting longer would
+    /// mostly add latency (a heuristic, see [`crate::idle`]). Without it the delay always
     /// runs its full length. The first call wins; later ones are ignored.
     pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
         if self.shared.workers.set(Arc::clone(idle)).is_err() {

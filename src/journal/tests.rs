@@ -319,9 +319,11 @@ fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_con
 }
 
 /// Rounds of ten concurrent appends (queued together, so they tend to share one group) on a
-/// two-worker runtime, until a round came right after a group of at least
-/// [`COMMIT_SIBLINGS`], which the commit delay applies to. Returns how long that round took,
-/// and the longest commit delay any group reported.
+/// two-worker runtime, until a round comes right after a group of at least
+/// [`COMMIT_SIBLINGS`], which the commit delay applies to. In that round a task keeps one
+/// worker busy until the writer is seen in its delay, so the wait certainly begins while a
+/// worker runs, and only the workers' parking afterwards can end it early. Returns how long
+/// that round took and the longest commit delay any group reported.
 fn delayed_round(delay: Duration, follow: bool) -> (Duration, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let groups = Arc::new(Mutex::new(Vec::new()));
@@ -353,6 +355,7 @@ fn delayed_round(delay: Duration, follow: bool) -> (Duration, Duration) {
                 .last()
                 .is_some_and(|g| g.records >= COMMIT_SIBLINGS);
             let started = std::time::Instant::now();
+            let spinner = after_big_group.then(|| busy_until_delaying(&journal));
             let mut ten = tokio::task::JoinSet::new();
             for _ in 0..10 {
                 let journal = Arc::clone(&journal);
@@ -364,7 +367,11 @@ fn delayed_round(delay: Duration, follow: bool) -> (Duration, Duration) {
             for result in all {
                 result.expect("append");
             }
-            if after_big_group {
+            if let Some(spinner) = spinner {
+                assert!(
+                    spinner.await.expect("spinner"),
+                    "the writer never began its delay"
+                );
                 let took = started.elapsed();
                 let waited = groups.lock().expect("lock").iter().map(|g| g.waited).max();
                 return (took, waited.unwrap_or_default());
@@ -374,9 +381,31 @@ fn delayed_round(delay: Duration, follow: bool) -> (Duration, Duration) {
     })
 }
 
+/// Spawns a task that spins on a worker until the journal's writer is in its commit delay
+/// (true) or 20 s have passed (false), and returns once it spins.
+fn busy_until_delaying(journal: &Arc<Journal>) -> tokio::task::JoinHandle<bool> {
+    let spinning = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (journal, flag) = (Arc::clone(journal), Arc::clone(&spinning));
+    let spinner = tokio::spawn(async move {
+        flag.store(true, Ordering::SeqCst);
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !journal.shared.delaying.load(Ordering::SeqCst) {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        true
+    });
+    while !spinning.load(Ordering::SeqCst) {
+        std::thread::yield_now();
+    }
+    spinner
+}
+
 #[test]
 fn a_commit_delay_ends_as_soon_as_every_worker_is_parked() {
-    // Nothing else runs: once the ten appends are queued the workers park, and the group
+    // Once the spinning worker lets go, nothing else runs: the workers park, and the group
     // goes at once instead of after the (hour-long) delay.
     let (took, waited) = delayed_round(Duration::from_secs(3600), true);
     assert!(took < Duration::from_secs(10), "took {took:?}");

@@ -227,8 +227,8 @@ impl Writer {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             // With the commit delay, and only while many appends come concurrently, let the
-            // group grow a little first; but not once every worker is parked, when nothing
-            // more can come (see `Journal::follow_workers`).
+            // group grow a little first; but not once every worker has run out of work (see
+            // `Journal::follow_workers`).
             let mut waited = std::time::Duration::ZERO;
             if !shared.commit_delay.is_zero()
                 && last_group >= COMMIT_SIBLINGS
