@@ -19,10 +19,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 RUST_LOG=warn "$@" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-    curl -fs "http://$ADDR/healthz" >/dev/null 2>&1 && break
-    sleep 0.1
-done
+. "$here/lib.sh"
+wait_healthy "$ADDR" 100 || true
 wrk -t2 -c400 -d12s -s "$here/increment.lua" "http://$ADDR/increment" -- "$keyspace" 0 0 >"$out.wrk.txt" &
 load=$!
 sleep 2

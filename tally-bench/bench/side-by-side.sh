@@ -17,6 +17,7 @@
 # ROUNDS, DURATION (s, default 10), KEYS (default 1000), CONNECTIONS (default 400).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
 rounds=${ROUNDS:-3} duration=${DURATION:-10} keys=${KEYS:-1000} conns=${CONNECTIONS:-400}
 scratch=$(mktemp -d)
 names=() addrs=() pids=()
@@ -37,11 +38,7 @@ for arg in "$@"; do
     pids+=($!) names+=("$name") addrs+=("127.0.0.1:$port")
 done
 for i in "${!addrs[@]}"; do
-    for _ in $(seq 200); do
-        curl -fs "http://${addrs[$i]}/healthz" >/dev/null 2>&1 && break
-        sleep 0.1
-    done
-    curl -fs "http://${addrs[$i]}/healthz" >/dev/null ||
+    wait_healthy "${addrs[$i]}" ||
         { echo "${names[$i]} did not come up:" >&2; cat "$scratch/${names[$i]}.log" >&2; exit 1; }
     # Warm-up: 2 s posting value 0.
     wrk -t2 -c"$conns" -d2s -s "$here/increment.lua" "http://${addrs[$i]}/increment" \
