@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     }
     telemetry::init(config.log.format);
     // The runtime `#[tokio::main]` would build, plus hooks that tell the journal when every
-    // worker is parked (its commit delay ends then: nothing more can come to wait for).
+    // worker has run out of work (its commit delay ends then, see `tally::idle`).
     let idle = IdleWorkers::new();
     let result = idle
         .build(tokio::runtime::Builder::new_multi_thread().enable_all())

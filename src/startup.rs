@@ -217,7 +217,7 @@ impl App {
     }
 
     /// Lets the journal's commit delay end as soon as every worker of the runtime behind
-    /// `idle` is parked ([`Journal::follow_workers`]). Only `ack=journal` has a delay.
+    /// `idle` runs out of work ([`Journal::follow_workers`]). Only `ack=journal` appends.
     pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
         if let Some(journal) = &self.state.journal {
             journal.follow_workers(idle);

@@ -6,11 +6,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, PoisonError};
+use std::sync::{Arc, MutexGuard, PoisonError};
 use std::task::Waker;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use super::{COMMIT_SIBLINGS, GroupStats, JournalError, Shared, io_err};
+use super::{COMMIT_SIBLINGS, GroupStats, JournalError, Queue, Shared, io_err};
 
 const PREFIX: &str = "journal-";
 const SUFFIX: &str = ".log";
@@ -143,7 +143,7 @@ pub(super) struct Group {
     pub(super) records: usize,
     pub(super) max_seq: u64,
     /// The commit delay the writer waited before taking the group.
-    pub(super) waited: std::time::Duration,
+    pub(super) waited: Duration,
 }
 
 /// The writer zero-fills the active segment this far ahead of its records (less for tiny
@@ -189,6 +189,33 @@ impl Drop for ExitGuard<'_> {
     }
 }
 
+/// Waits up to the commit delay for more records to queue, unless every worker has run out
+/// of work (see `Journal::follow_workers`), in which case it does not wait at all. Returns
+/// the queue and how long it waited.
+fn commit_delay<'a>(
+    shared: &'a Shared,
+    queue: MutexGuard<'a, Queue>,
+) -> (MutexGuard<'a, Queue>, Duration) {
+    // Published before the workers are asked: either this sees them all parked, or the last
+    // one to park sees `delaying` and ends the wait.
+    shared.delaying.store(true, Ordering::SeqCst);
+    let waited = if shared.workers_idle() {
+        (queue, Duration::ZERO)
+    } else {
+        let started = Instant::now();
+        let queue = shared
+            .wake_writer
+            .wait_timeout_while(queue, shared.commit_delay, |queue| {
+                !queue.closing && shared.delaying.load(Ordering::SeqCst)
+            })
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        (queue, started.elapsed())
+    };
+    shared.delaying.store(false, Ordering::SeqCst);
+    waited
+}
+
 /// A buffer that grew past this (a huge batch) is not kept for reuse.
 const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
@@ -227,29 +254,15 @@ impl Writer {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             // With the commit delay, and only while many appends come concurrently, let the
-            // group grow a little first; but not once every worker has run out of work (see
-            // `Journal::follow_workers`).
-            let mut waited = std::time::Duration::ZERO;
-            if !shared.commit_delay.is_zero()
+            // group grow a little first.
+            let (mut queue, waited) = if !shared.commit_delay.is_zero()
                 && last_group >= COMMIT_SIBLINGS
                 && !queue.buf.is_empty()
             {
-                let started = Instant::now();
-                // Published before the workers are asked: either this sees them all
-                // parked, or the last one to park sees `delaying` and ends the wait.
-                shared.delaying.store(true, Ordering::SeqCst);
-                if !shared.workers_idle() {
-                    queue = shared
-                        .wake_writer
-                        .wait_timeout_while(queue, shared.commit_delay, |queue| {
-                            !queue.closing && shared.delaying.load(Ordering::SeqCst)
-                        })
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
-                }
-                shared.delaying.store(false, Ordering::SeqCst);
-                waited = started.elapsed();
-            }
+                commit_delay(&shared, queue)
+            } else {
+                (queue, Duration::ZERO)
+            };
             // Everything appended while the previous group was being fsynced is in the
             // buffer now. Take all of it: one write and ONE fsync for the whole group.
             std::mem::swap(&mut queue.buf, &mut bytes);
