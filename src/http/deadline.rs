@@ -38,28 +38,43 @@
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 
 use std::time::Duration;
 
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::time::{Instant, Sleep};
 
 /// What the accept loop may know of one connection: whether it is idle between requests
-/// (and since when), and a way to ask it to close. Shared by the connection's driver and
-/// the connection registry of [`super::serve`].
+/// (and since when), and a way to ask it to close or to shut down. Shared by the
+/// connection's driver and the connection registry of [`super::serve`].
+///
+/// The driver reads the requests from one atomic on each wake-up and keeps its task's waker
+/// here from its first poll (a task's waker does not change). A `Notify` polled on every
+/// wake-up, as hyper-util's graceful-shutdown watcher and an earlier version of this did,
+/// took its waiter lock twice per request (docs/benchmarks.md).
 #[derive(Debug, Default)]
 pub struct ConnState {
     /// Nanoseconds since [`epoch`] at which the connection became idle after a response;
     /// 0 while it is not idle (a new connection, a request head or a request in flight).
-    idle_since: std::sync::atomic::AtomicU64,
-    /// Notified to close the connection if it is idle.
-    close: tokio::sync::Notify,
+    idle_since: AtomicU64,
+    /// What was asked of the connection: [`CLOSE_IF_IDLE`] and/or [`SHUT_DOWN`].
+    asked: AtomicU8,
+    /// The driver's task, woken when something is asked; `None` until its first poll.
+    task: Mutex<Option<Waker>>,
 }
+
+/// [`ConnState::asked`]: close the connection if it is idle (the accept loop needs a slot).
+const CLOSE_IF_IDLE: u8 = 1;
+/// [`ConnState::asked`]: finish the request in flight, if any, then close (shutdown).
+const SHUT_DOWN: u8 = 2;
 
 impl ConnState {
     /// Since when the connection is idle, if it is (in the units of [`epoch`]).
     pub fn idle_since(&self) -> Option<u64> {
-        match self.idle_since.load(std::sync::atomic::Ordering::Relaxed) {
+        match self.idle_since.load(Ordering::Relaxed) {
             0 => None,
             since => Some(since),
         }
@@ -67,15 +82,33 @@ impl ConnState {
 
     /// Asks the connection to close if it is (still) idle.
     pub fn close_if_idle(&self) {
-        self.close.notify_one();
+        self.ask(CLOSE_IF_IDLE);
+    }
+
+    /// Asks the connection to shut down gracefully: hyper finishes the request in flight
+    /// (its response says `Connection: close`) and closes an idle connection at once.
+    pub fn shut_down(&self) {
+        self.ask(SHUT_DOWN);
+    }
+
+    fn ask(&self, what: u8) {
+        // Published before the waker is looked at: either the driver's next look at `asked`
+        // (after it stored its waker) sees it, or this sees the waker and wakes it.
+        self.asked.fetch_or(what, Ordering::AcqRel);
+        if let Some(task) = self.task().as_ref() {
+            task.wake_by_ref();
+        }
+    }
+
+    fn task(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.task.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn set_idle(&self, at: Option<Instant>) {
         let since = at.map_or(0, |at| {
             u64::try_from(at.duration_since(epoch()).as_nanos()).map_or(u64::MAX, |n| n.max(1))
         });
-        self.idle_since
-            .store(since, std::sync::atomic::Ordering::Relaxed);
+        self.idle_since.store(since, Ordering::Relaxed);
     }
 }
 
@@ -103,18 +136,20 @@ struct ConnClock {
     shared: std::sync::Arc<ConnState>,
 }
 
-/// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines.
+/// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines,
+/// and shuts it down gracefully when [`ConnState::shut_down`] asks.
 /// `None` when it was closed for not sending a complete request head within
-/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of
-/// its task (as `tokio::spawn(drive(..))`): the timer keeps the waker it was first polled
-/// with.
-pub async fn drive<F: Future>(
-    connection: F,
+/// `header_timeout`, or idle when [`ConnState::close_if_idle`] asked (dropping hyper's
+/// connection closes the socket). Must be the whole of its task (as
+/// `tokio::spawn(drive(..))`): the timer and the [`ConnState`] keep the waker it was first
+/// polled with.
+pub async fn drive<C: GracefulConnection>(
+    connection: C,
     header_timeout: Duration,
     idle_timeout: Duration,
     shared: std::sync::Arc<ConnState>,
-) -> Option<F::Output> {
-    let closing = std::sync::Arc::clone(&shared);
+) -> Option<C::Output> {
+    let asks = std::sync::Arc::clone(&shared);
     let clock = ConnClock {
         shared,
         head_since: Cell::new(Some(Instant::now())),
@@ -127,20 +162,28 @@ pub async fn drive<F: Future>(
             // A `Sleep` enters the timer wheel when first polled or reset, not when built.
             let mut timer = pin!(tokio::time::sleep_until(Instant::now()));
             let mut armed: Option<Instant> = None;
-            let mut close = pin!(closing.close.notified());
+            let (mut registered, mut shutting_down) = (false, false);
             poll_fn(|cx| {
+                if !registered {
+                    *asks.task() = Some(cx.waker().clone());
+                    registered = true;
+                }
                 loop {
+                    let asked = asks.asked.load(Ordering::Acquire);
+                    if asked & SHUT_DOWN != 0 && !shutting_down {
+                        shutting_down = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
                     if let Poll::Ready(output) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Some(output));
                     }
-                    if close.as_mut().poll(cx).is_ready() {
-                        if closing.idle_since().is_some() {
+                    if asked & CLOSE_IF_IDLE != 0 {
+                        asks.asked.fetch_and(!CLOSE_IF_IDLE, Ordering::AcqRel);
+                        if asks.idle_since().is_some() {
                             // The accept loop needs this slot for a new client.
                             return Poll::Ready(None);
                         }
-                        // Busy again by now: stay, and listen for the next request to close.
-                        close.set(closing.close.notified());
-                        continue;
+                        // Busy again by now: stay; the accept loop asks again if need be.
                     }
                     let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
                         (
@@ -369,6 +412,16 @@ mod tests {
         }
     }
 
+    /// Asserts that the server closes `stream` within 5 s without sending anything more.
+    async fn assert_closed(stream: &mut TcpStream, what: &str) {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without another answer ({what})");
+    }
+
     /// Serves a router with one `POST /echo` route on a free port.
     async fn start(
         request_timeout: Duration,
@@ -421,12 +474,7 @@ mod tests {
             "kept alive past the header timeout: {text}"
         );
         let idle = std::time::Instant::now();
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("the idle connection is closed")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "closed without another answer");
+        assert_closed(&mut stream, "the idle connection is closed").await;
         assert!(
             idle.elapsed() >= Duration::from_millis(1_200),
             "closed after the idle timeout, not before: {:?}",
@@ -434,6 +482,39 @@ mod tests {
         );
         stop.cancel();
         server.await.expect("server task");
+    }
+
+    /// On shutdown an idle kept-alive connection is closed at once, while a request in
+    /// flight (its body still coming) is answered first; then the server returns.
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_at_once_and_lets_a_request_in_flight_finish() {
+        let long = Duration::from_secs(30);
+        let (address, stop, server) = start(long, long, long).await;
+        let mut idle = TcpStream::connect(address).await.expect("connect");
+        idle.write_all(ECHO).await.expect("write");
+        assert!(read_response(&mut idle).await.starts_with("HTTP/1.1 202"));
+        let mut busy = TcpStream::connect(address).await.expect("connect");
+        let (head_and_half, rest) = ECHO.split_at(ECHO.len() - 1);
+        busy.write_all(head_and_half).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        stop.cancel();
+        assert_closed(
+            &mut idle,
+            "the idle connection is closed at once, not after the idle timeout",
+        )
+        .await;
+        assert!(!server.is_finished(), "a request is still in flight");
+
+        busy.write_all(rest)
+            .await
+            .expect("write the rest of the body");
+        let text = read_response(&mut busy).await;
+        assert!(text.starts_with("HTTP/1.1 202"), "answered: {text}");
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returns once both connections are gone")
+            .expect("server task");
     }
 
     /// On a kept-alive connection, a request head that has started must be complete within
@@ -453,12 +534,11 @@ mod tests {
             .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
             .await
             .expect("write");
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-            .await
-            .expect("closed within the header timeout, not the idle timeout")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "closed without an answer");
+        assert_closed(
+            &mut stream,
+            "closed within the header timeout, not the idle timeout",
+        )
+        .await;
         stop.cancel();
         server.await.expect("server task");
     }

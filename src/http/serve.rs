@@ -48,7 +48,7 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -116,7 +116,6 @@ pub async fn serve(
     // closed, so `acquire_owned` cannot fail.
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let registry = Arc::new(Registry::default());
-    let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     // No hyper timer and no `header_read_timeout`: the header deadline is the connection
     // driver's (see the module doc).
@@ -174,19 +173,19 @@ pub async fn serve(
         let connection = builder.serve_connection(io, service);
         let shared = registry.add();
         spawn_connection(
-            graceful.watch(connection),
+            connection,
             peer,
             (permit, shared, Arc::clone(&registry)),
             (options.header_read_timeout, options.idle_timeout),
         );
     }
     drop(listener);
-    graceful.shutdown().await;
+    registry.shut_down().await;
 }
 
 /// Runs one connection to its end (under its deadline timer), then frees its slot.
 fn spawn_connection(
-    connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    connection: impl GracefulConnection<Error = hyper::Error> + Send + 'static,
     peer: SocketAddr,
     (permit, (id, shared), registry): (OwnedSemaphorePermit, (u64, Arc<ConnState>), Arc<Registry>),
     (header_read_timeout, idle_timeout): (Duration, Duration),
@@ -291,13 +290,15 @@ impl Drop for Exchange {
     }
 }
 
-/// The open connections, for the accept loop to find the longest-idle one at the cap.
-/// Touched once when a connection opens and once when it closes; requests only write their
-/// connection's own [`ConnState`].
+/// The open connections, for the accept loop to find the longest-idle one at the cap, and
+/// to shut them all down. Touched once when a connection opens and once when it closes;
+/// requests only write their connection's own [`ConnState`].
 #[derive(Default)]
 struct Registry {
     connections: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Notified when the last connection is removed.
+    emptied: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -317,7 +318,30 @@ impl Registry {
     }
 
     fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        let mut connections = self.lock();
+        connections.remove(&id);
+        if connections.is_empty() {
+            drop(connections);
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// Asks every connection to shut down gracefully (see [`ConnState::shut_down`]) and
+    /// returns once all are gone. Called after the accept loop has ended, so no connection
+    /// is added meanwhile.
+    async fn shut_down(&self) {
+        let emptied = self.emptied.notified();
+        let mut emptied = std::pin::pin!(emptied);
+        // Registered before the last look, so a removal after it cannot be missed.
+        emptied.as_mut().enable();
+        {
+            let connections = self.lock();
+            if connections.is_empty() {
+                return;
+            }
+            connections.values().for_each(|c| c.shut_down());
+        }
+        emptied.await;
     }
 
     /// Asks the connection idle the longest to close, if one is idle. A scan of the open
