@@ -54,7 +54,8 @@ use tokio::time::{Instant, Sleep};
 /// The driver reads the requests from one atomic on each wake-up and keeps its task's waker
 /// here from its first poll (a task's waker does not change). A `Notify` polled on every
 /// wake-up, as hyper-util's graceful-shutdown watcher and an earlier version of this did,
-/// took its waiter lock twice per request (docs/benchmarks.md).
+/// takes its waiter lock on each poll: twice per wake-up, and a request under `ack=journal`
+/// wakes its connection twice (docs/benchmarks.md).
 #[derive(Debug, Default)]
 pub struct ConnState {
     /// Nanoseconds since [`epoch`] at which the connection became idle after a response;
@@ -86,7 +87,8 @@ impl ConnState {
     }
 
     /// Asks the connection to shut down gracefully: hyper finishes the request in flight
-    /// (its response says `Connection: close`) and closes an idle connection at once.
+    /// (its response says `Connection: close`) and closes an idle kept-alive connection at
+    /// once; a new connection still gets until its first request or the header timeout.
     pub fn shut_down(&self) {
         self.ask(SHUT_DOWN);
     }
@@ -434,6 +436,14 @@ mod tests {
     ) {
         let router = Router::new()
             .route("/echo", post(|_: Bytes| async { StatusCode::ACCEPTED }))
+            .route(
+                "/panic",
+                post(|| async {
+                    panic!("a handler bug (expected by the test)");
+                    #[allow(unreachable_code)]
+                    StatusCode::ACCEPTED
+                }),
+            )
             .layer(Observe::new(request_timeout));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
@@ -514,6 +524,25 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("the server returns once both connections are gone")
+            .expect("server task");
+    }
+
+    /// A connection whose task panicked (a handler bug) is gone from the registry: shutdown
+    /// does not wait for it.
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_connection_whose_task_panicked() {
+        let long = Duration::from_secs(30);
+        let (address, stop, server) = start(long, long, long).await;
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"POST /panic HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        assert_closed(&mut stream, "the panicked connection is closed").await;
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server returns without waiting for the panicked connection")
             .expect("server task");
     }
 

@@ -30,9 +30,11 @@
 //! - The peer address goes into each request as `ConnectInfo<SocketAddr>`, but only when
 //!   something reads it (the rate limiter), so the default path inserts nothing.
 //!
-//! Shutdown: when `stop` is cancelled the listener closes, idle connections are closed and
-//! requests in flight finish (hyper's graceful shutdown); [`serve`] returns once every
-//! connection is gone. The caller bounds that wait.
+//! Shutdown: when `stop` is cancelled the listener closes, idle kept-alive connections are
+//! closed, requests in flight finish (hyper's graceful shutdown, asked of each connection
+//! through its [`ConnState`]), and a connection that has not sent its first request yet gets
+//! until the header timeout; [`serve`] returns once every connection task has ended (a
+//! panicked one included). The caller bounds that wait.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -191,6 +193,13 @@ fn spawn_connection(
     (header_read_timeout, idle_timeout): (Duration, Duration),
 ) {
     tokio::spawn(async move {
+        // Dropped with the task however it ends, a panic in a handler included: shutdown
+        // waits for the registry to empty, and the accept loop for free slots.
+        let _registered = Registered {
+            id,
+            registry,
+            _permit: permit,
+        };
         // Header timeouts, resets and malformed requests are the client's business, not an
         // operator's.
         match deadline::drive(connection, header_read_timeout, idle_timeout, shared).await {
@@ -198,9 +207,20 @@ fn spawn_connection(
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
             None => tracing::debug!(%peer, "Idle, or no complete request head in time; closed."),
         }
-        registry.remove(id);
-        drop(permit);
     });
+}
+
+/// One connection's entry in the [`Registry`] and its slot, released when its task ends.
+struct Registered {
+    id: u64,
+    registry: Arc<Registry>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
 }
 
 /// The service hyper calls for each request of one connection: the app, plus the peer
