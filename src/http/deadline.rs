@@ -424,7 +424,15 @@ mod tests {
         assert_eq!(n, 0, "closed without another answer ({what})");
     }
 
-    /// Serves a router with one `POST /echo` route on a free port.
+    /// Asserts that the server task returns within 5 s.
+    async fn assert_returns(server: tokio::task::JoinHandle<()>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("server task");
+    }
+
+    /// Serves a router with a `POST /echo` route and a `POST /panic` route on a free port.
     async fn start(
         request_timeout: Duration,
         header_read_timeout: Duration,
@@ -521,10 +529,7 @@ mod tests {
             .expect("write the rest of the body");
         let text = read_response(&mut busy).await;
         assert!(text.starts_with("HTTP/1.1 202"), "answered: {text}");
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("the server returns once both connections are gone")
-            .expect("server task");
+        assert_returns(server, "the server returns once both connections are gone").await;
     }
 
     /// A connection whose task panicked (a handler bug) is gone from the registry: shutdown
@@ -540,10 +545,11 @@ mod tests {
             .expect("write");
         assert_closed(&mut stream, "the panicked connection is closed").await;
         stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), server)
-            .await
-            .expect("the server returns without waiting for the panicked connection")
-            .expect("server task");
+        assert_returns(
+            server,
+            "the server returns without waiting for the panicked connection",
+        )
+        .await;
     }
 
     /// On a kept-alive connection, a request head that has started must be complete within
