@@ -553,7 +553,10 @@ impl Journal {
         let writer = writer::Writer::new(file, active, Arc::clone(&shared));
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                writer::yield_to_requests();
+                writer.run()
+            })
             .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
             dir = %dir.display(),

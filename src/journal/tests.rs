@@ -732,3 +732,23 @@ fn journal_is_send_and_sync() {
     assert_send_sync::<Journal>();
     assert_send_sync::<JournalError>();
 }
+
+#[test]
+fn the_writer_runs_as_a_batch_thread_so_its_wake_ups_do_not_preempt_the_workers() {
+    use std::os::unix::thread::JoinHandleExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 1 << 20);
+    // Once a group is settled, the writer is past its start.
+    rt().block_on(append_seqs(&journal, [1]));
+    let thread = journal
+        .writer
+        .as_ref()
+        .expect("writer running")
+        .as_pthread_t();
+    let mut policy = -1;
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the writer thread is alive (the journal is open); both outputs are ours.
+    let rc = unsafe { libc::pthread_getschedparam(thread, &mut policy, &mut param) };
+    assert_eq!(rc, 0, "pthread_getschedparam");
+    assert_eq!(policy, libc::SCHED_BATCH);
+}
