@@ -54,6 +54,9 @@ pub const JOURNAL_FAILED: &str = "tally_journal_failed";
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
 pub const RATE_LIMITED: &str = "tally_rate_limited_total";
+/// Kept-alive connections asked to close at `--max-connections` to make room for a new
+/// client: the one idle longest, closed at once, or after its request if it turned busy.
+pub const CONNECTIONS_YIELDED: &str = "tally_http_connections_yielded_total";
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
 pub fn handle() -> PrometheusHandle {
@@ -70,6 +73,8 @@ pub struct Metrics {
     pub shed: Counter,
     /// [`RATE_LIMITED`].
     pub rate_limited: Counter,
+    /// [`CONNECTIONS_YIELDED`].
+    pub connections_yielded: Counter,
     /// [`DEAD_LETTERS`].
     pub dead_letters: Counter,
     /// [`PENDING_KEYS`].
@@ -173,6 +178,7 @@ impl Metrics {
                 increments: metrics::counter!(INCREMENTS),
                 shed: metrics::counter!(SHED),
                 rate_limited: metrics::counter!(RATE_LIMITED),
+                connections_yielded: metrics::counter!(CONNECTIONS_YIELDED),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
                 pending_keys: metrics::gauge!(PENDING_KEYS),
                 flush_lag: metrics::gauge!(FLUSH_LAG),
@@ -313,6 +319,10 @@ fn describe() {
     describe_counter!(
         RATE_LIMITED,
         "Requests refused with 429 because their client was over its rate limit."
+    );
+    describe_counter!(
+        CONNECTIONS_YIELDED,
+        "Kept-alive connections closed at --max-connections to make room for a new client."
     );
     describe_histogram!(
         HTTP_DURATION,

@@ -185,7 +185,14 @@ pub async fn drive<C: GracefulConnection>(
                             // The accept loop needs this slot for a new client.
                             return Poll::Ready(None);
                         }
-                        // Busy again by now: stay; the accept loop asks again if need be.
+                        // Busy again by now: its client's next request came in between the
+                        // accept loop's look and this one. The accept loop asks only once, so
+                        // staying would keep the new client waiting for some other slot, up
+                        // to an idle timeout. Shut down instead, as on SIGTERM: this request
+                        // is answered with `Connection: close`, then the connection closes.
+                        asks.asked.fetch_or(SHUT_DOWN, Ordering::AcqRel);
+                        tracing::debug!("At --max-connections: the longest-idle connection turned busy; closing it after this request.");
+                        continue;
                     }
                     let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
                         (
@@ -243,13 +250,18 @@ pub fn head_received() {
 }
 
 /// The response is produced: the connection is idle until the next request's first byte.
-/// Called by the connection's service.
-pub fn response_produced() {
-    let _ = CLOCK.try_with(|clock| {
-        let now = Instant::now();
-        clock.head_since.set(Some(now));
-        clock.shared.set_idle(Some(now));
-    });
+/// Called by the connection's service. Returns whether the connection closes after this
+/// response (it was asked to shut down while the request was in flight), which the
+/// response then says with `Connection: close`.
+pub fn response_produced() -> bool {
+    CLOCK
+        .try_with(|clock| {
+            let now = Instant::now();
+            clock.head_since.set(Some(now));
+            clock.shared.set_idle(Some(now));
+            clock.shared.asked.load(Ordering::Acquire) & SHUT_DOWN != 0
+        })
+        .unwrap_or(false)
 }
 
 /// Bytes came in: on an idle connection, a request head has started, and the header
@@ -609,5 +621,108 @@ mod tests {
         stop.cancel();
         drop(stream);
         server.await.expect("server task");
+    }
+
+    /// At the cap, the connection asked to make room can turn busy between the accept loop's
+    /// look and its own: its client's next request arrived meanwhile. It then answers that
+    /// request with `Connection: close` and closes, so the new client gets its slot after one
+    /// request, not after some connection's idle timeout. The race is provoked on a server
+    /// whose only thread a `/block` request holds (until the test lets it go) while the new
+    /// client connects and the idle client sends its next request head; freed, the server
+    /// sees the new client first (epoll reports readiness in the order it came).
+    #[tokio::test]
+    async fn at_the_cap_a_connection_that_turned_busy_closes_after_its_request() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("non-blocking");
+        let address = listener.local_addr().expect("address");
+        let stop = CancellationToken::new();
+        let (blocked, blocking_now) = std::sync::mpsc::channel::<()>();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+        let server = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let router = Router::new()
+                    .route("/echo", post(|_: Bytes| async { StatusCode::ACCEPTED }))
+                    .route(
+                        "/block",
+                        post(move || async move {
+                            let _ = blocked.send(());
+                            let _ = released
+                                .lock()
+                                .map(|r| r.recv_timeout(Duration::from_secs(10)));
+                            StatusCode::ACCEPTED
+                        }),
+                    );
+                let options = ServeOptions {
+                    header_read_timeout: Duration::from_secs(60),
+                    idle_timeout: Duration::from_secs(60),
+                    max_header_bytes: crate::config::DEFAULT_MAX_HEADER_BYTES,
+                    draining: CancellationToken::new(),
+                    max_connections: 2,
+                    connect_info: false,
+                };
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(async move {
+                        let listener = TcpListener::from_std(listener).expect("listener");
+                        serve(listener, router, options, stop).await;
+                    });
+            }
+        });
+
+        // The first connection is served once, then idle: the longest-idle one.
+        let mut first = TcpStream::connect(address).await.expect("connect");
+        send(&mut first, ECHO).await;
+        assert!(read_response(&mut first).await.starts_with("HTTP/1.1 202"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The second holds the server's thread; the cap is reached.
+        let mut blocking = TcpStream::connect(address).await.expect("connect");
+        send(
+            &mut blocking,
+            b"POST /block HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        )
+        .await;
+        blocking_now
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the server thread is held");
+        let mut new = TcpStream::connect(address).await.expect("connect");
+        // A request head, complete: the request is in flight, waiting for its body.
+        send(
+            &mut first,
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+        )
+        .await;
+        // Both are in the kernel's hands before the server thread looks again.
+        release.send(()).expect("release the server thread");
+        assert!(
+            read_response(&mut blocking)
+                .await
+                .starts_with("HTTP/1.1 202")
+        );
+
+        send(&mut first, b"{}").await;
+        let answer = read_response(&mut first).await;
+        assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "told to close: {answer}"
+        );
+        assert_closed(&mut first, "closed after its answer").await;
+        send(&mut new, ECHO).await;
+        let served = tokio::time::timeout(Duration::from_secs(5), read_response(&mut new))
+            .await
+            .expect("the new client is served once that request is answered");
+        assert!(served.starts_with("HTTP/1.1 202"), "{served}");
+
+        stop.cancel();
+        drop((first, blocking, new));
+        server.join().expect("server thread");
+    }
+
+    async fn send(stream: &mut TcpStream, bytes: &[u8]) {
+        stream.write_all(bytes).await.expect("write");
     }
 }

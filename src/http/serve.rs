@@ -19,7 +19,10 @@
 //! - **Connection cap** (`--max-connections`): a semaphore permit is taken *before*
 //!   `accept` and held by the connection's task. At the cap, a new client takes the slot of
 //!   the connection that has been idle longest between requests (as nginx does): that one is
-//!   closed, which a keep-alive client handles by reconnecting. When no connection is idle
+//!   closed, which a keep-alive client handles by reconnecting. If its client's next request
+//!   came in between the accept loop's look and the connection's own, it shuts down instead:
+//!   that request is answered with `Connection: close`, then the connection closes
+//!   (`tally_http_connections_yielded_total` counts both). When no connection is idle
 //!   (every one is mid-request or mid-head), that client waits, accepted, for a slot to
 //!   free, and the ones after it wait in the listen backlog. A semaphore here,
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
@@ -266,7 +269,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnectionService {
 struct Exchange {
     inner: Inner,
     done: bool,
-    /// Answer with `Connection: close` (shutdown has begun).
+    /// Answer with `Connection: close` (shutdown had begun when the request came; one that
+    /// begins while it is in flight is seen when the response is produced).
     close: bool,
 }
 
@@ -280,8 +284,8 @@ impl Future for Exchange {
             Inner::Hot(inner) => Pin::new(inner).poll(cx),
         });
         this.done = true;
-        deadline::response_produced();
-        if this.close
+        let closing = deadline::response_produced();
+        if (this.close || closing)
             && let Ok(response) = &mut response
         {
             response.headers_mut().insert(
@@ -305,7 +309,7 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.done {
             // Dropped unanswered (the connection is going away): back to waiting for a head.
-            deadline::response_produced();
+            let _ = deadline::response_produced();
         }
     }
 }
@@ -374,6 +378,9 @@ impl Registry {
             .min_by_key(|(since, _)| *since);
         if let Some((_, connection)) = oldest {
             connection.close_if_idle();
+            crate::metrics::Metrics::global()
+                .connections_yielded
+                .increment(1);
             tracing::debug!(
                 "At --max-connections: closing the longest-idle connection for a new client."
             );

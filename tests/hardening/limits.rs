@@ -7,6 +7,7 @@ use serde_json::Value;
 use tally::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::metrics;
 use crate::support::{self, client, expect_error, raw_connect, read_to_close};
 
 #[tokio::test]
@@ -131,7 +132,10 @@ async fn connections_past_the_cap_wait_while_every_slot_is_busy() {
 async fn at_the_cap_the_longest_idle_connection_yields_to_a_new_client() {
     let (mut config, dir) = support::config();
     config.http.max_connections = 3_usize.try_into().expect("non-zero");
+    // Scrapes go to a listener of their own, outside the cap.
+    config.http.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
     let server = support::start((config, dir)).await;
+    let metrics_address = server.metrics.expect("metrics listener");
 
     // Three keep-alive connections, each served once and then left idle, oldest first.
     let mut held = Vec::new();
@@ -148,6 +152,13 @@ async fn at_the_cap_the_longest_idle_connection_yields_to_a_new_client() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // Process-wide: other tests may add to it, never take from it.
+    let yielded = || async {
+        let text = metrics::scrape(&client(), &format!("http://{metrics_address}")).await;
+        metrics::metric(&text, "tally_http_connections_yielded_total")
+    };
+    let before = yielded().await;
+
     let started = Instant::now();
     let served = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
@@ -159,6 +170,10 @@ async fn at_the_cap_the_longest_idle_connection_yields_to_a_new_client() {
         .expect("a new client is served within a second while the cap is full of idle connections");
     assert_eq!(served.status(), 200);
     assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        yielded().await > before,
+        "the yielded connection is counted in tally_http_connections_yielded_total"
+    );
 
     let mut oldest = held.remove(0);
     let closed = read_to_close(&mut oldest, Duration::from_secs(2))

@@ -7,6 +7,8 @@
 mod app;
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/metrics.rs"]
+mod metrics;
 
 mod auth;
 mod cli;
