@@ -190,6 +190,8 @@ pub async fn drive<C: GracefulConnection>(
                         // staying would keep the new client waiting for some other slot, up
                         // to an idle timeout. Shut down instead, as on SIGTERM: this request
                         // is answered with `Connection: close`, then the connection closes.
+                        // (A head still incomplete counts as idle to hyper, which closes such
+                        // a connection at once, as it does on SIGTERM.)
                         asks.asked.fetch_or(SHUT_DOWN, Ordering::AcqRel);
                         tracing::debug!("At --max-connections: the longest-idle connection turned busy; closing it after this request.");
                         continue;
