@@ -38,7 +38,7 @@
 use std::cell::Cell;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -48,10 +48,11 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::time::{Instant, Sleep};
 
 /// What the accept loop may know of one connection: whether it is idle between requests
-/// (and since when), and a way to ask it to close or to shut down. Shared by the
-/// connection's driver and the connection registry of [`super::serve`].
+/// (and since when), and a way to ask it to shut down. Shared by the connection's driver and
+/// the connection registry of [`super::serve`], which asks on shutdown and, at
+/// `--max-connections`, asks the connection idle longest.
 ///
-/// The driver reads the requests from one atomic on each wake-up and keeps its task's waker
+/// The driver reads the request from one atomic on each wake-up and keeps its task's waker
 /// here from its first poll (a task's waker does not change). A `Notify` polled on every
 /// wake-up, as hyper-util's graceful-shutdown watcher and an earlier version of this did,
 /// takes its waiter lock on each poll: twice per wake-up, and a request under `ack=journal`
@@ -61,16 +62,11 @@ pub struct ConnState {
     /// Nanoseconds since [`epoch`] at which the connection became idle after a response;
     /// 0 while it is not idle (a new connection, a request head or a request in flight).
     idle_since: AtomicU64,
-    /// What was asked of the connection: [`CLOSE_IF_IDLE`] and/or [`SHUT_DOWN`].
-    asked: AtomicU8,
+    /// Whether the connection was asked to shut down.
+    asked: AtomicBool,
     /// The driver's task, woken when something is asked; `None` until its first poll.
     task: Mutex<Option<Waker>>,
 }
-
-/// [`ConnState::asked`]: close the connection if it is idle (the accept loop needs a slot).
-const CLOSE_IF_IDLE: u8 = 1;
-/// [`ConnState::asked`]: finish the request in flight, if any, then close (shutdown).
-const SHUT_DOWN: u8 = 2;
 
 impl ConnState {
     /// Since when the connection is idle, if it is (in the units of [`epoch`]).
@@ -81,22 +77,14 @@ impl ConnState {
         }
     }
 
-    /// Asks the connection to close if it is (still) idle.
-    pub fn close_if_idle(&self) {
-        self.ask(CLOSE_IF_IDLE);
-    }
-
     /// Asks the connection to shut down gracefully: hyper finishes the request in flight
     /// (its response says `Connection: close`) and closes an idle kept-alive connection at
-    /// once; a new connection still gets until its first request or the header timeout.
+    /// once (a request head still incomplete counts as idle to hyper); a new connection
+    /// still gets until its first request or the header timeout.
     pub fn shut_down(&self) {
-        self.ask(SHUT_DOWN);
-    }
-
-    fn ask(&self, what: u8) {
         // Published before the waker is looked at: either the driver's next look at `asked`
         // (after it stored its waker) sees it, or this sees the waker and wakes it.
-        self.asked.fetch_or(what, Ordering::AcqRel);
+        self.asked.store(true, Ordering::Release);
         if let Some(task) = self.task().as_ref() {
             task.wake_by_ref();
         }
@@ -141,8 +129,7 @@ struct ConnClock {
 /// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines,
 /// and shuts it down gracefully when [`ConnState::shut_down`] asks.
 /// `None` when it was closed for not sending a complete request head within
-/// `header_timeout`, or idle when [`ConnState::close_if_idle`] asked (dropping hyper's
-/// connection closes the socket). Must be the whole of its task (as
+/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of its task (as
 /// `tokio::spawn(drive(..))`): the timer and the [`ConnState`] keep the waker it was first
 /// polled with.
 pub async fn drive<C: GracefulConnection>(
@@ -171,29 +158,16 @@ pub async fn drive<C: GracefulConnection>(
                     registered = true;
                 }
                 loop {
-                    let asked = asks.asked.load(Ordering::Acquire);
-                    if asked & SHUT_DOWN != 0 && !shutting_down {
-                        shutting_down = true;
-                        connection.as_mut().graceful_shutdown();
-                    }
                     if let Poll::Ready(output) = connection.as_mut().poll(cx) {
                         return Poll::Ready(Some(output));
                     }
-                    if asked & CLOSE_IF_IDLE != 0 {
-                        asks.asked.fetch_and(!CLOSE_IF_IDLE, Ordering::AcqRel);
-                        if asks.idle_since().is_some() {
-                            // The accept loop needs this slot for a new client.
-                            return Poll::Ready(None);
-                        }
-                        // Busy again by now: its client's next request came in between the
-                        // accept loop's look and this one. The accept loop asks only once, so
-                        // staying would keep the new client waiting for some other slot, up
-                        // to an idle timeout. Shut down instead, as on SIGTERM: this request
-                        // is answered with `Connection: close`, then the connection closes.
-                        // (A head still incomplete counts as idle to hyper, which closes such
-                        // a connection at once, as it does on SIGTERM.)
-                        asks.asked.fetch_or(SHUT_DOWN, Ordering::AcqRel);
-                        tracing::debug!("At --max-connections: the longest-idle connection turned busy; closing it after this request.");
+                    if !shutting_down && asks.asked.load(Ordering::Acquire) {
+                        // Asked after the poll above, so that a request the client had
+                        // already sent is read and answered (with `Connection: close`) rather
+                        // than dropped with an idle connection. At the cap that is the race of
+                        // a longest-idle connection whose next request was on its way.
+                        shutting_down = true;
+                        connection.as_mut().graceful_shutdown();
                         continue;
                     }
                     let (head_since, idle, deadline, expired) = CLOCK.with(|clock| {
@@ -261,7 +235,7 @@ pub fn response_produced() -> bool {
             let now = Instant::now();
             clock.head_since.set(Some(now));
             clock.shared.set_idle(Some(now));
-            clock.shared.asked.load(Ordering::Acquire) & SHUT_DOWN != 0
+            clock.shared.asked.load(Ordering::Acquire)
         })
         .unwrap_or(false)
 }

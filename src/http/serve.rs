@@ -19,10 +19,10 @@
 //! - **Connection cap** (`--max-connections`): a semaphore permit is taken *before*
 //!   `accept` and held by the connection's task. At the cap, a new client takes the slot of
 //!   the connection that has been idle longest between requests (as nginx does): that one is
-//!   closed, which a keep-alive client handles by reconnecting. If its client's next request
-//!   came in between the accept loop's look and the connection's own, it shuts down instead:
-//!   that request is answered with `Connection: close`, then the connection closes
-//!   (`tally_http_connections_yielded_total` counts both). When no connection is idle
+//!   asked to shut down as on SIGTERM, which closes it at once, or, if its client's next
+//!   request came in meanwhile, after answering that one with `Connection: close`; a
+//!   keep-alive client handles either by reconnecting (`tally_http_connections_yielded_total`
+//!   counts them). When no connection is idle
 //!   (every one is mid-request or mid-head), that client waits, accepted, for a slot to
 //!   free, and the ones after it wait in the listen backlog. A semaphore here,
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
@@ -368,7 +368,10 @@ impl Registry {
         emptied.await;
     }
 
-    /// Asks the connection idle the longest to close, if one is idle. A scan of the open
+    /// Asks the connection idle the longest to shut down, if one is idle: closed at once, or
+    /// if its client's next request came in since this look, after answering that request
+    /// with `Connection: close` (asked to close only if still idle, it stayed, and the new
+    /// client waited for some other slot, up to an idle timeout). A scan of the open
     /// connections, done only at the cap.
     fn close_oldest_idle(&self) {
         let oldest = self
@@ -377,7 +380,7 @@ impl Registry {
             .filter_map(|c| c.idle_since().map(|since| (since, Arc::clone(c))))
             .min_by_key(|(since, _)| *since);
         if let Some((_, connection)) = oldest {
-            connection.close_if_idle();
+            connection.shut_down();
             crate::metrics::Metrics::global()
                 .connections_yielded
                 .increment(1);

@@ -34,8 +34,9 @@
 //! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
 //! buffer (no allocation of its own), notes the journal position where its record ends, and
 //! leaves its task's waker beside the record, under the same lock. One dedicated
-//! writer thread (a `SCHED_BATCH` one: see `writer::yield_to_requests`) sleeps on a condition variable until something is queued (appends wake it
-//! only while it sleeps), swaps the buffer for an empty one, writes the whole group with one
+//! writer thread (a `SCHED_BATCH` one: see `writer::yield_to_requests`) sleeps on a
+//! condition variable until something is queued (appends wake it only while it sleeps),
+//! swaps the buffer for an empty one, writes the whole group with one
 //! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
 //! advances the *settled* position and wakes that group's wakers, no others. (A
 //! `tokio::sync::Notify` woke every waiter, the next group's too, and its own lock and list
