@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregator, Sealed};
+use crate::applied::AppliedSeq;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::store::{Applied, Batch, DeadLetter, Store, StoreError};
@@ -79,9 +79,18 @@ pub struct Flusher {
     epoch: u64,
     interval: Duration,
     /// Publishes the seq of each batch the store holds; `ack=store` requests wait on it.
-    applied: watch::Sender<u64>,
+    /// Closed when the flusher is dropped.
+    applied: Arc<AppliedSeq>,
     /// Written by every attempt, read by `/readyz`.
     health: Arc<FlushHealth>,
+}
+
+/// A flusher that is gone publishes nothing more: `ack=store` requests still waiting hear
+/// so at once instead of at their timeout.
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.applied.close();
+    }
 }
 
 /// What one call of [`Flusher::flush`] did.
@@ -104,7 +113,7 @@ impl Flusher {
         instance_id: Arc<str>,
         interval: Duration,
     ) -> Self {
-        let applied = watch::channel(aggregator.applied_seq()).0;
+        let applied = Arc::new(AppliedSeq::new(aggregator.applied_seq()));
         Self {
             aggregator,
             store,
@@ -133,9 +142,9 @@ impl Flusher {
         self
     }
 
-    /// Follows the seq of the last batch in the store (what `ack=store` requests wait on).
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.applied.subscribe()
+    /// The seq of the last batch in the store (what `ack=store` requests wait on).
+    pub fn applied(&self) -> Arc<AppliedSeq> {
+        Arc::clone(&self.applied)
     }
 
     /// The flusher's view of the store, for `/readyz`.
@@ -232,7 +241,7 @@ impl Flusher {
     pub(crate) async fn commit(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let keys = self.write(batch).await?;
         self.aggregator.complete(batch.seq);
-        self.applied.send_replace(batch.seq);
+        self.applied.publish(batch.seq);
         Ok(keys)
     }
 

@@ -22,6 +22,7 @@
 //! - [`http`]: routes, body parsers and the JSON error contract.
 //! - [`aggregate`]: the sharded map of pending deltas and its generations.
 //! - [`flush`]: the task that seals, numbers and applies batches, and retries them.
+//! - [`applied`]: the seq of the last batch in the store, which `ack=store` requests wait on.
 //! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
 //! - [`idle`]: tells the journal when every runtime worker is parked.
 //! - `recovery`: start-up replay of the journal into the store.
@@ -39,6 +40,7 @@
 //! the submodules of `http`, `journal` and `store` that are not named above).
 
 pub mod aggregate;
+pub mod applied;
 pub mod config;
 pub mod flush;
 pub mod http;

@@ -174,7 +174,7 @@ impl App {
                 max_body_bytes: config.limits.max_body_bytes,
             },
             body_budget: BodyBudget::new(config.limits.max_body_memory),
-            applied: flusher.subscribe(),
+            applied: flusher.applied(),
             health: flusher.health(),
             metrics: m::handle(),
             draining: CancellationToken::new(),

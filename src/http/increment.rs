@@ -310,9 +310,9 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
         }
         Ack::Store => {
             state.aggregator.request_flush();
-            let mut applied = state.applied.clone();
-            applied
-                .wait_for(|&s| s >= seq)
+            state
+                .applied
+                .wait_for(seq)
                 .await
                 .map_err(|_| ApiError::ShuttingDown)?;
         }

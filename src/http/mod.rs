@@ -30,7 +30,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::watch;
 
 use crate::aggregate::Aggregator;
 use crate::config::Ack;
@@ -51,7 +50,7 @@ pub struct AppState {
     /// `--max-body-memory`: room for the request bodies being read.
     pub body_budget: increment::BodyBudget,
     /// Seq of the last batch in the store, published by the flusher; `ack=store` waits on it.
-    pub applied: watch::Receiver<u64>,
+    pub applied: Arc<crate::applied::AppliedSeq>,
     pub health: Arc<FlushHealth>,
     pub metrics: PrometheusHandle,
     /// Cancelled when shutdown begins: `/readyz` answers 503 `shutting_down` (while

@@ -2,8 +2,9 @@
 //!
 //! A batch is one transaction of three statements whatever its size: lock this instance's
 //! row (and check its fencing epoch), upsert every key with one set-based statement over two
-//! arrays (`unnest`), and record the new seq. Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`,
-//! which is reported as [`StoreError::Rejected`].
+//! arrays (`unnest`), and record the new seq; the three go out pipelined, in one round trip.
+//! Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`, which is reported
+//! as [`StoreError::Rejected`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
@@ -336,15 +338,29 @@ impl Store for PgStore {
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
         let lock_seq = tx.prepare_cached(LOCK_SEQ).await?;
-        let row = tx.query_opt(&lock_seq, &[&batch.instance_id]).await?;
-        let (last, current) = row.map_or((0, 0), |r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+        let upsert = tx.prepare_cached(UPSERT).await?;
+        let record_seq = tx.prepare_cached(RECORD_SEQ).await?;
+        let (keys, deltas) = split(batch.entries);
+        // The three statements go out together, pipelined on the connection: one round trip
+        // instead of three, which under load is most of an `ack=store` request's wait. The
+        // server still runs them in order, so the instance's row is locked before any key
+        // is written; the checks below are made on the lock's answer as before, and a batch
+        // they refuse is rolled back (the transaction is dropped), upserts and all.
+        let lock_params: [&(dyn ToSql + Sync); 1] = [&batch.instance_id];
+        let upsert_params: [&(dyn ToSql + Sync); 2] = [&keys, &deltas];
+        let record_params: [&(dyn ToSql + Sync); 3] = [&batch.instance_id, &seq, &epoch];
+        let (row, upserted, recorded) = tokio::join!(
+            tx.query_opt(&lock_seq, &lock_params),
+            tx.execute(&upsert, &upsert_params),
+            tx.execute(&record_seq, &record_params),
+        );
+        let (last, current) = row?.map_or((0, 0), |r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
         check_epoch(batch.instance_id, batch.epoch, seq_from_sql(current))?;
         if last >= seq {
             return Ok(Applied::AlreadyApplied);
         }
-        let (keys, deltas) = split(batch.entries);
-        let upsert = tx.prepare_cached(UPSERT).await?;
-        tx.execute(&upsert, &[&keys, &deltas]).await?;
+        upserted?;
+        recorded?;
         if !batch.dead_letters.is_empty() {
             let keys: Vec<&str> = batch.dead_letters.iter().map(|d| d.key.as_str()).collect();
             let deltas: Vec<i64> = batch.dead_letters.iter().map(|d| d.delta).collect();
@@ -360,9 +376,6 @@ impl Store for PgStore {
             )
             .await?;
         }
-        let record_seq = tx.prepare_cached(RECORD_SEQ).await?;
-        tx.execute(&record_seq, &[&batch.instance_id, &seq, &epoch])
-            .await?;
         tx.commit().await?;
         Ok(Applied::Committed)
     }

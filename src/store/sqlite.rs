@@ -22,6 +22,14 @@ use super::{
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// SQLite's page cache per connection, in KiB: 64 MiB instead of SQLite's default 2 MB.
+/// With the default, a table of 100,000 keys (~7 MB with its key index) does not fit, and a
+/// batch of random keys reads most of its pages back from the OS with a `pread` each
+/// (measured under the full workload, `ack=store`: the copies and page-cache lookups of
+/// those reads were ~7 % of tally's CPU). Pages are allocated as they are read, so a small
+/// database costs only its own size.
+const CACHE_KIB: i64 = 64 * 1024;
+
 /// The SQLite backend.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -44,6 +52,8 @@ fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
     // returns, which ack=store and journal trimming rely on.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // A negative cache_size is in KiB.
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     Ok(conn)
 }
 

@@ -1,0 +1,226 @@
+//! The seq of the last batch the store holds for this instance, and the `ack=store` requests
+//! waiting for theirs.
+//!
+//! A `tokio::sync::watch` channel did this before. A watch wakes every waiter on every
+//! publish, and under load about half of the waiters wait for the *next* batch (they arrived
+//! while the one in flight was being written): so every `ack=store` request was polled once
+//! for nothing, a whole pass over its connection's task. Here each waiter is filed under the
+//! seq it waits for, and publishing seq N wakes the waiters of N and below, no others. (The
+//! journal files its waiters by group the same way, for the same reason.)
+
+use std::collections::BTreeMap;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::task::{Poll, Waker};
+
+/// The flusher has stopped (shutdown, or fenced): a seq not yet applied will not be applied
+/// by this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the flusher has stopped before the batch was applied")]
+pub struct Closed;
+
+/// The seq of the last batch the store applied, published by the flusher; `ack=store`
+/// requests wait on it with [`AppliedSeq::wait_for`]. Share it in an `Arc`.
+#[derive(Debug, Default)]
+pub struct AppliedSeq {
+    seq: AtomicU64,
+    waiters: Mutex<Waiters>,
+}
+
+#[derive(Debug, Default)]
+struct Waiters {
+    /// Wakers by the seq their task waits for.
+    by_seq: BTreeMap<u64, Vec<Waker>>,
+    /// Set by [`AppliedSeq::close`]: nothing more will be published.
+    closed: bool,
+}
+
+impl AppliedSeq {
+    /// Starts at `seq`, the last batch the store already holds.
+    pub fn new(seq: u64) -> Self {
+        Self {
+            seq: AtomicU64::new(seq),
+            waiters: Mutex::default(),
+        }
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        // Every update under the lock is a single map operation: the map is valid after a
+        // panic anywhere.
+        self.waiters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The seq of the last batch published as applied.
+    pub fn get(&self) -> u64 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Records that the store holds every batch up to `seq` and wakes those who wait for one
+    /// of them.
+    pub fn publish(&self, seq: u64) {
+        self.seq.fetch_max(seq, Ordering::AcqRel);
+        let mut waiters = self.waiters();
+        let later = match seq.checked_add(1) {
+            Some(next) => waiters.by_seq.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let due = std::mem::replace(&mut waiters.by_seq, later);
+        drop(waiters);
+        due.into_values().flatten().for_each(Waker::wake);
+    }
+
+    /// Nothing more will be published: every waiter whose seq is not applied gets
+    /// [`Closed`], now and from now on.
+    pub fn close(&self) {
+        let mut waiters = self.waiters();
+        waiters.closed = true;
+        let all = std::mem::take(&mut waiters.by_seq);
+        drop(waiters);
+        all.into_values().flatten().for_each(Waker::wake);
+    }
+
+    /// Resolves once batch `seq` is applied.
+    ///
+    /// # Errors
+    ///
+    /// [`Closed`] if the flusher stopped before it was.
+    pub async fn wait_for(&self, seq: u64) -> Result<(), Closed> {
+        let mut filed = false;
+        poll_fn(|cx| {
+            if self.get() >= seq {
+                return Poll::Ready(Ok(()));
+            }
+            let mut waiters = self.waiters();
+            // `publish` stores its seq before it takes the lock: either it is visible now,
+            // or the publish takes the list after the waker below is in it.
+            if self.get() >= seq {
+                return Poll::Ready(Ok(()));
+            }
+            if waiters.closed {
+                return Poll::Ready(Err(Closed));
+            }
+            let list = waiters.by_seq.entry(seq).or_default();
+            // A first poll files its waker at once; only a repeated poll (a wake-up from
+            // elsewhere) looks for one already filed.
+            if !filed || !list.iter().any(|w| w.will_wake(cx.waker())) {
+                list.push(cx.waker().clone());
+            }
+            filed = true;
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::{Pin, pin};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::{Context, Wake};
+
+    use super::*;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Counter(AtomicUsize);
+
+    impl Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A counting waker, and how to read its count.
+    fn counting() -> (Waker, impl Fn() -> usize) {
+        let counter = Arc::new(Counter::default());
+        let waker = Waker::from(Arc::clone(&counter));
+        (waker, move || counter.0.load(Ordering::SeqCst))
+    }
+
+    fn poll(
+        wait: Pin<&mut impl Future<Output = Result<(), Closed>>>,
+        waker: &Waker,
+    ) -> Poll<Result<(), Closed>> {
+        wait.poll(&mut Context::from_waker(waker))
+    }
+
+    #[test]
+    fn publishing_a_batch_wakes_its_waiters_and_not_the_next_batchs() {
+        let applied = AppliedSeq::new(4);
+        let ((this, this_woken), (next, next_woken)) = (counting(), counting());
+        let mut waits_5 = pin!(applied.wait_for(5));
+        let mut waits_6 = pin!(applied.wait_for(6));
+        assert!(poll(waits_5.as_mut(), &this).is_pending());
+        assert!(poll(waits_6.as_mut(), &next).is_pending());
+        // A spurious poll does not file the same waker twice (it would be woken twice).
+        assert!(poll(waits_5.as_mut(), &this).is_pending());
+
+        applied.publish(5);
+        assert_eq!(
+            (this_woken(), next_woken()),
+            (1, 0),
+            "only seq 5's waiter is woken"
+        );
+        assert_eq!(poll(waits_5.as_mut(), &this), Poll::Ready(Ok(())));
+        assert!(poll(waits_6.as_mut(), &next).is_pending());
+
+        applied.publish(7);
+        assert_eq!(next_woken(), 1);
+        assert_eq!(poll(waits_6.as_mut(), &next), Poll::Ready(Ok(())));
+        assert_eq!(applied.get(), 7);
+    }
+
+    #[test]
+    fn a_seq_already_applied_is_ready_at_once_and_publish_never_goes_back() {
+        let applied = AppliedSeq::new(9);
+        applied.publish(3);
+        assert_eq!(applied.get(), 9);
+        let (waker, woken) = counting();
+        assert_eq!(poll(pin!(applied.wait_for(9)), &waker), Poll::Ready(Ok(())));
+        assert_eq!(woken(), 0);
+        applied.publish(u64::MAX);
+        assert_eq!(applied.get(), u64::MAX);
+    }
+
+    #[test]
+    fn closing_answers_the_waiters_of_unapplied_seqs_with_closed() {
+        let applied = AppliedSeq::new(1);
+        let (waker, woken) = counting();
+        let mut waits = pin!(applied.wait_for(2));
+        assert!(poll(waits.as_mut(), &waker).is_pending());
+        applied.close();
+        assert_eq!(woken(), 1);
+        assert_eq!(poll(waits.as_mut(), &waker), Poll::Ready(Err(Closed)));
+        // After the close, a new waiter hears at once; an applied seq is still fine.
+        assert_eq!(
+            poll(pin!(applied.wait_for(3)), &waker),
+            Poll::Ready(Err(Closed))
+        );
+        assert_eq!(poll(pin!(applied.wait_for(1)), &waker), Poll::Ready(Ok(())));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_on_other_threads_are_woken_by_the_publish_of_their_seq() {
+        let applied = Arc::new(AppliedSeq::new(0));
+        let waiters: Vec<_> = (1..=50u64)
+            .map(|i| {
+                let applied = Arc::clone(&applied);
+                tokio::spawn(async move { applied.wait_for(i % 5 + 1).await })
+            })
+            .collect();
+        for seq in 1..=5 {
+            tokio::task::yield_now().await;
+            applied.publish(seq);
+        }
+        for waiter in waiters {
+            let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("every waiter is woken")
+                .expect("the task does not panic");
+            assert_eq!(outcome, Ok(()));
+        }
+    }
+}
