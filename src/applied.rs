@@ -9,13 +9,13 @@
 //! journal files its waiters by group the same way, for the same reason.)
 
 use std::collections::BTreeMap;
-use std::future::poll_fn;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
-/// The flusher has stopped (shutdown, or fenced): a seq not yet applied will not be applied
-/// by this process.
+/// The flusher has stopped (it was dropped at shutdown, or another process claimed the
+/// instance id): a seq not yet applied will not be applied by this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the flusher has stopped before the batch was applied")]
 pub struct Closed;
@@ -30,8 +30,10 @@ pub struct AppliedSeq {
 
 #[derive(Debug, Default)]
 struct Waiters {
-    /// Wakers by the seq their task waits for.
-    by_seq: BTreeMap<u64, Vec<Waker>>,
+    /// Wakers by the seq their task waits for, each with the number of its wait.
+    by_seq: BTreeMap<u64, Vec<(u64, Waker)>>,
+    /// The number the next wait files its waker under.
+    next_id: u64,
     /// Set by [`AppliedSeq::close`]: nothing more will be published.
     closed: bool,
 }
@@ -67,7 +69,7 @@ impl AppliedSeq {
         };
         let due = std::mem::replace(&mut waiters.by_seq, later);
         drop(waiters);
-        due.into_values().flatten().for_each(Waker::wake);
+        due.into_values().flatten().for_each(|(_, w)| w.wake());
     }
 
     /// Nothing more will be published: every waiter whose seq is not applied gets
@@ -77,7 +79,7 @@ impl AppliedSeq {
         waiters.closed = true;
         let all = std::mem::take(&mut waiters.by_seq);
         drop(waiters);
-        all.into_values().flatten().for_each(Waker::wake);
+        all.into_values().flatten().for_each(|(_, w)| w.wake());
     }
 
     /// Resolves once batch `seq` is applied.
@@ -85,31 +87,83 @@ impl AppliedSeq {
     /// # Errors
     ///
     /// [`Closed`] if the flusher stopped before it was.
-    pub async fn wait_for(&self, seq: u64) -> Result<(), Closed> {
-        let mut filed = false;
-        poll_fn(|cx| {
-            if self.get() >= seq {
-                return Poll::Ready(Ok(()));
+    pub fn wait_for(&self, seq: u64) -> WaitFor<'_> {
+        WaitFor {
+            applied: self,
+            seq,
+            filed: None,
+        }
+    }
+}
+
+/// The future of [`AppliedSeq::wait_for`]. Dropped before it is ready (the request timed
+/// out, or its client left), it takes its waker back out: while the database is down no seq
+/// is published, and wakers left behind would pile up with every request that gave up.
+#[must_use = "futures do nothing unless polled"]
+pub struct WaitFor<'a> {
+    applied: &'a AppliedSeq,
+    seq: u64,
+    /// The number under which this wait's waker is filed, until a publish or close takes it.
+    filed: Option<u64>,
+}
+
+impl Future for WaitFor<'_> {
+    type Output = Result<(), Closed>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (applied, seq) = (self.applied, self.seq);
+        if applied.get() >= seq {
+            // Whoever published `seq` took the waker with it.
+            self.filed = None;
+            return Poll::Ready(Ok(()));
+        }
+        let mut waiters = applied.waiters();
+        // `publish` stores its seq before it takes the lock: either it is visible now, or the
+        // publish takes the list after the waker below is in it.
+        if applied.get() >= seq {
+            self.filed = None;
+            return Poll::Ready(Ok(()));
+        }
+        if waiters.closed {
+            self.filed = None;
+            return Poll::Ready(Err(Closed));
+        }
+        // A first poll files its waker at once; only a repeated poll (a wake-up from
+        // elsewhere) looks for the one it filed.
+        match self.filed {
+            Some(id) => {
+                let list = waiters.by_seq.entry(seq).or_default();
+                match list.iter_mut().find(|(filed, _)| *filed == id) {
+                    Some((_, waker)) => waker.clone_from(cx.waker()),
+                    None => list.push((id, cx.waker().clone())),
+                }
             }
-            let mut waiters = self.waiters();
-            // `publish` stores its seq before it takes the lock: either it is visible now,
-            // or the publish takes the list after the waker below is in it.
-            if self.get() >= seq {
-                return Poll::Ready(Ok(()));
+            None => {
+                let id = waiters.next_id;
+                waiters.next_id += 1;
+                waiters
+                    .by_seq
+                    .entry(seq)
+                    .or_default()
+                    .push((id, cx.waker().clone()));
+                drop(waiters);
+                self.filed = Some(id);
             }
-            if waiters.closed {
-                return Poll::Ready(Err(Closed));
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for WaitFor<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.filed else { return };
+        let mut waiters = self.applied.waiters();
+        if let Some(list) = waiters.by_seq.get_mut(&self.seq) {
+            list.retain(|(filed, _)| *filed != id);
+            if list.is_empty() {
+                waiters.by_seq.remove(&self.seq);
             }
-            let list = waiters.by_seq.entry(seq).or_default();
-            // A first poll files its waker at once; only a repeated poll (a wake-up from
-            // elsewhere) looks for one already filed.
-            if !filed || !list.iter().any(|w| w.will_wake(cx.waker())) {
-                list.push(cx.waker().clone());
-            }
-            filed = true;
-            Poll::Pending
-        })
-        .await
+        }
     }
 }
 
@@ -200,6 +254,39 @@ mod tests {
             Poll::Ready(Err(Closed))
         );
         assert_eq!(poll(pin!(applied.wait_for(1)), &waker), Poll::Ready(Ok(())));
+    }
+
+    #[test]
+    fn a_wait_dropped_before_its_seq_takes_its_waker_back() {
+        let applied = AppliedSeq::new(1);
+        let (waker, woken) = counting();
+        let filed = |applied: &AppliedSeq| {
+            applied
+                .waiters()
+                .by_seq
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        {
+            // As requests that time out during an outage: no publish comes.
+            let mut gives_up = pin!(applied.wait_for(2));
+            assert!(poll(gives_up.as_mut(), &waker).is_pending());
+            assert!(poll(gives_up.as_mut(), &waker).is_pending());
+            let mut stays = Box::pin(applied.wait_for(2));
+            assert!(poll(stays.as_mut(), &waker).is_pending());
+            assert_eq!(
+                filed(&applied),
+                2,
+                "one waker per wait, however often polled"
+            );
+            drop(stays);
+            assert_eq!(filed(&applied), 1);
+        }
+        assert_eq!(filed(&applied), 0, "nothing left behind");
+        assert!(applied.waiters().by_seq.is_empty());
+        applied.publish(2);
+        assert_eq!(woken(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

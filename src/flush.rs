@@ -297,6 +297,9 @@ impl Flusher {
                     );
                     let _ = self.health.fenced.set(e.to_string());
                     self.health.set(Some(e.to_string()));
+                    // Nothing more will be applied: `ack=store` requests waiting hear so now
+                    // rather than at their timeout.
+                    self.applied.close();
                     return Err(e);
                 }
                 Err(StoreError::Rejected { reason, keys }) => {

@@ -310,11 +310,13 @@ async fn ingest(state: &AppState, items: &[Increment]) -> Result<(), ApiError> {
         }
         Ack::Store => {
             state.aggregator.request_flush();
-            state
-                .applied
-                .wait_for(seq)
-                .await
-                .map_err(|_| ApiError::ShuttingDown)?;
+            state.applied.wait_for(seq).await.map_err(|_| {
+                // The flusher stopped before the batch was applied: fenced off, or shut down.
+                match state.health.fenced() {
+                    Some(_) => ApiError::Fenced,
+                    None => ApiError::ShuttingDown,
+                }
+            })?;
         }
     }
     Metrics::global().increments.increment(items.len() as u64);

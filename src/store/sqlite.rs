@@ -22,7 +22,8 @@ use super::{
 /// How long a statement waits for a lock held by another connection before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// SQLite's page cache per connection, in KiB: 64 MiB instead of SQLite's default 2 MB.
+/// SQLite's page cache of the writing connection, in KiB: 64 MiB instead of SQLite's default
+/// 2 MB.
 /// With the default, a table of 100,000 keys (~7 MB with its key index) does not fit, and a
 /// batch of random keys reads most of its pages back from the OS with a `pread` each
 /// (measured under the full workload, `ack=store`: the copies and page-cache lookups of
@@ -36,8 +37,8 @@ const CACHE_KIB: i64 = 64 * 1024;
 /// checkpoint every few commits and wrote each page back again and again; with 10,000 a
 /// checkpoint writes each page once for many batches. Measured under the full workload
 /// (100,000 keys, `ack=store`): 13.1k -> 17.5k requests/s, p99 level or lower
-/// (docs/benchmarks.md). The WAL file keeps its largest size, so it takes up to ~40 MiB of
-/// disk.
+/// (docs/benchmarks.md). The WAL file keeps its largest size: about 40 MiB, more after a
+/// batch larger than that or while a long read holds a checkpoint back.
 const WAL_CHECKPOINT_PAGES: i64 = 10_000;
 
 /// The SQLite backend.
@@ -62,8 +63,6 @@ fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
     // returns, which ack=store and journal trimming rely on.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    // A negative cache_size is in KiB.
-    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     Ok(conn)
 }
@@ -83,6 +82,9 @@ impl SqliteStore {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
             let mut write = open_connection(&path)?;
+            // The writer's only: in WAL mode a reader's cache is dropped whenever the writer
+            // has committed since its last read. A negative cache_size is in KiB.
+            write.pragma_update(None, "cache_size", -CACHE_KIB)?;
             migrate(&mut write).map_err(|e| StoreError::Migration(e.to_string()))?;
             let read = open_connection(&path)?;
             Ok(Self {

@@ -128,6 +128,27 @@ async fn a_second_live_process_with_the_same_instance_id_refuses_to_start() {
     shout("fencing postgres: a second live process with the same --instance-id refused to start");
 }
 
+/// `POST /increment` of 1 to "k", answered whatever its status.
+async fn post_one(client: &reqwest::Client, address: &str) -> reqwest::Response {
+    client
+        .post(format!("{address}/increment"))
+        .json(&json!({ "key": "k", "value": 1 }))
+        .send()
+        .await
+        .expect("an answer")
+}
+
+/// Claims the shared id as another process would (a duplicate whose lock connection had
+/// dropped): the id's epoch + 1.
+async fn take_claim(admin: &tokio_postgres::Client) {
+    admin
+        .batch_execute(&format!(
+            "UPDATE tally_instances SET epoch = epoch + 1 WHERE instance_id = '{SHARED_ID}'"
+        ))
+        .await
+        .expect("take the claim");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing() {
     let Some(db) = PgDatabase::create("claim_taken").await else {
@@ -146,23 +167,13 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     direct.wait_for("k", 5, Duration::from_secs(10)).await;
 
     // Another process claims the id, as a duplicate whose lock connection had dropped would.
-    admin
-        .batch_execute(&format!(
-            "UPDATE tally_instances SET epoch = epoch + 1 WHERE instance_id = '{SHARED_ID}'"
-        ))
-        .await
-        .expect("take the claim");
+    take_claim(&admin).await;
     // Until its next batch is refused, the instance does not know: what it acknowledges
     // meanwhile is journaled. Then it refuses.
     let mut acked_after = 0;
     let mut refused = None;
     for _ in 0..500 {
-        let response = client
-            .post(format!("{}/increment", tally.address))
-            .json(&json!({ "key": "k", "value": 1 }))
-            .send()
-            .await
-            .expect("an answer");
+        let response = post_one(&client, &tally.address).await;
         match response.status().as_u16() {
             202 => acked_after += 1,
             _ => {
@@ -210,5 +221,44 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     shout(&format!(
         "fencing postgres: an instance whose claim was taken answered 503 fenced and /readyz 503; \
          the {acked_after} increments it acknowledged before it knew were replayed from its journal"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_store_request_waiting_when_the_claim_is_taken_hears_fenced_at_once() {
+    let Some(db) = PgDatabase::create("claim_taken_store").await else {
+        return;
+    };
+    let dir = data_dir();
+    let mut tally = Tally::start(&with_shared_id(TallyConfig::new(
+        dir.path(),
+        Some(&db),
+        "store",
+        "100ms",
+    )))
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    take_claim(&pg::client(&db.url).await).await;
+    // This request's batch is the one the store refuses: it waits for a commit that will
+    // never come, and hears so when the flusher learns it, not at --request-timeout (30 s).
+    let started = std::time::Instant::now();
+    let response = post_one(&client, &tally.address).await;
+    let waited = started.elapsed();
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(r#""error":"fenced""#), "{body}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?}"
+    );
+    let status = tally.terminate().await;
+    assert!(
+        !status.success(),
+        "a fenced drain is a failed drain: {status}"
+    );
+    shout(&format!(
+        "fencing postgres: an ack=store request waiting on a refused batch heard 503 fenced after {waited:.1?}"
     ));
 }
