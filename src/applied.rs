@@ -111,31 +111,38 @@ impl Future for WaitFor<'_> {
     type Output = Result<(), Closed>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (applied, seq) = (self.applied, self.seq);
-        if applied.get() >= seq {
-            // Whoever published `seq` took the waker with it.
+        let outcome = self.as_mut().check_or_file(cx.waker());
+        if outcome.is_ready() {
+            // Whoever published `seq`, or closed, took the waker with it.
             self.filed = None;
+        }
+        outcome
+    }
+}
+
+impl WaitFor<'_> {
+    /// Ready if `seq` is applied or nothing more will be; otherwise files `waker` (once).
+    fn check_or_file(&mut self, waker: &Waker) -> Poll<Result<(), Closed>> {
+        if self.applied.get() >= self.seq {
             return Poll::Ready(Ok(()));
         }
-        let mut waiters = applied.waiters();
+        let mut waiters = self.applied.waiters();
         // `publish` stores its seq before it takes the lock: either it is visible now, or the
         // publish takes the list after the waker below is in it.
-        if applied.get() >= seq {
-            self.filed = None;
+        if self.applied.get() >= self.seq {
             return Poll::Ready(Ok(()));
         }
         if waiters.closed {
-            self.filed = None;
             return Poll::Ready(Err(Closed));
         }
         // A first poll files its waker at once; only a repeated poll (a wake-up from
-        // elsewhere) looks for the one it filed.
+        // elsewhere) looks for the one it filed, to keep it current.
         match self.filed {
             Some(id) => {
-                let list = waiters.by_seq.entry(seq).or_default();
+                let list = waiters.by_seq.entry(self.seq).or_default();
                 match list.iter_mut().find(|(filed, _)| *filed == id) {
-                    Some((_, waker)) => waker.clone_from(cx.waker()),
-                    None => list.push((id, cx.waker().clone())),
+                    Some((_, filed)) => filed.clone_from(waker),
+                    None => list.push((id, waker.clone())),
                 }
             }
             None => {
@@ -143,10 +150,9 @@ impl Future for WaitFor<'_> {
                 waiters.next_id += 1;
                 waiters
                     .by_seq
-                    .entry(seq)
+                    .entry(self.seq)
                     .or_default()
-                    .push((id, cx.waker().clone()));
-                drop(waiters);
+                    .push((id, waker.clone()));
                 self.filed = Some(id);
             }
         }

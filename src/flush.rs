@@ -79,7 +79,7 @@ pub struct Flusher {
     epoch: u64,
     interval: Duration,
     /// Publishes the seq of each batch the store holds; `ack=store` requests wait on it.
-    /// Closed when the flusher is dropped.
+    /// Closed when the flusher is fenced or dropped.
     applied: Arc<AppliedSeq>,
     /// Written by every attempt, read by `/readyz`.
     health: Arc<FlushHealth>,

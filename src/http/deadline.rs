@@ -129,9 +129,9 @@ struct ConnClock {
 /// Runs `connection` (one hyper HTTP/1 connection) with one timer for all of its deadlines,
 /// and shuts it down gracefully when [`ConnState::shut_down`] asks.
 /// `None` when it was closed for not sending a complete request head within
-/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of its task (as
-/// `tokio::spawn(drive(..))`): the timer and the [`ConnState`] keep the waker it was first
-/// polled with.
+/// `header_timeout` (dropping hyper's connection closes the socket). Must be the whole of its
+/// task (as `tokio::spawn(drive(..))`): the timer and the [`ConnState`] keep the waker it was
+/// first polled with.
 pub async fn drive<C: GracefulConnection>(
     connection: C,
     header_timeout: Duration,
