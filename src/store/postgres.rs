@@ -49,20 +49,59 @@ const TRY_HOLD: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
 const MIGRATION_LOCK: i64 = 0x0074_616c_6c79; // "tally" in ASCII
 
 // `now()` is taken in the inserted rows and copied in `DO UPDATE SET`, never called there:
-// Citus refuses non-IMMUTABLE functions in the `DO UPDATE SET` of a distributed table (see
+// Citus refuses non-IMMUTABLE functions in `DO UPDATE SET` of a distributed table (see
 // docs/operations.md), and this way the same statements run on it.
-const UPSERT: &str = "INSERT INTO counters (key, value, updated_at) \
-     SELECT k, v, now() FROM unnest($1::text[], $2::int8[]) AS u(k, v) \
-     ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, \
-     updated_at = EXCLUDED.updated_at";
+/// The upsert of a batch's counters, `$keys` and `$deltas` its arrays, `$cond` a `WHERE`
+/// clause (or nothing).
+macro_rules! upsert {
+    ($keys:literal, $deltas:literal, $cond:expr) => {
+        concat!(
+            "INSERT INTO counters (key, value, updated_at) SELECT k, v, now() FROM unnest(",
+            $keys,
+            "::text[], ",
+            $deltas,
+            "::int8[]) AS u(k, v)",
+            $cond,
+            " ON CONFLICT (key) DO UPDATE SET value = counters.value + EXCLUDED.value, \
+             updated_at = EXCLUDED.updated_at"
+        )
+    };
+}
+
+/// Whether instance `$1` may write its batch `$3` under epoch `$2`: the checks of
+/// [`check_epoch`] and `last_seq < seq` in SQL, on the row `LOCK_SEQ` locked (no row: epoch
+/// and last seq 0). [`PgStore::apply`] makes the same checks on `LOCK_SEQ`'s answer.
+macro_rules! if_claimed {
+    () => {
+        " WHERE COALESCE((SELECT epoch = $2 AND last_seq < $3 FROM tally_instances \
+         WHERE instance_id = $1), $2 = 0 AND $3 > 0)"
+    };
+}
+
+/// A batch's upsert for [`Store::probe`]: unconditional, rolled back.
+const UPSERT: &str = upsert!("$1", "$2", "");
 
 const LOCK_SEQ: &str =
     "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
 
-const RECORD_SEQ: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
-     VALUES ($1, $2, $3, now()) \
-     ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
-     updated_at = EXCLUDED.updated_at";
+/// The statements after `LOCK_SEQ` in a batch's transaction, parameters `$1` instance id,
+/// `$2` epoch, `$3` seq: each writes only if the batch may be written ([`if_claimed`]), so
+/// they can be sent before `LOCK_SEQ`'s answer is known and a refused batch writes nothing.
+const UPSERT_IF_CLAIMED: &str = upsert!("$4", "$5", if_claimed!());
+
+const DEAD_LETTERS_IF_CLAIMED: &str = concat!(
+    "INSERT INTO tally_dead_letters (instance_id, seq, key, delta, reason) \
+     SELECT $1, $3, * FROM unnest($4::text[], $5::int8[], $6::text[])",
+    if_claimed!()
+);
+
+const RECORD_SEQ_IF_CLAIMED: &str = concat!(
+    "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
+     SELECT $1, $3, $2, now()",
+    if_claimed!(),
+    " ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
+     updated_at = EXCLUDED.updated_at"
+);
 
 /// One statement, so one implicit transaction: the upsert waits for the row lock (or the
 /// uncommitted insert) of a batch still being committed, then works on its committed row.
@@ -333,55 +372,57 @@ impl Store for PgStore {
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         let seq = seq_to_sql(batch.seq)?;
         let epoch = seq_to_sql(batch.epoch)?;
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
+        let client = self.pool.get().await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
-        let lock_seq = tx.prepare_cached(LOCK_SEQ).await?;
-        let upsert = tx.prepare_cached(UPSERT).await?;
-        let record_seq = tx.prepare_cached(RECORD_SEQ).await?;
+        let lock_seq = client.prepare_cached(LOCK_SEQ).await?;
+        let upsert = client.prepare_cached(UPSERT_IF_CLAIMED).await?;
+        let record_seq = client.prepare_cached(RECORD_SEQ_IF_CLAIMED).await?;
+        let dead_letters = client.prepare_cached(DEAD_LETTERS_IF_CLAIMED).await?;
         let (keys, deltas) = split(batch.entries);
-        // The three statements go out together, pipelined on the connection: one round trip
-        // instead of three (with `BEGIN` and `COMMIT`, three in all instead of five; measured,
-        // a ~200-key batch under load went from 9.7 to 9.2 ms, docs/benchmarks.md). The server
-        // still runs them in order (`biased`: polled, and so sent, in the order written), so
-        // the instance's row is locked before any key is written; the checks below are made
-        // on the lock's answer as before, and a batch they refuse is rolled back (the
-        // transaction is dropped), upserts and all. So a refused batch, a retry the store
-        // already has, costs its upserts before the rollback where it used to cost the lock
-        // only: the price of the common case's round trips.
-        let lock_params: [&(dyn ToSql + Sync); 1] = [&batch.instance_id];
-        let upsert_params: [&(dyn ToSql + Sync); 2] = [&keys, &deltas];
-        let record_params: [&(dyn ToSql + Sync); 3] = [&batch.instance_id, &seq, &epoch];
-        let (row, upserted, recorded) = tokio::join!(
+        let dead: (Vec<&str>, Vec<i64>, Vec<&str>) = batch
+            .dead_letters
+            .iter()
+            .map(|d| (d.key.as_str(), d.delta, d.reason.as_str()))
+            .collect();
+        // The whole transaction goes out at once, pipelined on the connection: one round
+        // trip where it took three (`BEGIN`, then the statements, then `COMMIT`), five before
+        // that. The server runs them in order (`biased`: polled, and so sent, in the order
+        // written): the instance's row is locked before anything is written, and every write
+        // is conditional on that row ([`if_claimed`]), so a batch the checks refuse (fenced,
+        // or already applied) commits nothing; the same checks are made below on the lock's
+        // answer, to say why. A statement that fails aborts the transaction, and `COMMIT` then
+        // rolls it back; its error is returned. Sent as soon as first polled, the `COMMIT`
+        // also ends the transaction if this future is dropped (store timeout) before the
+        // answers are read, so the connection goes back to the pool outside a transaction.
+        let id: &(dyn ToSql + Sync) = &batch.instance_id;
+        let claim: [&(dyn ToSql + Sync); 3] = [id, &epoch, &seq];
+        let upsert_params: [&(dyn ToSql + Sync); 5] = [id, &epoch, &seq, &keys, &deltas];
+        let (begun, row, upserted, set_aside, recorded, committed) = tokio::join!(
             biased;
-            tx.query_opt(&lock_seq, &lock_params),
-            tx.execute(&upsert, &upsert_params),
-            tx.execute(&record_seq, &record_params),
+            client.batch_execute("BEGIN"),
+            client.query_opt(&lock_seq, &claim[..1]),
+            client.execute(&upsert, &upsert_params),
+            async {
+                if dead.0.is_empty() {
+                    return Ok(0);
+                }
+                let params: [&(dyn ToSql + Sync); 6] = [id, &epoch, &seq, &dead.0, &dead.1, &dead.2];
+                client.execute(&dead_letters, &params).await
+            },
+            client.execute(&record_seq, &claim),
+            client.batch_execute("COMMIT"),
         );
+        begun?;
         let (last, current) = row?.map_or((0, 0), |r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
         check_epoch(batch.instance_id, batch.epoch, seq_from_sql(current))?;
         if last >= seq {
             return Ok(Applied::AlreadyApplied);
         }
         upserted?;
+        set_aside?;
         recorded?;
-        if !batch.dead_letters.is_empty() {
-            let keys: Vec<&str> = batch.dead_letters.iter().map(|d| d.key.as_str()).collect();
-            let deltas: Vec<i64> = batch.dead_letters.iter().map(|d| d.delta).collect();
-            let reasons: Vec<&str> = batch
-                .dead_letters
-                .iter()
-                .map(|d| d.reason.as_str())
-                .collect();
-            tx.execute(
-                "INSERT INTO tally_dead_letters (instance_id, seq, key, delta, reason) \
-                 SELECT $1, $2, * FROM unnest($3::text[], $4::int8[], $5::text[])",
-                &[&batch.instance_id, &seq, &keys, &deltas, &reasons],
-            )
-            .await?;
-        }
-        tx.commit().await?;
+        committed?;
         Ok(Applied::Committed)
     }
 
