@@ -1,13 +1,19 @@
 //! The PostgreSQL store: the production and multi-instance backend.
 //!
-//! A batch is one transaction of three statements whatever its size: lock this instance's
-//! row (and check its fencing epoch), upsert every key with one set-based statement over two
-//! arrays (`unnest`), and record the new seq; the three go out pipelined, in one round trip.
+//! A batch is one transaction whatever its size: lock this instance's row (and check its
+//! fencing epoch), upsert every key with one set-based statement over two arrays (`unnest`),
+//! set aside its dead letters if it has any, and record the new seq; the whole transaction
+//! goes out pipelined, in one round trip.
 //! Sums beyond `bigint` make PostgreSQL raise `numeric_value_out_of_range`, which is reported
 //! as [`StoreError::Rejected`].
 
 use std::collections::HashMap;
+use std::future::poll_fn;
+use std::mem;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -69,23 +75,28 @@ macro_rules! upsert {
 }
 
 /// Whether instance `$1` may write its batch `$3` under epoch `$2`: the checks of
-/// [`check_epoch`] and `last_seq < seq` in SQL, on the row `LOCK_SEQ` locked (no row: epoch
-/// and last seq 0). [`PgStore::apply`] makes the same checks on `LOCK_SEQ`'s answer.
+/// [`check_epoch`] and `last_seq < seq` in SQL, on the row `LOCK_SEQ` locked.
+/// [`PgStore::apply`] makes the same checks on `LOCK_SEQ`'s answer.
 macro_rules! if_claimed {
     () => {
-        " WHERE COALESCE((SELECT epoch = $2 AND last_seq < $3 FROM tally_instances \
-         WHERE instance_id = $1), $2 = 0 AND $3 > 0)"
+        " WHERE (SELECT epoch = $2 AND last_seq < $3 FROM tally_instances WHERE instance_id = $1)"
     };
 }
 
 /// A batch's upsert for [`Store::probe`]: unconditional, rolled back.
 const UPSERT: &str = upsert!("$1", "$2", "");
 
+/// Gives an instance id that has none its row, as epoch 0 and nothing applied (what a
+/// missing row stands for), so that `LOCK_SEQ` always has a row to lock. Writes nothing
+/// when the row exists: every claimed instance has one.
+const ENSURE_ROW: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
+     VALUES ($1, 0, 0, now()) ON CONFLICT (instance_id) DO NOTHING";
+
 const LOCK_SEQ: &str =
     "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
 
 /// The statements after `LOCK_SEQ` in a batch's transaction, parameters `$1` instance id,
-/// `$2` epoch, `$3` seq: each writes only if the batch may be written ([`if_claimed`]), so
+/// `$2` epoch, `$3` seq: each writes only if the batch may be written (`if_claimed!`), so
 /// they can be sent before `LOCK_SEQ`'s answer is known and a refused batch writes nothing.
 const UPSERT_IF_CLAIMED: &str = upsert!("$4", "$5", if_claimed!());
 
@@ -352,6 +363,26 @@ fn split<'a>(entries: &[(&'a str, i64)]) -> (Vec<&'a str>, Vec<i64>) {
     entries.iter().copied().unzip()
 }
 
+/// `statement`, noting in `unsent` when it failed before it was sent. A tokio-postgres
+/// query encodes and queues its messages on its first poll and then waits for the answer,
+/// so an error on that first poll means nothing of it went out (it could not be encoded,
+/// or the connection is closed).
+async fn noting_unsent<T, E>(
+    unsent: &AtomicBool,
+    statement: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let mut statement = pin!(statement);
+    let mut first = true;
+    poll_fn(|cx| {
+        let poll = statement.as_mut().poll(cx);
+        if mem::take(&mut first) && matches!(poll, Poll::Ready(Err(_))) {
+            unsent.store(true, Ordering::Relaxed);
+        }
+        poll
+    })
+    .await
+}
+
 #[async_trait]
 impl Store for PgStore {
     fn name(&self) -> &'static str {
@@ -375,6 +406,7 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
+        let ensure_row = client.prepare_cached(ENSURE_ROW).await?;
         let lock_seq = client.prepare_cached(LOCK_SEQ).await?;
         let upsert = client.prepare_cached(UPSERT_IF_CLAIMED).await?;
         let record_seq = client.prepare_cached(RECORD_SEQ_IF_CLAIMED).await?;
@@ -386,43 +418,66 @@ impl Store for PgStore {
             .map(|d| (d.key.as_str(), d.delta, d.reason.as_str()))
             .collect();
         // The whole transaction goes out at once, pipelined on the connection: one round
-        // trip where it took three (`BEGIN`, then the statements, then `COMMIT`), five before
-        // that. The server runs them in order (`biased`: polled, and so sent, in the order
-        // written): the instance's row is locked before anything is written, and every write
-        // is conditional on that row ([`if_claimed`]), so a batch the checks refuse (fenced,
-        // or already applied) commits nothing; the same checks are made below on the lock's
-        // answer, to say why. A statement that fails aborts the transaction, and `COMMIT` then
-        // rolls it back; its error is returned. Sent as soon as first polled, the `COMMIT`
-        // also ends the transaction if this future is dropped (store timeout) before the
-        // answers are read, so the connection goes back to the pool outside a transaction.
+        // trip where it took three (`BEGIN`, then the statements, then `COMMIT`). The server
+        // runs them in order (`biased`: polled, and so sent, in the order written): the
+        // instance's row is locked before anything is written and stays locked to the end, and
+        // every write is conditional on it (`if_claimed!`), so a batch the checks refuse
+        // (fenced, or already applied) commits nothing; the same checks are made below on the
+        // lock's answer, to say why. A statement the server fails aborts the transaction, and
+        // `COMMIT` then rolls it back; its error is returned. A statement that fails before it
+        // is sent (it could not be encoded) turns the `COMMIT` into a `ROLLBACK`, so the others
+        // cannot commit without it. If this future is dropped (store timeout) once sent, the
+        // transaction runs on to its own end, and the connection's next user queues behind it:
+        // the batch may then commit after the caller gave up on it, which the retry's
+        // `last_seq` check covers, as for any lost answer to a `COMMIT`.
+        let unsent = AtomicBool::new(false);
         let id: &(dyn ToSql + Sync) = &batch.instance_id;
         let claim: [&(dyn ToSql + Sync); 3] = [id, &epoch, &seq];
         let upsert_params: [&(dyn ToSql + Sync); 5] = [id, &epoch, &seq, &keys, &deltas];
-        let (begun, row, upserted, set_aside, recorded, committed) = tokio::join!(
+        let (begun, ensured, row, upserted, set_aside, recorded, ended) = tokio::join!(
             biased;
-            client.batch_execute("BEGIN"),
-            client.query_opt(&lock_seq, &claim[..1]),
-            client.execute(&upsert, &upsert_params),
-            async {
+            noting_unsent(&unsent, client.batch_execute("BEGIN")),
+            noting_unsent(&unsent, client.execute(&ensure_row, &claim[..1])),
+            noting_unsent(&unsent, client.query_one(&lock_seq, &claim[..1])),
+            noting_unsent(&unsent, client.execute(&upsert, &upsert_params)),
+            noting_unsent(&unsent, async {
                 if dead.0.is_empty() {
                     return Ok(0);
                 }
-                let params: [&(dyn ToSql + Sync); 6] = [id, &epoch, &seq, &dead.0, &dead.1, &dead.2];
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [id, &epoch, &seq, &dead.0, &dead.1, &dead.2];
                 client.execute(&dead_letters, &params).await
+            }),
+            noting_unsent(&unsent, client.execute(&record_seq, &claim)),
+            // Polled last, after every statement above had its first poll.
+            async {
+                if unsent.load(Ordering::Relaxed) {
+                    client.batch_execute("ROLLBACK").await
+                } else {
+                    client.batch_execute("COMMIT").await
+                }
             },
-            client.execute(&record_seq, &claim),
-            client.batch_execute("COMMIT"),
         );
         begun?;
-        let (last, current) = row?.map_or((0, 0), |r| (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+        ensured?;
+        let row = row?;
+        let (last, current): (i64, i64) = (row.get(0), row.get(1));
         check_epoch(batch.instance_id, batch.epoch, seq_from_sql(current))?;
         if last >= seq {
             return Ok(Applied::AlreadyApplied);
         }
         upserted?;
         set_aside?;
-        recorded?;
-        committed?;
+        let recorded = recorded?;
+        ended?;
+        if recorded != 1 {
+            // Cannot happen: the checks above and the statements' own ran on the same locked
+            // row. Said loudly rather than reported as applied.
+            return Err(StoreError::unavailable(format!(
+                "batch {seq} of {}: its seq was not recorded although the checks passed",
+                batch.instance_id
+            )));
+        }
         Ok(Applied::Committed)
     }
 
@@ -456,5 +511,31 @@ impl Store for PgStore {
         let client = self.pool.get().await?;
         client.simple_query("SELECT 1").await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_statement_failing_on_its_first_poll_counts_as_unsent() {
+        let unsent = AtomicBool::new(false);
+        // Answered after a wait: it was sent, whatever the answer.
+        let answered_later = async {
+            tokio::task::yield_now().await;
+            Err::<(), &str>("server error")
+        };
+        assert!(noting_unsent(&unsent, answered_later).await.is_err());
+        assert!(!unsent.load(Ordering::Relaxed));
+        assert_eq!(
+            noting_unsent(&unsent, async { Ok::<_, ()>(1) }).await,
+            Ok(1)
+        );
+        assert!(!unsent.load(Ordering::Relaxed));
+        // Failed at once: never sent.
+        let refused = std::future::ready(Err::<(), &str>("cannot encode"));
+        assert!(noting_unsent(&unsent, refused).await.is_err());
+        assert!(unsent.load(Ordering::Relaxed));
     }
 }
