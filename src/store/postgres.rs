@@ -472,7 +472,8 @@ impl Store for PgStore {
         ended?;
         if recorded != 1 {
             // Cannot happen: the checks above and the statements' own ran on the same locked
-            // row. Said loudly rather than reported as applied.
+            // row. Said loudly rather than reported as applied; the retry is safe, because the
+            // upsert ran under the same condition as the seq upsert, so it wrote nothing either.
             return Err(StoreError::unavailable(format!(
                 "batch {seq} of {}: its seq was not recorded although the checks passed",
                 batch.instance_id
