@@ -5,7 +5,7 @@
 //! request (the route's and its method router's), a `Oneshot` and the body-limit layer's
 //! extension, each of them polled again when the request waits for the journal. Here the
 //! connection's service ([`super::serve`]) recognises the route by method and path and
-//! calls the same pieces directly: the [`Observe`](super::observe) future (duration metric
+//! calls the same pieces directly: the `Observe` future of `http::observe` (duration metric
 //! and request deadline, labelled `/increment`), the guards in the router's order
 //! (authorization, then the rate limit), the same extractors' checks and the same handler
 //! body. Every other request, `/increment` with another method included, goes to the router

@@ -123,7 +123,7 @@ impl BodyBudget {
     ///
     /// # Errors
     ///
-    /// [`ApiError::BodiesFull`] when the budget has no room for it now.
+    /// `ApiError::BodiesFull` when the budget has no room for it now.
     pub fn reserve(&self, len: usize) -> Result<Option<OwnedSemaphorePermit>, ApiError> {
         if len <= SMALL_BODY_BYTES {
             return Ok(None);

@@ -35,7 +35,7 @@
 //!
 //! Shutdown: when `stop` is cancelled the listener closes, idle kept-alive connections are
 //! closed, requests in flight finish (hyper's graceful shutdown, asked of each connection
-//! through its [`ConnState`]), and a connection that has not sent its first request yet gets
+//! through its `ConnState`), and a connection that has not sent its first request yet gets
 //! until the header timeout; [`serve`] returns once every connection task has ended (a
 //! panicked one included). The caller bounds that wait.
 
