@@ -146,8 +146,8 @@ pub struct RunArgs {
     /// Connection pool of the `sync` baseline.
     #[arg(long, default_value_t = 16)]
     pub sync_pool_size: usize,
-    /// Where to write results. Default: `bench/results/<UTC timestamp>` (bench/results/quick
-    /// with --quick).
+    /// Where to write results. Default: bench/results/YYYY-MM-DDTHH-MM-SSZ (the run's start,
+    /// UTC), or bench/results/quick with --quick.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
