@@ -34,7 +34,7 @@
 //! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
 //! buffer (no allocation of its own), notes the journal position where its record ends, and
 //! leaves its task's waker beside the record, under the same lock. One dedicated
-//! writer thread (a `SCHED_BATCH` one: see `writer::yield_to_requests`) sleeps on a
+//! writer thread (a `SCHED_BATCH` one: see `crate::sched`) sleeps on a
 //! condition variable until something is queued (appends wake it only while it sleeps),
 //! swaps the buffer for an empty one, writes the whole group with one
 //! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
@@ -555,7 +555,7 @@ impl Journal {
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
-                writer::yield_to_requests();
+                crate::sched::yield_to_requests();
                 writer.run()
             })
             .map_err(io_err("spawn the writer thread for", dir))?;

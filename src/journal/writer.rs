@@ -114,22 +114,6 @@ pub(super) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
     }
 }
 
-/// Puts the calling thread (the writer) under `SCHED_BATCH`, so that its wake-ups do not
-/// preempt the Tokio worker running on its core: the scheduler lets a batch thread run when a
-/// core comes free or at the next tick, not the moment its condition variable or its fsync
-/// returns. Under load that preemption was most of the context switches the journal added;
-/// with nothing else to run, a woken writer still gets an idle core at once. Measured
-/// (`side-by-side.sh`, 400 clients, docs/benchmarks.md): 0.15 → 0.10 context switches per
-/// request, throughput and p99 level. Best effort: a sandbox that forbids the call leaves
-/// the thread as it was.
-pub(super) fn yield_to_requests() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `sched_setscheduler` reads `param` only; pid 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "Cannot make the journal writer a batch thread; it keeps the default policy.");
-    }
-}
-
 /// Room a failed journal needs before it takes appends again.
 pub(super) const PROBE_BYTES: usize = 1 << 20;
 

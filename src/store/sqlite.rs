@@ -200,6 +200,9 @@ impl Store for SqliteStore {
         let dead = batch.dead_letters.to_vec();
         let batch_epoch = batch.epoch;
         Self::with(&self.write, move |conn| {
+            // ack=store requests wait for this; the workers serving the rest should not be
+            // preempted by it (see `crate::sched`).
+            let _batch = crate::sched::BatchScope::enter();
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let (last, current): (i64, i64) = tx
                 .query_row(
