@@ -4,8 +4,9 @@
 //! one connection (SQLite allows one writer at a time anyway); reads use a second one, which
 //! WAL mode lets proceed while a batch is being written.
 //!
-//! SQLite turns an integer sum that overflows into a float, so sums are computed in Rust
-//! with checked arithmetic instead of `value = value + ?` in SQL.
+//! SQLite turns an integer sum that overflows into a float, so a batch's sums are added in
+//! SQL only behind a bounds check that cannot overflow itself ([`ADD_CHECKED`]); the keys of a
+//! refused batch are named with checked arithmetic in Rust.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -137,6 +138,26 @@ fn migrate(conn: &mut Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
+/// Adds `?2` to key `?1`'s counter in one statement (one lookup of the key, where reading the
+/// sum first and writing it back took two). SQLite turns an integer sum that overflows into
+/// a float, and a float at -2^63 would even be stored back as the integer -2^63, so the
+/// bounds are checked before adding, in integers that cannot overflow themselves: a sum that
+/// would leave the i64 range becomes NULL, which the column's NOT NULL refuses. Measured under
+/// ack=store, full workload: CPU per request lower in 4 of 4 rounds, +8 % throughput on
+/// average (docs/benchmarks.md).
+const ADD_CHECKED: &str = "INSERT INTO counters (key, value, updated_at) VALUES (?1, ?2, ?3) \
+     ON CONFLICT (key) DO UPDATE SET value = CASE \
+         WHEN excluded.value > 0 AND value > 9223372036854775807 - excluded.value THEN NULL \
+         WHEN excluded.value < 0 AND value < (-9223372036854775807 - 1) - excluded.value THEN NULL \
+         ELSE value + excluded.value END, \
+     updated_at = excluded.updated_at";
+
+/// Whether `e` is a NOT NULL constraint failing: how [`ADD_CHECKED`] refuses a sum.
+fn is_not_null_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_NOTNULL)
+}
+
 /// New sums for `entries` on top of what `conn` holds, refusing any outside the i64 range.
 fn new_sums(
     conn: &Connection,
@@ -220,15 +241,22 @@ impl Store for SqliteStore {
             if last >= seq {
                 return Ok(Applied::AlreadyApplied);
             }
-            let sums = new_sums(&tx, &entries)?.map_err(rejected)?;
             let now = now();
             {
-                let mut put = tx.prepare_cached(
-                    "INSERT INTO counters (key, value, updated_at) VALUES (?1, ?2, ?3) \
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                )?;
-                for ((key, _), sum) in entries.iter().zip(sums) {
-                    put.execute(params![key, sum, now])?;
+                let mut put = tx.prepare_cached(ADD_CHECKED)?;
+                for (key, delta) in &entries {
+                    match put.execute(params![key, delta, now]) {
+                        Ok(_) => {}
+                        Err(e) if is_not_null_violation(&e) => {
+                            // A sum would leave the i64 range: nothing of the batch goes in,
+                            // and the keys are named the checked way.
+                            drop(put);
+                            tx.rollback()?;
+                            let keys = new_sums(conn, &entries)?.err().unwrap_or_default();
+                            return Err(rejected(keys));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 let mut dl = tx.prepare_cached(
                     "INSERT INTO tally_dead_letters (instance_id, seq, key, delta, reason, created_at) \
