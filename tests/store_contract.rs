@@ -267,6 +267,38 @@ async fn a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied(backe
 }
 on_both_stores!(a_sum_beyond_64_bits_is_rejected_and_nothing_of_the_batch_applied);
 
+async fn sums_reach_both_ends_of_the_range_and_no_further(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    let setup = [("high", i64::MAX - 1), ("low", i64::MIN + 1), ("zero", 0)];
+    store.apply(batch("i1", 1, &setup)).await.expect("apply");
+    let to_the_ends = [("high", 1), ("low", -1), ("zero", i64::MIN)];
+    assert_eq!(
+        store
+            .apply(batch("i1", 2, &to_the_ends))
+            .await
+            .expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(value(&*store, "high").await, Some(i64::MAX));
+    assert_eq!(value(&*store, "low").await, Some(i64::MIN));
+    assert_eq!(value(&*store, "zero").await, Some(i64::MIN));
+    for entries in [[("high", 1)], [("low", -1)], [("zero", -1)]] {
+        let refused = store.apply(batch("i1", 3, &entries)).await;
+        assert!(
+            matches!(&refused, Err(StoreError::Rejected { keys, .. }) if keys.is_empty() || keys == &[entries[0].0]),
+            "{entries:?}: want Rejected naming the key, got {refused:?}"
+        );
+    }
+    assert_eq!(
+        value(&*store, "low").await,
+        Some(i64::MIN),
+        "nothing wrapped"
+    );
+    assert_eq!(last_seq(&*store, "i1").await, 2);
+}
+on_both_stores!(sums_reach_both_ends_of_the_range_and_no_further);
+
 async fn probe_checks_without_writing(backend: Backend) {
     let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
