@@ -20,6 +20,10 @@ pub(super) const SQLITE: &[Migration] = &[
         version: 2,
         sql: include_str!("../../migrations/sqlite/0002_fencing.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../../migrations/sqlite/0003_without_rowid.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
