@@ -518,3 +518,47 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
     assert_eq!(third.last_seq, 2);
 }
 on_both_stores!(a_new_claim_fences_off_the_previous_holder);
+
+/// A batch abandoned midway (`--store-timeout` drops its future while the database holds it
+/// up) must not leave its connection in the pool: the next operation would queue behind the
+/// abandoned transaction. A second session holds the instance's row lock, so the batch waits
+/// on it; the store, with one connection, must still answer a read at once. The abandoned
+/// batch may land once the lock goes (its statements were sent); the retry is then skipped
+/// as already applied, and the key counts the batch once.
+#[tokio::test]
+async fn postgres_an_abandoned_batch_does_not_hold_up_the_next_operation() {
+    let Some(db) = pg::PgDatabase::create("abandoned_batch").await else {
+        return;
+    };
+    let store = PgStore::connect(&db.url, 1).await.expect("connect");
+    let one = [("k", 1)];
+    assert_eq!(
+        store.apply(batch("i1", 1, &one)).await.expect("apply"),
+        Applied::Committed
+    );
+    let holder = pg::client(&db.url).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM tally_instances WHERE instance_id = 'i1' FOR UPDATE")
+        .await
+        .expect("hold the instance's row");
+    let held = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        store.apply(batch("i1", 2, &one)),
+    )
+    .await;
+    assert!(held.is_err(), "the batch waits for the held row: {held:?}");
+
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), store.read("k", "i1"))
+        .await
+        .expect("a read answered while the abandoned batch still waits")
+        .expect("read");
+    assert_eq!((read.value, read.applied_seq), (Some(1), 1));
+
+    holder.batch_execute("ROLLBACK").await.expect("release");
+    let retried = store.apply(batch("i1", 2, &one)).await.expect("retry");
+    assert!(
+        matches!(retried, Applied::Committed | Applied::AlreadyApplied),
+        "{retried:?}"
+    );
+    assert_eq!(value(&store, "k").await, Some(2), "batch 2 counted once");
+}

@@ -122,6 +122,48 @@ const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, 
      updated_at = EXCLUDED.updated_at \
      RETURNING last_seq, epoch";
 
+/// A connection from the pool that goes back to it only when its user says it ended its
+/// work cleanly ([`Conn::release`]). One dropped in the middle of a statement (an attempt
+/// that `--store-timeout` gave up on) or after an error is taken out of the pool and closed
+/// instead: it may still be running the abandoned transaction, and the next user would
+/// queue behind it. This is what lets the pool skip the check query on reuse.
+struct Conn(Option<deadpool_postgres::Client>);
+
+impl Conn {
+    async fn get(pool: &Pool) -> Result<Self, StoreError> {
+        Ok(Self(Some(pool.get().await?)))
+    }
+
+    /// Back to the pool, for reuse.
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &Self::Target {
+        // Only `release` and `drop` take the client, and both consume the guard.
+        self.0.as_ref().expect("a connection until released")
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("a connection until released")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            // Detached from the pool; dropping it closes the connection.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// The PostgreSQL backend: a connection pool, plus one connection per claimed instance id
 /// that holds the id's lock.
 #[derive(Clone)]
@@ -202,10 +244,10 @@ impl PgStore {
             config.clone(),
             NoTls,
             ManagerConfig {
-                // Verified: a pooled connection answers a trivial query before it is reused, or
-                // it is dropped for a fresh one. A connection left stuck by an attempt that
-                // --store-timeout abandoned must not be handed to the retry.
-                recycling_method: RecyclingMethod::Verified,
+                // Fast: a pooled connection is reused as it is (unless closed), without a
+                // check query, which was one more round trip before every batch. A connection
+                // that may be stuck never goes back to the pool: see [`Conn`].
+                recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
@@ -226,7 +268,7 @@ impl PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await?;
+        let mut client = Conn::get(&self.pool).await?;
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
@@ -252,6 +294,7 @@ impl PgStore {
             }
         }
         tx.commit().await?;
+        client.release();
         Ok(())
     }
 
@@ -391,8 +434,9 @@ impl Store for PgStore {
 
     async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
         self.hold(instance_id).await?;
-        let client = self.pool.get().await?;
+        let client = Conn::get(&self.pool).await?;
         let row = client.query_one(CLAIM, &[&instance_id]).await?;
+        client.release();
         Ok(Claim {
             last_seq: seq_from_sql(row.get(0)),
             epoch: seq_from_sql(row.get(1)),
@@ -403,7 +447,7 @@ impl Store for PgStore {
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         let seq = seq_to_sql(batch.seq)?;
         let epoch = seq_to_sql(batch.epoch)?;
-        let client = self.pool.get().await?;
+        let client = Conn::get(&self.pool).await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
         let ensure_row = client.prepare_cached(ENSURE_ROW).await?;
@@ -458,6 +502,11 @@ impl Store for PgStore {
                 }
             },
         );
+        // Every statement has its answer, and the transaction ended with the last one (a
+        // COMMIT after a failed statement rolls back): the connection is idle again.
+        if ended.is_ok() {
+            client.release();
+        }
         begun?;
         ensured?;
         let row = row?;
@@ -483,17 +532,18 @@ impl Store for PgStore {
     }
 
     async fn probe(&self, entries: &[(&str, i64)]) -> Result<(), StoreError> {
-        let mut client = self.pool.get().await?;
+        let mut client = Conn::get(&self.pool).await?;
         let tx = client.transaction().await?;
         let (keys, deltas) = split(entries);
         let upsert = tx.prepare_cached(UPSERT).await?;
         tx.execute(&upsert, &[&keys, &deltas]).await?;
         tx.rollback().await?;
+        client.release();
         Ok(())
     }
 
     async fn read(&self, key: &str, instance_id: &str) -> Result<Stored, StoreError> {
-        let client = self.pool.get().await?;
+        let client = Conn::get(&self.pool).await?;
         let row = client
             .query_one(
                 "SELECT (SELECT value FROM counters WHERE key = $1), \
@@ -501,6 +551,7 @@ impl Store for PgStore {
                 &[&key, &instance_id],
             )
             .await?;
+        client.release();
         let seq: Option<i64> = row.get(1);
         Ok(Stored {
             value: row.get(0),
@@ -509,8 +560,9 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let client = self.pool.get().await?;
+        let client = Conn::get(&self.pool).await?;
         client.simple_query("SELECT 1").await?;
+        client.release();
         Ok(())
     }
 }
