@@ -72,6 +72,10 @@ enum Command {
         /// Serve with plain `axum::serve` instead of tally's accept loop.
         #[arg(long)]
         plain_axum: bool,
+        /// Hold every reply until a thread of its own releases its group, after holding
+        /// the group this long (`0s`: release at once); see `noop-axum-deferred`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        defer: Option<std::time::Duration>,
     },
     /// Baseline: parse the JSON body and run one upsert per request, 202 after commit.
     #[command(hide = true)]
@@ -180,9 +184,11 @@ fn main() -> ExitCode {
                 println!("{}", report::capacity_table(&cap));
                 Ok(true)
             }
-            Some(Command::ServeNoop { listen, plain_axum }) => {
-                serve::noop(listen, plain_axum).await.map(|()| true)
-            }
+            Some(Command::ServeNoop {
+                listen,
+                plain_axum,
+                defer,
+            }) => serve::noop(listen, plain_axum, defer).await.map(|()| true),
             Some(Command::ServeSync {
                 listen,
                 database_url,

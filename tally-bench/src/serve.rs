@@ -6,12 +6,20 @@
 //!   server on this stack does less.
 //! - `noop-axum`: the same route served by plain `axum::serve` (no header deadline), to show
 //!   what tally's hardened accept loop costs.
+//! - `noop-axum-deferred`: `noop-axum` whose every reply waits until a thread of its own
+//!   releases it, in groups, as `ack=journal` holds each reply until its group's fsync; no
+//!   disk, no parsing, nothing else of tally's. What any server on this stack pays for a reply
+//!   that another thread releases: the ceiling for `ack=journal` (see [`Gate`]).
 //! - `sync`: the naive design done as well as it can be: parse the JSON body like tally,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE SET value = value + $2` per request through a
 //!   deadpool-postgres pool with a prepared statement, 202 after the commit.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -54,15 +62,115 @@ async fn shutdown_signal() {
     }
 }
 
-/// `tally-bench serve-noop`: on tally's accept loop, or on `axum::serve` with `plain_axum`.
-pub async fn noop(listen: SocketAddr, plain_axum: bool) -> anyhow::Result<()> {
+/// Replies held until a thread of their own releases them, group by group: the shape of
+/// tally's journal (`tally::journal`: a waker left under one lock, a thread woken only while
+/// it sleeps, a group taken whole and its waiters woken once it is released) without the
+/// record, the file or the fsync. `hold` stands in for the fsync's time: the thread sleeps
+/// that long (no CPU) with the group taken, so that the next one gathers meanwhile.
+struct Gate {
+    queue: Mutex<GateQueue>,
+    wake: Condvar,
+    /// Groups `0..released` have been released.
+    released: AtomicU64,
+    hold: Duration,
+}
+
+#[derive(Default)]
+struct GateQueue {
+    wakers: Vec<Waker>,
+    /// The group the waiters queued now belong to.
+    group: u64,
+    /// The thread waits on `wake`: the next waiter notifies it.
+    idle: bool,
+}
+
+impl Gate {
+    fn start(hold: Duration) -> anyhow::Result<Arc<Self>> {
+        let gate = Arc::new(Self {
+            queue: Mutex::default(),
+            wake: Condvar::new(),
+            released: AtomicU64::new(0),
+            hold,
+        });
+        let releaser = Arc::clone(&gate);
+        std::thread::Builder::new()
+            .name("noop-gate".into())
+            .spawn(move || releaser.run())
+            .context("cannot start the gate thread")?;
+        Ok(gate)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, GateQueue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The releasing thread: takes each group whole, holds it, releases it.
+    fn run(&self) {
+        loop {
+            let mut queue = self.queue();
+            while queue.wakers.is_empty() {
+                queue.idle = true;
+                queue = self
+                    .wake
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            let wakers = std::mem::take(&mut queue.wakers);
+            let group = queue.group;
+            queue.group += 1;
+            drop(queue);
+            if !self.hold.is_zero() {
+                std::thread::sleep(self.hold);
+            }
+            self.released.store(group + 1, Ordering::Release);
+            wakers.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Waits until the group this call joins is released.
+    async fn pass(&self) {
+        let mut joined: Option<u64> = None;
+        poll_fn(|cx| {
+            if joined.is_some_and(|g| self.released.load(Ordering::Acquire) > g) {
+                return Poll::Ready(());
+            }
+            let mut queue = self.queue();
+            queue.wakers.push(cx.waker().clone());
+            joined = Some(queue.group);
+            if std::mem::take(&mut queue.idle) {
+                drop(queue);
+                self.wake.notify_one();
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+}
+
+/// `tally-bench serve-noop`: on tally's accept loop, or on `axum::serve` with `plain_axum`;
+/// with `defer`, every reply waits for a [`Gate`] holding each group that long.
+pub async fn noop(
+    listen: SocketAddr,
+    plain_axum: bool,
+    defer: Option<Duration>,
+) -> anyhow::Result<()> {
     async fn accept(_body: Bytes) -> StatusCode {
         StatusCode::ACCEPTED
     }
-    let app = Router::new()
-        .route("/increment", post(accept))
-        .route("/increments", post(accept))
-        .route("/healthz", get(healthz));
+    async fn accept_deferred(State(gate): State<Arc<Gate>>, _body: Bytes) -> StatusCode {
+        gate.pass().await;
+        StatusCode::ACCEPTED
+    }
+    let app = match defer {
+        None => Router::new()
+            .route("/increment", post(accept))
+            .route("/increments", post(accept)),
+        Some(hold) => Router::new()
+            .route("/increment", post(accept_deferred))
+            .route("/increments", post(accept_deferred))
+            .with_state(Gate::start(hold)?),
+    }
+    .route("/healthz", get(healthz));
     if plain_axum {
         return serve(listen, app).await;
     }
@@ -129,4 +237,36 @@ pub async fn sync(listen: SocketAddr, url: &str, pool_size: usize) -> anyhow::Re
         .route("/healthz", get(healthz))
         .with_state(Arc::new(pool));
     serve(listen, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deferred_reply_is_released_with_its_group_and_not_before_the_hold() {
+        let hold = Duration::from_millis(50);
+        let gate = Gate::start(hold).expect("the gate thread starts");
+        let started = std::time::Instant::now();
+        let waiters: Vec<_> = (0..200)
+            .map(|_| {
+                let gate = Arc::clone(&gate);
+                tokio::spawn(async move {
+                    gate.pass().await;
+                    started.elapsed()
+                })
+            })
+            .collect();
+        for waiter in waiters {
+            let waited = tokio::time::timeout(Duration::from_secs(10), waiter)
+                .await
+                .expect("every waiter is released")
+                .expect("no waiter panics");
+            assert!(waited >= hold, "released after {waited:?}, within the hold");
+        }
+        assert!(
+            gate.released.load(Ordering::Acquire) >= 1,
+            "released as a group"
+        );
+    }
 }

@@ -29,6 +29,9 @@ pub enum Kind {
     Noop,
     /// The no-op route on plain `axum::serve`.
     NoopAxum,
+    /// `NoopAxum` whose replies wait for a thread that releases them in groups, each held
+    /// [`DEFERRED_HOLD`]: what a reply released by another thread costs on this stack.
+    NoopAxumDeferred,
     Sync,
     Tally {
         ack: &'static str,
@@ -49,6 +52,11 @@ pub enum Guard {
     /// every request and never refuses one.
     RateLimit,
 }
+
+/// How long `noop-axum-deferred`'s thread holds each group before releasing it: about one
+/// `fdatasync` on the benchmark machine's idle disk (its median was 0.24 ms, see
+/// docs/benchmarks.md). Over 100–500 µs its throughput was level.
+pub const DEFERRED_HOLD: &str = "250us";
 
 /// The static token of the `-token` variants.
 pub const BENCH_TOKEN: &str = "tally-bench-static-token-0123456789";
@@ -109,6 +117,10 @@ pub fn all_variants() -> Vec<Variant> {
         Variant {
             name: "noop-axum".into(),
             kind: Kind::NoopAxum,
+        },
+        Variant {
+            name: "noop-axum-deferred".into(),
+            kind: Kind::NoopAxumDeferred,
         },
         Variant {
             name: "sync-pg".into(),
@@ -593,6 +605,17 @@ async fn measure(
                 addr.to_string(),
             ],
         ),
+        Kind::NoopAxumDeferred => (
+            ctx.self_bin.clone(),
+            vec![
+                "serve-noop".into(),
+                "--plain-axum".into(),
+                "--defer".into(),
+                DEFERRED_HOLD.into(),
+                "--listen".into(),
+                addr.to_string(),
+            ],
+        ),
         Kind::Sync => (
             ctx.self_bin.clone(),
             vec![
@@ -750,7 +773,7 @@ async fn measure(
         .map(|(b, a)| pg::used_between(&b, &a) / run_secs.max(1e-6));
 
     let check = match variant.kind {
-        Kind::Noop | Kind::NoopAxum => None,
+        Kind::Noop | Kind::NoopAxum | Kind::NoopAxumDeferred => None,
         _ => {
             let stored = match db {
                 Some(db) => db.total().await?,
