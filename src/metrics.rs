@@ -39,6 +39,10 @@ pub const FLUSH_KEYS: &str = "tally_flush_keys";
 pub const FLUSH_DURATION: &str = "tally_flush_duration_seconds";
 /// Age of the oldest delta not yet in the store.
 pub const FLUSH_LAG: &str = "tally_flush_lag_seconds";
+/// PostgreSQL connections closed instead of going back to the pool, because their last use
+/// did not finish cleanly: an error, or an attempt that `--store-timeout` gave up on (which
+/// may still be running on the server, so the next user would queue behind it).
+pub const STORE_CONNECTIONS_DISCARDED: &str = "tally_store_connections_discarded_total";
 /// Deltas set aside in the dead-letter table because the store refused them.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 /// Time of one journal fsync (one group).
@@ -77,6 +81,8 @@ pub struct Metrics {
     pub connections_yielded: Counter,
     /// [`DEAD_LETTERS`].
     pub dead_letters: Counter,
+    /// [`STORE_CONNECTIONS_DISCARDED`].
+    pub store_connections_discarded: Counter,
     /// [`PENDING_KEYS`].
     pub pending_keys: Gauge,
     /// [`FLUSH_LAG`].
@@ -180,6 +186,7 @@ impl Metrics {
                 rate_limited: metrics::counter!(RATE_LIMITED),
                 connections_yielded: metrics::counter!(CONNECTIONS_YIELDED),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
+                store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
                 pending_keys: metrics::gauge!(PENDING_KEYS),
                 flush_lag: metrics::gauge!(FLUSH_LAG),
                 journal_failed: metrics::gauge!(JOURNAL_FAILED),

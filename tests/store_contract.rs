@@ -5,6 +5,12 @@
 mod both_stores;
 #[path = "common/mod.rs"]
 mod common;
+#[allow(
+    dead_code,
+    reason = "no app runs here to scrape: the recorder is read directly"
+)]
+#[path = "common/metrics.rs"]
+mod metrics;
 #[path = "common/pg.rs"]
 mod pg;
 #[path = "common/store.rs"]
@@ -541,12 +547,23 @@ async fn postgres_an_abandoned_batch_does_not_hold_up_the_next_operation() {
         .batch_execute("BEGIN; SELECT 1 FROM tally_instances WHERE instance_id = 'i1' FOR UPDATE")
         .await
         .expect("hold the instance's row");
+    let discarded = || {
+        metrics::metric(
+            &tally::metrics::handle().render(),
+            "tally_store_connections_discarded_total",
+        )
+    };
+    let discarded_before = discarded();
     let held = tokio::time::timeout(
         std::time::Duration::from_millis(300),
         store.apply(batch("i1", 2, &one)),
     )
     .await;
     assert!(held.is_err(), "the batch waits for the held row: {held:?}");
+    assert!(
+        discarded() > discarded_before,
+        "the abandoned batch's connection is counted as discarded"
+    );
 
     let read = tokio::time::timeout(std::time::Duration::from_secs(3), store.read("k", "i1"))
         .await

@@ -160,6 +160,9 @@ impl Drop for Conn {
         if let Some(client) = self.0.take() {
             // Detached from the pool; dropping it closes the connection.
             drop(deadpool_postgres::Object::take(client));
+            crate::metrics::Metrics::global()
+                .store_connections_discarded
+                .increment(1);
             tracing::debug!(
                 "Closed a PostgreSQL connection whose last use did not finish cleanly (an error, or an attempt given up on); the pool opens a fresh one."
             );

@@ -10,7 +10,7 @@
 //! | `store.rs` | reading every counter with plain SQL | api, durability, store_contract |
 //! | `app.rs` | `TestApp`: the app in process on port 0 | api, durability, hardening |
 //! | `requests.rs` | `TestApp`'s increment/read requests | api |
-//! | `metrics.rs` | scraping `/metrics` | api, durability, hardening |
+//! | `metrics.rs` | scraping `/metrics` | api, durability, hardening, store_contract |
 //! | `rng.rs` | a seeded generator for test traffic | api, durability |
 //!
 //! A binary includes them as modules of its root, `#[path = "../common/pg.rs"] mod pg;`,
