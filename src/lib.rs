@@ -49,7 +49,7 @@ pub mod journal;
 pub mod key;
 pub mod metrics;
 mod recovery;
-mod sched;
+pub mod sched;
 pub mod shutdown;
 pub mod startup;
 pub mod store;

@@ -26,7 +26,7 @@ fn set_policy(policy: libc::c_int) -> bool {
 
 /// Puts the calling thread, for good, under `SCHED_BATCH` (a thread of its own, such as the
 /// journal writer).
-pub(crate) fn yield_to_requests() {
+pub fn yield_to_requests() {
     set_policy(libc::SCHED_BATCH);
 }
 

@@ -66,7 +66,8 @@ async fn shutdown_signal() {
 /// tally's journal (`tally::journal`: a waker left under one lock, a thread woken only while
 /// it sleeps, a group taken whole and its waiters woken once it is released) without the
 /// record, the file or the fsync. `hold` stands in for the fsync's time: the thread sleeps
-/// that long (no CPU) with the group taken, so that the next one gathers meanwhile.
+/// that long (no CPU) with the group taken, so that the next one gathers meanwhile. The thread
+/// runs under `SCHED_BATCH`, as the journal writer does.
 struct Gate {
     queue: Mutex<GateQueue>,
     wake: Condvar,
@@ -95,7 +96,11 @@ impl Gate {
         let releaser = Arc::clone(&gate);
         std::thread::Builder::new()
             .name("noop-gate".into())
-            .spawn(move || releaser.run())
+            .spawn(move || {
+                // The journal writer's policy, so that the two differ only in their work.
+                tally::sched::yield_to_requests();
+                releaser.run();
+            })
             .context("cannot start the gate thread")?;
         Ok(gate)
     }
