@@ -305,6 +305,10 @@ fn describe() {
         "Age of the oldest delta not yet stored."
     );
     describe_counter!(
+        STORE_CONNECTIONS_DISCARDED,
+        "PostgreSQL connections closed instead of pooled after an unclean use (an error, or an attempt given up on)."
+    );
+    describe_counter!(
         DEAD_LETTERS,
         "Deltas set aside because the store refused them."
     );
