@@ -32,10 +32,6 @@ use super::{
 /// the flusher retries anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a pooled connection may take to answer the check before reuse; a healthy one
-/// answers in well under a millisecond.
-const RECYCLE_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Unacknowledged-data limit and keepalive idle time of every connection (see `connect`).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -261,7 +257,6 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(RECYCLE_TIMEOUT))
             .build()
             .map_err(StoreError::unavailable)?;
         let store = Self {

@@ -521,8 +521,9 @@ pub fn targets_md(results: &Results) -> String {
         ),
         Some(checks.iter().all(|c| *c)),
     );
-    // Not targets: the same ratio for a no-op whose reply another thread releases, the least
-    // an asynchronous acknowledgement costs on this stack, to read the journal's against.
+    // Not targets: the same ratio for a no-op whose reply another thread releases, what an
+    // asynchronous acknowledgement costs on axum's multi-thread runtime, to read the
+    // journal's against.
     for w in ["hot", "full"] {
         if let Some(s) = find(&all, w, "noop-axum-deferred") {
             let _ = writeln!(

@@ -8,8 +8,9 @@
 //!   what tally's hardened accept loop costs.
 //! - `noop-axum-deferred`: `noop-axum` whose every reply waits until a thread of its own
 //!   releases it, in groups, as `ack=journal` holds each reply until its group's fsync; no
-//!   disk, no parsing, nothing else of tally's. What any server on this stack pays for a reply
-//!   that another thread releases: the ceiling for `ack=journal` (see [`Gate`]).
+//!   disk, no parsing, nothing else of tally's. What a reply that another thread releases
+//!   costs on axum's multi-thread runtime, the layout tally serves on: the ceiling for
+//!   `ack=journal` there (see [`Gate`]).
 //! - `sync`: the naive design done as well as it can be: parse the JSON body like tally,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE SET value = value + $2` per request through a
 //!   deadpool-postgres pool with a prepared statement, 202 after the commit.
@@ -269,9 +270,9 @@ mod tests {
                 .expect("no waiter panics");
             assert!(waited >= hold, "released after {waited:?}, within the hold");
         }
-        assert!(
-            gate.released.load(Ordering::Acquire) >= 1,
-            "released as a group"
-        );
+        // All 200 queue within the first group's hold, so they leave in a few groups, not
+        // one by one.
+        let groups = gate.released.load(Ordering::Acquire);
+        assert!(groups <= 20, "200 waiters released in {groups} groups");
     }
 }

@@ -30,7 +30,8 @@ pub enum Kind {
     /// The no-op route on plain `axum::serve`.
     NoopAxum,
     /// `NoopAxum` whose replies wait for a thread that releases them in groups, each held
-    /// [`DEFERRED_HOLD`]: what a reply released by another thread costs on this stack.
+    /// [`DEFERRED_HOLD`]: what a reply released by another thread costs on axum's
+    /// multi-thread runtime.
     NoopAxumDeferred,
     Sync,
     Tally {
@@ -596,26 +597,14 @@ async fn measure(
             ctx.self_bin.clone(),
             vec!["serve-noop".into(), "--listen".into(), addr.to_string()],
         ),
-        Kind::NoopAxum => (
-            ctx.self_bin.clone(),
-            vec![
-                "serve-noop".into(),
-                "--plain-axum".into(),
-                "--listen".into(),
-                addr.to_string(),
-            ],
-        ),
-        Kind::NoopAxumDeferred => (
-            ctx.self_bin.clone(),
-            vec![
-                "serve-noop".into(),
-                "--plain-axum".into(),
-                "--defer".into(),
-                DEFERRED_HOLD.into(),
-                "--listen".into(),
-                addr.to_string(),
-            ],
-        ),
+        Kind::NoopAxum | Kind::NoopAxumDeferred => {
+            let mut args = vec!["serve-noop".into(), "--plain-axum".into()];
+            if matches!(variant.kind, Kind::NoopAxumDeferred) {
+                args.extend(["--defer".into(), DEFERRED_HOLD.into()]);
+            }
+            args.extend(["--listen".into(), addr.to_string()]);
+            (ctx.self_bin.clone(), args)
+        }
         Kind::Sync => (
             ctx.self_bin.clone(),
             vec![
