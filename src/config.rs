@@ -418,6 +418,11 @@ pub struct HttpConfig {
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = nonzero(DEFAULT_MAX_CONNECTIONS))]
     pub max_connections: NonZeroUsize,
 
+    /// Threads that serve HTTP connections, each running its own connections from accept
+    /// to close [default: one per CPU].
+    #[arg(long, env = "TALLY_HTTP_THREADS")]
+    pub http_threads: Option<NonZeroUsize>,
+
     /// On shutdown, how long to keep retrying the final flush before giving up (the journal
     /// still holds what was not written).
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "30s",
@@ -687,6 +692,12 @@ impl Config {
 }
 
 impl HttpConfig {
+    /// `--http-threads`, or its default.
+    pub fn threads(&self) -> NonZeroUsize {
+        self.http_threads
+            .unwrap_or_else(crate::http::threads::default_count)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         positive("header-read-timeout", self.header_read_timeout)?;
         positive("idle-timeout", self.idle_timeout)?;
@@ -887,13 +898,15 @@ impl fmt::Display for HttpConfig {
         write!(
             f,
             "listen={} metrics-listen={} header-read-timeout={} idle-timeout={} \
-             request-timeout={} max-connections={} shutdown-delay={} shutdown-timeout={}",
+             request-timeout={} max-connections={} http-threads={} shutdown-delay={} \
+             shutdown-timeout={}",
             self.listen,
             Or(self.metrics_listen.as_ref(), "(main listener)"),
             human(self.header_read_timeout),
             human(self.idle_timeout),
             human(self.request_timeout),
             self.max_connections,
+            self.threads(),
             human(self.shutdown_delay),
             human(self.shutdown_timeout),
         )

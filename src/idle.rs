@@ -1,5 +1,5 @@
-//! Knows when every worker thread of the Tokio runtime has run out of work and is about to
-//! park: a sign that the requests that were in the process have been served, so few more
+//! Knows when every thread serving requests (the workers of the Tokio runtimes that run
+//! connections, [`crate::http::threads`]) has run out of work and is about to park: a sign that the requests that were in the process have been served, so few more
 //! appends to the journal are coming.
 //!
 //! The journal's commit delay uses it ([`crate::journal::Journal::follow_workers`]): the
@@ -21,7 +21,8 @@ use std::sync::{Arc, OnceLock};
 /// Counts the runtime's parked workers and calls one callback when the last one parks.
 #[derive(Default)]
 pub struct IdleWorkers {
-    /// Workers of the runtime; 0 until [`IdleWorkers::set_workers`], so never idle before.
+    /// Workers of the runtimes built so far; 0 until [`IdleWorkers::add_workers`], so never
+    /// idle before.
     workers: AtomicUsize,
     parked: AtomicUsize,
     on_idle: OnceLock<Box<dyn Fn() + Send + Sync>>,
@@ -32,7 +33,9 @@ impl IdleWorkers {
         Arc::default()
     }
 
-    /// Builds the runtime `builder` describes, with the park hooks that keep count.
+    /// Builds the runtime `builder` describes, with the park hooks that keep count. Several
+    /// runtimes may report to one `IdleWorkers` (one current-thread runtime per serving
+    /// thread): it is idle once all their workers are parked.
     ///
     /// # Errors
     ///
@@ -47,12 +50,12 @@ impl IdleWorkers {
             .on_thread_park(move || parking.parking())
             .on_thread_unpark(move || unparked.unparked())
             .build()?;
-        self.set_workers(runtime.metrics().num_workers());
+        self.add_workers(runtime.metrics().num_workers());
         Ok(runtime)
     }
 
-    fn set_workers(&self, workers: usize) {
-        self.workers.store(workers, Ordering::SeqCst);
+    fn add_workers(&self, workers: usize) {
+        self.workers.fetch_add(workers, Ordering::SeqCst);
     }
 
     /// Sets what to call each time the last busy worker parks (once; later calls are
@@ -131,7 +134,7 @@ mod tests {
         let idle = IdleWorkers::new();
         idle.parking();
         assert!(!idle.is_idle());
-        idle.set_workers(1);
+        idle.add_workers(1);
         assert!(idle.is_idle());
         idle.unparked();
         assert!(!idle.is_idle());

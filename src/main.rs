@@ -6,12 +6,10 @@
 //! for a failure while starting or running (one log record with the whole context chain).
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use tally::config::Config;
-use tally::idle::IdleWorkers;
 use tally::startup::App;
 use tally::{shutdown, telemetry};
 use tokio::signal::unix::SignalKind;
@@ -35,13 +33,13 @@ fn main() -> ExitCode {
         return ExitCode::from(USAGE_ERROR);
     }
     telemetry::init(config.log.format);
-    // The runtime `#[tokio::main]` would build, plus hooks that tell the journal when every
-    // worker has run out of work (its commit delay ends then, see `tally::idle`).
-    let idle = IdleWorkers::new();
-    let result = idle
-        .build(tokio::runtime::Builder::new_multi_thread().enable_all())
+    // The runtime `#[tokio::main]` would build. It runs start-up, the flusher and the
+    // accept loop; connections run on serving threads of their own (`tally::http::threads`).
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
         .context("cannot start the Tokio runtime")
-        .and_then(|runtime| runtime.block_on(run(config, &idle)));
+        .and_then(|runtime| runtime.block_on(run(config)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -52,7 +50,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, idle: &Arc<IdleWorkers>) -> anyhow::Result<()> {
+async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can answer /healthz: a SIGTERM from then on drains instead of killing.
     let stop = shutdown::signal().context("cannot install the SIGTERM/SIGINT handlers")?;
     // Everything tally creates (data directory, journal, SQLite files, lock, instance id) is
@@ -66,7 +64,5 @@ async fn run(config: Config, idle: &Arc<IdleWorkers>) -> anyhow::Result<()> {
         tokio::signal::unix::signal(SignalKind::from_raw(libc::SIGXFSZ))
             .context("cannot install the SIGXFSZ handler")?,
     );
-    let app = App::build(config).await?;
-    app.follow_workers(idle);
-    app.run_until(stop).await
+    App::build(config).await?.run_until(stop).await
 }

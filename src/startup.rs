@@ -23,6 +23,7 @@ use crate::http::BodyBudget;
 use crate::http::auth::Auth;
 use crate::http::rate_limit::RateLimiter;
 use crate::http::serve::{ServeOptions, serve};
+use crate::http::threads::ServingThreads;
 use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
@@ -216,14 +217,6 @@ impl App {
         &self.state.instance_id
     }
 
-    /// Lets the journal's commit delay end as soon as every worker of the runtime behind
-    /// `idle` runs out of work ([`Journal::follow_workers`]). Only `ack=journal` appends.
-    pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
-        if let Some(journal) = &self.state.journal {
-            journal.follow_workers(idle);
-        }
-    }
-
     /// Serves until `shutdown` resolves, then drains (see [`crate::shutdown`]).
     ///
     /// # Errors
@@ -248,6 +241,16 @@ impl App {
             ));
         }
 
+        // The serving threads report to `idle`, so that the journal's commit delay ends as
+        // soon as every one of them runs out of work (see `crate::idle`).
+        let idle = IdleWorkers::new();
+        let threads = ServingThreads::start(config.http.threads(), &idle)
+            .context("cannot start the HTTP serving threads")?;
+        if let Some(journal) = &state.journal {
+            journal.follow_workers(&idle);
+        }
+        let threads = Arc::new(threads);
+
         let http_stop = CancellationToken::new();
         let draining = state.draining.clone();
         let metrics_state = Arc::clone(&state);
@@ -259,6 +262,7 @@ impl App {
             // Only the guards read the peer address (the rate limit, the failed-auth budget).
             connect_info: router.rate_limit.is_some() || router.auth.is_some(),
             draining: draining.clone(),
+            threads: Some(Arc::clone(&threads)),
         };
         let app = http::app(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);
@@ -267,8 +271,10 @@ impl App {
         let metrics_server = metrics_listener.map(|listener| {
             let address = listener.local_addr().unwrap_or(address);
             tracing::info!(%address, "Serving /metrics on its own listener.");
+            // Scrapes run as tasks of this runtime, apart from the requests.
             let options = ServeOptions {
                 connect_info: false,
+                threads: None,
                 ..options.clone()
             };
             tokio::spawn(serve(
@@ -306,6 +312,9 @@ impl App {
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
+        // Every connection has ended (or was abandoned): the serving threads can go.
+        drop(options);
+        drop(threads);
         tracing::info!("HTTP server stopped; flushing what is pending.");
         flush_stop.cancel();
         let drained = flusher.await.context("the flusher task panicked")?;

@@ -451,6 +451,7 @@ mod tests {
             draining: CancellationToken::new(),
             max_connections: 4,
             connect_info: false,
+            threads: None,
         };
         let server = tokio::spawn(serve(listener, router, options, stop.clone()));
         (address, stop, server)
@@ -637,6 +638,7 @@ mod tests {
                     draining: CancellationToken::new(),
                     max_connections: 2,
                     connect_info: false,
+                    threads: None,
                 };
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()

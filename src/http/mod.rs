@@ -22,6 +22,7 @@ mod probes;
 pub(crate) mod rate_limit;
 mod scrape;
 pub mod serve;
+pub mod threads;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -28,6 +28,9 @@
 //!   rather than tower's `ConcurrencyLimit`, because that one counts requests in flight:
 //!   idle keep-alive and slow-loris connections have none, yet each holds a socket, a file
 //!   descriptor and buffers. Only a cap at accept bounds those.
+//! - **Serving threads**: each accepted connection runs on one of [`ServingThreads`]
+//!   (`--http-threads`) from then to its close, when [`ServeOptions::threads`] names them;
+//!   the accept loop, the cap and the registry stay here, shared by all of them.
 //! - **Request deadline**: the same timer watches the deadline of the request in flight
 //!   (`--request-timeout`, set by `observe`).
 //! - The peer address goes into each request as `ConnectInfo<SocketAddr>`, but only when
@@ -53,7 +56,6 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +63,7 @@ use tower::Service;
 
 use super::deadline::{self, ConnState};
 use super::hot::{HotFuture, HotIncrement};
+use super::threads::ServingThreads;
 
 /// What one listener serves: a router, and optionally the hot route ([`super::hot`]),
 /// recognised before the router.
@@ -103,6 +106,9 @@ pub struct ServeOptions {
     /// this instance before its listener closes, rather than send a request into a closing
     /// one.
     pub draining: CancellationToken,
+    /// Where connections run: on these threads ([`super::threads`]), or, when `None`, as
+    /// tasks of the runtime that runs [`serve`].
+    pub threads: Option<Arc<ServingThreads>>,
 }
 
 /// How long to pause after `accept` fails for lack of resources (EMFILE, ENOMEM): long
@@ -169,40 +175,73 @@ pub async fn serve(
         };
         // Responses are written in one go; Nagle's algorithm would only add latency.
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(deadline::Watched(stream));
         let service = ConnectionService {
             app: app.clone(),
             peer: options.connect_info.then_some(peer),
             draining: options.draining.clone(),
         };
-        let connection = builder.serve_connection(io, service);
-        let shared = registry.add();
-        spawn_connection(
-            connection,
+        let connection = Connection {
+            builder: builder.clone(),
+            service,
             peer,
-            (permit, shared, Arc::clone(&registry)),
-            (options.header_read_timeout, options.idle_timeout),
-        );
+            slot: Registered::new(permit, &registry),
+            timeouts: (options.header_read_timeout, options.idle_timeout),
+        };
+        match &options.threads {
+            None => {
+                tokio::spawn(connection.run(stream));
+            }
+            Some(threads) => {
+                // The socket moves to the chosen thread's reactor: out of this runtime's,
+                // into that one's once the task runs there.
+                let stream = match stream.into_std() {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "Cannot hand a connection to a serving thread; closed.");
+                        continue;
+                    }
+                };
+                let (thread, open) = threads.pick();
+                thread.spawn(async move {
+                    let _open = open;
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => connection.run(stream).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "Cannot register a connection with its serving thread; closed.");
+                        }
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     registry.shut_down().await;
 }
 
-/// Runs one connection to its end (under its deadline timer), then frees its slot.
-fn spawn_connection(
-    connection: impl GracefulConnection<Error = hyper::Error> + Send + 'static,
+/// An accepted connection, registered and holding its slot, until its task runs it.
+struct Connection {
+    builder: hyper::server::conn::http1::Builder,
+    service: ConnectionService,
     peer: SocketAddr,
-    (permit, (id, shared), registry): (OwnedSemaphorePermit, (u64, Arc<ConnState>), Arc<Registry>),
-    (header_read_timeout, idle_timeout): (Duration, Duration),
-) {
-    tokio::spawn(async move {
-        // Dropped with the task however it ends, a panic in a handler included: shutdown
-        // waits for the registry to empty, and the accept loop for free slots.
-        let _registered = Registered {
-            id,
-            registry,
-            _permit: permit,
-        };
+    slot: Registered,
+    /// The header-read and idle timeouts.
+    timeouts: (Duration, Duration),
+}
+
+impl Connection {
+    /// Runs the connection to its end (under its deadline timer), then frees its slot.
+    async fn run(self, stream: tokio::net::TcpStream) {
+        let Self {
+            builder,
+            service,
+            peer,
+            // Held to the end of the task however it ends, a panic in a handler included:
+            // shutdown waits for the registry to empty, and the accept loop for free slots.
+            slot,
+            timeouts: (header_read_timeout, idle_timeout),
+        } = self;
+        let shared = Arc::clone(&slot.shared);
+        let connection = builder.serve_connection(TokioIo::new(deadline::Watched(stream)), service);
         // Header timeouts, resets and malformed requests are the client's business, not an
         // operator's.
         match deadline::drive(connection, header_read_timeout, idle_timeout, shared).await {
@@ -210,14 +249,27 @@ fn spawn_connection(
             Some(Err(e)) => tracing::debug!(%peer, error = %e, "Connection ended with an error."),
             None => tracing::debug!(%peer, "Idle, or no complete request head in time; closed."),
         }
-    });
+    }
 }
 
 /// One connection's entry in the [`Registry`] and its slot, released when its task ends.
 struct Registered {
     id: u64,
+    shared: Arc<ConnState>,
     registry: Arc<Registry>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Registered {
+    fn new(permit: OwnedSemaphorePermit, registry: &Arc<Registry>) -> Self {
+        let (id, shared) = registry.add();
+        Self {
+            id,
+            shared,
+            registry: Arc::clone(registry),
+            _permit: permit,
+        }
+    }
 }
 
 impl Drop for Registered {

@@ -188,6 +188,14 @@ pub async fn noop(
         draining: tokio_util::sync::CancellationToken::new(),
         max_connections: defaults.http.max_connections.get(),
         connect_info: false,
+        // Connections on serving threads of their own, as in tally.
+        threads: Some(std::sync::Arc::new(
+            tally::http::threads::ServingThreads::start(
+                defaults.http.threads(),
+                &tally::idle::IdleWorkers::new(),
+            )
+            .context("cannot start the serving threads")?,
+        )),
     };
     let listener = TcpListener::bind(listen)
         .await

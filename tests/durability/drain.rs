@@ -70,3 +70,65 @@ async fn sigterm_with_a_shutdown_delay_fails_readyz_first_and_keeps_serving() {
         "every increment acknowledged is stored"
     );
 }
+
+/// Voluntary context switches of each thread of `pid` named `tally-http-*`, by name.
+fn serving_thread_switches(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut switches = std::collections::BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list the threads");
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .map(str::to_owned)
+        };
+        if let Some(thread) = field("Name:").filter(|n| n.starts_with("tally-http-")) {
+            let count = field("voluntary_ctxt_switches:")
+                .and_then(|v| v.parse().ok())
+                .expect("a switch count");
+            switches.insert(thread, count);
+        }
+    }
+    switches
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_every_serving_thread_and_sigterm_drains_them_all() {
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.extra = vec!["--http-threads".to_owned(), "3".to_owned()];
+    let mut tally = Tally::start(&config).await;
+    let before = serving_thread_switches(tally.pid());
+    let names: Vec<&str> = before.keys().map(String::as_str).collect();
+    assert_eq!(names, ["tally-http-0", "tally-http-1", "tally-http-2"]);
+
+    // Six kept-alive connections (a client each), taking turns: two per thread.
+    let clients: Vec<reqwest::Client> = (0..6).map(|_| reqwest::Client::new()).collect();
+    let mut acknowledged = 0;
+    for _ in 0..50 {
+        for client in &clients {
+            assert_eq!(
+                support::increment(client, &tally.address, "spread").await,
+                202
+            );
+            acknowledged += 1;
+        }
+    }
+    // A thread serving none of them would have slept through: its count would not move.
+    let after = serving_thread_switches(tally.pid());
+    for (thread, count) in &after {
+        assert!(
+            count - before[thread] >= 50,
+            "{thread} served a share of the requests: switches {before:?} -> {after:?}"
+        );
+    }
+
+    // SIGTERM with all six connections still open: drained, exit 0, every increment stored.
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    drop(clients);
+    let stored = Direct::open(dir.path(), None).await.value("spread").await;
+    assert_eq!(stored, Some(acknowledged));
+}
