@@ -61,6 +61,15 @@ pub const RATE_LIMITED: &str = "tally_rate_limited_total";
 /// Kept-alive connections asked to close at `--max-connections` to make room for a new
 /// client: the one idle longest, closed at once, or after its request if it turned busy.
 pub const CONNECTIONS_YIELDED: &str = "tally_http_connections_yielded_total";
+/// Client connections open, by the serving `thread` that runs them (`--http-threads`).
+pub const CONNECTIONS_OPEN: &str = "tally_http_connections_open";
+
+/// The [`CONNECTIONS_OPEN`] gauge of serving thread `thread`. Resolved once per thread when
+/// the threads start, after the recorder is installed.
+pub fn connections_open(thread: usize) -> Gauge {
+    Metrics::global();
+    metrics::gauge!(CONNECTIONS_OPEN, "thread" => thread.to_string())
+}
 
 /// Installs the process-wide recorder once and returns the handle that renders it.
 pub fn handle() -> PrometheusHandle {
@@ -334,6 +343,10 @@ fn describe() {
     describe_counter!(
         CONNECTIONS_YIELDED,
         "Kept-alive connections closed at --max-connections to make room for a new client."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Client connections open, by the serving thread that runs them."
     );
     describe_histogram!(
         HTTP_DURATION,

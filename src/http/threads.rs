@@ -23,6 +23,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use metrics::Gauge;
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -43,18 +44,21 @@ impl std::fmt::Debug for ServingThreads {
     }
 }
 
-/// One serving thread: where to spawn onto it, and how many connections it runs.
+/// One serving thread: where to spawn onto it, and how many connections it runs (also
+/// exported as `tally_http_connections_open{thread}`).
 struct Thread {
     handle: Handle,
     open: Arc<AtomicUsize>,
+    gauge: Gauge,
 }
 
 /// A connection counted on its thread until dropped (held by the connection's task).
-pub(super) struct Open(Arc<AtomicUsize>);
+pub(super) struct Open(Arc<AtomicUsize>, Gauge);
 
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.decrement(1.0);
     }
 }
 
@@ -79,6 +83,7 @@ impl ServingThreads {
             threads.push(Thread {
                 handle,
                 open: Arc::new(AtomicUsize::new(0)),
+                gauge: crate::metrics::connections_open(n),
             });
         }
         Ok(Self {
@@ -96,7 +101,11 @@ impl ServingThreads {
             .min_by_key(|t| t.open.load(Ordering::Relaxed))
             .expect("at least one serving thread");
         thread.open.fetch_add(1, Ordering::Relaxed);
-        (&thread.handle, Open(Arc::clone(&thread.open)))
+        thread.gauge.increment(1.0);
+        (
+            &thread.handle,
+            Open(Arc::clone(&thread.open), thread.gauge.clone()),
+        )
     }
 }
 

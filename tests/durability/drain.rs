@@ -125,6 +125,19 @@ async fn connections_are_spread_over_every_serving_thread_and_sigterm_drains_the
         );
     }
 
+    // The gauge agrees, read in one scrape (on a seventh connection, counted too).
+    let exposition = crate::metrics::scrape(&reqwest::Client::new(), &tally.address).await;
+    let open: Vec<f64> = (0..3)
+        .map(|n| {
+            crate::metrics::metric(
+                &exposition,
+                &format!("tally_http_connections_open{{thread=\"{n}\"}}"),
+            )
+        })
+        .collect();
+    assert_eq!(open.iter().sum::<f64>(), 7.0, "{open:?}");
+    assert!(open.iter().all(|&n| (2.0..=3.0).contains(&n)), "{open:?}");
+
     // SIGTERM with all six connections still open: drained, exit 0, every increment stored.
     let status = tally.terminate().await;
     assert!(status.success(), "{status}");
