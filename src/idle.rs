@@ -130,6 +130,54 @@ mod tests {
     }
 
     #[test]
+    fn several_runtimes_are_idle_only_once_all_of_them_park() {
+        let idle = IdleWorkers::new();
+        let called = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&called);
+        idle.on_idle(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        // Two current-thread runtimes, each run by a thread of its own, as the serving
+        // threads are.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let runtimes: Vec<_> = (0..2)
+            .map(|_| {
+                let runtime = idle
+                    .build(tokio::runtime::Builder::new_current_thread().enable_all())
+                    .expect("a runtime");
+                let handle = runtime.handle().clone();
+                let stopped = stop.clone();
+                let thread = std::thread::spawn(move || runtime.block_on(stopped.cancelled()));
+                (handle, thread)
+            })
+            .collect();
+        wait_until(|| idle.is_idle());
+
+        // One spins, the other stays parked: not idle.
+        let spin = Arc::new(AtomicBool::new(true));
+        let spinning = Arc::new(AtomicBool::new(false));
+        let (spin2, spinning2) = (Arc::clone(&spin), Arc::clone(&spinning));
+        runtimes[0].0.spawn(async move {
+            spinning2.store(true, Ordering::SeqCst);
+            while spin2.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        });
+        wait_until(|| spinning.load(Ordering::SeqCst));
+        for _ in 0..20 {
+            assert!(!idle.is_idle(), "one runtime's thread is running a task");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = called.load(Ordering::SeqCst);
+        spin.store(false, Ordering::SeqCst);
+        wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) > before);
+        stop.cancel();
+        for (_, thread) in runtimes {
+            thread.join().expect("the runtime's thread ends");
+        }
+    }
+
+    #[test]
     fn never_idle_before_the_worker_count_is_known() {
         let idle = IdleWorkers::new();
         idle.parking();

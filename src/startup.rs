@@ -179,6 +179,7 @@ impl App {
             health: flusher.health(),
             metrics: m::handle(),
             draining: CancellationToken::new(),
+            store_runtime: tokio::runtime::Handle::current(),
         });
         Ok(Self {
             config,
@@ -232,6 +233,18 @@ impl App {
             flusher,
             _lock,
         } = self;
+        // First, so that a failure leaves nothing running. The serving threads report to
+        // `idle`, so that the journal's commit delay ends as soon as every one of them runs
+        // out of work (see `crate::idle`).
+        let idle = IdleWorkers::new();
+        let threads = Arc::new(
+            ServingThreads::start(config.http.threads(), &idle)
+                .context("cannot start the HTTP serving threads")?,
+        );
+        if let Some(journal) = &state.journal {
+            journal.follow_workers(&idle);
+        }
+
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.http.shutdown_timeout));
         if let Some(journal) = &state.journal {
@@ -240,16 +253,6 @@ impl App {
                 flush_stop.clone(),
             ));
         }
-
-        // The serving threads report to `idle`, so that the journal's commit delay ends as
-        // soon as every one of them runs out of work (see `crate::idle`).
-        let idle = IdleWorkers::new();
-        let threads = ServingThreads::start(config.http.threads(), &idle)
-            .context("cannot start the HTTP serving threads")?;
-        if let Some(journal) = &state.journal {
-            journal.follow_workers(&idle);
-        }
-        let threads = Arc::new(threads);
 
         let http_stop = CancellationToken::new();
         let draining = state.draining.clone();
@@ -312,9 +315,9 @@ impl App {
         if let Some(metrics_server) = metrics_server {
             metrics_server.abort();
         }
-        // Every connection has ended (or was abandoned): the serving threads can go.
-        drop(options);
-        drop(threads);
+        // Every connection has ended, or was abandoned at the shutdown timeout: the serving
+        // threads go, with any handler still running, before the final flush.
+        threads.shut_down().await;
         tracing::info!("HTTP server stopped; flushing what is pending.");
         flush_stop.cancel();
         let drained = flusher.await.context("the flusher task panicked")?;

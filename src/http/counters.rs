@@ -57,8 +57,10 @@ pub async fn get(
         .map_err(|e| ApiError::Invalid(e.to_string()))?;
     for _ in 0..READ_ATTEMPTS {
         let stored = state
-            .store
-            .read(key.as_str(), &state.instance_id)
+            .on_store_runtime(|store| {
+                let (key, instance_id) = (key.to_string(), Arc::clone(&state.instance_id));
+                async move { store.read(&key, &instance_id).await }
+            })
             .await
             .map_err(ApiError::StoreUnavailable)?;
         let (pending, applied) = state.aggregator.pending(key.as_str());

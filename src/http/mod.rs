@@ -36,7 +36,7 @@ use crate::aggregate::Aggregator;
 use crate::config::Ack;
 use crate::flush::FlushHealth;
 use crate::journal::Journal;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use error::ApiError;
 
 /// What every handler shares. Built once by `startup`.
@@ -57,6 +57,30 @@ pub struct AppState {
     /// Cancelled when shutdown begins: `/readyz` answers 503 `shutting_down` (while
     /// `--shutdown-delay` keeps serving) and responses carry `Connection: close`.
     pub draining: tokio_util::sync::CancellationToken,
+    /// The runtime that runs the flusher and owns the store's connections; see
+    /// [`AppState::on_store_runtime`].
+    pub store_runtime: tokio::runtime::Handle,
+}
+
+impl AppState {
+    /// Runs a store call made for a request (a read, a ping) on [`Self::store_runtime`]
+    /// rather than on the request's serving thread ([`threads`]). A PostgreSQL connection
+    /// the pool opened there would be driven by that thread's runtime, which ends before
+    /// the final flush while the flusher may hold that connection; and SQLite's blocking
+    /// reads would start a blocking pool on every serving thread.
+    pub(crate) async fn on_store_runtime<T, F>(
+        &self,
+        call: impl FnOnce(Arc<dyn Store>) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.store_runtime
+            .spawn(call(Arc::clone(&self.store)))
+            .await
+            .map_err(StoreError::unavailable)?
+    }
 }
 
 /// How the router is put together: limits and the optional guards.

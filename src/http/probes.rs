@@ -86,7 +86,8 @@ async fn not_able(state: &AppState) -> Option<String> {
     if let Some(failure) = state.journal.as_ref().and_then(|j| j.failure()) {
         return Some(format!("the journal cannot write: {failure}"));
     }
-    match tokio::time::timeout(PING_TIMEOUT, state.store.ping()).await {
+    let ping = state.on_store_runtime(|store| async move { store.ping().await });
+    match tokio::time::timeout(PING_TIMEOUT, ping).await {
         Err(_) => Some(format!(
             "store ({}) did not answer within {PING_TIMEOUT:?}",
             state.store.name()

@@ -29,11 +29,14 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::idle::IdleWorkers;
 
-/// The serving threads; they stop when this is dropped (their connections are dropped
-/// with their runtimes, so drain through [`super::serve`] first).
+/// The serving threads. [`ServingThreads::shut_down`] stops them and waits until they have
+/// ended; dropping this stops them without waiting. Either way their remaining connections
+/// are dropped with their runtimes, so drain through [`super::serve`] first.
 pub struct ServingThreads {
     threads: Vec<Thread>,
-    _stop: DropGuard,
+    /// The threads, joined by [`ServingThreads::shut_down`].
+    joins: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stop: DropGuard,
 }
 
 impl std::fmt::Debug for ServingThreads {
@@ -64,22 +67,44 @@ impl Drop for Open {
 
 impl ServingThreads {
     /// Starts `count` threads named `tally-http-N`, each running a current-thread runtime
-    /// whose parking `idle` counts.
+    /// whose parking `idle` counts. Waits until each has built its runtime (a thread start,
+    /// well under a millisecond).
     ///
     /// # Errors
     ///
-    /// If a runtime or a thread cannot be created (out of memory, a thread limit).
+    /// If a runtime or a thread cannot be created (out of memory, a thread or process
+    /// limit); the threads already started are stopped.
     pub fn start(count: NonZeroUsize, idle: &Arc<IdleWorkers>) -> std::io::Result<Self> {
         let stop = CancellationToken::new();
+        // Cancels the threads already started if a later one fails.
+        let guard = stop.clone().drop_guard();
         let mut threads = Vec::with_capacity(count.get());
+        let mut joins = Vec::with_capacity(count.get());
         for n in 0..count.get() {
-            let runtime = idle.build(tokio::runtime::Builder::new_current_thread().enable_all())?;
-            let handle = runtime.handle().clone();
-            let stopped = stop.clone();
-            std::thread::Builder::new()
+            let (started, handle) = std::sync::mpsc::sync_channel(1);
+            let (stopped, idle) = (stop.clone(), Arc::clone(idle));
+            // The runtime is built on its own thread: if the thread cannot start, nothing
+            // but this closure is dropped (a runtime must not be dropped in async code).
+            let join = std::thread::Builder::new()
                 .name(format!("tally-http-{n}"))
-                // A current-thread runtime runs its tasks only inside `block_on`.
-                .spawn(move || runtime.block_on(stopped.cancelled()))?;
+                .spawn(move || {
+                    let runtime =
+                        idle.build(tokio::runtime::Builder::new_current_thread().enable_all());
+                    match runtime {
+                        Ok(runtime) => {
+                            let _ = started.send(Ok(runtime.handle().clone()));
+                            // A current-thread runtime runs its tasks only inside `block_on`.
+                            runtime.block_on(stopped.cancelled());
+                        }
+                        Err(e) => {
+                            let _ = started.send(Err(e));
+                        }
+                    }
+                })?;
+            joins.push(join);
+            let handle = handle.recv().map_err(|_| {
+                std::io::Error::other("a serving thread ended before its runtime started")
+            })??;
             threads.push(Thread {
                 handle,
                 open: Arc::new(AtomicUsize::new(0)),
@@ -88,8 +113,24 @@ impl ServingThreads {
         }
         Ok(Self {
             threads,
-            _stop: stop.drop_guard(),
+            joins: std::sync::Mutex::new(joins),
+            stop: guard,
         })
+    }
+
+    /// Stops the threads and waits until each has dropped its runtime and ended, so that no
+    /// request handler runs any more (on the shutdown-timeout path, the ones abandoned).
+    pub async fn shut_down(&self) {
+        self.stop.token().cancel();
+        let joins = std::mem::take(
+            &mut *self
+                .joins
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // Joining blocks: on the blocking pool. A thread that panicked has ended too.
+        let _ = tokio::task::spawn_blocking(move || joins.into_iter().for_each(|j| drop(j.join())))
+            .await;
     }
 
     /// The thread with the fewest open connections, and the count to hold while one runs
@@ -116,6 +157,8 @@ pub fn default_count() -> NonZeroUsize {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::mpsc::TryRecvError;
+
     use super::*;
 
     fn loads(threads: &ServingThreads) -> Vec<usize> {
@@ -127,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn connections_go_to_the_least_loaded_thread_and_threads_stop_on_drop() {
+    fn connections_go_to_the_least_loaded_thread_and_shut_down_drops_what_runs_there() {
         let idle = IdleWorkers::new();
         let threads =
             ServingThreads::start(NonZeroUsize::new(3).expect("nonzero"), &idle).expect("started");
@@ -158,17 +201,23 @@ mod tests {
             .expect("the task ran");
         assert_eq!(name.as_deref(), Some("tally-http-1"));
 
-        // Dropped: the runtimes shut down, and a task spawned now never runs.
+        // A task that never ends (a handler abandoned at the shutdown timeout) is dropped
+        // by the time `shut_down` returns; a task spawned afterwards is dropped unrun.
+        let (held, abandoned) = std::sync::mpsc::channel::<()>();
+        threads.threads[0].handle.spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        });
         let handle = threads.threads[0].handle.clone();
-        drop(threads);
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+            .block_on(threads.shut_down());
+        assert_eq!(abandoned.try_recv(), Err(TryRecvError::Disconnected));
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         drop(handle.spawn(async move {
             let _ = tx.send(());
         }));
-        assert!(
-            rx.recv_timeout(std::time::Duration::from_millis(200))
-                .is_err()
-        );
+        assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
     }
 }

@@ -29,6 +29,8 @@ pub fn test_config(data_dir: &Path, backend: &Backend) -> Config {
     config.flush.interval = Duration::from_millis(100);
     config.journal.ack = Ack::Memory;
     config.http.shutdown_timeout = Duration::from_secs(10);
+    // Two serving threads whatever the CPU count: tests run many apps at once.
+    config.http.http_threads = std::num::NonZeroUsize::new(2);
     config
 }
 

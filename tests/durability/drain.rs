@@ -138,8 +138,41 @@ async fn connections_are_spread_over_every_serving_thread_and_sigterm_drains_the
     assert_eq!(open.iter().sum::<f64>(), 7.0, "{open:?}");
     assert!(open.iter().all(|&n| (2.0..=3.0).contains(&n)), "{open:?}");
 
-    // SIGTERM with all six connections still open: drained, exit 0, every increment stored.
-    let status = tally.terminate().await;
+    // SIGTERM with all six connections still open and a request in flight on a seventh,
+    // its body half sent: that request is still answered, the rest are closed, tally
+    // exits 0 with every increment answered 202 stored.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut in_flight = tokio::net::TcpStream::connect(tally.address.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    let body = r#"{"key":"spread","value":1}"#;
+    let head = format!(
+        "POST /increment HTTP/1.1\r\nHost: tally\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    in_flight
+        .write_all(format!("{head}{}", &body[..10]).as_bytes())
+        .await
+        .expect("send the head and part of the body");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tally.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_flight
+        .write_all(&body.as_bytes()[10..])
+        .await
+        .expect("send the rest of the body");
+    let mut response = Vec::new();
+    in_flight
+        .read_to_end(&mut response)
+        .await
+        .expect("read the answer");
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 202"),
+        "the request in flight is answered: {response}"
+    );
+    acknowledged += 1;
+    let status = tally.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "{status}");
     drop(clients);
     let stored = Direct::open(dir.path(), None).await.value("spread").await;
