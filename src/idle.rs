@@ -110,23 +110,7 @@ mod tests {
         wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) >= 1);
 
         // A task that spins keeps one worker busy: not idle while it runs.
-        let stop = Arc::new(AtomicBool::new(false));
-        let spinning = Arc::new(AtomicBool::new(false));
-        let (stop2, spinning2) = (Arc::clone(&stop), Arc::clone(&spinning));
-        runtime.spawn(async move {
-            spinning2.store(true, Ordering::SeqCst);
-            while !stop2.load(Ordering::SeqCst) {
-                std::hint::spin_loop();
-            }
-        });
-        wait_until(|| spinning.load(Ordering::SeqCst));
-        for _ in 0..20 {
-            assert!(!idle.is_idle(), "a worker is running a task");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let before = called.load(Ordering::SeqCst);
-        stop.store(true, Ordering::SeqCst);
-        wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) > before);
+        busy_while_a_task_spins(&idle, runtime.handle(), &called);
     }
 
     #[test]
@@ -154,23 +138,7 @@ mod tests {
         wait_until(|| idle.is_idle());
 
         // One spins, the other stays parked: not idle.
-        let spin = Arc::new(AtomicBool::new(true));
-        let spinning = Arc::new(AtomicBool::new(false));
-        let (spin2, spinning2) = (Arc::clone(&spin), Arc::clone(&spinning));
-        runtimes[0].0.spawn(async move {
-            spinning2.store(true, Ordering::SeqCst);
-            while spin2.load(Ordering::SeqCst) {
-                std::hint::spin_loop();
-            }
-        });
-        wait_until(|| spinning.load(Ordering::SeqCst));
-        for _ in 0..20 {
-            assert!(!idle.is_idle(), "one runtime's thread is running a task");
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let before = called.load(Ordering::SeqCst);
-        spin.store(false, Ordering::SeqCst);
-        wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) > before);
+        busy_while_a_task_spins(&idle, &runtimes[0].0, &called);
         stop.cancel();
         for (_, thread) in runtimes {
             thread.join().expect("the runtime's thread ends");
@@ -186,6 +154,32 @@ mod tests {
         assert!(idle.is_idle());
         idle.unparked();
         assert!(!idle.is_idle());
+    }
+
+    /// Spawns a task that spins on `runtime`; checks that `idle` is busy while it spins,
+    /// then idle again, with a callback, once it stops.
+    fn busy_while_a_task_spins(
+        idle: &IdleWorkers,
+        runtime: &tokio::runtime::Handle,
+        called: &AtomicUsize,
+    ) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinning = Arc::new(AtomicBool::new(false));
+        let (stop2, spinning2) = (Arc::clone(&stop), Arc::clone(&spinning));
+        runtime.spawn(async move {
+            spinning2.store(true, Ordering::SeqCst);
+            while !stop2.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        });
+        wait_until(|| spinning.load(Ordering::SeqCst));
+        for _ in 0..20 {
+            assert!(!idle.is_idle(), "a worker is running a task");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = called.load(Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+        wait_until(|| idle.is_idle() && called.load(Ordering::SeqCst) > before);
     }
 
     fn wait_until(mut done: impl FnMut() -> bool) {
