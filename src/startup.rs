@@ -243,6 +243,8 @@ impl App {
         );
         if let Some(journal) = &state.journal {
             journal.follow_workers(&idle);
+            // One wake-up per serving thread per group (see `Journal::relay`).
+            threads.spawn_on_each(|| journal.relay());
         }
 
         let flush_stop = CancellationToken::new();

@@ -133,6 +133,16 @@ impl ServingThreads {
             .await;
     }
 
+    /// Spawns the task `task` makes on every serving thread.
+    pub fn spawn_on_each<F>(&self, task: impl Fn() -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        for thread in &self.threads {
+            drop(thread.handle.spawn(task()));
+        }
+    }
+
     /// The thread with the fewest open connections, and the count to hold while one runs
     /// there.
     pub(super) fn pick(&self) -> (&Handle, Open) {

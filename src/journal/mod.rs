@@ -109,6 +109,7 @@
 //! only tear the tail of the segment being appended to.
 
 pub mod record;
+mod relay;
 mod replay;
 mod writer;
 
@@ -361,8 +362,17 @@ impl Shared {
         queue.records += 1;
         queue.max_seq = queue.max_seq.max(seq);
         queue.end += len as u64;
-        queue.wakers.push(waker.clone());
-        let queued = (queue.end, queue.generation);
+        let end = queue.end;
+        match relay::relay(self, end, waker) {
+            // Once per group per thread.
+            Some(relay) => {
+                if !queue.wakers.iter().any(|w| w.will_wake(&relay)) {
+                    queue.wakers.push(relay);
+                }
+            }
+            None => queue.wakers.push(waker.clone()),
+        }
+        let queued = (end, queue.generation);
         self.wake_writer(queue);
         Ok(queued)
     }
@@ -432,8 +442,10 @@ impl Shared {
         } else {
             &mut queue.committing
         };
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
+        let waker = relay::relay(self, end, cx.waker());
+        let waker = waker.as_ref().unwrap_or(cx.waker());
+        if !wakers.iter().any(|w| w.will_wake(waker)) {
+            wakers.push(waker.clone());
         }
         Poll::Pending
     }
@@ -608,6 +620,13 @@ impl Journal {
             Some((end, generation)) => self.shared.poll_settled(end, generation, cx),
         })
         .await
+    }
+
+    /// The relay task of the calling thread (see `relay.rs`): spawned on each thread that
+    /// serves requests, it turns the writer's wake-ups of that thread's waiting requests
+    /// into one per group. Never ends; drop it (with its runtime) to remove it.
+    pub fn relay(&self) -> impl Future<Output = ()> + Send + 'static {
+        relay::run(Arc::clone(&self.shared))
     }
 
     /// Ends the commit delay early whenever every worker of the runtime behind `idle` runs

@@ -752,3 +752,48 @@ fn the_writer_runs_as_a_batch_thread_so_its_wake_ups_do_not_preempt_the_workers(
     assert_eq!(rc, 0, "pthread_getschedparam");
     assert_eq!(policy, libc::SCHED_BATCH);
 }
+
+#[test]
+fn requests_on_a_relay_thread_leave_the_writer_one_waker_per_group_and_all_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    let journal = Arc::new(journal);
+    const TASKS: u64 = 200;
+    let timed = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime")
+    };
+    timed().block_on(async {
+        tokio::spawn(journal.relay());
+        // The relay installs itself on its first poll.
+        tokio::task::yield_now().await;
+        let mut set = tokio::task::JoinSet::new();
+        for seq in 1..=TASKS {
+            let journal = Arc::clone(&journal);
+            set.spawn(async move { journal.append(seq, &[("k", 1)]).await });
+        }
+        // Every task queues its record on its first poll; by now all have.
+        tokio::task::yield_now().await;
+        {
+            let queue = journal.shared.queue();
+            let left = queue.wakers.len() + queue.committing.len();
+            // One per list at most (the gathering group and the one being committed), not
+            // one per request.
+            assert!(left <= 2, "{left} wakers left with the writer");
+        }
+        let done = tokio::time::timeout(Duration::from_secs(10), set.join_all())
+            .await
+            .expect("every request is woken once its record is durable");
+        assert!(done.into_iter().all(|r| r.is_ok()));
+    });
+    // Relay and requests are gone with the runtime: a later append from this thread leaves
+    // its own waker and completes.
+    rt().block_on(async {
+        journal
+            .append(TASKS + 1, &[("k", 1)])
+            .await
+            .expect("appended without a relay");
+    });
+}
