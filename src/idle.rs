@@ -1,6 +1,7 @@
 //! Knows when every thread serving requests (the workers of the Tokio runtimes that run
-//! connections, [`crate::http::threads`]) has run out of work and is about to park: a sign that the requests that were in the process have been served, so few more
-//! appends to the journal are coming.
+//! connections, [`crate::http::threads`]) has run out of work and is about to park: a sign
+//! that the requests that were in the process have been served, so few more appends to the
+//! journal are coming.
 //!
 //! The journal's commit delay uses it ([`crate::journal::Journal::follow_workers`]): the
 //! delay waits for more appends to join a group, and once the workers run dry it commits the
@@ -18,7 +19,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Counts the runtime's parked workers and calls one callback when the last one parks.
+/// Counts the parked workers of its runtimes and calls one callback when the last one parks.
 #[derive(Default)]
 pub struct IdleWorkers {
     /// Workers of the runtimes built so far; 0 until [`IdleWorkers::add_workers`], so never
@@ -95,12 +96,7 @@ mod tests {
 
     #[test]
     fn idle_once_every_worker_of_a_real_runtime_parks_and_busy_while_one_works() {
-        let idle = IdleWorkers::new();
-        let called = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&called);
-        idle.on_idle(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
+        let (idle, called) = counting();
         let runtime = idle
             .build(tokio::runtime::Builder::new_multi_thread().worker_threads(2))
             .expect("a runtime");
@@ -115,12 +111,7 @@ mod tests {
 
     #[test]
     fn several_runtimes_are_idle_only_once_all_of_them_park() {
-        let idle = IdleWorkers::new();
-        let called = Arc::new(AtomicUsize::new(0));
-        let counter = Arc::clone(&called);
-        idle.on_idle(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-        });
+        let (idle, called) = counting();
         // Two current-thread runtimes, each run by a thread of its own, as the serving
         // threads are.
         let stop = tokio_util::sync::CancellationToken::new();
@@ -154,6 +145,17 @@ mod tests {
         assert!(idle.is_idle());
         idle.unparked();
         assert!(!idle.is_idle());
+    }
+
+    /// An `IdleWorkers` whose callback counts its calls, and the count.
+    fn counting() -> (Arc<IdleWorkers>, Arc<AtomicUsize>) {
+        let idle = IdleWorkers::new();
+        let called = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&called);
+        idle.on_idle(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        });
+        (idle, called)
     }
 
     /// Spawns a task that spins on `runtime`; checks that `idle` is busy while it spins,

@@ -8,13 +8,15 @@
 //! that worker may have to be woken. Here a connection lives on one thread from accept to
 //! close: its socket is registered with that thread's reactor, its timer sits in that
 //! thread's wheel, and every wake-up, the journal's included, runs it there. Measured with
-//! `tally-bench` (docs/benchmarks.md): a no-op whose replies another thread releases went
-//! from 0.80× to 0.87× of a plain axum no-op, tally's defaults from 0.76× to 0.81×.
+//! `tally-bench/bench/side-by-side.sh` (docs/benchmarks.md): on an Intel Xeon, a no-op whose
+//! replies another thread releases went from 0.80× to 0.87× of a plain axum no-op, and a
+//! prototype of tally's defaults from 0.76× to 0.81×; on a noisier AMD EPYC, this code gave
+//! the journal 0.79 → 0.82× and 0.76 → 0.77×, `ack=memory` 0.88 → 0.96×.
 //!
 //! No work stealing: a thread with more busy connections than another stays busier. The
-//! accept loop gives each new connection to the thread with the fewest open ones, which is
-//! as even as keep-alive clients allow (the kernel's `SO_REUSEPORT` balancing would be no
-//! better, and would let a second process bind the same port without an error).
+//! accept loop gives each new connection to the thread with the fewest open ones. (The
+//! kernel's `SO_REUSEPORT` spreads connections by a hash, not by load, and would let a
+//! second process bind the same port without an error.)
 //!
 //! The threads' park hooks report to [`IdleWorkers`], so that the journal's commit delay
 //! ends once every serving thread has run out of work.

@@ -157,7 +157,7 @@ pub struct JournalOptions {
     /// its size, so under load this is CPU given back to serving. Zero (this struct's
     /// default; the service's is 1 ms) never waits; a lone append, or a few concurrent
     /// ones, never wait. With [`Journal::follow_workers`] the wait also ends as soon as
-    /// every runtime worker is parked.
+    /// every serving thread is parked.
     pub commit_delay: Duration,
 }
 
@@ -629,7 +629,7 @@ impl Journal {
         relay::run(Arc::clone(&self.shared))
     }
 
-    /// Ends the commit delay early whenever every worker of the runtime behind `idle` runs
+    /// Ends the commit delay early whenever every worker of the runtimes behind `idle` runs
     /// out of work: the requests in the process have been served, so waiting longer would
     /// mostly add latency (a heuristic, see [`crate::idle`]). Without it the delay always
     /// runs its full length. The first call wins; later ones are ignored.

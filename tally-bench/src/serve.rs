@@ -9,8 +9,8 @@
 //! - `noop-axum-deferred`: `noop-axum` whose every reply waits until a thread of its own
 //!   releases it, in groups, as `ack=journal` holds each reply until its group's fsync; no
 //!   disk, no parsing, nothing else of tally's. What a reply that another thread releases
-//!   costs on axum's multi-thread runtime, the layout tally serves on: the ceiling for
-//!   `ack=journal` there (see [`Gate`]).
+//!   costs on axum's multi-thread runtime (tally serves on one runtime per core instead,
+//!   `tally::http::threads`): the reference to read `ack=journal` against (see [`Gate`]).
 //! - `sync`: the naive design done as well as it can be: parse the JSON body like tally,
 //!   then one `INSERT .. ON CONFLICT DO UPDATE SET value = value + $2` per request through a
 //!   deadpool-postgres pool with a prepared statement, 202 after the commit.
