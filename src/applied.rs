@@ -7,11 +7,15 @@
 //! for nothing, a whole pass over its connection's task. Here each waiter is filed under the
 //! seq it waits for, and publishing seq N wakes the waiters of N and below, no others. (The
 //! journal files its waiters by group the same way, for the same reason.)
+//!
+//! On a serving thread with a relay ([`AppliedSeq::relay`], see `crate::relay`), a waiter
+//! files its waker with the relay and files the relay's waker here instead, once per seq
+//! per thread: a publish then wakes each serving thread once, not each request.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 /// The flusher has stopped (it was dropped at shutdown, or another process claimed the
@@ -82,6 +86,13 @@ impl AppliedSeq {
         all.into_values().flatten().for_each(|(_, w)| w.wake());
     }
 
+    /// The relay task of the calling thread (see `crate::relay`): spawned on each thread
+    /// that serves requests, it turns a publish's wake-ups of that thread's waiting requests
+    /// into one. Never ends; drop it (with its runtime) to remove it.
+    pub fn relay(self: &Arc<Self>) -> impl Future<Output = ()> + Send + 'static {
+        crate::relay::run(Arc::clone(self) as _)
+    }
+
     /// Resolves once batch `seq` is applied.
     ///
     /// # Errors
@@ -103,8 +114,17 @@ impl AppliedSeq {
 pub struct WaitFor<'a> {
     applied: &'a AppliedSeq,
     seq: u64,
-    /// The number under which this wait's waker is filed, until a publish or close takes it.
-    filed: Option<u64>,
+    /// Where this wait's waker is filed, until a publish or close takes it.
+    filed: Option<Filed>,
+}
+
+/// Where a wait's waker is filed.
+#[derive(Debug, Clone, Copy)]
+enum Filed {
+    /// Here, under this number.
+    Here(u64),
+    /// With the relay of the thread that polled it, under this ticket.
+    Relay(u64),
 }
 
 impl Future for WaitFor<'_> {
@@ -135,25 +155,33 @@ impl WaitFor<'_> {
         if waiters.closed {
             return Poll::Ready(Err(Closed));
         }
-        // A first poll files its waker at once; only a repeated poll (a wake-up from
-        // elsewhere) looks for the one it filed, to keep it current.
         match self.filed {
-            Some(id) => {
+            // A repeated poll (a wake-up from elsewhere) keeps the waker it filed current.
+            Some(Filed::Relay(ticket)) if crate::relay::renew(self.applied, ticket, waker) => {}
+            Some(Filed::Here(id)) => {
                 let list = waiters.by_seq.entry(self.seq).or_default();
                 match list.iter_mut().find(|(filed, _)| *filed == id) {
                     Some((_, filed)) => filed.clone_from(waker),
                     None => list.push((id, waker.clone())),
                 }
             }
-            None => {
+            _ => {
                 let id = waiters.next_id;
                 waiters.next_id += 1;
-                waiters
-                    .by_seq
-                    .entry(self.seq)
-                    .or_default()
-                    .push((id, waker.clone()));
-                self.filed = Some(id);
+                let list = waiters.by_seq.entry(self.seq).or_default();
+                match crate::relay::leave(self.applied, self.seq, waker) {
+                    Some((ticket, relay)) => {
+                        // Once per seq per thread.
+                        if !list.iter().any(|(_, filed)| filed.will_wake(&relay)) {
+                            list.push((id, relay));
+                        }
+                        self.filed = Some(Filed::Relay(ticket));
+                    }
+                    None => {
+                        list.push((id, waker.clone()));
+                        self.filed = Some(Filed::Here(id));
+                    }
+                }
             }
         }
         Poll::Pending
@@ -162,7 +190,16 @@ impl WaitFor<'_> {
 
 impl Drop for WaitFor<'_> {
     fn drop(&mut self) {
-        let Some(id) = self.filed else { return };
+        let id = match self.filed {
+            None => return,
+            Some(Filed::Relay(ticket)) => {
+                // The relay's own waker stays filed here: one per seq per thread, not one
+                // per request that gave up.
+                crate::relay::take_back(self.applied, ticket);
+                return;
+            }
+            Some(Filed::Here(id)) => id,
+        };
         let mut waiters = self.applied.waiters();
         if let Some(list) = waiters.by_seq.get_mut(&self.seq) {
             list.retain(|(filed, _)| *filed != id);
@@ -173,13 +210,24 @@ impl Drop for WaitFor<'_> {
     }
 }
 
+/// Requests wait through a relay for the applied seq: their batch's seq is their key.
+impl crate::relay::Progress for AppliedSeq {
+    fn reached(&self) -> u64 {
+        self.get()
+    }
+
+    fn ended(&self) -> bool {
+        self.waiters().closed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::Future;
     use std::pin::{Pin, pin};
-    use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
     use std::task::{Context, Wake};
+    use std::time::Duration;
 
     use super::*;
 
@@ -309,11 +357,95 @@ mod tests {
             applied.publish(seq);
         }
         for waiter in waiters {
-            let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            let outcome = tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await
                 .expect("every waiter is woken")
                 .expect("the task does not panic");
             assert_eq!(outcome, Ok(()));
         }
+    }
+
+    /// A serving thread's runtime, with the relay of `applied` installed.
+    fn relay_thread(applied: &Arc<AppliedSeq>) -> tokio::runtime::Runtime {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        runtime.spawn(applied.relay());
+        // The relay installs itself on its first poll.
+        runtime.block_on(tokio::task::yield_now());
+        runtime
+    }
+
+    fn filed(applied: &AppliedSeq) -> usize {
+        applied.waiters().by_seq.values().map(Vec::len).sum()
+    }
+
+    #[test]
+    fn requests_on_a_relay_thread_file_one_waker_per_seq_and_all_complete() {
+        let applied = Arc::new(AppliedSeq::new(1));
+        let runtime = relay_thread(&applied);
+        runtime.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..200u64 {
+                let applied = Arc::clone(&applied);
+                set.spawn(async move { applied.wait_for(2 + i % 2).await });
+            }
+            // Every task files its waker on its first poll (the runtime polls 61 tasks
+            // between two polls of this one).
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(crate::relay::waiting(&*applied), Some(200));
+            assert_eq!(filed(&applied), 2, "the relay's waker, once per seq");
+            // Published from another thread, as the flusher does.
+            let publisher = Arc::clone(&applied);
+            std::thread::spawn(move || publisher.publish(3))
+                .join()
+                .expect("publish");
+            let done = tokio::time::timeout(Duration::from_secs(5), set.join_all())
+                .await
+                .expect("every waiter is woken through the relay");
+            assert!(done.into_iter().all(|outcome| outcome == Ok(())));
+            assert_eq!(crate::relay::waiting(&*applied), Some(0));
+        });
+    }
+
+    #[test]
+    fn a_wait_dropped_on_a_relay_thread_takes_its_waker_back_and_close_reaches_the_rest() {
+        let applied = Arc::new(AppliedSeq::new(1));
+        let runtime = relay_thread(&applied);
+        runtime.block_on(async {
+            // As requests that time out during an outage: no publish comes.
+            for _ in 0..50 {
+                let gave_up = tokio::time::timeout(Duration::ZERO, applied.wait_for(2)).await;
+                assert!(gave_up.is_err(), "seq 2 is not applied");
+            }
+            assert_eq!(
+                crate::relay::waiting(&*applied),
+                Some(0),
+                "nothing left behind"
+            );
+            assert_eq!(filed(&applied), 1, "only the relay's own waker");
+
+            let stays = tokio::spawn({
+                let applied = Arc::clone(&applied);
+                async move { applied.wait_for(2).await }
+            });
+            tokio::task::yield_now().await;
+            assert_eq!(crate::relay::waiting(&*applied), Some(1));
+            let closer = Arc::clone(&applied);
+            std::thread::spawn(move || closer.close())
+                .join()
+                .expect("close");
+            let outcome = tokio::time::timeout(Duration::from_secs(5), stays)
+                .await
+                .expect("the close reaches a waiter through the relay")
+                .expect("the task does not panic");
+            assert_eq!(outcome, Err(Closed));
+        });
+        // The relay is gone with its runtime: a wait on this thread files its own waker.
+        drop(runtime);
+        assert_eq!(crate::relay::waiting(&*applied), None);
     }
 }

@@ -25,6 +25,8 @@
 //! - [`applied`]: the seq of the last batch in the store, which `ack=store` requests wait on.
 //! - [`journal`]: group-committed write-ahead log (durability level `ack=journal`).
 //! - [`idle`]: tells the journal when every runtime worker is parked.
+//! - `relay`: one wake-up per serving thread for the requests waiting on the journal or the
+//!   store.
 //! - `recovery`: start-up replay of the journal into the store.
 //! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
 //! - [`metrics`]: every metric name and its handle, registered once at start.
@@ -36,7 +38,7 @@
 //! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`, `idle`), the
 //! integration tests (`store`, `config`, `startup`, `metrics`), the benchmark crate
 //! `tally-bench` (`aggregate`, `flush`, `store`, `http::serve`) and the fuzz targets
-//! (`http::body`, `journal::record`). What none of them needs stays private (`recovery`, and
+//! (`http::body`, `journal::record`). What none of them needs stays private (`recovery`, `relay`, and
 //! the submodules of `http`, `journal` and `store` that are not named above).
 
 pub mod aggregate;
@@ -49,6 +51,7 @@ pub mod journal;
 pub mod key;
 pub mod metrics;
 mod recovery;
+mod relay;
 pub mod sched;
 pub mod shutdown;
 pub mod startup;

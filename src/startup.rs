@@ -246,6 +246,10 @@ impl App {
             // One wake-up per serving thread per group (see `Journal::relay`).
             threads.spawn_on_each(|| journal.relay());
         }
+        if state.ack == Ack::Store {
+            // One wake-up per serving thread per applied batch (see `AppliedSeq::relay`).
+            threads.spawn_on_each(|| state.applied.relay());
+        }
 
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(flusher.run(flush_stop.clone(), config.http.shutdown_timeout));

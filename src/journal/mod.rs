@@ -109,7 +109,6 @@
 //! only tear the tail of the segment being appended to.
 
 pub mod record;
-mod relay;
 mod replay;
 mod writer;
 
@@ -339,6 +338,18 @@ struct Segments {
     active_max_seq: u64,
 }
 
+/// Requests wait through a relay for the settled position (see `crate::relay`); the end of
+/// their record is their key.
+impl crate::relay::Progress for Shared {
+    fn reached(&self) -> u64 {
+        self.settled.load(Ordering::Acquire)
+    }
+
+    fn ended(&self) -> bool {
+        self.writer_gone.load(Ordering::Acquire)
+    }
+}
+
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, Queue> {
         // Every update of the queue is complete before anything that can panic.
@@ -363,9 +374,9 @@ impl Shared {
         queue.max_seq = queue.max_seq.max(seq);
         queue.end += len as u64;
         let end = queue.end;
-        match relay::relay(self, end, waker) {
+        match crate::relay::leave(self, end, waker) {
             // Once per group per thread.
-            Some(relay) => {
+            Some((_, relay)) => {
                 if !queue.wakers.iter().any(|w| w.will_wake(&relay)) {
                     queue.wakers.push(relay);
                 }
@@ -442,7 +453,7 @@ impl Shared {
         } else {
             &mut queue.committing
         };
-        let waker = relay::relay(self, end, cx.waker());
+        let waker = crate::relay::leave(self, end, cx.waker()).map(|(_, relay)| relay);
         let waker = waker.as_ref().unwrap_or(cx.waker());
         if !wakers.iter().any(|w| w.will_wake(waker)) {
             wakers.push(waker.clone());
@@ -622,11 +633,11 @@ impl Journal {
         .await
     }
 
-    /// The relay task of the calling thread (see `relay.rs`): spawned on each thread that
-    /// serves requests, it turns the writer's wake-ups of that thread's waiting requests
-    /// into one per group. Never ends; drop it (with its runtime) to remove it.
+    /// The relay task of the calling thread (see `crate::relay`): spawned on each thread
+    /// that serves requests, it turns the writer's wake-ups of that thread's waiting
+    /// requests into one per group. Never ends; drop it (with its runtime) to remove it.
     pub fn relay(&self) -> impl Future<Output = ()> + Send + 'static {
-        relay::run(Arc::clone(&self.shared))
+        crate::relay::run(Arc::clone(&self.shared) as _)
     }
 
     /// Ends the commit delay early whenever every worker of the runtimes behind `idle` runs
