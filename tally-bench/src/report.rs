@@ -210,7 +210,7 @@ pub fn table_md(results: &Results) -> String {
         if w == "batch" {
             let _ = writeln!(
                 md,
-                "| variant | increments/s mean ± sd (min–max) | req/s | p50 ms | p99 ms | × noop-axum | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                "| variant | increments/s mean ± sd (min–max) | req/s | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for s in &summaries {
                 let _ = writeln!(
@@ -235,7 +235,7 @@ pub fn table_md(results: &Results) -> String {
         } else {
             let _ = writeln!(
                 md,
-                "| variant | req/s mean ± sd (min–max) | p50 ms | p99 ms | × noop-axum | × sync | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | max flush lag s | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                "| variant | req/s mean ± sd (min–max) | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | × sync | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | max flush lag s | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for s in &summaries {
                 let _ = writeln!(
