@@ -108,13 +108,17 @@ impl AppliedSeq {
 }
 
 /// The future of [`AppliedSeq::wait_for`]. Dropped before it is ready (the request timed
-/// out, or its client left), it takes its waker back out: while the database is down no seq
-/// is published, and wakers left behind would pile up with every request that gave up.
+/// out, or its client left), it takes its waker back out, from here or from its thread's
+/// relay: while the database is down no seq is published, and wakers left behind would pile
+/// up with every request that gave up. (Only a relay's own waker stays here: one per seq
+/// per serving thread, and during an outage only two seqs are waited for, the batch being
+/// retried and the next.)
 #[must_use = "futures do nothing unless polled"]
 pub struct WaitFor<'a> {
     applied: &'a AppliedSeq,
     seq: u64,
-    /// Where this wait's waker is filed, until a publish or close takes it.
+    /// Where this wait's waker is filed, until a publish or close takes it (here), or the
+    /// relay wakes it.
     filed: Option<Filed>,
 }
 
@@ -124,7 +128,7 @@ enum Filed {
     /// Here, under this number.
     Here(u64),
     /// With the relay of the thread that polled it, under this ticket.
-    Relay(u64),
+    Relay(crate::relay::Ticket),
 }
 
 impl Future for WaitFor<'_> {
@@ -133,7 +137,8 @@ impl Future for WaitFor<'_> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let outcome = self.as_mut().check_or_file(cx.waker());
         if outcome.is_ready() {
-            // Whoever published `seq`, or closed, took the waker with it.
+            // Whoever published `seq`, or closed, took the waker with it (a relay's entry
+            // goes at the relay's next poll, which that publish or close brings).
             self.filed = None;
         }
         outcome
@@ -447,5 +452,46 @@ mod tests {
         // The relay is gone with its runtime: a wait on this thread files its own waker.
         drop(runtime);
         assert_eq!(crate::relay::waiting(&*applied), None);
+    }
+
+    #[test]
+    fn a_wait_polled_on_one_relay_thread_and_dropped_on_another_leaves_the_others_waiters_alone() {
+        let applied = Arc::new(AppliedSeq::new(1));
+        let runtime = relay_thread(&applied);
+        // Filed with this thread's relay under its first ticket...
+        let mut moved = Box::pin(applied.wait_for(2));
+        runtime.block_on(std::future::poll_fn(|cx| {
+            assert!(moved.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        }));
+        assert_eq!(crate::relay::waiting(&*applied), Some(1));
+        let applied = &applied;
+        std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let runtime = relay_thread(applied);
+                runtime.block_on(async {
+                    // ... and a waiter on another relay thread, under that relay's first.
+                    let other = tokio::spawn({
+                        let applied = Arc::clone(applied);
+                        async move { applied.wait_for(3).await }
+                    });
+                    tokio::task::yield_now().await;
+                    assert_eq!(crate::relay::waiting(&**applied), Some(1));
+                    // A future moved between threads (a multi-thread runtime) and dropped.
+                    drop(moved);
+                    assert_eq!(
+                        crate::relay::waiting(&**applied),
+                        Some(1),
+                        "the other thread's waiter is still filed"
+                    );
+                    applied.publish(3);
+                    let outcome = tokio::time::timeout(Duration::from_secs(5), other)
+                        .await
+                        .expect("the other waiter is woken")
+                        .expect("the task does not panic");
+                    assert_eq!(outcome, Ok(()));
+                });
+            });
+        });
     }
 }

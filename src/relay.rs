@@ -20,13 +20,16 @@
 //! source) under the source's lock, after seeing its key not reached, exactly as it would
 //! register its own waker without a relay. The source stores its new position before it
 //! wakes the relay, and the relay reads it after being woken; it wakes every entry at or
-//! below it, and all of them once the source has ended.
+//! below it, and all of them once the source has ended. The source's side of this: the
+//! relay's waker, once left under a key, stays there until that key is reached or the
+//! source ends, so a later request with the same key may skip leaving it again.
 //!
 //! Written by hand: what it saves is specific to how Tokio's current-thread runtime wakes
 //! itself, and no crate offers a thread-local fan-out of wakers.
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 
 /// What requests wait on through a relay: a position that only grows, and an end after
@@ -42,14 +45,28 @@ thread_local! {
     static RELAYS: RefCell<Vec<Relay>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Numbers the relays of the process, so that a ticket names the relay that issued it.
+static RELAY_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// What a waiter holds to [`renew`] or [`take_back`] the waker it left with a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    /// The relay that issued it: a future polled on one thread and then on another (a
+    /// multi-thread runtime) must not touch the second thread's entries.
+    relay: u64,
+    number: u64,
+}
+
 /// The relay of one thread, for one source.
 struct Relay {
+    id: u64,
     source: Arc<dyn Progress>,
     /// The relay task's waker: what the source wakes.
     waker: Waker,
-    /// The requests waiting on this thread: the key each waits for, its ticket, its waker.
+    /// The requests waiting on this thread: the key each waits for, its ticket's number,
+    /// its waker.
     waiting: Vec<(u64, u64, Waker)>,
-    next_ticket: u64,
+    next_number: u64,
 }
 
 /// Runs `f` on this thread's relay for `source`, if there is one (and it is not in use: a
@@ -70,20 +87,30 @@ fn with_relay<T>(source: &dyn Progress, f: impl FnOnce(&mut Relay) -> T) -> Opti
 /// If this thread has a relay for `source`, leaves `waker` with it, to be woken once `key`
 /// is reached. Returns the ticket to [`renew`] or [`take_back`] it with, and the relay's
 /// waker, to be left with `source` instead.
-pub(crate) fn leave(source: &dyn Progress, key: u64, waker: &Waker) -> Option<(u64, Waker)> {
+pub(crate) fn leave(source: &dyn Progress, key: u64, waker: &Waker) -> Option<(Ticket, Waker)> {
     with_relay(source, |relay| {
-        let ticket = relay.next_ticket;
-        relay.next_ticket += 1;
-        relay.waiting.push((key, ticket, waker.clone()));
+        let number = relay.next_number;
+        relay.next_number += 1;
+        relay.waiting.push((key, number, waker.clone()));
+        let ticket = Ticket {
+            relay: relay.id,
+            number,
+        };
         (ticket, relay.waker.clone())
     })
 }
 
 /// Keeps the waker left under `ticket` current (a repeated poll). False if this thread's
-/// relay does not hold it: it was woken, or it was left on another thread.
-pub(crate) fn renew(source: &dyn Progress, ticket: u64, waker: &Waker) -> bool {
+/// relay does not hold it: it was woken, or it was left with another thread's relay.
+pub(crate) fn renew(source: &dyn Progress, ticket: Ticket, waker: &Waker) -> bool {
     with_relay(source, |relay| {
-        let entry = relay.waiting.iter_mut().find(|(_, t, _)| *t == ticket);
+        if relay.id != ticket.relay {
+            return false;
+        }
+        let entry = relay
+            .waiting
+            .iter_mut()
+            .find(|(_, n, _)| *n == ticket.number);
         entry.map(|(_, _, left)| left.clone_from(waker)).is_some()
     })
     .unwrap_or(false)
@@ -91,10 +118,16 @@ pub(crate) fn renew(source: &dyn Progress, ticket: u64, waker: &Waker) -> bool {
 
 /// Takes back the waker left under `ticket` (its wait was dropped before its key was
 /// reached), if this thread's relay still holds it.
-pub(crate) fn take_back(source: &dyn Progress, ticket: u64) {
+pub(crate) fn take_back(source: &dyn Progress, ticket: Ticket) {
     // Taken out of the relay, dropped outside its borrow.
     let taken = with_relay(source, |relay| {
-        let at = relay.waiting.iter().position(|(_, t, _)| *t == ticket)?;
+        if relay.id != ticket.relay {
+            return None;
+        }
+        let at = relay
+            .waiting
+            .iter()
+            .position(|(_, n, _)| *n == ticket.number)?;
         Some(relay.waiting.swap_remove(at))
     });
     drop(taken);
@@ -130,13 +163,18 @@ pub(crate) async fn run(source: Arc<dyn Progress>) {
     std::future::poll_fn(|cx| {
         if !installed {
             // The first poll: nothing can be waiting on a relay not yet installed.
-            RELAYS.with_borrow_mut(|relays| {
-                relays.push(Relay {
-                    source: Arc::clone(&source),
-                    waker: cx.waker().clone(),
-                    waiting: Vec::new(),
-                    next_ticket: 0,
-                });
+            // Should the thread-local be unusable, the relay stays out: requests on this
+            // thread then leave their own wakers.
+            let _ = RELAYS.try_with(|relays| {
+                if let Ok(mut relays) = relays.try_borrow_mut() {
+                    relays.push(Relay {
+                        id: RELAY_IDS.fetch_add(1, Ordering::Relaxed),
+                        source: Arc::clone(&source),
+                        waker: cx.waker().clone(),
+                        waiting: Vec::new(),
+                        next_number: 0,
+                    });
+                }
             });
             installed = true;
             return Poll::Pending;
