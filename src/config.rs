@@ -419,7 +419,8 @@ pub struct HttpConfig {
     pub max_connections: NonZeroUsize,
 
     /// Threads that serve HTTP connections, each running its own connections from accept
-    /// to close [default: one per CPU].
+    /// to close [default: one per CPU]. Where other busy processes share the cores, fewer
+    /// may serve as fast with fewer context switches.
     #[arg(long, env = "TALLY_HTTP_THREADS")]
     pub http_threads: Option<NonZeroUsize>,
 
