@@ -9,3 +9,14 @@ wait_healthy() {
     done
     return 1
 }
+
+# free_port: a port for a server under test, below Linux's ephemeral range (32768 and up, where
+# wrk's own client sockets live) and not in use by any socket now.
+free_port() {
+    local port
+    while :; do
+        port=$((20000 + RANDOM % 12000))
+        ss -Htan "( sport = :$port or dport = :$port )" 2>/dev/null | grep -q . || break
+    done
+    echo "$port"
+}

@@ -28,10 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port=$((20000 + RANDOM % 20000))
 for arg in "$@"; do
     name=${arg%%=*} command=${arg#*=}
-    port=$((port + 1))
+    port=$(free_port)
+    while [[ " ${addrs[*]} " == *":$port "* ]]; do port=$(free_port); done
     mkdir -p "$scratch/$name"
     ADDR=127.0.0.1:$port DIR=$scratch/$name RUST_LOG=warn \
         bash -c "exec $command" >"$scratch/$name.log" 2>&1 &

@@ -18,12 +18,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 duration=${DURATION:-10} keys=${KEYS:-1000} conns=${CONNECTIONS:-400}
 scratch=$(mktemp -d)
-export ADDR=127.0.0.1:$((20000 + RANDOM % 20000)) DIR=$scratch/data
+. "$here/lib.sh"
+export ADDR=127.0.0.1:$(free_port) DIR=$scratch/data
 mkdir -p "$DIR"
 RUST_LOG=warn bash -c "exec $1" >"$scratch/server.log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$scratch"' EXIT
-. "$here/lib.sh"
 wait_healthy "$ADDR" || { echo "the server did not come up:" >&2; cat "$scratch/server.log" >&2; exit 1; }
 load() {
     wrk -t2 -c"$conns" -d"$1s" --latency -s "$here/increment.lua" "http://$ADDR/increment" \
