@@ -118,6 +118,7 @@ mod tests;
 pub use record::{Corruption, Entry};
 pub(crate) use writer::no_follow;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
@@ -132,6 +133,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::oneshot;
 
 use crate::idle::IdleWorkers;
+use crate::relay::Ticket;
 
 /// Fewest records in the previous group for [`JournalOptions::commit_delay`] to apply (as
 /// PostgreSQL's `commit_siblings`): below it, appends are too few for a wait to gather more.
@@ -330,6 +332,16 @@ struct Queue {
     writer_idle: bool,
 }
 
+/// Where an append's record and waker are, once queued.
+struct Queued {
+    /// The journal position after the record.
+    end: u64,
+    /// The group it was queued in.
+    generation: u64,
+    /// Its waker's entry with this thread's relay, if it left it with one.
+    ticket: Option<Ticket>,
+}
+
 /// Which segments exist and the highest seq in each.
 struct Segments {
     /// Closed segment number → highest seq in it (0 if it has no readable record).
@@ -356,14 +368,14 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues one record and the waker of the task that waits for it; returns the record's
-    /// end position and group.
+    /// Queues one record and the waker of the task that waits for it; returns where the
+    /// record and its waker are ([`Queued`]).
     fn enqueue<E: Entry>(
         &self,
         seq: u64,
         entries: &[E],
         waker: &Waker,
-    ) -> Result<(u64, u64), JournalError> {
+    ) -> Result<Queued, JournalError> {
         let mut queue = self.queue();
         // Nobody would write what is queued after the writer ended (a panic).
         if queue.closing || self.writer_gone.load(Ordering::Acquire) {
@@ -374,18 +386,28 @@ impl Shared {
         queue.max_seq = queue.max_seq.max(seq);
         queue.end += len as u64;
         let end = queue.end;
-        match crate::relay::leave(self, end, waker) {
-            // Once per group per thread.
-            Some((_, relay)) => {
-                if !queue.wakers.iter().any(|w| w.will_wake(&relay)) {
-                    queue.wakers.push(relay);
-                }
-            }
-            None => queue.wakers.push(waker.clone()),
-        }
-        let queued = (end, queue.generation);
+        let ticket = self.leave_waker(&mut queue.wakers, end, waker);
+        let queued = Queued {
+            end,
+            generation: queue.generation,
+            ticket,
+        };
         self.wake_writer(queue);
         Ok(queued)
+    }
+
+    /// Leaves `waker`, whose task waits for the record ending at `end`, in its group's
+    /// `wakers`: on a thread with a relay, with the relay (returning the ticket), and the
+    /// relay's waker in `wakers` once per group per thread; elsewhere the waker itself.
+    fn leave_waker(&self, wakers: &mut Vec<Waker>, end: u64, waker: &Waker) -> Option<Ticket> {
+        let (ticket, waker) = match crate::relay::leave(self, end, waker) {
+            Some((ticket, relay)) => (Some(ticket), Cow::Owned(relay)),
+            None => (None, Cow::Borrowed(waker)),
+        };
+        if !wakers.iter().any(|w| w.will_wake(&waker)) {
+            wakers.push(waker.into_owned());
+        }
+        ticket
     }
 
     /// Releases `queue`, waking the writer if it sleeps.
@@ -428,14 +450,14 @@ impl Shared {
     /// Whether the record ending at position `end`, queued in group `generation`, has been
     /// through a group commit (and if so, whether it is durable). Called when its task is
     /// polled again; until then its waker waits beside its record (see [`Journal::append`]).
-    /// A poll before the commit (a spurious one) leaves a fresh waker where the writer will
-    /// find it.
+    /// A poll before the commit (a spurious one) keeps its waker current: in its entry with
+    /// this thread's relay, or as a fresh one where the writer will find it.
     fn poll_settled(
         &self,
-        end: u64,
-        generation: u64,
+        queued: &mut Queued,
         cx: &Context<'_>,
     ) -> Poll<Result<(), JournalError>> {
+        let end = queued.end;
         if self.settled.load(Ordering::Acquire) >= end {
             return Poll::Ready(self.outcome(end));
         }
@@ -448,16 +470,19 @@ impl Shared {
         if self.writer_gone.load(Ordering::Acquire) {
             return Poll::Ready(Err(JournalError::Closed));
         }
-        let wakers = if queue.generation == generation {
+        // With the relay that holds it, its entry is kept current; the relay's waker stays in
+        // the group's list until the group is settled.
+        if let Some(ticket) = queued.ticket
+            && crate::relay::renew(self, ticket, cx.waker())
+        {
+            return Poll::Pending;
+        }
+        let wakers = if queue.generation == queued.generation {
             &mut queue.wakers
         } else {
             &mut queue.committing
         };
-        let waker = crate::relay::leave(self, end, cx.waker()).map(|(_, relay)| relay);
-        let waker = waker.as_ref().unwrap_or(cx.waker());
-        if !wakers.iter().any(|w| w.will_wake(waker)) {
-            wakers.push(waker.clone());
-        }
+        queued.ticket = self.leave_waker(wakers, end, cx.waker());
         Poll::Pending
     }
 
@@ -622,13 +647,12 @@ impl Journal {
         // Queued on the first poll, with that poll's waker, which the writer wakes once the
         // group is settled; so the next poll is the one that finds it settled.
         let mut queued = None;
-        std::future::poll_fn(|cx| match queued {
+        std::future::poll_fn(|cx| match &mut queued {
             None => {
-                let (end, generation) = self.shared.enqueue(seq, entries, cx.waker())?;
-                queued = Some((end, generation));
+                queued = Some(self.shared.enqueue(seq, entries, cx.waker())?);
                 Poll::Pending
             }
-            Some((end, generation)) => self.shared.poll_settled(end, generation, cx),
+            Some(queued) => self.shared.poll_settled(queued, cx),
         })
         .await
     }

@@ -169,11 +169,17 @@ impl std::task::Wake for CountingWaker {
     }
 }
 
-#[test]
-fn a_commit_wakes_only_the_waiters_of_its_own_group() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Every group's callback (after its fsync, before its waiters are woken) reports, then
-    // holds the writer until the test lets it go on.
+/// A journal whose writer, after each group's fsync and before settling it, reports on the
+/// first channel and then waits for a message on the second. Bind the sender after the
+/// journal, so that a failing assertion drops the journal first: the held writer then goes
+/// on, and the journal's drop can join it.
+fn held(
+    dir: &Path,
+) -> (
+    Journal,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
     let (synced, group_synced) = std::sync::mpsc::channel::<()>();
     let (go_on, permit) = std::sync::mpsc::channel::<()>();
     let hold = Mutex::new((synced, permit));
@@ -186,7 +192,14 @@ fn a_commit_wakes_only_the_waiters_of_its_own_group() {
         on_sync: Some(on_sync),
         ..JournalOptions::default()
     };
-    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let (journal, _) = Journal::open(dir, options).expect("open");
+    (journal, group_synced, go_on)
+}
+
+#[test]
+fn a_commit_wakes_only_the_waiters_of_its_own_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, group_synced, go_on) = held(dir.path());
     let journal = Arc::new(journal);
     // Bound after the journal, so that a failing assertion drops it first: the held writer
     // then goes on, and the journal's drop can join it.
@@ -795,5 +808,45 @@ fn requests_on_a_relay_thread_leave_the_writer_one_waker_per_group_and_all_compl
             .append(TASKS + 1, &[("k", 1)])
             .await
             .expect("appended without a relay");
+    });
+}
+
+#[test]
+fn a_request_polled_again_on_a_relay_thread_keeps_one_entry_with_the_relay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, group_synced, go_on) = held(dir.path());
+    let journal = Arc::new(journal);
+    // Bound after the journal (see `held`).
+    let go_on = go_on;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        tokio::spawn(journal.relay());
+        // The relay installs itself on its first poll.
+        tokio::task::yield_now().await;
+        let mut append = Box::pin(journal.append(1, &[("k", 1)]));
+        // Queued, then polled twice more (spurious wake-ups) before its group settles.
+        for _ in 0..3 {
+            std::future::poll_fn(|cx| {
+                assert!(append.as_mut().poll(cx).is_pending());
+                Poll::Ready(())
+            })
+            .await;
+        }
+        group_synced
+            .recv()
+            .expect("the group is held before it settles");
+        assert_eq!(
+            crate::relay::waiting(&*journal.shared),
+            Some(1),
+            "one entry per request, however often it is polled"
+        );
+        go_on.send(()).expect("let the group settle");
+        tokio::time::timeout(Duration::from_secs(10), append)
+            .await
+            .expect("woken through the relay once settled")
+            .expect("durable");
     });
 }
