@@ -57,7 +57,8 @@ pub struct AppState {
     /// Cancelled when shutdown begins: `/readyz` answers 503 `shutting_down` (while
     /// `--shutdown-delay` keeps serving) and responses carry `Connection: close`.
     pub draining: tokio_util::sync::CancellationToken,
-    /// The runtime that runs the flusher and owns the store's connections; see
+    /// The runtime that owns the store's connections, and runs the flusher unless the
+    /// store [wants a thread of its own](crate::store::Store::wants_own_thread); see
     /// [`AppState::on_store_runtime`].
     pub store_runtime: tokio::runtime::Handle,
 }

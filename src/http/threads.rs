@@ -83,30 +83,12 @@ impl ServingThreads {
         let mut threads = Vec::with_capacity(count.get());
         let mut joins = Vec::with_capacity(count.get());
         for n in 0..count.get() {
-            let (started, handle) = std::sync::mpsc::sync_channel(1);
-            let (stopped, idle) = (stop.clone(), Arc::clone(idle));
-            // The runtime is built on its own thread: if the thread cannot start, nothing
-            // but this closure is dropped (a runtime must not be dropped in async code).
-            let join = std::thread::Builder::new()
-                .name(format!("tally-http-{n}"))
-                .spawn(move || {
-                    let runtime =
-                        idle.build(tokio::runtime::Builder::new_current_thread().enable_all());
-                    match runtime {
-                        Ok(runtime) => {
-                            let _ = started.send(Ok(runtime.handle().clone()));
-                            // A current-thread runtime runs its tasks only inside `block_on`.
-                            runtime.block_on(stopped.cancelled());
-                        }
-                        Err(e) => {
-                            let _ = started.send(Err(e));
-                        }
-                    }
+            let idle = Arc::clone(idle);
+            let (handle, join) =
+                runtime_thread(format!("tally-http-{n}"), stop.clone(), move || {
+                    idle.build(tokio::runtime::Builder::new_current_thread().enable_all())
                 })?;
             joins.push(join);
-            let handle = handle.recv().map_err(|_| {
-                std::io::Error::other("a serving thread ended before its runtime started")
-            })??;
             threads.push(Thread {
                 handle,
                 open: Arc::new(AtomicUsize::new(0)),
@@ -160,6 +142,39 @@ impl ServingThreads {
             Open(Arc::clone(&thread.open), thread.gauge.clone()),
         )
     }
+}
+
+/// Starts a thread named `name` that builds a current-thread runtime with `build` and runs
+/// it until `stop` is cancelled; returns where to spawn onto it once the runtime is built
+/// (a thread start, well under a millisecond), and the thread to join. The runtime is built
+/// on its own thread: if the thread cannot start, nothing but the closure is dropped (a
+/// runtime must not be dropped in async code).
+///
+/// # Errors
+///
+/// If the thread cannot be started or `build` fails.
+pub fn runtime_thread(
+    name: String,
+    stop: CancellationToken,
+    build: impl FnOnce() -> std::io::Result<tokio::runtime::Runtime> + Send + 'static,
+) -> std::io::Result<(Handle, std::thread::JoinHandle<()>)> {
+    let (started, handle) = std::sync::mpsc::sync_channel(1);
+    let join = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || match build() {
+            Ok(runtime) => {
+                let _ = started.send(Ok(runtime.handle().clone()));
+                // A current-thread runtime runs its tasks only inside `block_on`.
+                runtime.block_on(stop.cancelled());
+            }
+            Err(e) => {
+                let _ = started.send(Err(e));
+            }
+        })?;
+    let handle = handle
+        .recv()
+        .map_err(|_| std::io::Error::other("a thread ended before its runtime started"))??;
+    Ok((handle, join))
 }
 
 /// The default for `--http-threads`: one per CPU this process may use.

@@ -30,6 +30,24 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use timed::Timed;
 
+thread_local! {
+    /// Set on a thread whose runtime runs nothing that a blocking store call could hold up.
+    static MAY_BLOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one a store may block: its runtime runs one task, which
+/// waits for each store call anyway (the flusher's thread when
+/// [`Store::wants_own_thread`]). A synchronous store (SQLite) then runs its calls in place
+/// instead of handing each to tokio's blocking pool and back.
+pub fn allow_blocking_here() {
+    MAY_BLOCK.with(|b| b.set(true));
+}
+
+/// Whether [`allow_blocking_here`] was called on this thread.
+pub(crate) fn may_block_here() -> bool {
+    MAY_BLOCK.with(std::cell::Cell::get)
+}
+
 /// A numbered batch of deltas from one instance.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
@@ -127,6 +145,14 @@ impl StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Short name for logs and metrics: `sqlite` or `postgres`.
     fn name(&self) -> &'static str;
+
+    /// Whether the flusher should run on a thread of its own, where this store's calls may
+    /// block ([`allow_blocking_here`]): true for a synchronous store (SQLite), whose calls
+    /// would otherwise each go to tokio's blocking pool and back. An async store's
+    /// connections stay on the runtime that opened them.
+    fn wants_own_thread(&self) -> bool {
+        false
+    }
 
     /// Claims `instance_id` for the calling process (see the module docs on fencing): from
     /// now on only batches carrying the returned epoch are written. Waits for a batch of an

@@ -1,8 +1,14 @@
 //! The embedded SQLite store: zero set-up, one instance.
 //!
-//! rusqlite is synchronous, so every call runs on tokio's blocking pool. Writes go through
-//! one connection (SQLite allows one writer at a time anyway); reads use a second one, which
-//! WAL mode lets proceed while a batch is being written.
+//! rusqlite is synchronous, so a call runs on tokio's blocking pool, except on the flusher's
+//! own thread ([`Store::wants_own_thread`]), where it runs in place. Writes go through one
+//! connection (SQLite allows one writer at a time anyway); reads use a second one, which WAL
+//! mode lets proceed while a batch is being written.
+//!
+//! In place, `--store-timeout` cannot abandon a call midway; SQLite's own wait for a lock
+//! ([`BUSY_TIMEOUT`]) still ends one that another process holds up. Only a hung disk (an
+//! `fdatasync` that never returns) now stalls the flusher silently; it stalled it before too,
+//! since each retry waited for the abandoned call to let go of the connection.
 //!
 //! SQLite turns an integer sum that overflows into a float, so a batch's sums are added in
 //! SQL only behind a bounds check that cannot overflow itself ([`ADD_CHECKED`]); the keys of a
@@ -123,13 +129,17 @@ impl SqliteStore {
         conn: &Arc<Mutex<Connection>>,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = Arc::clone(conn);
-        tokio::task::spawn_blocking(move || {
+        let run = move |conn: &Mutex<Connection>| {
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
             f(&mut conn)
-        })
-        .await
-        .map_err(StoreError::unavailable)?
+        };
+        if super::may_block_here() {
+            return run(conn);
+        }
+        let conn = Arc::clone(conn);
+        tokio::task::spawn_blocking(move || run(&conn))
+            .await
+            .map_err(StoreError::unavailable)?
     }
 }
 
@@ -208,6 +218,10 @@ fn rejected(keys: Vec<String>) -> StoreError {
 impl Store for SqliteStore {
     fn name(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn wants_own_thread(&self) -> bool {
+        true
     }
 
     async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
@@ -344,6 +358,21 @@ mod tests {
     fn page_size(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "page_size", |r| r.get(0))
             .expect("page_size")
+    }
+
+    /// A call runs on the blocking pool, except on a thread that allows blocking (the
+    /// flusher's own), where it runs in place.
+    #[tokio::test]
+    async fn calls_run_in_place_only_on_a_thread_that_allows_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(&dir.path().join("tally.db"))
+            .await
+            .expect("open");
+        let ran_on = || SqliteStore::with(&store.write, |_| Ok(std::thread::current().id()));
+        let here = std::thread::current().id();
+        assert_ne!(ran_on().await.expect("call"), here);
+        crate::store::allow_blocking_here();
+        assert_eq!(ran_on().await.expect("call"), here);
     }
 
     /// A new database gets small pages and counters keyed without a rowid, and the

@@ -63,6 +63,10 @@ impl Store for Timed {
         self.inner.name()
     }
 
+    fn wants_own_thread(&self) -> bool {
+        self.inner.wants_own_thread()
+    }
+
     async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
         let deadline = self.timeout + CLAIM_WAIT;
         Self::within_for(
