@@ -484,7 +484,9 @@ pub struct StoreConfig {
 
     /// Deadline of every store operation (a batch's transaction, a read, a claim). An
     /// attempt past it is abandoned, logged and counted as failed, and the batch retried:
-    /// a database connection that hangs instead of failing cannot stall the flusher.
+    /// a database connection that hangs instead of failing cannot stall the flusher. On
+    /// SQLite the flusher's writes run in place and cannot be abandoned: a lock another
+    /// process holds fails them within this deadline instead.
     #[arg(long, env = "TALLY_STORE_TIMEOUT", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub store_timeout: Duration,

@@ -185,10 +185,18 @@ impl Flusher {
                     break;
                 }
             }
+            // Lets the runtime run its timers and I/O between batches: under load a store that
+            // writes in place completes each flush, and the wait for the next, without yielding.
+            tokio::task::yield_now().await;
         }
         tracing::info!("Draining: flushing every pending delta.");
         let drained = tokio::time::timeout(drain_timeout, async {
-            while let Flushed::Batch { .. } = self.flush().await {}
+            while let Flushed::Batch { .. } = self.flush().await {
+                // A store that writes in place (SQLite on the flusher's own thread) completes
+                // a flush without yielding, and a timeout looks at its deadline only when
+                // what it wraps yields.
+                tokio::task::yield_now().await;
+            }
         })
         .await;
         let left = self.aggregator.pending_keys();

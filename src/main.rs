@@ -33,8 +33,9 @@ fn main() -> ExitCode {
         return ExitCode::from(USAGE_ERROR);
     }
     telemetry::init(config.log.format);
-    // The runtime `#[tokio::main]` would build. It runs start-up, the flusher and the
-    // accept loop; connections run on serving threads of their own (`tally::http::threads`).
+    // The runtime `#[tokio::main]` would build. It runs start-up, the accept loop and the
+    // flusher on PostgreSQL; connections run on serving threads of their own
+    // (`tally::http::threads`), and on SQLite the flusher has a thread of its own.
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

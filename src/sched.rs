@@ -31,7 +31,8 @@ pub fn yield_to_requests() {
 }
 
 /// Puts the calling thread under `SCHED_BATCH` until dropped, then back under the default
-/// policy: for a job on Tokio's blocking pool, whose threads run other jobs too.
+/// policy: for a job on Tokio's blocking pool, whose threads run other jobs too (on a thread
+/// already under it, such as the flusher's own, it changes nothing).
 pub(crate) struct BatchScope {
     changed: bool,
 }

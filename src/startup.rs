@@ -30,6 +30,7 @@ use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
 use crate::metrics::{self as m, Metrics};
 use crate::recovery;
+use crate::store::sqlite::BUSY_TIMEOUT;
 use crate::store::{PgStore, SqliteStore, Store, Timed};
 
 /// A built, not yet serving, tally instance.
@@ -83,7 +84,8 @@ impl App {
                 create_data_dir(&config.store.data_dir)?;
                 let path = config.store.data_dir.join("tally.db");
                 Arc::new(
-                    SqliteStore::open(&path)
+                    // A lock another process holds fails a write within --store-timeout.
+                    SqliteStore::open_waiting(&path, config.store.store_timeout.min(BUSY_TIMEOUT))
                         .await
                         .with_context(|| format!("cannot open SQLite store {}", path.display()))?,
                 )

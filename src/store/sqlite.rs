@@ -5,10 +5,12 @@
 //! connection (SQLite allows one writer at a time anyway); reads use a second one, which WAL
 //! mode lets proceed while a batch is being written.
 //!
-//! In place, `--store-timeout` cannot abandon a call midway; SQLite's own wait for a lock
-//! ([`BUSY_TIMEOUT`]) still ends one that another process holds up. Only a hung disk (an
-//! `fdatasync` that never returns) now stalls the flusher silently; it stalled it before too,
-//! since each retry waited for the abandoned call to let go of the connection.
+//! In place, `--store-timeout` cannot abandon a call midway. A lock that another process
+//! holds still fails a write within it (SQLite's lock wait is set to at most the store
+//! timeout, [`SqliteStore::open_waiting`]), so the batch is logged, counted failed and
+//! retried. A disk that never returns from an `fdatasync` holds the flusher with no error:
+//! `tally_flush_lag_seconds` grows and its alert fires. (Before, the timeout logged the stuck
+//! write as failed, but each retry then waited for the connection it held.)
 //!
 //! SQLite turns an integer sum that overflows into a float, so a batch's sums are added in
 //! SQL only behind a bounds check that cannot overflow itself ([`ADD_CHECKED`]); the keys of a
@@ -26,8 +28,9 @@ use super::{
     seq_to_sql,
 };
 
-/// How long a statement waits for a lock held by another connection before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a statement waits at most for a lock held by another connection before failing
+/// ([`SqliteStore::open_waiting`] may shorten it).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite's page cache of the writing connection, in KiB: 64 MiB instead of SQLite's default
 /// 2 MB.
@@ -75,9 +78,9 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+fn open_connection(path: &Path, lock_wait: Duration) -> Result<Connection, rusqlite::Error> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.busy_timeout(lock_wait)?;
     // WAL: readers do not block the writer. synchronous=FULL: a commit is on disk when it
     // returns, which ack=store and journal trimming rely on. The sync is an `fdatasync`
     // (`.cargo/config.toml` builds the bundled SQLite with HAVE_FDATASYNC, as distributions
@@ -108,14 +111,27 @@ impl SqliteStore {
     /// [`StoreError::Unavailable`] if the file cannot be opened; [`StoreError::Migration`]
     /// if the schema cannot be brought up to date.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_waiting(path, BUSY_TIMEOUT).await
+    }
+
+    /// As [`SqliteStore::open`], with statements waiting at most `lock_wait` for a lock
+    /// another process holds (an operator's `sqlite3` shell in a write transaction) before
+    /// they fail, so that the failure is logged, counted and retried. tally passes
+    /// `--store-timeout` when it is shorter than [`BUSY_TIMEOUT`]: the flusher's writes run in
+    /// place ([`Store::wants_own_thread`]), where the store timeout cannot abandon them.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteStore::open`].
+    pub async fn open_waiting(path: &Path, lock_wait: Duration) -> Result<Self, StoreError> {
         let path = path.to_owned();
         tokio::task::spawn_blocking(move || {
-            let mut write = open_connection(&path)?;
+            let mut write = open_connection(&path, lock_wait)?;
             // The writer's only: in WAL mode a reader's cache is dropped whenever the writer
             // has committed since its last read. A negative cache_size is in KiB.
             write.pragma_update(None, "cache_size", -CACHE_KIB)?;
             migrate(&mut write).map_err(|e| StoreError::Migration(e.to_string()))?;
-            let read = open_connection(&path)?;
+            let read = open_connection(&path, lock_wait)?;
             Ok(Self {
                 write: Arc::new(Mutex::new(write)),
                 read: Arc::new(Mutex::new(read)),
@@ -134,7 +150,10 @@ impl SqliteStore {
             f(&mut conn)
         };
         if super::may_block_here() {
-            return run(conn);
+            // A panic inside rusqlite fails the call, as a blocking-pool job's would (its
+            // `JoinError`), instead of unwinding through the flusher.
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(conn)))
+                .unwrap_or_else(|_| Err(StoreError::unavailable("a SQLite call panicked")));
         }
         let conn = Arc::clone(conn);
         tokio::task::spawn_blocking(move || run(&conn))
@@ -244,7 +263,8 @@ impl Store for SqliteStore {
     }
 
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
-        // The blocking pool needs owned data: one copy of the batch, cheap next to the I/O.
+        // A call handed to the blocking pool needs owned data: one copy of the batch, cheap
+        // next to the I/O.
         let id = batch.instance_id.to_owned();
         let seq = seq_to_sql(batch.seq)?;
         let epoch = seq_to_sql(batch.epoch)?;
@@ -383,7 +403,7 @@ mod tests {
         let path = dir.path().join("tally.db");
         let store = SqliteStore::open(&path).await.expect("open");
         drop(store);
-        let conn = open_connection(&path).expect("reopen");
+        let conn = open_connection(&path, BUSY_TIMEOUT).expect("reopen");
         assert_eq!(page_size(&conn), NEW_PAGE_SIZE);
         assert!(schema_of_counters(&conn).contains("WITHOUT ROWID"));
         let pages: i64 = conn
@@ -446,7 +466,7 @@ mod tests {
             assert_eq!(stored.value, Some(sum), "{key}");
         }
         drop(store);
-        let conn = open_connection(&path).expect("reopen");
+        let conn = open_connection(&path, BUSY_TIMEOUT).expect("reopen");
         assert!(schema_of_counters(&conn).contains("WITHOUT ROWID"));
         assert_eq!(page_size(&conn), 4096);
         let pages: i64 = conn

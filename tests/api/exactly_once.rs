@@ -46,6 +46,10 @@ impl Store for CommitReplyLost {
         self.inner.name()
     }
 
+    fn wants_own_thread(&self) -> bool {
+        self.inner.wants_own_thread()
+    }
+
     async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
         self.inner.claim(instance_id).await
     }

@@ -353,24 +353,13 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
     let slow = pg::SlowCommits::install(&admin, Duration::from_secs(3)).await;
     let client = reqwest::Client::new();
     let direct = Direct::open(dir.path(), Some(&db)).await;
-    let failed = r#"tally_flush_batches_total{result="failed"}"#;
     let already = r#"tally_flush_batches_total{result="already_applied"}"#;
 
     assert_eq!(increment(&client, &tally.address, "k").await, 202);
     direct.wait_for("k", 1, Duration::from_secs(10)).await;
 
     slow.set(true).await;
-    let hung_at = Instant::now();
-    for _ in 0..5 {
-        assert_eq!(increment(&client, &tally.address, "k").await, 202);
-    }
-    eventually(
-        Duration::from_secs(10),
-        "the hung attempt is counted failed",
-        || async { tally.metric(failed).await >= 1.0 },
-    )
-    .await;
-    let failed_after = hung_at.elapsed();
+    let failed_after = five_increments_until_counted_failed(&tally, &client).await;
     slow.set(false).await;
     let log = tally.log();
     assert!(
@@ -392,4 +381,77 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
         "hung postgres commit: abandoned and counted failed {failed_after:.1?} after it hung \
          (--store-timeout 1s); it landed later and the retry was skipped as already applied: counted once"
     ));
+}
+
+/// An `sqlite3` shell left in a write transaction: tally's writes run in place on the
+/// flusher's thread, where `--store-timeout` cannot abandon them, so SQLite's own lock wait
+/// must end within it (5 s otherwise): the batch is logged, counted failed, `/readyz` says
+/// why, and once the lock is gone the batch lands, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_database_another_process_keeps_locked_fails_batches_within_the_store_timeout() {
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.extra = vec!["--store-timeout".to_owned(), "1s".to_owned()];
+    let mut tally = Tally::start(&config).await;
+    let client = reqwest::Client::new();
+    let direct = Direct::open(dir.path(), None).await;
+
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
+
+    let shell = rusqlite::Connection::open(dir.path().join("tally.db")).expect("open the database");
+    shell
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let failed_after = five_increments_until_counted_failed(&tally, &client).await;
+    assert!(
+        failed_after < Duration::from_secs(4),
+        "a write waited {failed_after:?} for the lock: longer than --store-timeout 1s allows"
+    );
+    // The failure is counted just before it is logged and shown.
+    eventually(
+        Duration::from_secs(5),
+        "the log and /readyz say the database is locked",
+        || async {
+            let log = tally.log();
+            let (status, body) = crate::support::readyz(&client, &tally.address).await;
+            log.contains("Batch not written; retrying")
+                && log.contains("database is locked")
+                && status == 503
+                && body.contains("database is locked")
+        },
+    )
+    .await;
+
+    shell.execute_batch("ROLLBACK").expect("let the lock go");
+    drop(shell);
+    direct.wait_for("k", 6, Duration::from_secs(20)).await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(6), "counted once");
+    shout(&format!(
+        "locked sqlite database: the write failed {failed_after:.1?} after the lock was taken \
+         (--store-timeout 1s), logged and shown by /readyz; counted once after the lock went"
+    ));
+}
+
+/// Adds 1 to `k` five times (each answered 202) and waits until the flusher has counted a
+/// batch failed; returns how long that took.
+async fn five_increments_until_counted_failed(tally: &Tally, client: &reqwest::Client) -> Duration {
+    let started = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(increment(client, &tally.address, "k").await, 202);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "a batch is counted failed",
+        || async {
+            tally
+                .metric(r#"tally_flush_batches_total{result="failed"}"#)
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    started.elapsed()
 }
