@@ -185,18 +185,10 @@ impl Flusher {
                     break;
                 }
             }
-            // Lets the runtime run its timers and I/O between batches: under load a store that
-            // writes in place completes each flush, and the wait for the next, without yielding.
-            tokio::task::yield_now().await;
         }
         tracing::info!("Draining: flushing every pending delta.");
         let drained = tokio::time::timeout(drain_timeout, async {
-            while let Flushed::Batch { .. } = self.flush().await {
-                // A store that writes in place (SQLite on the flusher's own thread) completes
-                // a flush without yielding, and a timeout looks at its deadline only when
-                // what it wraps yields.
-                tokio::task::yield_now().await;
-            }
+            while let Flushed::Batch { .. } = self.flush().await {}
         })
         .await;
         let left = self.aggregator.pending_keys();
@@ -235,6 +227,10 @@ impl Flusher {
         if let Some(Err(e)) = self.journal.as_ref().map(|j| j.trim(batch.seq)) {
             tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
         }
+        // A store that writes in place (SQLite on the flusher's own thread) completes a flush
+        // without yielding: yield after each batch, so that the flusher's runtime runs its
+        // timers and I/O under load, and the drain's timeout looks at its deadline.
+        tokio::task::yield_now().await;
         Flushed::Batch { keys }
     }
 

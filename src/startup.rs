@@ -30,7 +30,6 @@ use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
 use crate::metrics::{self as m, Metrics};
 use crate::recovery;
-use crate::store::sqlite::BUSY_TIMEOUT;
 use crate::store::{PgStore, SqliteStore, Store, Timed};
 
 /// A built, not yet serving, tally instance.
@@ -85,7 +84,7 @@ impl App {
                 let path = config.store.data_dir.join("tally.db");
                 Arc::new(
                     // A lock another process holds fails a write within --store-timeout.
-                    SqliteStore::open_waiting(&path, config.store.store_timeout.min(BUSY_TIMEOUT))
+                    SqliteStore::open_waiting(&path, config.store.store_timeout)
                         .await
                         .with_context(|| format!("cannot open SQLite store {}", path.display()))?,
                 )
@@ -348,8 +347,8 @@ impl App {
 /// a wake-up each way. That thread writes on behalf of requests, so it yields to the serving
 /// threads ([`crate::sched`]); it ends when the returned guard is dropped.
 ///
-/// Measured under `ack=store` on SQLite (`tally-bench/bench/threads.sh`, docs/benchmarks.md):
-/// 0.090 -> 0.057 context switches per request, 70k -> 85k requests/s.
+/// Measured under `ack=store` on SQLite, side by side (docs/benchmarks.md): 0.089-0.096 ->
+/// 0.054-0.060 context switches per request, throughput level or higher.
 fn spawn_flusher(
     flusher: Flusher,
     own_thread: bool,

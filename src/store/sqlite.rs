@@ -30,7 +30,7 @@ use super::{
 
 /// How long a statement waits at most for a lock held by another connection before failing
 /// ([`SqliteStore::open_waiting`] may shorten it).
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// SQLite's page cache of the writing connection, in KiB: 64 MiB instead of SQLite's default
 /// 2 MB.
@@ -114,17 +114,17 @@ impl SqliteStore {
         Self::open_waiting(path, BUSY_TIMEOUT).await
     }
 
-    /// As [`SqliteStore::open`], with statements waiting at most `lock_wait` for a lock
-    /// another process holds (an operator's `sqlite3` shell in a write transaction) before
-    /// they fail, so that the failure is logged, counted and retried. tally passes
-    /// `--store-timeout` when it is shorter than [`BUSY_TIMEOUT`]: the flusher's writes run in
-    /// place ([`Store::wants_own_thread`]), where the store timeout cannot abandon them.
+    /// As [`SqliteStore::open`], with statements waiting at most `lock_wait` (and at most
+    /// [`BUSY_TIMEOUT`]) for a lock another process holds (an operator's `sqlite3` shell in a
+    /// write transaction) before they fail, so that the failure is logged, counted and
+    /// retried. tally passes `--store-timeout`: the flusher's writes run in place
+    /// ([`Store::wants_own_thread`]), where the store timeout cannot abandon them.
     ///
     /// # Errors
     ///
     /// As [`SqliteStore::open`].
     pub async fn open_waiting(path: &Path, lock_wait: Duration) -> Result<Self, StoreError> {
-        let path = path.to_owned();
+        let (path, lock_wait) = (path.to_owned(), lock_wait.min(BUSY_TIMEOUT));
         tokio::task::spawn_blocking(move || {
             let mut write = open_connection(&path, lock_wait)?;
             // The writer's only: in WAL mode a reader's cache is dropped whenever the writer
