@@ -254,13 +254,19 @@ impl App {
         }
 
         let flush_stop = CancellationToken::new();
-        let (flusher, _flusher_thread) = spawn_flusher(
+        let spawned = spawn_flusher(
             flusher,
             state.store.wants_own_thread(),
             flush_stop.clone(),
             config.http.shutdown_timeout,
-        )
-        .context("cannot start the flusher's thread")?;
+        );
+        let (flusher, flusher_thread) = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                threads.shut_down().await;
+                return Err(e).context("cannot start the flusher's thread");
+            }
+        };
         if let Some(journal) = &state.journal {
             tokio::spawn(keep_journal_writable(
                 Arc::clone(journal),
@@ -334,9 +340,12 @@ impl App {
         threads.shut_down().await;
         tracing::info!("HTTP server stopped; flushing what is pending.");
         flush_stop.cancel();
-        let drained = flusher.await.context("the flusher task panicked")?;
+        let drained = flusher.await.context("the flusher task panicked");
+        if let Some(thread) = flusher_thread {
+            thread.shut_down().await;
+        }
         served.context("the HTTP server task panicked")?;
-        drained
+        drained?
     }
 }
 
@@ -345,7 +354,8 @@ impl App {
 /// whose runtime runs nothing else. There the store may block ([`crate::store::allow_blocking_here`]):
 /// SQLite's commit runs on the thread that waits for it, instead of on the blocking pool with
 /// a wake-up each way. That thread writes on behalf of requests, so it yields to the serving
-/// threads ([`crate::sched`]); it ends when the returned guard is dropped.
+/// threads ([`crate::sched`]); it ends when the returned [`FlusherThread`] is dropped or shut
+/// down.
 ///
 /// Measured under `ack=store` on SQLite, side by side (docs/benchmarks.md): 0.089-0.096 ->
 /// 0.054-0.060 context switches per request, throughput level or higher.
@@ -354,12 +364,12 @@ fn spawn_flusher(
     own_thread: bool,
     stop: CancellationToken,
     drain_timeout: Duration,
-) -> std::io::Result<(JoinHandle<anyhow::Result<()>>, Option<DropGuard>)> {
+) -> std::io::Result<(JoinHandle<anyhow::Result<()>>, Option<FlusherThread>)> {
     if !own_thread {
         return Ok((tokio::spawn(flusher.run(stop, drain_timeout)), None));
     }
     let thread = CancellationToken::new();
-    let (runtime, _) = runtime_thread("tally-flusher".to_owned(), thread.clone(), || {
+    let (runtime, join) = runtime_thread("tally-flusher".to_owned(), thread.clone(), || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -369,7 +379,27 @@ fn spawn_flusher(
         crate::sched::yield_to_requests();
         flusher.run(stop, drain_timeout).await
     });
-    Ok((flusher, Some(thread.drop_guard())))
+    let thread = FlusherThread {
+        stop: thread.drop_guard(),
+        join,
+    };
+    Ok((flusher, Some(thread)))
+}
+
+/// The flusher's own thread ([`spawn_flusher`]): stopped when dropped.
+struct FlusherThread {
+    stop: DropGuard,
+    join: std::thread::JoinHandle<()>,
+}
+
+impl FlusherThread {
+    /// Stops the thread and waits until it has ended: its runtime, and with it whatever the
+    /// flusher's task left there, is dropped before this returns.
+    async fn shut_down(self) {
+        let Self { stop, join } = self;
+        drop(stop);
+        http::threads::join(vec![join]).await;
+    }
 }
 
 /// How often a failed journal tries to start a fresh segment.
@@ -461,4 +491,43 @@ fn record_sync(stats: GroupStats) {
     metrics.journal_fsync.record(stats.fsync);
     metrics.journal_group.record(stats.records as f64);
     metrics.journal_commit_delay.record(stats.waited);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn shutting_down_the_flusher_thread_waits_until_its_runtime_is_gone() {
+        /// Sets its flag when dropped, which happens when the runtime it was spawned on is.
+        struct Dropped(Arc<AtomicBool>);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                // Long enough that a shut_down that does not wait returns first.
+                std::thread::sleep(Duration::from_millis(200));
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let stop = CancellationToken::new();
+        let (runtime, join) = runtime_thread("tally-flusher-test".to_owned(), stop.clone(), || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .expect("thread");
+        let dropped = Arc::new(AtomicBool::new(false));
+        let held = Dropped(Arc::clone(&dropped));
+        drop(runtime.spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await;
+        }));
+        let thread = FlusherThread {
+            stop: stop.drop_guard(),
+            join,
+        };
+        thread.shut_down().await;
+        assert!(dropped.load(Ordering::SeqCst));
+    }
 }

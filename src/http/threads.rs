@@ -112,9 +112,7 @@ impl ServingThreads {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
-        // Joining blocks: on the blocking pool. A thread that panicked has ended too.
-        let _ = tokio::task::spawn_blocking(move || joins.into_iter().for_each(|j| drop(j.join())))
-            .await;
+        join(joins).await;
     }
 
     /// Spawns the task `task` makes on every serving thread.
@@ -175,6 +173,13 @@ pub fn runtime_thread(
         .recv()
         .map_err(|_| std::io::Error::other("a thread ended before its runtime started"))??;
     Ok((handle, join))
+}
+
+/// Waits until each of `threads` has ended. Joining blocks: on the blocking pool. A thread
+/// that panicked has ended too.
+pub async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
+    let _ =
+        tokio::task::spawn_blocking(move || threads.into_iter().for_each(|j| drop(j.join()))).await;
 }
 
 /// The default for `--http-threads`: one per CPU this process may use.

@@ -39,7 +39,7 @@ thread_local! {
 /// waits for each store call anyway (the flusher's thread when
 /// [`Store::wants_own_thread`]). A synchronous store (SQLite) then runs its calls in place
 /// instead of handing each to tokio's blocking pool and back.
-pub fn allow_blocking_here() {
+pub(crate) fn allow_blocking_here() {
     MAY_BLOCK.with(|b| b.set(true));
 }
 
