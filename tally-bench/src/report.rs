@@ -51,6 +51,7 @@ pub struct Summary {
     pub server_cpu_us_per_request: Option<f64>,
     pub server_ctx_switches_per_request: Option<f64>,
     pub other_load_cores: f64,
+    pub idle_cores: f64,
     pub flush_lag_max_s: Option<f64>,
     /// Throughput relative to `noop-axum` (plain `axum::serve`, what a user would pick
     /// instead of tally) in the same run.
@@ -103,6 +104,7 @@ pub fn summarise(runs: &[RunRecord]) -> Vec<(String, Vec<Summary>)> {
                         pg_cpu_cores: (!cpu.is_empty())
                             .then(|| cpu.iter().sum::<f64>() / cpu.len() as f64),
                         other_load_cores: rs.iter().map(|r| r.other_load_cores).sum::<f64>() / n,
+                        idle_cores: rs.iter().map(|r| r.idle_cores).sum::<f64>() / n,
                         server_cpu_us_per_request: mean(&server),
                         server_ctx_switches_per_request: mean(
                             &rs.iter()
@@ -210,12 +212,12 @@ pub fn table_md(results: &Results) -> String {
         if w == "batch" {
             let _ = writeln!(
                 md,
-                "| variant | increments/s mean ± sd (min–max) | req/s | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                "| variant | increments/s mean ± sd (min–max) | req/s | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | other load (cores) | idle (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for s in &summaries {
                 let _ = writeln!(
                     md,
-                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {:.2} | {} |",
+                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
                     s.variant,
                     s.items.mean,
                     s.items.sd,
@@ -229,18 +231,19 @@ pub fn table_md(results: &Results) -> String {
                     opt(s.server_ctx_switches_per_request, 3),
                     opt(s.pg_cpu_cores, 2),
                     s.other_load_cores,
+                    s.idle_cores,
                     checks(s)
                 );
             }
         } else {
             let _ = writeln!(
                 md,
-                "| variant | req/s mean ± sd (min–max) | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | × sync | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | max flush lag s | other load (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+                "| variant | req/s mean ± sd (min–max) | p50 ms, mean of runs | p99 ms, mean of runs | × noop-axum | × sync | server CPU µs/req | ctx switches/req | PG backend CPU (cores) | max flush lag s | other load (cores) | idle (cores) | check |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
             );
             for s in &summaries {
                 let _ = writeln!(
                     md,
-                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                    "| {} | {:.0} ± {:.0} ({:.0}–{:.0}) | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {} |",
                     s.variant,
                     s.rps.mean,
                     s.rps.sd,
@@ -255,6 +258,7 @@ pub fn table_md(results: &Results) -> String {
                     opt(s.pg_cpu_cores, 2),
                     opt(s.flush_lag_max_s, 2),
                     s.other_load_cores,
+                    s.idle_cores,
                     checks(s)
                 );
             }
@@ -549,7 +553,8 @@ fn csv(results: &Results) -> String {
         "section,workload,variant,run,threads,connections,duration_s,requests,requests_per_s,items_per_s,\
          latency_ms_p50,latency_ms_p90,latency_ms_p99,latency_ms_max,errors_connect,errors_read,errors_write,\
          errors_non2xx,errors_timeout,check_mode,check_expected_min,check_expected_max,check_stored,check_pass,\
-         pg_cpu_cores,server_cpu_us_per_request,other_load_cores,flush_lag_max_s,commit_gap_max_s,flush_interval_s,stop_s\n",
+         pg_cpu_cores,server_cpu_us_per_request,other_load_cores,flush_lag_max_s,commit_gap_max_s,flush_interval_s,stop_s,\
+         idle_cores\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     for (section, rows) in [("matrix", &results.runs), ("curve", &results.curve)] {
@@ -557,7 +562,7 @@ fn csv(results: &Results) -> String {
             let c = r.check.as_ref();
             let _ = writeln!(
                 out,
-                "{section},{},{},{},{},{},{:.3},{},{:.1},{:.1},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3}",
+                "{section},{},{},{},{},{},{:.3},{},{:.1},{:.1},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.3}",
                 csv_field(&r.workload),
                 csv_field(&r.variant),
                 r.run,
@@ -587,7 +592,8 @@ fn csv(results: &Results) -> String {
                 f(r.flush_lag_max_s),
                 f(r.commit_gap_max_s),
                 f(r.flush_interval_s),
-                r.stop_s
+                r.stop_s,
+                r.idle_cores
             );
         }
     }

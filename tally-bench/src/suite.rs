@@ -187,6 +187,9 @@ pub struct RunRecord {
     /// CPU used on the machine during the run by anything but the server, its PostgreSQL
     /// backends, wrk and tally-bench, in cores: the noise the run suffered.
     pub other_load_cores: f64,
+    /// Idle CPU of the machine during the run, in cores: more than a little means the run
+    /// was bound by waiting (fsyncs, the database, too few clients), not by CPU.
+    pub idle_cores: f64,
     /// Largest `tally_flush_lag_seconds` scraped from /metrics during the run.
     pub flush_lag_max_s: Option<f64>,
     /// Largest time seen between two batch commits (polled from tally_instances.updated_at).
@@ -535,6 +538,7 @@ fn describe(r: &RunRecord) -> String {
         s.push_str(&format!("  lag≤{lag:.2}s"));
     }
     s.push_str(&format!("  other load {:.2} cores", r.other_load_cores));
+    s.push_str(&format!("  idle {:.2} cores", r.idle_cores));
     if let Some(c) = &r.check {
         if c.mode == "exact" {
             s.push_str(&format!(
@@ -702,6 +706,7 @@ async fn measure(
     let server_cpu_before = server_pid.and_then(pg::process_cpu_seconds);
     let server_ctx_before = server_pid.and_then(pg::process_context_switches);
     let machine_before = pg::machine_busy_seconds();
+    let idle_before = pg::machine_idle_seconds();
     let ours_before = pg::own_and_reaped_children_seconds();
     let tail = if step.curve {
         plan.tail.max(Duration::from_secs(1))
@@ -728,6 +733,7 @@ async fn measure(
     let server_cpu_after = server_pid.and_then(pg::process_cpu_seconds);
     let server_ctx_after = server_pid.and_then(pg::process_context_switches);
     let machine_used = pg::machine_busy_seconds() - machine_before;
+    let idle = pg::machine_idle_seconds() - idle_before;
     let ours_used = pg::own_and_reaped_children_seconds() - ours_before;
     stop.store(true, Ordering::Relaxed);
     let lag = match lag_task {
@@ -751,6 +757,7 @@ async fn measure(
     // Whatever else ran on the machine meanwhile (other builds, other databases): the noise.
     let other_load_cores =
         ((machine_used - server_used - pg_used - ours_used) / run_secs.max(1e-6)).max(0.0);
+    let idle_cores = (idle / run_secs.max(1e-6)).max(0.0);
     let server_cpu_us_per_request = server_cpu_before
         .zip(server_cpu_after)
         .map(|(b, a)| (a - b) * 1e6 / out.requests.max(1) as f64);
@@ -813,6 +820,7 @@ async fn measure(
         server_cpu_us_per_request,
         server_ctx_switches_per_request,
         other_load_cores,
+        idle_cores,
         flush_lag_max_s: lag,
         commit_gap_max_s: gap,
         flush_interval_s: match variant.kind {
