@@ -392,17 +392,7 @@ async fn a_sqlite_database_another_process_keeps_locked_fails_batches_within_the
     let dir = data_dir();
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
     config.extra = vec!["--store-timeout".to_owned(), "1s".to_owned()];
-    let mut tally = Tally::start(&config).await;
-    let client = reqwest::Client::new();
-    let direct = Direct::open(dir.path(), None).await;
-
-    assert_eq!(increment(&client, &tally.address, "k").await, 202);
-    direct.wait_for("k", 1, Duration::from_secs(10)).await;
-
-    let shell = rusqlite::Connection::open(dir.path().join("tally.db")).expect("open the database");
-    shell
-        .execute_batch("BEGIN IMMEDIATE")
-        .expect("take the write lock");
+    let (mut tally, client, direct, shell) = locked_after_one_write(&config).await;
     let failed_after = five_increments_until_counted_failed(&tally, &client).await;
     assert!(
         failed_after < Duration::from_secs(4),
@@ -433,6 +423,69 @@ async fn a_sqlite_database_another_process_keeps_locked_fails_batches_within_the
         "locked sqlite database: the write failed {failed_after:.1?} after the lock was taken \
          (--store-timeout 1s), logged and shown by /readyz; counted once after the lock went"
     ));
+}
+
+/// The same lock at shutdown: the final flush, whose SQLite writes run in place on the
+/// flusher's thread, gives up at `--shutdown-timeout` instead of holding the process, says
+/// so, and exits non-zero; the journal keeps the deltas, and the next start writes them once.
+#[tokio::test]
+async fn a_locked_sqlite_database_at_shutdown_gives_up_at_the_shutdown_timeout_and_the_journal_keeps_the_rest()
+ {
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.shutdown_timeout = "2s";
+    config.extra = vec!["--store-timeout".to_owned(), "300ms".to_owned()];
+    let (mut tally, client, direct, shell) = locked_after_one_write(&config).await;
+    five_increments_until_counted_failed(&tally, &client).await;
+    let stopping = Instant::now();
+    let status = tally.terminate().await;
+    let took = stopping.elapsed();
+    assert!(
+        !status.success(),
+        "the drain could not finish, yet: {status}"
+    );
+    // The HTTP drain ends at once (no request in flight); the final flush gets 2 s, and each
+    // of its attempts waits at most --store-timeout for the lock (SQLite's own wait is 5 s).
+    assert!(
+        took < Duration::from_secs(4),
+        "shutdown took {took:?} with --shutdown-timeout 2s"
+    );
+    assert!(
+        tally.log().contains("final flush did not finish within 2s"),
+        "the log says why; tail:\n{}",
+        tally.log_tail()
+    );
+
+    shell.execute_batch("ROLLBACK").expect("let the lock go");
+    drop(shell);
+    let mut restarted = Tally::start(&config).await;
+    direct.wait_for("k", 6, Duration::from_secs(20)).await;
+    let status = restarted.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(6), "counted once");
+    shout(&format!(
+        "locked sqlite database at shutdown: gave up after {took:.1?} (--shutdown-timeout 2s); \
+         the journal's 5 deltas written once after restart"
+    ));
+}
+
+/// Starts tally on SQLite with `config`, waits until it has written `k` = 1, then takes the
+/// database's write lock from a second connection (an `sqlite3` shell left in a write
+/// transaction) and returns it with the rest, held.
+async fn locked_after_one_write(
+    config: &TallyConfig,
+) -> (Tally, reqwest::Client, Direct, rusqlite::Connection) {
+    let tally = Tally::start(config).await;
+    let client = reqwest::Client::new();
+    let direct = Direct::open(&config.data_dir, None).await;
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
+    let shell =
+        rusqlite::Connection::open(config.data_dir.join("tally.db")).expect("open the database");
+    shell
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    (tally, client, direct, shell)
 }
 
 /// Adds 1 to `k` five times (each answered 202) and waits until the flusher has counted a

@@ -69,6 +69,8 @@ pub struct TallyConfig {
     pub database_url: Option<String>,
     pub ack: &'static str,
     pub flush_interval: &'static str,
+    /// `--shutdown-timeout`: how long the HTTP drain and the final flush may each take.
+    pub shutdown_timeout: &'static str,
     /// More flags, appended as they are.
     pub extra: Vec<String>,
     /// A command that runs the binary (e.g. `prlimit --fsize=…`), if any; it must exec it,
@@ -88,6 +90,7 @@ impl TallyConfig {
             database_url: db.map(|db| db.url.clone()),
             ack,
             flush_interval,
+            shutdown_timeout: "20s",
             extra: Vec::new(),
             wrapper: Vec::new(),
         }
@@ -164,7 +167,7 @@ impl Tally {
             .arg("--flush-interval")
             .arg(config.flush_interval)
             .arg("--shutdown-timeout")
-            .arg("20s");
+            .arg(config.shutdown_timeout);
         if let Some(url) = &config.database_url {
             command.arg("--database-url").arg(url);
         }
