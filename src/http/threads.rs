@@ -177,7 +177,7 @@ pub fn runtime_thread(
 
 /// Waits until each of `threads` has ended. Joining blocks: on the blocking pool. A thread
 /// that panicked has ended too.
-pub async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
+pub(crate) async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
     let _ =
         tokio::task::spawn_blocking(move || threads.into_iter().for_each(|j| drop(j.join()))).await;
 }
