@@ -160,7 +160,7 @@ pub struct Check {
 }
 
 /// One measured run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RunRecord {
     pub workload: String,
     pub variant: String,
