@@ -151,7 +151,7 @@ impl ServingThreads {
 /// # Errors
 ///
 /// If the thread cannot be started or `build` fails.
-pub fn runtime_thread(
+pub(crate) fn runtime_thread(
     name: String,
     stop: CancellationToken,
     build: impl FnOnce() -> std::io::Result<tokio::runtime::Runtime> + Send + 'static,

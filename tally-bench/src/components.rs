@@ -105,14 +105,14 @@ pub async fn memory_child(self_bin: &Path, keys: usize) -> anyhow::Result<Memory
 }
 
 /// One point of the flush-capacity benchmark.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CapacityPoint {
     pub keyspace: usize,
     pub batch: usize,
     /// `direct` (the upsert statement in a transaction, through tokio-postgres),
     /// `apply` (`PgStore::apply`: seq check, upsert, seq record) or `flusher`
     /// (`Flusher::flush`: seal, sort, apply, complete).
-    pub method: &'static str,
+    pub method: String,
     pub batches: usize,
     pub keys: usize,
     pub seconds: f64,
@@ -123,7 +123,7 @@ pub struct CapacityPoint {
     pub pg_cpu_us_per_key: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Capacity {
     pub points: Vec<CapacityPoint>,
 }
@@ -311,7 +311,7 @@ async fn capacity_in(
                 let point = CapacityPoint {
                     keyspace,
                     batch: size,
-                    method: method.name(),
+                    method: method.name().into(),
                     batches,
                     keys,
                     seconds: secs,

@@ -64,6 +64,12 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Rewrite the tables, CSV and charts of an earlier run from its results.json, with
+    /// this version's report (e.g. the paired per-run ratios for a run made before them).
+    Report {
+        /// The run's directory (holding results.json).
+        dir: PathBuf,
+    },
     /// Baseline: the same HTTP stack (axum on tokio) answering 202 and doing nothing else.
     #[command(hide = true)]
     ServeNoop {
@@ -182,6 +188,12 @@ fn main() -> ExitCode {
                 })
                 .await?;
                 println!("{}", report::capacity_table(&cap));
+                Ok(true)
+            }
+            Some(Command::Report { dir }) => {
+                let results = report::read_results(&dir)?;
+                report::write_all(&dir, &results)?;
+                println!("{}", report::targets_md(&results));
                 Ok(true)
             }
             Some(Command::ServeNoop {

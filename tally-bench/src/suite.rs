@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::RunArgs;
 use crate::components::{self, Capacity, Memory};
@@ -147,11 +147,11 @@ pub struct Workload {
 }
 
 /// The correctness check of one run: the store against what wrk saw acknowledged.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     /// `exact` when every value-1 request was answered before wrk stopped (the store must
     /// equal the count); `bounded` otherwise (the store must lie between the bounds).
-    pub mode: &'static str,
+    pub mode: String,
     pub expected_min: i64,
     pub expected_max: i64,
     pub stored: i64,
@@ -159,8 +159,9 @@ pub struct Check {
     pub note: String,
 }
 
-/// One measured run.
-#[derive(Debug, Clone, Default, Serialize)]
+/// One measured run. Fields added since a results.json was written read as their default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunRecord {
     pub workload: String,
     pub variant: String,
@@ -200,7 +201,7 @@ pub struct RunRecord {
 }
 
 /// Machine and software the results were measured on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub nproc: usize,
     pub cpu: String,
@@ -212,7 +213,7 @@ pub struct Machine {
 }
 
 /// Everything a run of tally-bench produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     pub started: String,
     pub command: String,
@@ -844,7 +845,7 @@ fn judge(out: &WrkOutput, stored: i64, tail: Duration, connections: u32) -> Chec
     let all_answered = out.latency_us.max < tail.as_micros() as u64 && socket_errors == 0;
     if all_answered && e.status == 0 {
         return Check {
-            mode: "exact",
+            mode: "exact".into(),
             expected_min: sent * per,
             expected_max: sent * per,
             stored,
@@ -862,7 +863,7 @@ fn judge(out: &WrkOutput, stored: i64, tail: Duration, connections: u32) -> Chec
         };
     let min = (sent - unsure).max(0) * per;
     Check {
-        mode: "bounded",
+        mode: "bounded".into(),
         expected_min: min,
         expected_max: sent * per,
         stored,
@@ -1088,9 +1089,9 @@ mod tests {
     fn a_store_matching_every_acknowledged_increment_passes_exactly() {
         let tail = Duration::from_millis(500);
         let check = judge(&output(1_000, 20_000, 0), 1_000, tail, 400);
-        assert_eq!((check.mode, check.pass), ("exact", true));
+        assert_eq!((check.mode.as_str(), check.pass), ("exact", true));
         let lost_one = judge(&output(1_000, 20_000, 0), 999, tail, 400);
-        assert_eq!((lost_one.mode, lost_one.pass), ("exact", false));
+        assert_eq!((lost_one.mode.as_str(), lost_one.pass), ("exact", false));
         let counted_twice = judge(&output(1_000, 20_000, 0), 1_001, tail, 400);
         assert!(!counted_twice.pass);
     }
@@ -1100,11 +1101,11 @@ mod tests {
         let tail = Duration::from_millis(500);
         // 10 requests refused: the store may hold 990..=1000.
         let refused = judge(&output(1_000, 20_000, 10), 990, tail, 400);
-        assert_eq!((refused.mode, refused.pass), ("bounded", true));
+        assert_eq!((refused.mode.as_str(), refused.pass), ("bounded", true));
         assert!(!judge(&output(1_000, 20_000, 10), 989, tail, 400).pass);
         // A request slower than the tail: up to one per connection may be unanswered.
         let slow = judge(&output(1_000, 600_000, 0), 700, tail, 400);
-        assert_eq!((slow.mode, slow.pass), ("bounded", true));
+        assert_eq!((slow.mode.as_str(), slow.pass), ("bounded", true));
         assert!(!judge(&output(1_000, 600_000, 0), 1_001, tail, 400).pass);
     }
 
