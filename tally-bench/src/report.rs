@@ -67,6 +67,27 @@ impl Paired {
         })
     }
 
+    /// "; per run 0.60–0.94, mean 0.78 ± 0.07 (95 %)", and ", target within noise" when
+    /// `threshold` lies inside the interval (`what`: "target", "limit"). Numbers with
+    /// `digits` decimals, each followed by `unit`.
+    fn describe(&self, digits: usize, unit: &str, threshold: f64, what: &str) -> String {
+        let mut text = format!(
+            "; per run {:.digits$}–{:.digits$}{unit}",
+            self.min, self.max
+        );
+        if let Some(h) = self.ci95 {
+            let _ = write!(
+                text,
+                ", mean {:.digits$} ± {h:.digits$}{unit} (95 %)",
+                self.mean
+            );
+        }
+        if self.undecided(threshold) {
+            let _ = write!(text, ", {what} within noise");
+        }
+        text
+    }
+
     /// Whether `threshold` lies inside the 95 % interval: the run cannot tell the target
     /// met from missed.
     fn undecided(&self, threshold: f64) -> bool {
@@ -437,13 +458,7 @@ fn throughput(s: Option<&Summary>, min: f64) -> (String, Option<bool>) {
     };
     let mut measured = ratio(Some(r));
     if let Some(p) = s.and_then(|s| s.ratio_noop_paired) {
-        let _ = write!(measured, "; per run {:.2}–{:.2}", p.min, p.max);
-        if let Some(h) = p.ci95 {
-            let _ = write!(measured, ", mean {:.2} ± {h:.2} (95 %)", p.mean);
-        }
-        if p.undecided(min) {
-            measured.push_str(", target within noise");
-        }
+        measured.push_str(&p.describe(2, "", min, "target"));
     }
     (measured, Some(r >= min))
 }
@@ -513,13 +528,7 @@ pub fn targets_md(results: &Results) -> String {
                 // one session), so the paired ratios say what the limit can tell.
                 let mut measured = format!("{ctx:.3}");
                 if let Some(p) = s.switches_paired {
-                    let _ = write!(measured, "; per run {:.1}–{:.1}×", p.min, p.max);
-                    if let Some(h) = p.ci95 {
-                        let _ = write!(measured, ", mean {:.1} ± {h:.1}× (95 %)", p.mean);
-                    }
-                    if p.undecided(2.0) {
-                        measured.push_str(", limit within noise");
-                    }
+                    measured.push_str(&p.describe(1, "×", 2.0, "limit"));
                 }
                 row(
                     &format!(
