@@ -64,8 +64,9 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
-    /// Rewrite the tables, CSV and charts of an earlier run from its results.json, with
-    /// this version's report (e.g. the paired per-run ratios for a run made before them).
+    /// Print the tables of an earlier run from its results.json, as this version reports
+    /// them (e.g. with the paired per-run ratios, for a run made before them). Writes
+    /// nothing: the run's own files stay as they were measured.
     Report {
         /// The run's directory (holding results.json).
         dir: PathBuf,
@@ -192,8 +193,7 @@ fn main() -> ExitCode {
             }
             Some(Command::Report { dir }) => {
                 let results = report::read_results(&dir)?;
-                report::write_all(&dir, &results)?;
-                println!("{}", report::targets_md(&results));
+                println!("{}", report::table_md(&results));
                 Ok(true)
             }
             Some(Command::ServeNoop {

@@ -159,9 +159,9 @@ pub struct Check {
     pub note: String,
 }
 
-/// One measured run. Fields added since a results.json was written read as their default.
+/// One measured run. Optional fields (newer ones among them) read as `None` from a
+/// results.json written before they existed.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default)]
 pub struct RunRecord {
     pub workload: String,
     pub variant: String,
@@ -189,8 +189,9 @@ pub struct RunRecord {
     /// backends, wrk and tally-bench, in cores: the noise the run suffered.
     pub other_load_cores: f64,
     /// Idle CPU of the machine during the run, in cores: more than a little means the run
-    /// was bound by waiting (fsyncs, the database, too few clients), not by CPU.
-    pub idle_cores: f64,
+    /// was bound by waiting (fsyncs, the database, too few clients), not by CPU. `None` in
+    /// runs made before it was measured.
+    pub idle_cores: Option<f64>,
     /// Largest `tally_flush_lag_seconds` scraped from /metrics during the run.
     pub flush_lag_max_s: Option<f64>,
     /// Largest time seen between two batch commits (polled from tally_instances.updated_at).
@@ -539,7 +540,9 @@ fn describe(r: &RunRecord) -> String {
         s.push_str(&format!("  lag≤{lag:.2}s"));
     }
     s.push_str(&format!("  other load {:.2} cores", r.other_load_cores));
-    s.push_str(&format!("  idle {:.2} cores", r.idle_cores));
+    if let Some(idle) = r.idle_cores {
+        s.push_str(&format!("  idle {idle:.2} cores"));
+    }
     if let Some(c) = &r.check {
         if c.mode == "exact" {
             s.push_str(&format!(
@@ -821,7 +824,7 @@ async fn measure(
         server_cpu_us_per_request,
         server_ctx_switches_per_request,
         other_load_cores,
-        idle_cores,
+        idle_cores: Some(idle_cores),
         flush_lag_max_s: lag,
         commit_gap_max_s: gap,
         flush_interval_s: match variant.kind {
