@@ -161,31 +161,34 @@ pub fn process_context_switches(pid: u32) -> Option<u64> {
     Some(total)
 }
 
-/// Busy CPU seconds of the whole machine so far (all cores), from /proc/stat.
-pub fn machine_busy_seconds() -> f64 {
-    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
-    machine_seconds(&[0, 1, 2, 5, 6, 7])
+/// CPU seconds of the whole machine so far (all cores), from one read of /proc/stat.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTimes {
+    /// Everything but idle and iowait.
+    pub busy: f64,
+    /// Idle and iowait: a run that leaves cores idle is bound by waiting, not by CPU.
+    pub idle: f64,
 }
 
-/// Idle CPU seconds of the whole machine so far (idle and iowait, all cores), from
-/// /proc/stat: a run that leaves cores idle is bound by waiting, not by CPU.
-pub fn machine_idle_seconds() -> f64 {
-    machine_seconds(&[3, 4])
-}
-
-/// The sum of the given fields of /proc/stat's `cpu` line, in seconds.
-fn machine_seconds(fields: &[usize]) -> f64 {
+pub fn machine_times() -> MachineTimes {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
+        return MachineTimes::default();
     };
+    // user nice system idle iowait irq softirq steal
     let f: Vec<u64> = cpu
         .split_whitespace()
         .skip(1)
         .map(|v| v.parse().unwrap_or(0))
         .collect();
-    let ticks: u64 = fields.iter().map(|&i| f.get(i).copied().unwrap_or(0)).sum();
-    ticks as f64 / clock_ticks()
+    let seconds = |fields: &[usize]| {
+        let ticks: u64 = fields.iter().map(|&i| f.get(i).copied().unwrap_or(0)).sum();
+        ticks as f64 / clock_ticks()
+    };
+    MachineTimes {
+        busy: seconds(&[0, 1, 2, 5, 6, 7]),
+        idle: seconds(&[3, 4]),
+    }
 }
 
 /// CPU seconds used by this process and by its children that have been waited for (wrk).

@@ -36,8 +36,8 @@ impl Stat {
     }
 }
 
-/// A variant's throughput against `noop-axum` run by run: run *i* of the variant over run
-/// *i* of the no-op, measured in the same round (variants run round-robin), so that drift
+/// A variant against `noop-axum` run by run (its throughput, or its context switches): run
+/// *i* of the variant over run *i* of the no-op, measured in the same round (variants run round-robin), so that drift
 /// between rounds cancels; drift within a round does not. The host's noise drifts over
 /// tens of seconds (the no-op alone varied by ±14 % from one 8 s run to the next on the
 /// shared 2-core machines), so a ratio of means over three runs can miss or meet a target
@@ -535,8 +535,8 @@ pub fn targets_md(results: &Results) -> String {
         };
         for s in summaries.iter().filter(|s| s.variant.starts_with("tally-")) {
             if let Some(ctx) = s.server_ctx_switches_per_request {
-                // The no-op's own switches swing the most (0.017-0.046 over ten runs of
-                // one session), so the paired ratios say what the limit can tell.
+                // The no-op's own switches swing from run to run more than tally's do
+                // (docs/benchmarks.md), so the paired ratios say what the limit can tell.
                 let mut measured = format!("{ctx:.3}");
                 if let Some(p) = s.switches_paired {
                     measured.push_str(&p.describe(1, "×", 2.0, "limit"));

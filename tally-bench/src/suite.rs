@@ -709,8 +709,7 @@ async fn measure(
     let server_pid = server.pid();
     let server_cpu_before = server_pid.and_then(pg::process_cpu_seconds);
     let server_ctx_before = server_pid.and_then(pg::process_context_switches);
-    let machine_before = pg::machine_busy_seconds();
-    let idle_before = pg::machine_idle_seconds();
+    let machine_before = pg::machine_times();
     let ours_before = pg::own_and_reaped_children_seconds();
     let tail = if step.curve {
         plan.tail.max(Duration::from_secs(1))
@@ -736,8 +735,9 @@ async fn measure(
     let cpu_after = db.map(|_| pg::snapshot(&backends));
     let server_cpu_after = server_pid.and_then(pg::process_cpu_seconds);
     let server_ctx_after = server_pid.and_then(pg::process_context_switches);
-    let machine_used = pg::machine_busy_seconds() - machine_before;
-    let idle = pg::machine_idle_seconds() - idle_before;
+    let machine_after = pg::machine_times();
+    let machine_used = machine_after.busy - machine_before.busy;
+    let idle = machine_after.idle - machine_before.idle;
     let ours_used = pg::own_and_reaped_children_seconds() - ours_before;
     stop.store(true, Ordering::Relaxed);
     let lag = match lag_task {
