@@ -27,9 +27,9 @@ use crate::http::serve::{ServeOptions, serve};
 use crate::http::threads::{ServingThreads, runtime_thread};
 use crate::http::{self, AppState, RouterOptions, body::Limits};
 use crate::idle::IdleWorkers;
-use crate::journal::{GroupStats, Journal, JournalOptions, no_follow};
+use crate::journal::{GroupStats, Journal, JournalOptions, no_follow, sync_parent};
 use crate::metrics::{self as m, Metrics};
-use crate::recovery;
+use crate::recovery::{self, Ownership};
 use crate::store::{PgStore, SqliteStore, Store, Timed};
 
 /// A built, not yet serving, tally instance.
@@ -109,16 +109,6 @@ impl App {
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
         let instance_id: Arc<str> = instance_id(&config)?.into();
-        // Claiming fences off any earlier process with this id, and waits for a batch of a
-        // predecessor still being committed, so `applied` includes it.
-        let claim = store.claim(&instance_id).await.with_context(|| {
-            format!(
-                "cannot claim instance id {instance_id:?} in the {} store",
-                store.name()
-            )
-        })?;
-        let applied = claim.last_seq;
-        tracing::info!(%instance_id, epoch = claim.epoch, applied_seq = applied, "Claimed the instance id.");
 
         let journal_dir = config.store.data_dir.join("journal");
         let options = JournalOptions {
@@ -129,6 +119,26 @@ impl App {
         let (journal, replay) = Journal::open(&journal_dir, options)
             .with_context(|| format!("cannot open the journal in {}", journal_dir.display()))?;
         let journal = Arc::new(journal);
+        // Whose the journal's records are: they are replayed only as the id and under the
+        // claim that numbered them (see `crate::recovery`).
+        let ownership = Ownership::check(&journal_dir, &instance_id, &replay)?;
+
+        // Claiming fences off any earlier process with this id, and waits for a batch of a
+        // predecessor still being committed, so `applied` includes it.
+        let claim = store
+            .claim(&instance_id, ownership.claimant())
+            .await
+            .map_err(anyhow::Error::from)
+            .map_err(|e| ownership.refused(e, &journal_dir, &replay))
+            .with_context(|| {
+                format!(
+                    "cannot claim instance id {instance_id:?} in the {} store",
+                    store.name()
+                )
+            })?;
+        let applied = claim.last_seq;
+        tracing::info!(%instance_id, epoch = claim.epoch, applied_seq = applied, "Claimed the instance id.");
+        ownership.record(&journal_dir)?;
 
         let aggregator = Arc::new(Aggregator::new(
             applied.max(replay.max_seq) + 1,
@@ -428,7 +438,9 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
             "cannot create data directory {} (--data-dir)",
             dir.display()
         )
-    })
+    })?;
+    // Its own entry is durable before anything acknowledged is written inside it.
+    sync_parent(dir).with_context(|| format!("cannot make {} durable", dir.display()))
 }
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
@@ -467,8 +479,16 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
     let id = uuid::Uuid::new_v4().to_string();
-    // Write-then-rename so a crash never leaves a half-written id; the journal's meaning
-    // depends on it.
+    // The journal's meaning depends on it.
+    write_durably(&path, id.as_bytes())?;
+    tracing::info!(instance_id = %id, path = %path.display(), "Generated a new instance id.");
+    Ok(id)
+}
+
+/// Replaces the file at `path` with `contents`, durably: written to a temporary file,
+/// fsynced, renamed over it, and the directory fsynced, so that a crash leaves the old
+/// contents or the new, never half of them.
+pub(crate) fn write_durably(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     // Created exclusively, after removing a leftover: never written through a planted link.
     let _ = fs::remove_file(&tmp);
@@ -477,13 +497,12 @@ fn instance_id(config: &Config) -> anyhow::Result<String> {
         .create_new(true)
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(id.as_bytes())
+    let dir = path.parent().unwrap_or(Path::new("."));
+    file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .and_then(|()| fs::rename(&tmp, &path))
-        .and_then(|()| File::open(&config.store.data_dir)?.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tracing::info!(instance_id = %id, path = %path.display(), "Generated a new instance id.");
-    Ok(id)
+        .and_then(|()| fs::rename(&tmp, path))
+        .and_then(|()| File::open(dir)?.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn record_sync(stats: GroupStats) {

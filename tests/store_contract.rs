@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tally::store::{
-    Applied, Batch, Claim, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored,
+    Applied, Batch, Claim, Claimant, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored,
 };
 use tempfile::TempDir;
 
@@ -475,7 +475,7 @@ on_both_stores!(opening_twice_keeps_the_schema_and_the_data);
 async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
     let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
-    let first = store.claim("i1").await.expect("claim");
+    let first = store.claim("i1", by("j1", false)).await.expect("claim");
     assert_eq!(first.last_seq, 0, "a new id has applied nothing");
     let one = [("k", 1)];
     let under = |claim: Claim, seq| Batch {
@@ -489,7 +489,7 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
 
     // A second process claims the id: it sees the first one's progress, and the first one's
     // batches are refused from now on, whatever their seq.
-    let second = store.claim("i1").await.expect("claim");
+    let second = store.claim("i1", by("j1", false)).await.expect("claim");
     assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
     assert_eq!(second.last_seq, 1);
     for seq in [1, 2] {
@@ -516,14 +516,61 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
     );
     assert_eq!(value(&*store, "k").await, Some(2));
     // Claims are per id, and survive reopening the store.
-    assert_eq!(store.claim("i2").await.expect("claim").last_seq, 0);
+    assert_eq!(
+        store
+            .claim("i2", by("j1", false))
+            .await
+            .expect("claim")
+            .last_seq,
+        0
+    );
     drop(store);
     let store = fixture.open().await;
-    let third = store.claim("i1").await.expect("claim");
+    let third = store.claim("i1", by("j1", false)).await.expect("claim");
     assert!(third.epoch > second.epoch);
     assert_eq!(third.last_seq, 2);
 }
 on_both_stores!(a_new_claim_fences_off_the_previous_holder);
+
+/// A claim by journal `journal`.
+fn by(journal: &str, exclusive: bool) -> Claimant<'_> {
+    Claimant { journal, exclusive }
+}
+
+async fn an_exclusive_claim_fails_if_another_journal_claimed_last(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    // A new id, then the same journal again: nobody else claimed in between.
+    store.claim("i1", by("a", true)).await.expect("claim");
+    let a = store.claim("i1", by("a", true)).await.expect("claim");
+    // Another journal claims, as a second data directory run as the same id would.
+    let b = store.claim("i1", by("b", false)).await.expect("claim");
+    assert!(b.epoch > a.epoch);
+    match store.claim("i1", by("a", true)).await {
+        Err(StoreError::ClaimedElsewhere {
+            instance_id,
+            claimant,
+        }) => assert_eq!((instance_id.as_str(), claimant.as_str()), ("i1", "b")),
+        other => panic!("want ClaimedElsewhere naming journal b, got {other:?}"),
+    }
+    // The refused claim claimed nothing: b still writes as the id.
+    let one = [("k", 1)];
+    let batch_b = Batch {
+        epoch: b.epoch,
+        ..batch("i1", 1, &one)
+    };
+    assert_eq!(
+        store.apply(batch_b).await.expect("apply"),
+        Applied::Committed
+    );
+    // Claims are per id; a claim that is not exclusive takes the id back, and then a's
+    // exclusive claims pass again.
+    store.claim("i2", by("a", true)).await.expect("claim");
+    store.claim("i1", by("a", false)).await.expect("claim");
+    let again = store.claim("i1", by("a", true)).await.expect("claim");
+    assert_eq!(again.last_seq, 1, "b's batch is in");
+}
+on_both_stores!(an_exclusive_claim_fails_if_another_journal_claimed_last);
 
 /// A batch abandoned midway (`--store-timeout` drops its future while the database holds it
 /// up) must not leave its connection in the pool: the next operation would queue behind the

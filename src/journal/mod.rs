@@ -116,7 +116,7 @@ mod writer;
 mod tests;
 
 pub use record::{Corruption, Entry};
-pub(crate) use writer::no_follow;
+pub(crate) use writer::{no_follow, sync_parent};
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;

@@ -106,7 +106,7 @@ pub(super) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
 }
 
 /// Makes `dir`'s own entry durable (it may have just been created).
-pub(super) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
+pub(crate) fn sync_parent(dir: &Path) -> Result<(), JournalError> {
     match dir.parent() {
         Some(p) if p.as_os_str().is_empty() => sync_dir(Path::new(".")),
         Some(p) => sync_dir(p),

@@ -24,6 +24,10 @@ pub(super) const SQLITE: &[Migration] = &[
         version: 3,
         sql: include_str!("../../migrations/sqlite/0003_without_rowid.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../../migrations/sqlite/0004_claimant.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -38,6 +42,10 @@ pub(super) const POSTGRES: &[Migration] = &[
     Migration {
         version: 3,
         sql: include_str!("../../migrations/postgres/0003_fillfactor.sql"),
+    },
+    Migration {
+        version: 4,
+        sql: include_str!("../../migrations/postgres/0004_claimant.sql"),
     },
 ];
 

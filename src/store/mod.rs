@@ -14,6 +14,11 @@
 //!   waits for a batch of the previous holder that is still being committed (its row lock),
 //!   so the seq it returns includes that batch: a restart after `kill -9` never numbers a
 //!   batch with a seq its dead predecessor has just used.
+//! - **Claimants.** A claim records which journal made it ([`Claimant`]). A journal that
+//!   still holds records numbered under its own earlier claim asks for an exclusive claim,
+//!   which fails with [`StoreError::ClaimedElsewhere`], claiming nothing, if another journal
+//!   claimed the id in between: that one's batches reused the numbers, so the records could
+//!   no longer be told applied from not (see `crate::recovery`).
 //! - [`Store::read`] returns a key's value together with this instance's last applied seq,
 //!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
 
@@ -68,6 +73,17 @@ pub struct DeadLetter {
     pub key: String,
     pub delta: i64,
     pub reason: String,
+}
+
+/// Who makes a [`Store::claim`]: the journal that numbers the claimer's batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimant<'a> {
+    /// The journal's id: random, made once per journal directory.
+    pub journal: &'a str,
+    /// Fail, claiming nothing, if another journal claimed the id last (a claim made before
+    /// claimants were recorded counts as nobody's). Set while the journal holds records
+    /// numbered under an earlier claim of its own.
+    pub exclusive: bool,
 }
 
 /// What [`Store::claim`] returns: the claim's fencing epoch, and the last seq the store
@@ -129,6 +145,16 @@ pub enum StoreError {
         instance_id: String,
         waited: std::time::Duration,
     },
+    /// An exclusive claim ([`Claimant::exclusive`]) found that another journal claimed the
+    /// id last. Nothing was claimed.
+    #[error(
+        "instance id {instance_id:?} was claimed by another tally (journal {claimant}) since \
+         this one last ran as it"
+    )]
+    ClaimedElsewhere {
+        instance_id: String,
+        claimant: String,
+    },
     /// The database schema could not be created or migrated.
     #[error("schema migration failed: {0}")]
     Migration(String),
@@ -161,8 +187,9 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`StoreError::InUse`] if another live process holds the id;
-    /// [`StoreError::Unavailable`] if the store cannot be written.
-    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError>;
+    /// [`StoreError::ClaimedElsewhere`] if the claim is exclusive and another journal claimed
+    /// the id last; [`StoreError::Unavailable`] if the store cannot be written.
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError>;
 
     /// Applies `batch` in one transaction unless its seq is already applied.
     ///

@@ -23,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    Applied, Batch, Claim, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
+    Applied, Batch, Claim, Claimant, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
     seq_to_sql,
 };
 
@@ -112,10 +112,14 @@ const RECORD_SEQ_IF_CLAIMED: &str = concat!(
 
 /// One statement, so one implicit transaction: the upsert waits for the row lock (or the
 /// uncommitted insert) of a batch still being committed, then works on its committed row.
-const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
-     VALUES ($1, 0, 1, now()) \
+/// Claims for journal `$2`; with `$3` (exclusive) it updates nothing, and returns no row, if
+/// another journal claimed the id last (the condition is checked on that committed row).
+const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at, claimed_by) \
+     VALUES ($1, 0, 1, now(), $2) \
      ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, \
-     updated_at = EXCLUDED.updated_at \
+     updated_at = EXCLUDED.updated_at, claimed_by = EXCLUDED.claimed_by \
+     WHERE NOT $3 OR tally_instances.claimed_by IS NULL \
+     OR tally_instances.claimed_by = EXCLUDED.claimed_by \
      RETURNING last_seq, epoch";
 
 /// A connection from the pool that goes back to it only when its user says it ended its
@@ -433,10 +437,26 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
         self.hold(instance_id).await?;
         let client = Conn::get(&self.pool).await?;
-        let row = client.query_one(CLAIM, &[&instance_id]).await?;
+        let claimed = client
+            .query_opt(CLAIM, &[&instance_id, &by.journal, &by.exclusive])
+            .await?;
+        let Some(row) = claimed else {
+            let claimant: Option<String> = client
+                .query_one(
+                    "SELECT claimed_by FROM tally_instances WHERE instance_id = $1",
+                    &[&instance_id],
+                )
+                .await?
+                .get(0);
+            client.release();
+            return Err(StoreError::ClaimedElsewhere {
+                instance_id: instance_id.to_owned(),
+                claimant: claimant.unwrap_or_default(),
+            });
+        };
         client.release();
         Ok(Claim {
             last_seq: seq_from_sql(row.get(0)),

@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Applied, Batch, Claim, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
+    Applied, Batch, Claim, Claimant, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
     seq_to_sql,
 };
 
@@ -233,6 +233,16 @@ fn rejected(keys: Vec<String>) -> StoreError {
     }
 }
 
+/// Claims instance `?1` for journal `?3` at time `?2`: epoch + 1, or 1 for a new id. With
+/// `?4` (exclusive) it updates nothing, and returns no row, if another journal claimed the
+/// id last.
+const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at, claimed_by) \
+     VALUES (?1, 0, 1, ?2, ?3) \
+     ON CONFLICT (instance_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at, \
+     claimed_by = excluded.claimed_by \
+     WHERE NOT ?4 OR claimed_by IS NULL OR claimed_by = excluded.claimed_by \
+     RETURNING last_seq, epoch";
+
 #[async_trait]
 impl Store for SqliteStore {
     fn name(&self) -> &'static str {
@@ -243,17 +253,27 @@ impl Store for SqliteStore {
         true
     }
 
-    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
-        let id = instance_id.to_owned();
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
+        let (id, journal, exclusive) =
+            (instance_id.to_owned(), by.journal.to_owned(), by.exclusive);
         Self::with(&self.write, move |conn| {
-            let (last_seq, epoch): (i64, i64) = conn.query_row(
-                "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
-                 VALUES (?1, 0, 1, ?2) \
-                 ON CONFLICT (instance_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at \
-                 RETURNING last_seq, epoch",
-                params![id, now()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            // One statement: the check and the claim cannot be told apart by another writer.
+            let claimed: Option<(i64, i64)> = conn
+                .query_row(CLAIM, params![id, now(), journal, exclusive], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()?;
+            let Some((last_seq, epoch)) = claimed else {
+                let claimant: Option<String> = conn.query_row(
+                    "SELECT claimed_by FROM tally_instances WHERE instance_id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )?;
+                return Err(StoreError::ClaimedElsewhere {
+                    instance_id: id,
+                    claimant: claimant.unwrap_or_default(),
+                });
+            };
             Ok(Claim {
                 last_seq: seq_from_sql(last_seq),
                 epoch: seq_from_sql(epoch),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Applied, Batch, Claim, Store, StoreError, Stored};
+use super::{Applied, Batch, Claim, Claimant, Store, StoreError, Stored};
 
 /// A store whose every operation fails after `timeout` ([`Store::claim`]: `timeout` plus
 /// [`CLAIM_WAIT`]).
@@ -67,12 +67,12 @@ impl Store for Timed {
         self.inner.wants_own_thread()
     }
 
-    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
         let deadline = self.timeout + CLAIM_WAIT;
         Self::within_for(
             "the claim of the instance id",
             deadline,
-            self.inner.claim(instance_id),
+            self.inner.claim(instance_id, by),
         )
         .await
     }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tally::store::{Applied, Batch, Claim, Store, StoreError, Stored};
+use tally::store::{Applied, Batch, Claim, Claimant, Store, StoreError, Stored};
 
 use crate::app::{spawn_app, test_config};
 use crate::both_stores::on_both_stores;
@@ -102,8 +102,8 @@ impl Store for Outage {
         self.inner.wants_own_thread()
     }
 
-    async fn claim(&self, instance_id: &str) -> Result<Claim, StoreError> {
-        self.inner.claim(instance_id).await
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
+        self.inner.claim(instance_id, by).await
     }
 
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {

@@ -30,6 +30,7 @@ mod drain;
 mod fencing;
 mod memory;
 mod outage;
+mod owner;
 mod poison;
 mod replay;
 mod support;
