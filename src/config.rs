@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
-use crate::key::DEFAULT_MAX_KEY_BYTES;
+use crate::key::{DEFAULT_MAX_KEY_BYTES, MAX_KEY_BYTES_LIMIT};
 
 /// Default flush interval. The database is at most this far behind (plus the time a flush
 /// takes, ~0.2–0.8 s measured); the contract allows ten seconds. Chosen with
@@ -435,7 +435,8 @@ pub struct HttpConfig {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Request limits")]
 pub struct LimitsConfig {
-    /// Longest accepted key, in bytes.
+    /// Longest accepted key, in bytes; at most 2048 (PostgreSQL's index on the key refuses
+    /// entries past about 2,700 bytes).
     #[arg(long, env = "TALLY_MAX_KEY_BYTES", default_value_t = nonzero(DEFAULT_MAX_KEY_BYTES))]
     pub max_key_bytes: NonZeroUsize,
 
@@ -665,6 +666,15 @@ impl Config {
             return fail(
                 "max-header-bytes",
                 format!("must be at least {MIN_HEADER_BYTES}"),
+            );
+        }
+        if self.limits.max_key_bytes.get() > MAX_KEY_BYTES_LIMIT {
+            return fail(
+                "max-key-bytes",
+                format!(
+                    "must be at most {MAX_KEY_BYTES_LIMIT}: PostgreSQL's index on the key refuses \
+                     longer ones, and a batch holding one could never be written"
+                ),
             );
         }
         if self.limits.max_body_memory < self.limits.max_body_bytes {
@@ -1138,6 +1148,22 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid --flush-interval: must be longer than zero"
+        );
+    }
+
+    #[test]
+    fn max_key_bytes_stays_below_what_postgresql_can_index() {
+        let at_limit =
+            Config::try_parse_from(["tally", "--max-key-bytes", "2048"]).expect("parses");
+        assert!(at_limit.validate().is_ok());
+        let past = Config::try_parse_from(["tally", "--max-key-bytes", "2049"]).expect("parses");
+        let err = past
+            .validate()
+            .expect_err("2049 must be refused")
+            .to_string();
+        assert!(
+            err.contains("--max-key-bytes") && err.contains("2048"),
+            "{err}"
         );
     }
 

@@ -10,6 +10,12 @@ use std::fmt;
 /// the database index.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 256;
 
+/// The most `--max-key-bytes` may allow. PostgreSQL's B-tree index on `counters.key` refuses
+/// an entry past about 2,700 bytes (a third of its 8 KiB page), and a batch holding such a
+/// key could then never be written: the flusher would retry it for ever while every later
+/// delta waited behind it. 2 KiB keeps clear of that on every backend.
+pub const MAX_KEY_BYTES_LIMIT: usize = 2048;
+
 /// A counter key: non-empty UTF-8, at most the configured number of bytes, without NUL.
 ///
 /// NUL is refused because PostgreSQL `text` cannot store it: one such key would make the
