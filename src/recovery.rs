@@ -4,19 +4,33 @@
 //! # Whose records
 //!
 //! A record carries the seq of its batch, and "beyond the store's last applied batch" means
-//! beyond the last one of the claim that numbered it. Two things would break that, and tally
-//! refuses to start on either rather than count twice or drop increments:
+//! beyond the last batch of the claim that numbered it. Two things break that:
 //!
 //! - **Another instance id.** The journal directory's `owner.json` names the instance id its
-//!   records were written as; with records in the journal, a start as another id stops.
+//!   records were written as. With records in the journal, a start as another id refuses to
+//!   start (replayed under another id's numbers they would count twice or not at all).
 //! - **Another journal claimed the id since** (two data directories run as one id, one after
-//!   the other: the second one's batches reused the first one's numbers). `owner.json` also
-//!   holds the journal's own random id; the store records which journal claimed each
-//!   instance id last, and a journal with records asks for an exclusive claim
-//!   ([`Claimant::exclusive`]), which fails, claiming nothing, in that case.
+//!   the other, or at once until one was fenced): that one numbered its batches from where
+//!   the store stood, with the numbers this journal's unapplied records carry. `owner.json`
+//!   also holds the journal's own random id; the store records which journal claimed each id
+//!   last, the one before it, and the seq reached when the claim passed between them
+//!   ([`Handover`]). A journal with records claims exclusively ([`Claimant::exclusive`]);
+//!   if another journal claimed since, the claim fails, claiming nothing, and says so. If
+//!   the claim passed from this journal, the handover seq splits its records exactly: those
+//!   at or below it are in the store (a claim waits for the previous holder's last commit,
+//!   and fences it), those above it were acknowledged after the other's claim and never
+//!   written. The latter are **rebased**: written as one new batch, numbered above both the
+//!   store's last seq and every record, so that nothing the journal holds can replay again
+//!   after it. The rebase is noted in `owner.json` before the claim is taken back and again
+//!   with its seq before the batch is written, so a crash at any point resumes it: with the
+//!   claim still this journal's, the store's last seq says whether the batch is in. If the
+//!   claim passed through more journals than that (so that neither can be told), tally
+//!   refuses to start, and says what the operator can do.
 //!
 //! A journal without `owner.json` (written by an older tally) is replayed as before, and
 //! gets one.
+//!
+//! # Replay
 //!
 //! Each journal generation (the deltas acknowledged under one seq) is written as the batch it
 //! would have been, under its own seq, in seq order, and the journal is trimmed only once all
@@ -36,27 +50,41 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::Sealed;
 use crate::flush::Flusher;
 use crate::journal::{Journal, Replay, no_follow};
-use crate::store::{Claimant, StoreError};
+use crate::store::{Claim, Claimant, Store, StoreError};
 
 /// The file in the journal directory that says whose its records are.
 const OWNER_FILE: &str = "owner.json";
 
 /// Whose records a journal directory holds (see the module docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Owner {
+struct Owner {
     /// The journal's own id: random, made once, the claimant it records in the store.
-    pub journal: String,
+    journal: String,
     /// The instance id its records were written as.
-    pub instance_id: String,
+    instance_id: String,
+    /// A rebase in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rebase: Option<Rebase>,
 }
 
-/// The journal's part in this start's claim: who claims, and whether exclusively.
+/// Records acknowledged after another journal claimed the id, to be written as one new
+/// batch: those numbered `from + 1 ..= through`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Rebase {
+    from: u64,
+    through: u64,
+    /// The new batch's seq, once the claim is taken back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
+/// The journal's side of this start's claim (see the module docs).
 #[derive(Debug)]
 pub(crate) struct Ownership {
+    path: std::path::PathBuf,
     owner: Owner,
-    exclusive: bool,
-    /// Whether `owner.json` must be (re)written once the claim is made.
-    changed: bool,
+    /// Whether `owner.json` records an owner (an older tally's journal has none).
+    known: bool,
 }
 
 impl Ownership {
@@ -72,11 +100,9 @@ impl Ownership {
         instance_id: &str,
         replay: &Replay,
     ) -> anyhow::Result<Self> {
-        let recorded = read_owner(&journal_dir.join(OWNER_FILE))?;
+        let path = journal_dir.join(OWNER_FILE);
+        let recorded = read_owner(&path)?;
         let has_records = !replay.records.is_empty();
-        if has_records && recorded.is_none() {
-            tracing::warn!(journal = %journal_dir.display(), "The journal has no owner.json (an older tally wrote it): replaying it as this instance id, unchecked.");
-        }
         if let Some(owner) = &recorded
             && has_records
             && owner.instance_id != instance_id
@@ -92,65 +118,180 @@ impl Ownership {
                 owner.instance_id,
             );
         }
+        if has_records && recorded.is_none() {
+            tracing::warn!(journal = %journal_dir.display(), "The journal has no owner.json (an older tally wrote it): replaying it as this instance id, unchecked.");
+        }
+        let known = recorded.is_some();
         let owner = Owner {
             journal: recorded
                 .as_ref()
                 .map_or_else(|| uuid::Uuid::new_v4().to_string(), |o| o.journal.clone()),
             instance_id: instance_id.to_owned(),
+            // A rebase whose records are gone (trimmed once it was written) is finished.
+            rebase: recorded.and_then(|o| o.rebase).filter(|_| has_records),
         };
-        Ok(Self {
-            changed: recorded.as_ref() != Some(&owner),
-            exclusive: has_records && recorded.is_some(),
-            owner,
-        })
+        Ok(Self { path, owner, known })
     }
 
-    /// The claimant this start claims the instance id as.
-    pub(crate) fn claimant(&self) -> Claimant<'_> {
-        Claimant {
-            journal: &self.owner.journal,
-            exclusive: self.exclusive,
-        }
-    }
-
-    /// Explains a refused claim: what the journal holds and what the operator can do.
-    pub(crate) fn refused(
-        &self,
-        error: anyhow::Error,
-        journal_dir: &Path,
-        replay: &Replay,
-    ) -> anyhow::Error {
-        match error.downcast_ref::<StoreError>() {
-            Some(StoreError::ClaimedElsewhere { claimant, .. }) => anyhow!(
-                "instance id {:?} was claimed by another tally (journal {claimant}) since this \
-                 data directory last ran as it. The journal in {} still holds {}, and that \
-                 process numbered its own batches with the same numbers, so tally cannot tell \
-                 which of them the store already has: replaying could count some twice or drop \
-                 some, so it does not start (nothing was claimed). To start anyway, move {} \
-                 aside: what it holds that the store lacks is then not counted \
-                 (docs/operations.md, \"The journal's owner\")",
-                self.owner.instance_id,
-                journal_dir.display(),
-                describe(replay),
-                journal_dir.display(),
-            ),
-            _ => error,
-        }
-    }
-
-    /// Writes `owner.json` if it changed, durably, before any record is appended under
-    /// this claim.
+    /// Claims the instance id in `store` for this journal, and returns the claim with the
+    /// records to replay under it: `replay` as it is, or with the records of a rebase
+    /// renumbered as its batch and those already in the store left out.
     ///
     /// # Errors
     ///
-    /// If it cannot be written.
-    pub(crate) fn record(&self, journal_dir: &Path) -> anyhow::Result<()> {
-        if !self.changed {
-            return Ok(());
+    /// If the store cannot be claimed, another journal claimed the id in a way that leaves
+    /// the records' fate unknown (the message says what the operator can do), or
+    /// `owner.json` cannot be written.
+    pub(crate) async fn claim(
+        &mut self,
+        store: &dyn Store,
+        replay: Replay,
+    ) -> anyhow::Result<(Claim, Replay)> {
+        let has_records = !replay.records.is_empty();
+        let exclusive = has_records && self.known;
+        if !exclusive {
+            let claim = self.claim_as(store, false).await?;
+            self.record()?;
+            return Ok((claim, replay));
         }
-        let json = serde_json::to_vec(&self.owner).context("cannot encode owner.json")?;
-        crate::startup::write_durably(&journal_dir.join(OWNER_FILE), &json)
+        let rebase = match (self.owner.rebase, self.claim_as(store, true).await) {
+            // Nobody else claimed the id since this journal last did.
+            (None, Ok(claim)) => return Ok((claim, replay)),
+            (Some(rebase @ Rebase { seq: Some(_), .. }), Ok(claim)) => {
+                return Ok((claim, rebased(replay, rebase)));
+            }
+            (None, Err(refused)) => {
+                let handover = self.passed_from_here(refused, &replay)?;
+                if replay.max_seq <= handover {
+                    tracing::info!(
+                        handover_seq = handover,
+                        "Another journal claimed this instance id since; every record of this one is in the store."
+                    );
+                    let claim = self.claim_as(store, false).await?;
+                    self.record()?;
+                    return Ok((claim, replay));
+                }
+                Rebase {
+                    from: handover,
+                    through: replay.max_seq,
+                    seq: None,
+                }
+            }
+            // Decided by an earlier start that stopped before it wrote the batch's seq: the
+            // batch was not written, whoever claimed since.
+            (
+                Some(rebase @ Rebase { seq: None, .. }),
+                Ok(_) | Err(StoreError::ClaimedElsewhere { .. }),
+            ) => rebase,
+            (Some(Rebase { seq: None, .. }), Err(e)) => return Err(e.into()),
+            // Another journal claimed the id since this journal's batch was numbered: it may
+            // have numbered one of its own batches alike.
+            (Some(rebase @ Rebase { seq: Some(seq), .. }), Err(refused)) => {
+                return Err(self.unknown(refused, &replay, &format!(
+                    "this data directory was writing its records from batches {} to {} as batch {seq} when it stopped, and whether that batch is in the store can no longer be told",
+                    rebase.from + 1,
+                    rebase.through
+                )));
+            }
+        };
+        // Noted before the claim is taken back: from then on the store no longer says where
+        // this journal's batches end.
+        self.owner.rebase = Some(rebase);
+        self.record()?;
+        let claim = self.claim_as(store, false).await?;
+        let rebase = Rebase {
+            seq: Some(claim.last_seq.max(rebase.through) + 1),
+            ..rebase
+        };
+        self.owner.rebase = Some(rebase);
+        self.record()?;
+        tracing::warn!(
+            records_from = rebase.from + 1,
+            records_through = rebase.through,
+            seq = rebase.seq,
+            "Another journal claimed this instance id since; writing this journal's records acknowledged after that as one new batch."
+        );
+        Ok((claim, rebased(replay, rebase)))
     }
+
+    /// Forgets a finished rebase, once its batch is in the store and the journal trimmed.
+    ///
+    /// # Errors
+    ///
+    /// If `owner.json` cannot be written.
+    pub(crate) fn finish(&mut self) -> anyhow::Result<()> {
+        if self.owner.rebase.take().is_some() {
+            self.record()?;
+        }
+        Ok(())
+    }
+
+    async fn claim_as(&self, store: &dyn Store, exclusive: bool) -> Result<Claim, StoreError> {
+        let by = Claimant {
+            journal: &self.owner.journal,
+            exclusive,
+        };
+        store.claim(&self.owner.instance_id, by).await
+    }
+
+    /// The handover seq of a refused exclusive claim, if the claim passed from this journal.
+    fn passed_from_here(&self, refused: StoreError, replay: &Replay) -> anyhow::Result<u64> {
+        match &refused {
+            StoreError::ClaimedElsewhere { handover, .. }
+                if handover.from.as_deref() == Some(self.owner.journal.as_str()) =>
+            {
+                Ok(handover.seq)
+            }
+            StoreError::ClaimedElsewhere { .. } => Err(self.unknown(
+                refused,
+                replay,
+                "the claim passed through more than one other journal since, so which of them the store already has can no longer be told",
+            )),
+            _ => Err(refused.into()),
+        }
+    }
+
+    /// The refusal to start when another journal claimed the id and `why` the records'
+    /// fate is unknown.
+    fn unknown(&self, refused: StoreError, replay: &Replay, why: &str) -> anyhow::Error {
+        let StoreError::ClaimedElsewhere { claimant, .. } = &refused else {
+            return refused.into();
+        };
+        anyhow!(
+            "instance id {:?} was claimed by another tally (journal {claimant}) since this data \
+             directory last ran as it. Its journal ({}) holds {}; {why}: replaying could count \
+             some twice or drop some, so tally does not start. To start anyway, move the \
+             journal directory aside: what it holds that the store lacks is then not counted \
+             (docs/operations.md, \"The journal's owner\")",
+            self.owner.instance_id,
+            self.path.parent().unwrap_or(Path::new(".")).display(),
+            describe(replay),
+        )
+    }
+
+    /// Writes `owner.json`, durably, before any record is appended or rebased under the claim.
+    fn record(&mut self) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(&self.owner).context("cannot encode owner.json")?;
+        crate::startup::write_durably(&self.path, &json)?;
+        self.known = true;
+        Ok(())
+    }
+}
+
+/// `replay` with the records of `rebase` renumbered as its batch, and the rest (already in
+/// the store) left out.
+fn rebased(mut replay: Replay, rebase: Rebase) -> Replay {
+    let Some(seq) = rebase.seq else {
+        return replay;
+    };
+    replay
+        .records
+        .retain(|r| r.seq > rebase.from && r.seq <= rebase.through);
+    for record in &mut replay.records {
+        record.seq = seq;
+    }
+    replay.max_seq = seq;
+    replay
 }
 
 /// The owner recorded at `path`, if there is one.

@@ -119,26 +119,19 @@ impl App {
         let (journal, replay) = Journal::open(&journal_dir, options)
             .with_context(|| format!("cannot open the journal in {}", journal_dir.display()))?;
         let journal = Arc::new(journal);
-        // Whose the journal's records are: they are replayed only as the id and under the
-        // claim that numbered them (see `crate::recovery`).
-        let ownership = Ownership::check(&journal_dir, &instance_id, &replay)?;
-
-        // Claiming fences off any earlier process with this id, and waits for a batch of a
-        // predecessor still being committed, so `applied` includes it.
-        let claim = store
-            .claim(&instance_id, ownership.claimant())
-            .await
-            .map_err(anyhow::Error::from)
-            .map_err(|e| ownership.refused(e, &journal_dir, &replay))
-            .with_context(|| {
-                format!(
-                    "cannot claim instance id {instance_id:?} in the {} store",
-                    store.name()
-                )
-            })?;
+        // Whose the journal's records are: they are replayed only as the id, and under the
+        // claim, that numbered them (see `crate::recovery`). Claiming fences off any earlier
+        // process with this id, and waits for a batch of a predecessor still being committed,
+        // so `applied` includes it.
+        let mut ownership = Ownership::check(&journal_dir, &instance_id, &replay)?;
+        let (claim, replay) = ownership.claim(&*store, replay).await.with_context(|| {
+            format!(
+                "cannot claim instance id {instance_id:?} in the {} store",
+                store.name()
+            )
+        })?;
         let applied = claim.last_seq;
         tracing::info!(%instance_id, epoch = claim.epoch, applied_seq = applied, "Claimed the instance id.");
-        ownership.record(&journal_dir)?;
 
         let aggregator = Arc::new(Aggregator::new(
             applied.max(replay.max_seq) + 1,
@@ -155,6 +148,7 @@ impl App {
         .with_epoch(claim.epoch)
         .with_journal(Arc::clone(&journal));
         recovery::replay_journal(&flusher, &journal, replay, applied).await?;
+        ownership.finish()?;
 
         let listener = TcpListener::bind(config.http.listen)
             .await

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tally::store::{
-    Applied, Batch, Claim, Claimant, DeadLetter, PgStore, SqliteStore, Store, StoreError, Stored,
+    Applied, Batch, Claim, Claimant, DeadLetter, Handover, PgStore, SqliteStore, Store, StoreError,
+    Stored,
 };
 use tempfile::TempDir;
 
@@ -478,12 +479,12 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
     let first = store.claim("i1", by("j1", false)).await.expect("claim");
     assert_eq!(first.last_seq, 0, "a new id has applied nothing");
     let one = [("k", 1)];
-    let under = |claim: Claim, seq| Batch {
+    let under = |claim: &Claim, seq| Batch {
         epoch: claim.epoch,
         ..batch("i1", seq, &one)
     };
     assert_eq!(
-        store.apply(under(first, 1)).await.expect("apply"),
+        store.apply(under(&first, 1)).await.expect("apply"),
         Applied::Committed
     );
 
@@ -493,7 +494,7 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
     assert!(second.epoch > first.epoch, "{second:?} after {first:?}");
     assert_eq!(second.last_seq, 1);
     for seq in [1, 2] {
-        match store.apply(under(first, seq)).await {
+        match store.apply(under(&first, seq)).await {
             Err(StoreError::Fenced {
                 instance_id,
                 epoch,
@@ -511,7 +512,7 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
         "nothing of theirs written"
     );
     assert_eq!(
-        store.apply(under(second, 2)).await.expect("apply"),
+        store.apply(under(&second, 2)).await.expect("apply"),
         Applied::Committed
     );
     assert_eq!(value(&*store, "k").await, Some(2));
@@ -540,35 +541,62 @@ fn by(journal: &str, exclusive: bool) -> Claimant<'_> {
 async fn an_exclusive_claim_fails_if_another_journal_claimed_last(backend: Backend) {
     let fixture = &Fixture::new(backend);
     let store = fixture.open().await;
+    let one = [("k", 1)];
+    let under = |claim: &Claim, seq| Batch {
+        epoch: claim.epoch,
+        ..batch("i1", seq, &one)
+    };
     // A new id, then the same journal again: nobody else claimed in between.
-    store.claim("i1", by("a", true)).await.expect("claim");
     let a = store.claim("i1", by("a", true)).await.expect("claim");
-    // Another journal claims, as a second data directory run as the same id would.
+    assert_eq!(
+        a.handover,
+        Handover::default(),
+        "a new id passed from nobody"
+    );
+    let a = store.claim("i1", by("a", true)).await.expect("claim");
+    for seq in [1, 2] {
+        store.apply(under(&a, seq)).await.expect("apply");
+    }
+    // Another journal claims, as a second data directory run as the same id would: the
+    // claim passes from a at seq 2.
     let b = store.claim("i1", by("b", false)).await.expect("claim");
     assert!(b.epoch > a.epoch);
+    let from_a = Handover {
+        from: Some("a".to_owned()),
+        seq: 2,
+    };
+    assert_eq!(b.handover, from_a);
+    store.apply(under(&b, 3)).await.expect("apply");
     match store.claim("i1", by("a", true)).await {
         Err(StoreError::ClaimedElsewhere {
             instance_id,
             claimant,
-        }) => assert_eq!((instance_id.as_str(), claimant.as_str()), ("i1", "b")),
+            handover,
+        }) => assert_eq!(
+            (instance_id.as_str(), claimant.as_str(), handover),
+            ("i1", "b", from_a.clone())
+        ),
         other => panic!("want ClaimedElsewhere naming journal b, got {other:?}"),
     }
-    // The refused claim claimed nothing: b still writes as the id.
-    let one = [("k", 1)];
-    let batch_b = Batch {
-        epoch: b.epoch,
-        ..batch("i1", 1, &one)
-    };
-    assert_eq!(
-        store.apply(batch_b).await.expect("apply"),
-        Applied::Committed
-    );
-    // Claims are per id; a claim that is not exclusive takes the id back, and then a's
-    // exclusive claims pass again.
+    // The refused claim claimed nothing: b still writes as the id, and b's own claims leave
+    // the handover as it was.
+    store.apply(under(&b, 4)).await.expect("apply");
+    let b = store.claim("i1", by("b", true)).await.expect("claim");
+    assert_eq!(b.handover, from_a);
+    // Claims are per id; a claim that is not exclusive takes the id back (from b, at seq 4),
+    // and then a's exclusive claims pass again.
     store.claim("i2", by("a", true)).await.expect("claim");
     store.claim("i1", by("a", false)).await.expect("claim");
     let again = store.claim("i1", by("a", true)).await.expect("claim");
-    assert_eq!(again.last_seq, 1, "b's batch is in");
+    assert_eq!(again.last_seq, 4);
+    assert_eq!(
+        again.handover,
+        Handover {
+            from: Some("b".to_owned()),
+            seq: 4
+        }
+    );
+    assert_eq!(value(&*store, "k").await, Some(4));
 }
 on_both_stores!(an_exclusive_claim_fails_if_another_journal_claimed_last);
 

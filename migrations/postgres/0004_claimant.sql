@@ -1,5 +1,9 @@
 -- Which journal claimed each instance id last (a random id each data directory's journal
--- makes once). A journal that still holds records numbered under its own claim of an id
--- may replay them only if no other journal has claimed the id since: the other one's
--- batches reuse those numbers. NULL: claimed before this column existed.
+-- makes once), which one held it before, and the id's last applied seq when the claim
+-- passed from that one to the current one (every batch of the previous claimant is at or
+-- below it). A journal that still holds records numbered under its own claim of an id can
+-- then tell which of them are in the store after another journal claimed the id: those at
+-- or below the handover seq (see src/recovery.rs). NULL: claimed before these columns.
 ALTER TABLE tally_instances ADD COLUMN claimed_by text;
+ALTER TABLE tally_instances ADD COLUMN previous_claimant text;
+ALTER TABLE tally_instances ADD COLUMN handover_seq bigint NOT NULL DEFAULT 0;

@@ -17,8 +17,9 @@
 //! - **Claimants.** A claim records which journal made it ([`Claimant`]). A journal that
 //!   still holds records numbered under its own earlier claim asks for an exclusive claim,
 //!   which fails with [`StoreError::ClaimedElsewhere`], claiming nothing, if another journal
-//!   claimed the id in between: that one's batches reused the numbers, so the records could
-//!   no longer be told applied from not (see `crate::recovery`).
+//!   claimed the id in between. The claim records which journal held the id before the
+//!   current one and the seq it had reached ([`Handover`]), so such a journal can tell which
+//!   of its records are in the store (see `crate::recovery`).
 //! - [`Store::read`] returns a key's value together with this instance's last applied seq,
 //!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
 
@@ -86,12 +87,23 @@ pub struct Claimant<'a> {
     pub exclusive: bool,
 }
 
-/// What [`Store::claim`] returns: the claim's fencing epoch, and the last seq the store
-/// holds for the id (0 if none).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`Store::claim`] returns: the claim's fencing epoch, the last seq the store holds
+/// for the id (0 if none), and how the claim last passed between journals.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     pub epoch: u64,
     pub last_seq: u64,
+    pub handover: Handover,
+}
+
+/// How an instance id's claim last passed from one journal to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handover {
+    /// The journal that claimed the id before the current claimant (`None`: none recorded).
+    pub from: Option<String>,
+    /// The id's last applied seq when the current claimant took the claim over: every batch
+    /// `from` applied is at or below it (0 when none recorded).
+    pub seq: u64,
 }
 
 /// The outcome of a successful [`Store::apply`].
@@ -154,6 +166,8 @@ pub enum StoreError {
     ClaimedElsewhere {
         instance_id: String,
         claimant: String,
+        /// How the claim passed to `claimant`.
+        handover: Handover,
     },
     /// The database schema could not be created or migrated.
     #[error("schema migration failed: {0}")]

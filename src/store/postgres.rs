@@ -23,8 +23,8 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    Applied, Batch, Claim, Claimant, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
-    seq_to_sql,
+    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
+    seq_from_sql, seq_to_sql,
 };
 
 /// How long to wait for a connection (to open, or to get one from the pool) before calling
@@ -112,15 +112,28 @@ const RECORD_SEQ_IF_CLAIMED: &str = concat!(
 
 /// One statement, so one implicit transaction: the upsert waits for the row lock (or the
 /// uncommitted insert) of a batch still being committed, then works on its committed row.
-/// Claims for journal `$2`; with `$3` (exclusive) it updates nothing, and returns no row, if
-/// another journal claimed the id last (the condition is checked on that committed row).
-const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at, claimed_by) \
-     VALUES ($1, 0, 1, now(), $2) \
+/// Claims for journal `$2`; when the claim passes to another journal, notes the one it
+/// passes from and the seq reached (the right-hand sides read the row as it was). With `$3`
+/// (exclusive) it updates nothing, and returns no row, if another journal claimed the id
+/// last (checked on that committed row).
+const CLAIM: &str = "INSERT INTO tally_instances \
+     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq) \
+     VALUES ($1, 0, 1, now(), $2, 0) \
      ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, \
-     updated_at = EXCLUDED.updated_at, claimed_by = EXCLUDED.claimed_by \
+     updated_at = EXCLUDED.updated_at, \
+     previous_claimant = CASE WHEN tally_instances.claimed_by IS NOT DISTINCT FROM \
+     EXCLUDED.claimed_by THEN tally_instances.previous_claimant \
+     ELSE tally_instances.claimed_by END, \
+     handover_seq = CASE WHEN tally_instances.claimed_by IS NOT DISTINCT FROM \
+     EXCLUDED.claimed_by THEN tally_instances.handover_seq \
+     ELSE tally_instances.last_seq END, \
+     claimed_by = EXCLUDED.claimed_by \
      WHERE NOT $3 OR tally_instances.claimed_by IS NULL \
      OR tally_instances.claimed_by = EXCLUDED.claimed_by \
-     RETURNING last_seq, epoch";
+     RETURNING last_seq, epoch, previous_claimant, handover_seq";
+
+/// The claim of instance `$1` as it stands.
+const CLAIMANT: &str = "SELECT claimed_by, previous_claimant, handover_seq FROM tally_instances WHERE instance_id = $1";
 
 /// A connection from the pool that goes back to it only when its user says it ended its
 /// work cleanly ([`Conn::release`]). One dropped in the middle of a statement (an attempt
@@ -444,23 +457,26 @@ impl Store for PgStore {
             .query_opt(CLAIM, &[&instance_id, &by.journal, &by.exclusive])
             .await?;
         let Some(row) = claimed else {
-            let claimant: Option<String> = client
-                .query_one(
-                    "SELECT claimed_by FROM tally_instances WHERE instance_id = $1",
-                    &[&instance_id],
-                )
-                .await?
-                .get(0);
+            let row = client.query_one(CLAIMANT, &[&instance_id]).await?;
             client.release();
+            let claimant: Option<String> = row.get(0);
             return Err(StoreError::ClaimedElsewhere {
                 instance_id: instance_id.to_owned(),
                 claimant: claimant.unwrap_or_default(),
+                handover: Handover {
+                    from: row.get(1),
+                    seq: seq_from_sql(row.get(2)),
+                },
             });
         };
         client.release();
         Ok(Claim {
             last_seq: seq_from_sql(row.get(0)),
             epoch: seq_from_sql(row.get(1)),
+            handover: Handover {
+                from: row.get(2),
+                seq: seq_from_sql(row.get(3)),
+            },
         })
     }
 

@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Applied, Batch, Claim, Claimant, Store, StoreError, Stored, check_epoch, migrate, seq_from_sql,
-    seq_to_sql,
+    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
+    seq_from_sql, seq_to_sql,
 };
 
 /// How long a statement waits at most for a lock held by another connection before failing
@@ -233,15 +233,24 @@ fn rejected(keys: Vec<String>) -> StoreError {
     }
 }
 
-/// Claims instance `?1` for journal `?3` at time `?2`: epoch + 1, or 1 for a new id. With
-/// `?4` (exclusive) it updates nothing, and returns no row, if another journal claimed the
-/// id last.
-const CLAIM: &str = "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at, claimed_by) \
-     VALUES (?1, 0, 1, ?2, ?3) \
+/// Claims instance `?1` for journal `?3` at time `?2`: epoch + 1, or 1 for a new id; when
+/// the claim passes to another journal, notes the one it passes from and the seq reached
+/// (the right-hand sides read the row as it was). With `?4` (exclusive) it updates nothing,
+/// and returns no row, if another journal claimed the id last.
+const CLAIM: &str = "INSERT INTO tally_instances \
+     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq) \
+     VALUES (?1, 0, 1, ?2, ?3, 0) \
      ON CONFLICT (instance_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at, \
+     previous_claimant = CASE WHEN claimed_by IS excluded.claimed_by THEN previous_claimant \
+     ELSE claimed_by END, \
+     handover_seq = CASE WHEN claimed_by IS excluded.claimed_by THEN handover_seq \
+     ELSE last_seq END, \
      claimed_by = excluded.claimed_by \
      WHERE NOT ?4 OR claimed_by IS NULL OR claimed_by = excluded.claimed_by \
-     RETURNING last_seq, epoch";
+     RETURNING last_seq, epoch, previous_claimant, handover_seq";
+
+/// The claim of instance `?1` as it stands.
+const CLAIMANT: &str = "SELECT claimed_by, previous_claimant, handover_seq FROM tally_instances WHERE instance_id = ?1";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -258,26 +267,35 @@ impl Store for SqliteStore {
             (instance_id.to_owned(), by.journal.to_owned(), by.exclusive);
         Self::with(&self.write, move |conn| {
             // One statement: the check and the claim cannot be told apart by another writer.
-            let claimed: Option<(i64, i64)> = conn
+            let claimed = conn
                 .query_row(CLAIM, params![id, now(), journal, exclusive], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
+                    Ok(Claim {
+                        last_seq: seq_from_sql(r.get(0)?),
+                        epoch: seq_from_sql(r.get(1)?),
+                        handover: Handover {
+                            from: r.get(2)?,
+                            seq: seq_from_sql(r.get(3)?),
+                        },
+                    })
                 })
                 .optional()?;
-            let Some((last_seq, epoch)) = claimed else {
-                let claimant: Option<String> = conn.query_row(
-                    "SELECT claimed_by FROM tally_instances WHERE instance_id = ?1",
-                    params![id],
-                    |r| r.get(0),
-                )?;
-                return Err(StoreError::ClaimedElsewhere {
-                    instance_id: id,
-                    claimant: claimant.unwrap_or_default(),
-                });
-            };
-            Ok(Claim {
-                last_seq: seq_from_sql(last_seq),
-                epoch: seq_from_sql(epoch),
-            })
+            match claimed {
+                Some(claim) => Ok(claim),
+                None => {
+                    let (claimant, from, seq): (Option<String>, Option<String>, i64) = conn
+                        .query_row(CLAIMANT, params![id], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })?;
+                    Err(StoreError::ClaimedElsewhere {
+                        instance_id: id,
+                        claimant: claimant.unwrap_or_default(),
+                        handover: Handover {
+                            from,
+                            seq: seq_from_sql(seq),
+                        },
+                    })
+                }
+            }
         })
         .await
     }

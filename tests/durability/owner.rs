@@ -1,14 +1,15 @@
 //! A journal's records are replayed only as the instance id, and under the claim, that
-//! numbered them (`crate::recovery` in the library). Both cases below counted increments
-//! twice or dropped them before: a restart after `kill -9` under another `--instance-id`
-//! replayed the journal under that id's batch numbers, and a data directory whose id had
-//! meanwhile been run from another data directory replayed only the records numbered above
-//! that one's batches.
+//! numbered them (`recovery.rs` in the library). Before, a restart after `kill -9` under
+//! another `--instance-id` replayed the journal under that id's batch numbers (counting it
+//! twice), and a data directory whose id had meanwhile been run from another data directory
+//! replayed only the records numbered above that one's batches (dropping the others).
 
+use std::path::Path;
 use std::time::Duration;
 
 use crate::common::data_dir;
 use crate::pg::{PgDatabase, shout};
+use crate::replay::{hold_row, wait_for_lock};
 use crate::support::{Direct, Tally, TallyConfig, increment};
 
 /// Increments acknowledged (and left in the journal) before the `kill -9`.
@@ -100,77 +101,220 @@ async fn postgres_a_journal_is_not_replayed_as_another_instance_id() {
     a_journal_is_not_replayed_as_another_instance_id(Some(&db)).await;
 }
 
-/// Data directory A runs as id "shared" and is killed with increments in its journal; B,
-/// another data directory, then runs as "shared" and stores increments of its own under the
-/// batch numbers A's journal holds. A's restart must refuse: replaying would drop A's
-/// records (or count some twice). Nothing of B's is touched; A's journal stays as it was.
+/// The journal directory's records, without the zeros a segment is filled with ahead of
+/// them (an open cuts those off the last one).
+fn journal_records(data_dir: &Path) -> Vec<u8> {
+    let mut names: Vec<_> = std::fs::read_dir(data_dir.join("journal"))
+        .expect("journal directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|p| {
+            let mut bytes = std::fs::read(p).expect("read a segment");
+            bytes.truncate(bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1));
+            bytes
+        })
+        .collect()
+}
+
+/// Runs a tally on `config` that acknowledges `n` increments of `key`, and stops cleanly.
+async fn run_and_stop(config: &TallyConfig, key: &str, n: i64) {
+    let client = reqwest::Client::new();
+    let mut tally = Tally::start(config).await;
+    for _ in 0..n {
+        assert_eq!(increment(&client, &tally.address, key).await, 202);
+    }
+    assert!(tally.terminate().await.success());
+}
+
+/// Data directory A, as id "shared", stores 2 increments of "k", acknowledges 3 of "late"
+/// that stay in its journal only, and is killed. Data directory B then runs as "shared" and
+/// stores 5 of "b", numbering its batch like A's unstored one. A's restart must store "late"
+/// exactly once: the store's handover seq tells it that "k" is in and "late" is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_journal_is_not_replayed_after_another_data_directory_ran_as_its_id() {
-    let Some(db) = PgDatabase::create("owner_other_dir").await else {
+async fn postgres_records_acknowledged_after_another_data_directory_took_the_id_are_stored_once() {
+    let Some(db) = PgDatabase::create("owner_rebase").await else {
         return;
     };
     let (dir_a, dir_b) = (data_dir(), data_dir());
-    let config_a = as_id(
-        TallyConfig::new(dir_a.path(), Some(&db), "journal", "1h"),
-        "shared",
-    );
-    let config_b = as_id(
+    let a = TallyConfig::new(dir_a.path(), Some(&db), "journal", "1h");
+    let a = as_id(a, "shared");
+    let b = as_id(
         TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
         "shared",
     );
     let direct = Direct::open(dir_a.path(), Some(&db)).await;
-    leave_in_journal(&config_a, &direct).await;
-
     let client = reqwest::Client::new();
-    let mut b = Tally::start(&config_b).await;
-    for _ in 0..5 {
-        assert_eq!(increment(&client, &b.address, "b").await, 202);
+
+    // A 2 s flush interval: "k" is flushed, and "late", sent right after, is not yet.
+    let mut first = a.clone();
+    first.flush_interval = "2s";
+    let mut tally = Tally::start(&first).await;
+    for _ in 0..2 {
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
     }
-    assert!(b.terminate().await.success());
+    direct.wait_for("k", 2, Duration::from_secs(10)).await;
+    for _ in 0..BEFORE {
+        assert_eq!(increment(&client, &tally.address, "late").await, 202);
+    }
+    tally.kill9().await;
+    assert_eq!(
+        direct.value("late").await,
+        None,
+        "not flushed before the kill"
+    );
+
+    run_and_stop(&b, "b", 5).await;
     assert_eq!(direct.value("b").await, Some(5));
 
-    let journal = dir_a.path().join("journal");
-    // The records of every segment, without the zeros a segment is filled with ahead of
-    // them (an open cuts those off the last one).
-    let records = |dir: &std::path::Path| {
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .expect("journal directory")
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
-            .collect();
-        names.sort();
-        names
-            .iter()
-            .flat_map(|p| {
-                let mut bytes = std::fs::read(p).expect("read a segment");
-                bytes.truncate(bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1));
-                bytes
-            })
-            .collect::<Vec<u8>>()
+    let mut tally = Tally::start(&a).await;
+    let log = tally.log();
+    assert!(
+        log.contains("writing this journal's records acknowledged after that as one new batch"),
+        "{log}"
+    );
+    assert!(tally.terminate().await.success());
+    let all = [("k", 2), ("late", BEFORE), ("b", 5)];
+    for (key, value) in all {
+        assert_eq!(direct.value(key).await, Some(value), "{key}");
+    }
+    // Neither directory counts anything again, and both still run as the id.
+    run_and_stop(&a, "k", 0).await;
+    run_and_stop(&b, "b", 1).await;
+    run_and_stop(&a, "k", 1).await;
+    for (key, value) in [("k", 3), ("late", BEFORE), ("b", 6)] {
+        assert_eq!(direct.value(key).await, Some(value), "{key}");
+    }
+    shout(
+        "owner postgres: increments a killed data directory acknowledged after its last batch \
+         were stored once after another data directory had run as its id",
+    );
+}
+
+/// A's journal holds only records already in the store (the active segment keeps them
+/// after `kill -9`) when B takes the id: A's restart starts, and counts nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_journal_whose_records_are_all_stored_starts_after_another_took_the_id() {
+    let Some(db) = PgDatabase::create("owner_all_stored").await else {
+        return;
     };
-    let held = records(&journal);
+    let (dir_a, dir_b) = (data_dir(), data_dir());
+    let a = as_id(
+        TallyConfig::new(dir_a.path(), Some(&db), "journal", "100ms"),
+        "shared",
+    );
+    let b = as_id(
+        TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
+        "shared",
+    );
+    let direct = Direct::open(dir_a.path(), Some(&db)).await;
+    let client = reqwest::Client::new();
+    let mut tally = Tally::start(&a).await;
+    for _ in 0..BEFORE {
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    }
+    direct.wait_for("k", BEFORE, Duration::from_secs(10)).await;
+    tally.kill9().await;
+    assert!(
+        !journal_records(dir_a.path()).is_empty(),
+        "A's journal holds its records"
+    );
+
+    run_and_stop(&b, "b", 5).await;
+    run_and_stop(&a, "k", 1).await;
+    assert_eq!(direct.value("k").await, Some(BEFORE + 1));
+    assert_eq!(direct.value("b").await, Some(5));
+    shout(
+        "owner postgres: a journal holding only stored records started after another data \
+         directory had run as its id, and counted nothing twice",
+    );
+}
+
+/// The claim passed from A to B and on to C: which of A's records the store has can no
+/// longer be told. A refuses to start, claims nothing (C still runs as the id) and keeps
+/// its journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_journal_is_refused_when_the_id_passed_through_two_other_journals() {
+    let Some(db) = PgDatabase::create("owner_refused").await else {
+        return;
+    };
+    let dirs = [data_dir(), data_dir(), data_dir()];
+    let [a, b, c] = dirs.each_ref().map(|d| {
+        as_id(
+            TallyConfig::new(d.path(), Some(&db), "journal", "1h"),
+            "shared",
+        )
+    });
+    let direct = Direct::open(dirs[0].path(), Some(&db)).await;
+    leave_in_journal(&a, &direct).await;
+    run_and_stop(&b, "b", 5).await;
+    run_and_stop(&c, "c", 5).await;
+
+    let held = journal_records(dirs[0].path());
     assert!(!held.is_empty(), "A's journal holds its records");
     expect_refusal(
-        &config_a,
+        &a,
         &[
             r#"instance id "shared" was claimed by another tally"#,
             "3 acknowledged requests",
-            "nothing was claimed",
+            "passed through more than one other journal",
+            "move the journal directory aside",
         ],
     )
     .await;
     assert_eq!(direct.value("k").await, None, "nothing of A's replayed");
-    assert_eq!(direct.value("b").await, Some(5), "B's increments untouched");
-    assert!(records(&journal) == held, "A's journal kept as it was");
+    assert!(
+        journal_records(dirs[0].path()) == held,
+        "A's journal kept as it was"
+    );
+    run_and_stop(&c, "c", 1).await;
+    assert_eq!(direct.value("c").await, Some(6), "C still runs as the id");
+    for (key, value) in [("b", 5), ("k", 0)] {
+        assert_eq!(direct.value(key).await.unwrap_or(0), value, "{key}");
+    }
+    shout("owner postgres: a journal whose id passed through two other journals was refused");
+}
 
-    // B can still run as the id: the refused start claimed nothing.
-    let mut b = Tally::start(&config_b).await;
-    assert_eq!(increment(&client, &b.address, "b").await, 202);
-    assert!(b.terminate().await.success());
-    assert_eq!(direct.value("b").await, Some(6));
+/// A crash while the rebased batch is being written (it waits on a row the test holds):
+/// the next start finishes it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_crash_in_the_middle_of_a_rebase_stores_the_records_once() {
+    let Some(db) = PgDatabase::create("owner_rebase_crash").await else {
+        return;
+    };
+    let (dir_a, dir_b) = (data_dir(), data_dir());
+    let a = as_id(
+        TallyConfig::new(dir_a.path(), Some(&db), "journal", "1h"),
+        "shared",
+    );
+    let b = as_id(
+        TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
+        "shared",
+    );
+    let direct = Direct::open(dir_a.path(), Some(&db)).await;
+    let monitor = crate::pg::client(&db.url).await;
+    leave_in_journal(&a, &direct).await;
+    run_and_stop(&b, "b", 5).await;
+
+    let blocker = hold_row(&db, "k").await;
+    let mut tally = Tally::spawn(&a);
+    wait_for_lock(&monitor, "the rebased batch waits on the held row").await;
+    tally.kill9().await;
+    assert_eq!(direct.value("k").await, None, "not written before the kill");
+    // The dead process's transaction was sent whole: it may still commit now, and the next
+    // start must count it once either way.
+    blocker.batch_execute("ROLLBACK").await.expect("release");
+
+    run_and_stop(&a, "k", 0).await;
+    assert_eq!(direct.value("k").await, Some(BEFORE));
+    run_and_stop(&a, "k", 0).await;
+    assert_eq!(direct.value("k").await, Some(BEFORE), "once");
+    assert_eq!(direct.value("b").await, Some(5));
     shout(
-        "owner postgres: a journal whose instance id another data directory had run as since \
-         was refused, claiming nothing and keeping the journal",
+        "owner postgres: a rebase killed while its batch was being written finished once at the next start",
     );
 }

@@ -197,7 +197,7 @@ async fn send_in_order(address: &str, keys: std::ops::Range<usize>) {
 
 /// A connection whose open transaction has inserted `key`: tally's upsert of that key
 /// waits until it rolls back.
-async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Client {
+pub(crate) async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Client {
     let client = crate::pg::client(&db.url).await;
     client
         .batch_execute(&format!(
@@ -209,7 +209,7 @@ async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Client {
 }
 
 /// Waits until some session of this database waits on a lock.
-async fn wait_for_lock(monitor: &tokio_postgres::Client, what: &str) {
+pub(crate) async fn wait_for_lock(monitor: &tokio_postgres::Client, what: &str) {
     eventually(STALL_TIMEOUT, what, || async move {
         monitor
             .query_one(
