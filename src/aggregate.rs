@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::key::{Increment, Key};
+use crate::store::DeadLetter;
 
 /// Number of shards. Concurrent adds to different keys contend only when they hash to the
 /// same shard; 64 makes that rare on any machine tally targets, and sealing stays 64 cheap
@@ -60,6 +61,8 @@ pub struct Sealed {
     /// When the oldest delta in this batch was added (approximately).
     pub oldest: Option<Instant>,
     shards: Vec<DeltaMap>,
+    /// Deltas set aside before the batch is written, recorded with it (journal replay's).
+    pub(crate) dead_letters: Vec<DeadLetter>,
 }
 
 impl Sealed {
@@ -88,11 +91,16 @@ impl Sealed {
     /// A batch assembled outside the aggregator: journal replay writes each journal
     /// generation as the batch it would have been. It is written directly, never put in
     /// flight, so its deltas need not be split by shard.
-    pub(crate) fn from_deltas(seq: u64, deltas: impl IntoIterator<Item = (Box<str>, i64)>) -> Self {
+    pub(crate) fn from_deltas(
+        seq: u64,
+        deltas: impl IntoIterator<Item = (Box<str>, i64)>,
+        dead_letters: Vec<DeadLetter>,
+    ) -> Self {
         Self {
             seq,
             oldest: None,
             shards: vec![deltas.into_iter().collect()],
+            dead_letters,
         }
     }
 
@@ -328,6 +336,7 @@ impl Aggregator {
             seq,
             oldest: (since > 0).then(|| self.epoch + Duration::from_micros(since)),
             shards: taken,
+            dead_letters: Vec::new(),
         });
         // In-flight first: between the two the count is briefly high (a new key may be
         // refused), never low (the cap could be passed).

@@ -253,7 +253,7 @@ impl Flusher {
     /// count, or the store's [`StoreError::Fenced`].
     async fn write(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let mut entries = batch.sorted();
-        let mut dead_letters = Vec::new();
+        let mut dead_letters = batch.dead_letters.clone();
         let mut backoff = BACKOFF_START;
         let mut attempt = 1u32;
         loop {

@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use crate::aggregate::Sealed;
 use crate::flush::Flusher;
 use crate::journal::{Journal, Replay, no_follow};
-use crate::store::{Claim, Claimant, Store, StoreError};
+use crate::store::{Claim, Claimant, DeadLetter, Store, StoreError};
 
 /// The file in the journal directory that says whose its records are.
 const OWNER_FILE: &str = "owner.json";
@@ -310,6 +310,18 @@ fn read_owner(path: &Path) -> anyhow::Result<Option<Owner>> {
         .with_context(|| format!("cannot parse {} (the journal's owner)", path.display()))
 }
 
+/// `sum` as 64-bit pieces that add up to it, each as large as it can be.
+fn in_pieces(mut sum: i128) -> impl Iterator<Item = i64> {
+    std::iter::from_fn(move || {
+        (sum != 0).then(|| {
+            let piece = sum.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+            sum -= piece;
+            // In range: clamped to it.
+            i64::try_from(piece).unwrap_or_default()
+        })
+    })
+}
+
 /// "N acknowledged requests (batches A to B)".
 fn describe(replay: &Replay) -> String {
     let low = replay.records.iter().map(|r| r.seq).min().unwrap_or(0);
@@ -325,9 +337,9 @@ fn describe(replay: &Replay) -> String {
 ///
 /// # Errors
 ///
-/// A journal generation whose sum for a key does not fit in 64 bits (only a corrupted or
-/// hand-edited journal can hold one), another process claiming the instance id meanwhile,
-/// or a failed trim.
+/// Another process claiming the instance id meanwhile, or a failed trim. (A generation
+/// whose sum for a key does not fit in 64 bits has that key's deltas set aside as dead
+/// letters, as the store's refusals are.)
 pub(crate) async fn replay_journal(
     flusher: &Flusher,
     journal: &Journal,
@@ -347,20 +359,37 @@ pub(crate) async fn replay_journal(
     }
     let mut applied = applied;
     for (seq, sums) in generations {
-        let deltas = sums
-            .into_iter()
-            .map(|(key, sum)| match i64::try_from(sum) {
-                Ok(delta) => Ok((key.into_boxed_str(), delta)),
-                Err(_) => Err(anyhow!(
-                    "journal generation {seq} sums to {sum} for key {key:?}, beyond 64 bits"
-                )),
-            })
-            .collect::<anyhow::Result<Vec<_>>>()
-            .context("cannot replay the journal")?;
+        let mut deltas = Vec::with_capacity(sums.len());
+        let mut dead_letters = Vec::new();
+        for (key, sum) in sums {
+            match i64::try_from(sum) {
+                Ok(delta) => deltas.push((key.into_boxed_str(), delta)),
+                Err(_) => {
+                    // The aggregator checked the running sum of every delta added, but the
+                    // journal holds only those acknowledged: one that was added and then
+                    // failed (its group's fsync, or a crash before its append) can leave the
+                    // rest summing past 64 bits. Set aside like any delta the store refuses,
+                    // in pieces that each fit, rather than refuse to start for good.
+                    tracing::error!(seq, key, %sum, "A journal generation sums beyond 64 bits for a key; moving its deltas to tally_dead_letters.");
+                    let reason = format!(
+                        "journal replay: batch {seq} sums to {sum} for this key, beyond 64 bits"
+                    );
+                    dead_letters.extend(in_pieces(sum).map(|delta| DeadLetter {
+                        key: key.clone(),
+                        delta,
+                        reason: reason.clone(),
+                    }));
+                }
+            }
+        }
+        let set_aside = dead_letters.len() as u64;
         flusher
-            .commit(&Sealed::from_deltas(seq, deltas))
+            .commit(&Sealed::from_deltas(seq, deltas, dead_letters))
             .await
             .context("cannot replay the journal")?;
+        crate::metrics::Metrics::global()
+            .dead_letters
+            .increment(set_aside);
         applied = seq;
     }
     if replayed > 0 || replay.cut_bytes > 0 {
@@ -374,4 +403,23 @@ pub(crate) async fn replay_journal(
         .trim(applied)
         .context("cannot trim the journal after replay")?;
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_pieces;
+
+    #[test]
+    fn pieces_fit_in_64_bits_and_add_up_to_the_sum() {
+        let max = i128::from(i64::MAX);
+        let min = i128::from(i64::MIN);
+        for sum in [0, 5, max + 1, 2 * max + 7, min - 1, 3 * min - 2] {
+            let pieces: Vec<i64> = in_pieces(sum).collect();
+            assert_eq!(pieces.iter().map(|&p| i128::from(p)).sum::<i128>(), sum);
+            assert!(pieces.iter().all(|&p| p != 0), "{sum}: {pieces:?}");
+            assert!(pieces.len() <= 4, "as few as can be: {pieces:?}");
+        }
+        assert_eq!(in_pieces(max + 1).collect::<Vec<_>>(), [i64::MAX, 1]);
+        assert_eq!(in_pieces(min - 1).collect::<Vec<_>>(), [i64::MIN, -1]);
+    }
 }

@@ -149,3 +149,60 @@ async fn postgres_poison_key_is_dead_lettered_while_its_batch_and_later_ones_flu
     };
     a_poison_key_goes_to_dead_letters_and_the_rest_flushes(Some(&db)).await;
 }
+
+/// A journal generation whose acknowledged deltas for a key sum past 64 bits (the delta
+/// that kept the running sum in range was added but never journaled: its group's fsync
+/// failed, or the crash came first) must not stop the instance from starting: the key's
+/// deltas go to `tally_dead_letters`, in pieces that add up to the sum, and the rest of the
+/// generation is stored.
+async fn a_journal_generation_past_64_bits_is_set_aside_at_replay(db: Option<&PgDatabase>) {
+    let dir = data_dir();
+    let config = TallyConfig::new(dir.path(), db, "journal", "1h");
+    let backend = config.backend();
+    {
+        let (journal, _) = tally::journal::Journal::open(
+            &dir.path().join("journal"),
+            tally::journal::JournalOptions::default(),
+        )
+        .expect("open a journal");
+        for entries in [[("big", i64::MAX), ("fine", 1)], [("big", 10), ("fine", 2)]] {
+            journal.append(1, &entries).await.expect("append");
+        }
+    }
+    let mut tally = Tally::start(&config).await;
+    let direct = Direct::open(dir.path(), db).await;
+    assert_eq!(
+        direct.value("fine").await,
+        Some(3),
+        "the rest of the batch is stored"
+    );
+    assert_eq!(direct.value("big").await, None);
+    let dead = direct.dead_letters().await;
+    let mut pieces: Vec<i64> = dead.iter().map(|d| d.delta).collect();
+    pieces.sort_unstable();
+    assert_eq!(pieces, [10, i64::MAX], "{dead:?}");
+    assert!(
+        dead.iter()
+            .all(|d| d.key == "big" && d.reason.contains("beyond 64 bits")),
+        "{dead:?}"
+    );
+    assert_eq!(tally.metric("tally_dead_letters_total").await, 2.0);
+    assert!(tally.terminate().await.success());
+    shout(&format!(
+        "poison {backend}: a journal generation summing past 64 bits for a key was set aside \
+         at replay ({pieces:?}); the instance started"
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_journal_generation_past_64_bits_is_set_aside_at_replay() {
+    a_journal_generation_past_64_bits_is_set_aside_at_replay(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_journal_generation_past_64_bits_is_set_aside_at_replay() {
+    let Some(db) = PgDatabase::create("replay_past_64_bits").await else {
+        return;
+    };
+    a_journal_generation_past_64_bits_is_set_aside_at_replay(Some(&db)).await;
+}
