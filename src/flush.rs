@@ -296,8 +296,9 @@ impl Flusher {
                     tracing::error!(
                         error = %e, seq = batch.seq, keys = entries.len(),
                         "Fenced: another process claimed this instance id. Writing nothing more and \
-                         refusing increments; what is pending stays in the journal (ack=journal). Give \
-                         each instance its own --instance-id, then restart this one."
+                         refusing increments; what is pending stays in the journal (ack=journal). Stop \
+                         the other process cleanly and give it its own --instance-id, then restart \
+                         this one as it is, to write its journal (docs/operations.md)."
                     );
                     let _ = self.health.fenced.set(e.to_string());
                     self.health.set(Some(e.to_string()));

@@ -18,14 +18,16 @@
 //!   if another journal claimed since, the claim fails, claiming nothing, and says so. If
 //!   the claim passed from this journal, the handover seq splits its records exactly: those
 //!   at or below it are in the store (a claim waits for the previous holder's last commit,
-//!   and fences it), those above it were acknowledged after the other's claim and never
-//!   written. The latter are **rebased**: written as one new batch, numbered above both the
-//!   store's last seq and every record, so that nothing the journal holds can replay again
-//!   after it. The rebase is noted in `owner.json` before the claim is taken back and again
-//!   with its seq before the batch is written, so a crash at any point resumes it: with the
-//!   claim still this journal's, the store's last seq says whether the batch is in. If the
-//!   claim passed through more journals than that (so that neither can be told), tally
-//!   refuses to start, and says what the operator can do.
+//!   and fences it), those above it were not in the store when the claim passed, and never
+//!   will be under their numbers. The latter are **rebased**: written as one new batch,
+//!   numbered above both the store's last seq and every record, so that nothing the journal
+//!   holds can replay again after it. The rebase is noted in `owner.json` before the claim
+//!   is taken back, and again with its seq before the batch is written, so a crash at any
+//!   point resumes it: while the claim is still this journal's, the store's last seq says
+//!   whether the batch is in; once it passed on again, the handover seq does. If the claim
+//!   passed through more journals than that, or through a claim that did not record its
+//!   journal (an older tally's), which records are in can no longer be told: tally refuses
+//!   to start, and says what the operator can do.
 //!
 //! A journal without `owner.json` (written by an older tally) is replayed as before, and
 //! gets one.
@@ -160,38 +162,45 @@ impl Ownership {
             (Some(rebase @ Rebase { seq: Some(_), .. }), Ok(claim)) => {
                 return Ok((claim, rebased(replay, rebase)));
             }
-            (None, Err(refused)) => {
-                let handover = self.passed_from_here(refused, &replay)?;
-                if replay.max_seq <= handover {
-                    tracing::info!(
-                        handover_seq = handover,
-                        "Another journal claimed this instance id since; every record of this one is in the store."
-                    );
-                    let claim = self.claim_as(store, false).await?;
-                    self.record()?;
-                    return Ok((claim, replay));
-                }
-                Rebase {
-                    from: handover,
-                    through: replay.max_seq,
-                    seq: None,
-                }
-            }
-            // Decided by an earlier start that stopped before it wrote the batch's seq: the
+            // Decided by an earlier start that stopped before it numbered the batch: the
             // batch was not written, whoever claimed since.
             (
                 Some(rebase @ Rebase { seq: None, .. }),
                 Ok(_) | Err(StoreError::ClaimedElsewhere { .. }),
             ) => rebase,
             (Some(Rebase { seq: None, .. }), Err(e)) => return Err(e.into()),
-            // Another journal claimed the id since this journal's batch was numbered: it may
-            // have numbered one of its own batches alike.
-            (Some(rebase @ Rebase { seq: Some(seq), .. }), Err(refused)) => {
-                return Err(self.unknown(refused, &replay, &format!(
-                    "this data directory was writing its records from batches {} to {} as batch {seq} when it stopped, and whether that batch is in the store can no longer be told",
-                    rebase.from + 1,
-                    rebase.through
-                )));
+            // The claim passed from this journal at `handover`: every batch it wrote is at or
+            // below that, and none above.
+            (pending, Err(refused)) => {
+                let handover = self.passed_from_here(refused, &replay)?;
+                let stored = match pending {
+                    None => replay.max_seq <= handover,
+                    // A rebase numbered `seq` before the claim passed on: the batch is in
+                    // if the claim passed on at or after it (it is the only batch that
+                    // start wrote).
+                    Some(Rebase { seq, .. }) => seq.is_some_and(|seq| seq <= handover),
+                };
+                if stored {
+                    tracing::info!(
+                        handover_seq = handover,
+                        "Another journal claimed this instance id since; every record of this one is in the store."
+                    );
+                    self.owner.rebase = None;
+                    let claim = self.claim_as(store, false).await?;
+                    self.record()?;
+                    return Ok((claim, replay));
+                }
+                match pending {
+                    Some(rebase) => Rebase {
+                        seq: None,
+                        ..rebase
+                    },
+                    None => Rebase {
+                        from: handover,
+                        through: replay.max_seq,
+                        seq: None,
+                    },
+                }
             }
         };
         // Noted before the claim is taken back: from then on the store no longer says where
@@ -209,7 +218,7 @@ impl Ownership {
             records_from = rebase.from + 1,
             records_through = rebase.through,
             seq = rebase.seq,
-            "Another journal claimed this instance id since; writing this journal's records acknowledged after that as one new batch."
+            "Another journal claimed this instance id since; writing this journal's records that were not in the store then as one new batch."
         );
         Ok((claim, rebased(replay, rebase)))
     }
@@ -234,39 +243,33 @@ impl Ownership {
         store.claim(&self.owner.instance_id, by).await
     }
 
-    /// The handover seq of a refused exclusive claim, if the claim passed from this journal.
+    /// The handover seq of a refused exclusive claim, if the claim passed from this journal
+    /// to the one that holds it (known).
     fn passed_from_here(&self, refused: StoreError, replay: &Replay) -> anyhow::Result<u64> {
-        match &refused {
-            StoreError::ClaimedElsewhere { handover, .. }
-                if handover.from.as_deref() == Some(self.owner.journal.as_str()) =>
-            {
-                Ok(handover.seq)
-            }
-            StoreError::ClaimedElsewhere { .. } => Err(self.unknown(
-                refused,
-                replay,
-                "the claim passed through more than one other journal since, so which of them the store already has can no longer be told",
-            )),
-            _ => Err(refused.into()),
-        }
-    }
-
-    /// The refusal to start when another journal claimed the id and `why` the records'
-    /// fate is unknown.
-    fn unknown(&self, refused: StoreError, replay: &Replay, why: &str) -> anyhow::Error {
-        let StoreError::ClaimedElsewhere { claimant, .. } = &refused else {
-            return refused.into();
+        let StoreError::ClaimedElsewhere {
+            claimant, handover, ..
+        } = &refused
+        else {
+            return Err(refused.into());
         };
-        anyhow!(
-            "instance id {:?} was claimed by another tally (journal {claimant}) since this data \
-             directory last ran as it. Its journal ({}) holds {}; {why}: replaying could count \
-             some twice or drop some, so tally does not start. To start anyway, move the \
-             journal directory aside: what it holds that the store lacks is then not counted \
+        if claimant.is_some() && handover.from.as_deref() == Some(self.owner.journal.as_str()) {
+            return Ok(handover.seq);
+        }
+        let why = if claimant.is_some() {
+            "the claim passed through more than one other journal since"
+        } else {
+            "the claim that took it did not record which journal made it"
+        };
+        let message = format!(
+            "{refused}. The journal in {} holds {}, and {why}, so which of them the store \
+             already has can no longer be told: replaying could count some twice or drop some, \
+             so tally does not start (nothing was claimed). To start anyway, move that journal \
+             directory aside: what it holds that the store lacks is then not counted \
              (docs/operations.md, \"The journal's owner\")",
-            self.owner.instance_id,
             self.path.parent().unwrap_or(Path::new(".")).display(),
             describe(replay),
-        )
+        );
+        Err(anyhow!(message))
     }
 
     /// Writes `owner.json`, durably, before any record is appended or rebased under the claim.

@@ -573,8 +573,8 @@ async fn an_exclusive_claim_fails_if_another_journal_claimed_last(backend: Backe
             claimant,
             handover,
         }) => assert_eq!(
-            (instance_id.as_str(), claimant.as_str(), handover),
-            ("i1", "b", from_a.clone())
+            (instance_id.as_str(), claimant.as_deref(), handover),
+            ("i1", Some("b"), from_a.clone())
         ),
         other => panic!("want ClaimedElsewhere naming journal b, got {other:?}"),
     }
@@ -599,6 +599,30 @@ async fn an_exclusive_claim_fails_if_another_journal_claimed_last(backend: Backe
     assert_eq!(value(&*store, "k").await, Some(4));
 }
 on_both_stores!(an_exclusive_claim_fails_if_another_journal_claimed_last);
+
+async fn claims_that_record_no_journal_are_told_apart(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    store.claim("i1", by("a", false)).await.expect("claim");
+    // A claim made before claimants were recorded (the column still NULL) counts as
+    // nobody's: an exclusive claim passes.
+    fixture
+        .rows("UPDATE tally_instances SET claimed_by = NULL, claimed_epoch = NULL")
+        .await;
+    store.claim("i1", by("a", true)).await.expect("claim");
+    // A claim by a tally that does not record its journal (an older version, or by hand)
+    // bumps the epoch only: an exclusive claim fails, naming no claimant.
+    fixture
+        .rows("UPDATE tally_instances SET epoch = epoch + 1")
+        .await;
+    match store.claim("i1", by("a", true)).await {
+        Err(StoreError::ClaimedElsewhere { claimant, .. }) => assert_eq!(claimant, None),
+        other => panic!("want ClaimedElsewhere with no claimant, got {other:?}"),
+    }
+    store.claim("i1", by("a", false)).await.expect("claim");
+    store.claim("i1", by("a", true)).await.expect("claim");
+}
+on_both_stores!(claims_that_record_no_journal_are_told_apart);
 
 /// A batch abandoned midway (`--store-timeout` drops its future while the database holds it
 /// up) must not leave its connection in the pool: the next operation would queue behind the

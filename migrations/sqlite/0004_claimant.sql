@@ -4,6 +4,9 @@
 -- below it). A journal that still holds records numbered under its own claim of an id can
 -- then tell which of them are in the store after another journal claimed the id: those at
 -- or below the handover seq (see src/recovery.rs). NULL: claimed before these columns.
+-- `claimed_epoch` is the epoch of the claim `claimed_by` made: a claim that does not record
+-- its claimant (an older tally's) leaves it behind the epoch, and the claimant unknown.
 ALTER TABLE tally_instances ADD COLUMN claimed_by TEXT;
 ALTER TABLE tally_instances ADD COLUMN previous_claimant TEXT;
 ALTER TABLE tally_instances ADD COLUMN handover_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tally_instances ADD COLUMN claimed_epoch INTEGER;

@@ -160,13 +160,16 @@ pub enum StoreError {
     /// An exclusive claim ([`Claimant::exclusive`]) found that another journal claimed the
     /// id last. Nothing was claimed.
     #[error(
-        "instance id {instance_id:?} was claimed by another tally (journal {claimant}) since \
-         this one last ran as it"
+        "instance id {instance_id:?} was claimed by another tally ({}) since this one last \
+         ran as it",
+        claimant.as_ref().map_or_else(|| "one that does not record its journal: an older version, or by hand".to_owned(), |j| format!("journal {j}"))
     )]
     ClaimedElsewhere {
         instance_id: String,
-        claimant: String,
-        /// How the claim passed to `claimant`.
+        /// The journal that claimed it; `None` if that claim did not record one (an older
+        /// tally's, or one made by hand).
+        claimant: Option<String>,
+        /// How the claim passed to `claimant` (meaningless when it is `None`).
         handover: Handover,
     },
     /// The database schema could not be created or migrated.

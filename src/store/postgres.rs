@@ -115,10 +115,11 @@ const RECORD_SEQ_IF_CLAIMED: &str = concat!(
 /// Claims for journal `$2`; when the claim passes to another journal, notes the one it
 /// passes from and the seq reached (the right-hand sides read the row as it was). With `$3`
 /// (exclusive) it updates nothing, and returns no row, if another journal claimed the id
-/// last (checked on that committed row).
+/// last, or a claim that recorded no claimant (an older tally's) came after this journal's
+/// (checked on that committed row).
 const CLAIM: &str = "INSERT INTO tally_instances \
-     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq) \
-     VALUES ($1, 0, 1, now(), $2, 0) \
+     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq, claimed_epoch) \
+     VALUES ($1, 0, 1, now(), $2, 0, 1) \
      ON CONFLICT (instance_id) DO UPDATE SET epoch = tally_instances.epoch + 1, \
      updated_at = EXCLUDED.updated_at, \
      previous_claimant = CASE WHEN tally_instances.claimed_by IS NOT DISTINCT FROM \
@@ -127,13 +128,15 @@ const CLAIM: &str = "INSERT INTO tally_instances \
      handover_seq = CASE WHEN tally_instances.claimed_by IS NOT DISTINCT FROM \
      EXCLUDED.claimed_by THEN tally_instances.handover_seq \
      ELSE tally_instances.last_seq END, \
-     claimed_by = EXCLUDED.claimed_by \
+     claimed_by = EXCLUDED.claimed_by, claimed_epoch = tally_instances.epoch + 1 \
      WHERE NOT $3 OR tally_instances.claimed_by IS NULL \
-     OR tally_instances.claimed_by = EXCLUDED.claimed_by \
+     OR (tally_instances.claimed_by = EXCLUDED.claimed_by \
+     AND tally_instances.claimed_epoch = tally_instances.epoch) \
      RETURNING last_seq, epoch, previous_claimant, handover_seq";
 
-/// The claim of instance `$1` as it stands.
-const CLAIMANT: &str = "SELECT claimed_by, previous_claimant, handover_seq FROM tally_instances WHERE instance_id = $1";
+/// The claim of instance `$1` as it stands; the claimant only if the last claim recorded it.
+const CLAIMANT: &str = "SELECT CASE WHEN claimed_epoch = epoch THEN claimed_by END, \
+     previous_claimant, handover_seq FROM tally_instances WHERE instance_id = $1";
 
 /// A connection from the pool that goes back to it only when its user says it ended its
 /// work cleanly ([`Conn::release`]). One dropped in the middle of a statement (an attempt
@@ -171,6 +174,20 @@ impl std::ops::DerefMut for Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         if let Some(client) = self.0.take() {
+            // The server may still be running the abandoned statement (e.g. waiting on a
+            // row lock): the client's connection stays open until every answer it awaits
+            // has come, so each attempt given up on would keep a server connection for as
+            // long as the lock is held, a new one every --store-timeout, until the server
+            // ran out of them. Cancelling ends the statement, and with it the connection.
+            // (On a connection that is idle, a cancel request does nothing.)
+            let cancel = client.cancel_token();
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = cancel.cancel_query(NoTls).await {
+                        tracing::debug!(error = %e, "Could not cancel the abandoned statement; its connection closes when it ends.");
+                    }
+                });
+            }
             // Detached from the pool; dropping it closes the connection.
             drop(deadpool_postgres::Object::take(client));
             crate::metrics::Metrics::global()
@@ -459,10 +476,9 @@ impl Store for PgStore {
         let Some(row) = claimed else {
             let row = client.query_one(CLAIMANT, &[&instance_id]).await?;
             client.release();
-            let claimant: Option<String> = row.get(0);
             return Err(StoreError::ClaimedElsewhere {
                 instance_id: instance_id.to_owned(),
-                claimant: claimant.unwrap_or_default(),
+                claimant: row.get(0),
                 handover: Handover {
                     from: row.get(1),
                     seq: seq_from_sql(row.get(2)),

@@ -236,21 +236,24 @@ fn rejected(keys: Vec<String>) -> StoreError {
 /// Claims instance `?1` for journal `?3` at time `?2`: epoch + 1, or 1 for a new id; when
 /// the claim passes to another journal, notes the one it passes from and the seq reached
 /// (the right-hand sides read the row as it was). With `?4` (exclusive) it updates nothing,
-/// and returns no row, if another journal claimed the id last.
+/// and returns no row, if another journal claimed the id last, or a claim that recorded no
+/// claimant (an older tally's) came after this journal's.
 const CLAIM: &str = "INSERT INTO tally_instances \
-     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq) \
-     VALUES (?1, 0, 1, ?2, ?3, 0) \
+     (instance_id, last_seq, epoch, updated_at, claimed_by, handover_seq, claimed_epoch) \
+     VALUES (?1, 0, 1, ?2, ?3, 0, 1) \
      ON CONFLICT (instance_id) DO UPDATE SET epoch = epoch + 1, updated_at = excluded.updated_at, \
      previous_claimant = CASE WHEN claimed_by IS excluded.claimed_by THEN previous_claimant \
      ELSE claimed_by END, \
      handover_seq = CASE WHEN claimed_by IS excluded.claimed_by THEN handover_seq \
      ELSE last_seq END, \
-     claimed_by = excluded.claimed_by \
-     WHERE NOT ?4 OR claimed_by IS NULL OR claimed_by = excluded.claimed_by \
+     claimed_by = excluded.claimed_by, claimed_epoch = epoch + 1 \
+     WHERE NOT ?4 OR claimed_by IS NULL \
+     OR (claimed_by = excluded.claimed_by AND claimed_epoch = epoch) \
      RETURNING last_seq, epoch, previous_claimant, handover_seq";
 
-/// The claim of instance `?1` as it stands.
-const CLAIMANT: &str = "SELECT claimed_by, previous_claimant, handover_seq FROM tally_instances WHERE instance_id = ?1";
+/// The claim of instance `?1` as it stands; the claimant only if the last claim recorded it.
+const CLAIMANT: &str = "SELECT CASE WHEN claimed_epoch = epoch THEN claimed_by END, \
+     previous_claimant, handover_seq FROM tally_instances WHERE instance_id = ?1";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -288,7 +291,7 @@ impl Store for SqliteStore {
                         })?;
                     Err(StoreError::ClaimedElsewhere {
                         instance_id: id,
-                        claimant: claimant.unwrap_or_default(),
+                        claimant,
                         handover: Handover {
                             from,
                             seq: seq_from_sql(seq),

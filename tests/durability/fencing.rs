@@ -138,12 +138,15 @@ async fn post_one(client: &reqwest::Client, address: &str) -> reqwest::Response 
         .expect("an answer")
 }
 
-/// Claims the shared id as another process would (a duplicate whose lock connection had
-/// dropped): the id's epoch + 1.
+/// Claims the shared id as another tally would (a duplicate whose lock connection had
+/// dropped): the id's epoch + 1, recording the claim as passing from this one's journal to
+/// the intruder's at the seq reached.
 async fn take_claim(admin: &tokio_postgres::Client) {
     admin
         .batch_execute(&format!(
-            "UPDATE tally_instances SET epoch = epoch + 1 WHERE instance_id = '{SHARED_ID}'"
+            "UPDATE tally_instances SET epoch = epoch + 1, previous_claimant = claimed_by, \
+             handover_seq = last_seq, claimed_by = 'intruder', claimed_epoch = epoch + 1 \
+             WHERE instance_id = '{SHARED_ID}'"
         ))
         .await
         .expect("take the claim");

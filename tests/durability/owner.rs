@@ -5,9 +5,17 @@
 //! replayed only the records numbered above that one's batches (dropping the others).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::data_dir;
+use async_trait::async_trait;
+use tally::config::Ack;
+use tally::startup::App;
+use tally::store::{Applied, Batch, Claim, Claimant, PgStore, Store, StoreError, Stored};
+use tempfile::TempDir;
+
+use crate::app::test_config;
+use crate::common::{Backend, data_dir};
 use crate::pg::{PgDatabase, shout};
 use crate::replay::{hold_row, wait_for_lock};
 use crate::support::{Direct, Tally, TallyConfig, increment};
@@ -121,6 +129,18 @@ fn journal_records(data_dir: &Path) -> Vec<u8> {
         .collect()
 }
 
+/// Two data directories that run as the same id, "shared", on `db`: A with flush interval
+/// `a_interval`, B with an hour.
+fn shared_pair(
+    db: &PgDatabase,
+    a_interval: &'static str,
+) -> ([TempDir; 2], TallyConfig, TallyConfig) {
+    let dirs = [data_dir(), data_dir()];
+    let a = TallyConfig::new(dirs[0].path(), Some(db), "journal", a_interval);
+    let b = TallyConfig::new(dirs[1].path(), Some(db), "journal", "1h");
+    (dirs, as_id(a, "shared"), as_id(b, "shared"))
+}
+
 /// Runs a tally on `config` that acknowledges `n` increments of `key`, and stops cleanly.
 async fn run_and_stop(config: &TallyConfig, key: &str, n: i64) {
     let client = reqwest::Client::new();
@@ -140,13 +160,7 @@ async fn postgres_records_acknowledged_after_another_data_directory_took_the_id_
     let Some(db) = PgDatabase::create("owner_rebase").await else {
         return;
     };
-    let (dir_a, dir_b) = (data_dir(), data_dir());
-    let a = TallyConfig::new(dir_a.path(), Some(&db), "journal", "1h");
-    let a = as_id(a, "shared");
-    let b = as_id(
-        TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
-        "shared",
-    );
+    let ([dir_a, _dir_b], a, b) = shared_pair(&db, "1h");
     let direct = Direct::open(dir_a.path(), Some(&db)).await;
     let client = reqwest::Client::new();
 
@@ -174,7 +188,9 @@ async fn postgres_records_acknowledged_after_another_data_directory_took_the_id_
     let mut tally = Tally::start(&a).await;
     let log = tally.log();
     assert!(
-        log.contains("writing this journal's records acknowledged after that as one new batch"),
+        log.contains(
+            "writing this journal's records that were not in the store then as one new batch"
+        ),
         "{log}"
     );
     assert!(tally.terminate().await.success());
@@ -202,15 +218,7 @@ async fn postgres_a_journal_whose_records_are_all_stored_starts_after_another_to
     let Some(db) = PgDatabase::create("owner_all_stored").await else {
         return;
     };
-    let (dir_a, dir_b) = (data_dir(), data_dir());
-    let a = as_id(
-        TallyConfig::new(dir_a.path(), Some(&db), "journal", "100ms"),
-        "shared",
-    );
-    let b = as_id(
-        TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
-        "shared",
-    );
+    let ([dir_a, _dir_b], a, b) = shared_pair(&db, "100ms");
     let direct = Direct::open(dir_a.path(), Some(&db)).await;
     let client = reqwest::Client::new();
     let mut tally = Tally::start(&a).await;
@@ -262,7 +270,7 @@ async fn postgres_a_journal_is_refused_when_the_id_passed_through_two_other_jour
             r#"instance id "shared" was claimed by another tally"#,
             "3 acknowledged requests",
             "passed through more than one other journal",
-            "move the journal directory aside",
+            "move that journal directory aside",
         ],
     )
     .await;
@@ -286,15 +294,7 @@ async fn postgres_a_crash_in_the_middle_of_a_rebase_stores_the_records_once() {
     let Some(db) = PgDatabase::create("owner_rebase_crash").await else {
         return;
     };
-    let (dir_a, dir_b) = (data_dir(), data_dir());
-    let a = as_id(
-        TallyConfig::new(dir_a.path(), Some(&db), "journal", "1h"),
-        "shared",
-    );
-    let b = as_id(
-        TallyConfig::new(dir_b.path(), Some(&db), "journal", "1h"),
-        "shared",
-    );
+    let ([dir_a, _dir_b], a, b) = shared_pair(&db, "1h");
     let direct = Direct::open(dir_a.path(), Some(&db)).await;
     let monitor = crate::pg::client(&db.url).await;
     leave_in_journal(&a, &direct).await;
@@ -317,4 +317,122 @@ async fn postgres_a_crash_in_the_middle_of_a_rebase_stores_the_records_once() {
     shout(
         "owner postgres: a rebase killed while its batch was being written finished once at the next start",
     );
+}
+
+/// A real store whose `apply` commits and then never answers: the start that calls it stops
+/// there, as a start killed right after that commit would.
+struct CommitsThenHangs(Arc<dyn Store>);
+
+#[async_trait]
+impl Store for CommitsThenHangs {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
+        self.0.claim(instance_id, by).await
+    }
+
+    async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
+        self.0.apply(batch).await?;
+        std::future::pending().await
+    }
+
+    async fn probe(&self, entries: &[(&str, i64)]) -> Result<(), StoreError> {
+        self.0.probe(entries).await
+    }
+
+    async fn read(&self, key: &str, instance_id: &str) -> Result<Stored, StoreError> {
+        self.0.read(key, instance_id).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.0.ping().await
+    }
+}
+
+/// A's rebased batch commits, and A dies before it can note that; B then takes the id
+/// again. A's next start must see, from the handover seq, that the batch it numbered is in,
+/// and write nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_rebase_committed_before_a_crash_is_not_written_again_after_the_id_moved_on() {
+    let Some(db) = PgDatabase::create("owner_rebase_committed").await else {
+        return;
+    };
+    let ([dir_a, _dir_b], a, b) = shared_pair(&db, "1h");
+    let direct = Direct::open(dir_a.path(), Some(&db)).await;
+    leave_in_journal(&a, &direct).await;
+    run_and_stop(&b, "b", 5).await;
+
+    let mut config = test_config(dir_a.path(), &Backend::Postgres(db.url.clone()));
+    config.store.instance_id = Some("shared".to_owned());
+    config.journal.ack = Ack::Journal;
+    config.flush.interval = Duration::from_secs(3600);
+    let inner = PgStore::connect(&db.url, 2).await.expect("connect");
+    let store: Arc<dyn Store> = Arc::new(CommitsThenHangs(Arc::new(inner)));
+    let start = App::build_with_store(config, store);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), start)
+            .await
+            .is_err(),
+        "the start stops after the commit"
+    );
+    assert_eq!(
+        direct.value("k").await,
+        Some(BEFORE),
+        "the rebased batch is in"
+    );
+
+    run_and_stop(&b, "b", 1).await;
+    run_and_stop(&a, "k", 0).await;
+    assert_eq!(direct.value("k").await, Some(BEFORE), "written once");
+    assert_eq!(direct.value("b").await, Some(6));
+    shout(
+        "owner postgres: a rebased batch committed just before a crash was not written again \
+         after the id had moved on to another data directory",
+    );
+}
+
+/// After A's last run, the id was claimed by something that records no journal (a tally
+/// from before this check sharing the database, or an `UPDATE` by hand): which of A's
+/// records are in can no longer be told, so A refuses to start, claiming nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_journal_is_refused_after_a_claim_that_records_no_journal() {
+    let Some(db) = PgDatabase::create("owner_unrecorded").await else {
+        return;
+    };
+    let dir = data_dir();
+    let a = as_id(
+        TallyConfig::new(dir.path(), Some(&db), "journal", "1h"),
+        "shared",
+    );
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    leave_in_journal(&a, &direct).await;
+    let admin = crate::pg::client(&db.url).await;
+    admin
+        .batch_execute("UPDATE tally_instances SET epoch = epoch + 1")
+        .await
+        .expect("an older tally's claim");
+    let before: i64 = admin
+        .query_one("SELECT epoch FROM tally_instances", &[])
+        .await
+        .expect("epoch")
+        .get(0);
+    expect_refusal(
+        &a,
+        &[
+            "does not record its journal",
+            "did not record which journal made it",
+            "3 acknowledged requests",
+        ],
+    )
+    .await;
+    let after: i64 = admin
+        .query_one("SELECT epoch FROM tally_instances", &[])
+        .await
+        .expect("epoch")
+        .get(0);
+    assert_eq!(after, before, "the refused start claimed nothing");
+    assert_eq!(direct.value("k").await, None);
+    shout("owner postgres: a journal was refused after a claim that recorded no journal");
 }
