@@ -84,10 +84,14 @@
 //!   them means no later record can ever sit behind garbage. (If the damage is instead bit
 //!   rot in the middle of the last segment, acknowledged records after it go too; the
 //!   `warn!` says how many bytes.)
-//! - **Corrupt record inside an older segment**: that cannot come from a crash (older
-//!   segments were complete and fsynced before the next one was started), so it is bit rot
-//!   or tampering. The rest of that segment is skipped and logged with `error!`, the file is
-//!   left as it is for inspection, and replay goes on with the next segment.
+//! - **Corrupt record inside an older segment**: a crash does not leave one there (older
+//!   segments were complete and fsynced before the next one was started), except the torn
+//!   tail of a segment a failed write or fsync left behind ([`Journal::recover`] starts a
+//!   new one after it; nothing in that tail was acknowledged). Anything else is bit rot or
+//!   tampering. The rest of that segment is skipped and logged with `error!`, and replay
+//!   goes on with the next segment. The file itself is not repaired; like any closed
+//!   segment it is deleted once the store has every batch of its readable part, which can be
+//!   at the first trim after start-up: copy it away first to inspect it.
 //! - Empty segment files are deleted; an empty or missing directory is an empty journal.
 //!
 //! [`Replay::cut_bytes`] counts every byte dropped either way. Decoding validates every
