@@ -152,7 +152,10 @@ impl Ownership {
         let has_records = !replay.records.is_empty();
         let exclusive = has_records && self.known;
         if !exclusive {
-            let claim = self.claim_as(store, false).await?;
+            let claim = self
+                .claim_as(store, false)
+                .await
+                .map_err(|e| self.cannot_claim(store, e))?;
             self.record()?;
             return Ok((claim, replay));
         }
@@ -168,11 +171,11 @@ impl Ownership {
                 Some(rebase @ Rebase { seq: None, .. }),
                 Ok(_) | Err(StoreError::ClaimedElsewhere { .. }),
             ) => rebase,
-            (Some(Rebase { seq: None, .. }), Err(e)) => return Err(e.into()),
+            (Some(Rebase { seq: None, .. }), Err(e)) => return Err(self.cannot_claim(store, e)),
             // The claim passed from this journal at `handover`: every batch it wrote is at or
             // below that, and none above.
             (pending, Err(refused)) => {
-                let handover = self.passed_from_here(refused, &replay)?;
+                let handover = self.passed_from_here(store, refused, &replay)?;
                 let stored = match pending {
                     None => replay.max_seq <= handover,
                     // A rebase numbered `seq` before the claim passed on: the batch is in
@@ -186,7 +189,10 @@ impl Ownership {
                         "Another journal claimed this instance id since; every record of this one is in the store."
                     );
                     self.owner.rebase = None;
-                    let claim = self.claim_as(store, false).await?;
+                    let claim = self
+                        .claim_as(store, false)
+                        .await
+                        .map_err(|e| self.cannot_claim(store, e))?;
                     self.record()?;
                     return Ok((claim, replay));
                 }
@@ -207,7 +213,10 @@ impl Ownership {
         // this journal's batches end.
         self.owner.rebase = Some(rebase);
         self.record()?;
-        let claim = self.claim_as(store, false).await?;
+        let claim = self
+            .claim_as(store, false)
+            .await
+            .map_err(|e| self.cannot_claim(store, e))?;
         let rebase = Rebase {
             seq: Some(claim.last_seq.max(rebase.through) + 1),
             ..rebase
@@ -235,6 +244,15 @@ impl Ownership {
         Ok(())
     }
 
+    /// A claim that failed for a reason of the store's.
+    fn cannot_claim(&self, store: &dyn Store, e: StoreError) -> anyhow::Error {
+        anyhow::Error::new(e).context(format!(
+            "cannot claim instance id {:?} in the {} store",
+            self.owner.instance_id,
+            store.name()
+        ))
+    }
+
     async fn claim_as(&self, store: &dyn Store, exclusive: bool) -> Result<Claim, StoreError> {
         let by = Claimant {
             journal: &self.owner.journal,
@@ -245,12 +263,17 @@ impl Ownership {
 
     /// The handover seq of a refused exclusive claim, if the claim passed from this journal
     /// to the one that holds it (known).
-    fn passed_from_here(&self, refused: StoreError, replay: &Replay) -> anyhow::Result<u64> {
+    fn passed_from_here(
+        &self,
+        store: &dyn Store,
+        refused: StoreError,
+        replay: &Replay,
+    ) -> anyhow::Result<u64> {
         let StoreError::ClaimedElsewhere {
             claimant, handover, ..
         } = &refused
         else {
-            return Err(refused.into());
+            return Err(self.cannot_claim(store, refused));
         };
         if claimant.is_some() && handover.from.as_deref() == Some(self.owner.journal.as_str()) {
             return Ok(handover.seq);

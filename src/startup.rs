@@ -124,12 +124,7 @@ impl App {
         // process with this id, and waits for a batch of a predecessor still being committed,
         // so `applied` includes it.
         let mut ownership = Ownership::check(&journal_dir, &instance_id, &replay)?;
-        let (claim, replay) = ownership.claim(&*store, replay).await.with_context(|| {
-            format!(
-                "cannot claim instance id {instance_id:?} in the {} store",
-                store.name()
-            )
-        })?;
+        let (claim, replay) = ownership.claim(&*store, replay).await?;
         let applied = claim.last_seq;
         tracing::info!(%instance_id, epoch = claim.epoch, applied_seq = applied, "Claimed the instance id.");
 
