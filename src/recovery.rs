@@ -30,7 +30,8 @@
 //!   to start, and says what the operator can do.
 //!
 //! A journal without `owner.json` (written by an older tally) is replayed as before, and
-//! gets one.
+//! gets one, unless a journal that records itself has claimed the id since: then it is
+//! refused like any journal whose records' fate cannot be told.
 //!
 //! # Replay
 //!
@@ -121,7 +122,7 @@ impl Ownership {
             );
         }
         if has_records && recorded.is_none() {
-            tracing::warn!(journal = %journal_dir.display(), "The journal has no owner.json (an older tally wrote it): replaying it as this instance id, unchecked.");
+            tracing::warn!(journal = %journal_dir.display(), "The journal has no owner.json (an older tally wrote it): replaying it as this instance id, unless another journal has claimed the id since.");
         }
         let known = recorded.is_some();
         let owner = Owner {
@@ -150,7 +151,9 @@ impl Ownership {
         replay: Replay,
     ) -> anyhow::Result<(Claim, Replay)> {
         let has_records = !replay.records.is_empty();
-        let exclusive = has_records && self.known;
+        // A journal from before owner records claims exclusively too, under its new id: it
+        // passes while the id's claim predates them, as that journal's own did.
+        let exclusive = has_records;
         if !exclusive {
             let claim = self
                 .claim_as(store, false)
@@ -161,7 +164,10 @@ impl Ownership {
         }
         let rebase = match (self.owner.rebase, self.claim_as(store, true).await) {
             // Nobody else claimed the id since this journal last did.
-            (None, Ok(claim)) => return Ok((claim, replay)),
+            (None, Ok(claim)) => {
+                self.record()?;
+                return Ok((claim, replay));
+            }
             (Some(rebase @ Rebase { seq: Some(_), .. }), Ok(claim)) => {
                 return Ok((claim, rebased(replay, rebase)));
             }
@@ -278,7 +284,9 @@ impl Ownership {
         if claimant.is_some() && handover.from.as_deref() == Some(self.owner.journal.as_str()) {
             return Ok(handover.seq);
         }
-        let why = if claimant.is_some() {
+        let why = if !self.known {
+            "this journal was written by a tally that did not record its owner, and another journal has claimed the id since"
+        } else if claimant.is_some() {
             "the claim passed through more than one other journal since"
         } else {
             "the claim that took it did not record which journal made it"

@@ -436,3 +436,44 @@ async fn postgres_a_journal_is_refused_after_a_claim_that_records_no_journal() {
     assert_eq!(direct.value("k").await, None);
     shout("owner postgres: a journal was refused after a claim that recorded no journal");
 }
+
+/// A journal from before owner records (no `owner.json`) with records in it, after another
+/// data directory ran as its id under this version: which of its records are in can no
+/// longer be told, so it is refused; while nobody has, it replays as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_journal_without_an_owner_is_refused_after_another_journal_claimed_its_id() {
+    let Some(db) = PgDatabase::create("owner_legacy").await else {
+        return;
+    };
+    let ([dir_a, _dir_b], a, b) = shared_pair(&db, "1h");
+    let direct = Direct::open(dir_a.path(), Some(&db)).await;
+    // What an older tally leaves: records, and no owner.json.
+    let write_legacy = |key: &'static str| {
+        let journal_dir = dir_a.path().join("journal");
+        async move {
+            let (journal, _) = tally::journal::Journal::open(
+                &journal_dir,
+                tally::journal::JournalOptions::default(),
+            )
+            .expect("open a journal");
+            journal.append(1, &[(key, 1)]).await.expect("append");
+            drop(journal);
+            let _ = std::fs::remove_file(journal_dir.join("owner.json"));
+        }
+    };
+    write_legacy("first").await;
+    run_and_stop(&a, "k", 0).await;
+    assert_eq!(direct.value("first").await, Some(1), "replayed as before");
+
+    write_legacy("second").await;
+    run_and_stop(&b, "b", 1).await;
+    expect_refusal(
+        &a,
+        &["did not record its owner, and another journal has claimed the id since"],
+    )
+    .await;
+    assert_eq!(direct.value("second").await, None);
+    shout(
+        "owner postgres: a journal without owner.json replayed while its id was unclaimed, and was refused after another journal claimed it",
+    );
+}
