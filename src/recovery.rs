@@ -86,8 +86,8 @@ struct Rebase {
 pub(crate) struct Ownership {
     path: std::path::PathBuf,
     owner: Owner,
-    /// Whether `owner.json` records an owner (an older tally's journal has none).
-    known: bool,
+    /// What `owner.json` holds (an older tally's journal has none).
+    written: Option<Owner>,
 }
 
 impl Ownership {
@@ -124,16 +124,22 @@ impl Ownership {
         if has_records && recorded.is_none() {
             tracing::warn!(journal = %journal_dir.display(), "The journal has no owner.json (an older tally wrote it): replaying it as this instance id, unless another journal has claimed the id since.");
         }
-        let known = recorded.is_some();
         let owner = Owner {
             journal: recorded
                 .as_ref()
                 .map_or_else(|| uuid::Uuid::new_v4().to_string(), |o| o.journal.clone()),
             instance_id: instance_id.to_owned(),
             // A rebase whose records are gone (trimmed once it was written) is finished.
-            rebase: recorded.and_then(|o| o.rebase).filter(|_| has_records),
+            rebase: recorded
+                .as_ref()
+                .and_then(|o| o.rebase)
+                .filter(|_| has_records),
         };
-        Ok(Self { path, owner, known })
+        Ok(Self {
+            path,
+            owner,
+            written: recorded,
+        })
     }
 
     /// Claims the instance id in `store` for this journal, and returns the claim with the
@@ -150,15 +156,11 @@ impl Ownership {
         store: &dyn Store,
         replay: Replay,
     ) -> anyhow::Result<(Claim, Replay)> {
-        let has_records = !replay.records.is_empty();
-        // A journal from before owner records claims exclusively too, under its new id: it
-        // passes while the id's claim predates them, as that journal's own did.
-        let exclusive = has_records;
-        if !exclusive {
-            let claim = self
-                .claim_as(store, false)
-                .await
-                .map_err(|e| self.cannot_claim(store, e))?;
+        // With records, the claim is exclusive; a journal from before owner records claims
+        // so too, under its new id: it passes while the id's claim predates them, as that
+        // journal's own did.
+        if replay.records.is_empty() {
+            let claim = self.take_over(store).await?;
             self.record()?;
             return Ok((claim, replay));
         }
@@ -195,10 +197,7 @@ impl Ownership {
                         "Another journal claimed this instance id since; every record of this one is in the store."
                     );
                     self.owner.rebase = None;
-                    let claim = self
-                        .claim_as(store, false)
-                        .await
-                        .map_err(|e| self.cannot_claim(store, e))?;
+                    let claim = self.take_over(store).await?;
                     self.record()?;
                     return Ok((claim, replay));
                 }
@@ -219,10 +218,7 @@ impl Ownership {
         // this journal's batches end.
         self.owner.rebase = Some(rebase);
         self.record()?;
-        let claim = self
-            .claim_as(store, false)
-            .await
-            .map_err(|e| self.cannot_claim(store, e))?;
+        let claim = self.take_over(store).await?;
         let rebase = Rebase {
             seq: Some(claim.last_seq.max(rebase.through) + 1),
             ..rebase
@@ -248,6 +244,13 @@ impl Ownership {
             self.record()?;
         }
         Ok(())
+    }
+
+    /// Claims the id whoever held it last (not exclusively): taking it over.
+    async fn take_over(&self, store: &dyn Store) -> anyhow::Result<Claim> {
+        self.claim_as(store, false)
+            .await
+            .map_err(|e| self.cannot_claim(store, e))
     }
 
     /// A claim that failed for a reason of the store's.
@@ -284,7 +287,7 @@ impl Ownership {
         if claimant.is_some() && handover.from.as_deref() == Some(self.owner.journal.as_str()) {
             return Ok(handover.seq);
         }
-        let why = if !self.known {
+        let why = if self.written.is_none() {
             "this journal was written by a tally that did not record its owner, and another journal has claimed the id since"
         } else if claimant.is_some() {
             "the claim passed through more than one other journal since"
@@ -303,11 +306,15 @@ impl Ownership {
         Err(anyhow!(message))
     }
 
-    /// Writes `owner.json`, durably, before any record is appended or rebased under the claim.
+    /// Writes `owner.json`, durably, before any record is appended or rebased under the
+    /// claim; nothing when it already says so.
     fn record(&mut self) -> anyhow::Result<()> {
+        if self.written.as_ref() == Some(&self.owner) {
+            return Ok(());
+        }
         let json = serde_json::to_vec(&self.owner).context("cannot encode owner.json")?;
         crate::startup::write_durably(&self.path, &json)?;
-        self.known = true;
+        self.written = Some(self.owner.clone());
         Ok(())
     }
 }

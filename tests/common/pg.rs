@@ -159,3 +159,17 @@ impl<'a> SlowCommits<'a> {
             > 0
     }
 }
+
+/// How many sessions of `client`'s database wait on a lock.
+#[allow(dead_code, reason = "used by the durability tests only")]
+pub async fn sessions_waiting_on_a_lock(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_activity")
+        .get(0)
+}

@@ -509,19 +509,6 @@ async fn five_increments_until_counted_failed(tally: &Tally, client: &reqwest::C
     started.elapsed()
 }
 
-/// Sessions of this test's database waiting on a lock.
-async fn waiting_on_a_lock(admin: &tokio_postgres::Client) -> i64 {
-    admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            &[],
-        )
-        .await
-        .expect("read pg_stat_activity")
-        .get(0)
-}
-
 /// A batch waiting on a row lock someone holds (an operator's forgotten `SELECT … FOR
 /// UPDATE`) is given up on every `--store-timeout` and retried on a fresh connection. The
 /// abandoned attempts must not stay on the server, each holding a connection for as long as
@@ -556,7 +543,7 @@ async fn batches_given_up_on_a_held_lock_do_not_pile_up_on_the_server() {
     // Sampled over more than one attempt and its backoff.
     let mut most = 0;
     for _ in 0..30 {
-        most = most.max(waiting_on_a_lock(&admin).await);
+        most = most.max(pg::sessions_waiting_on_a_lock(&admin).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(

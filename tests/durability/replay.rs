@@ -211,16 +211,7 @@ pub(crate) async fn hold_row(db: &PgDatabase, key: &str) -> tokio_postgres::Clie
 /// Waits until some session of this database waits on a lock.
 pub(crate) async fn wait_for_lock(monitor: &tokio_postgres::Client, what: &str) {
     eventually(STALL_TIMEOUT, what, || async move {
-        monitor
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .expect("read pg_stat_activity")
-            .get::<_, i64>(0)
-            > 0
+        crate::pg::sessions_waiting_on_a_lock(monitor).await > 0
     })
     .await;
 }
