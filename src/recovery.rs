@@ -42,7 +42,7 @@
 //! records to the live generation would number them above every journal record: when they
 //! needed several batches, the first one would mark the whole journal applied.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Sealed;
 use crate::flush::Flusher;
-use crate::journal::{Journal, Replay, no_follow};
+use crate::journal::{Journal, Replay, ReplayedBatch, no_follow};
 use crate::store::{Claim, Claimant, DeadLetter, Store, StoreError};
 
 /// The file in the journal directory that says whose its records are.
@@ -105,7 +105,7 @@ impl Ownership {
     ) -> anyhow::Result<Self> {
         let path = journal_dir.join(OWNER_FILE);
         let recorded = read_owner(&path)?;
-        let has_records = !replay.records.is_empty();
+        let has_records = !replay.is_empty();
         if let Some(owner) = &recorded
             && has_records
             && owner.instance_id != instance_id
@@ -159,7 +159,7 @@ impl Ownership {
         // With records, the claim is exclusive; a journal from before owner records claims
         // so too, under its new id: it passes while the id's claim predates them, as that
         // journal's own did.
-        if replay.records.is_empty() {
+        if replay.is_empty() {
             let claim = self.take_over(store).await?;
             self.record()?;
             return Ok((claim, replay));
@@ -321,18 +321,23 @@ impl Ownership {
 
 /// `replay` with the records of `rebase` renumbered as its batch, and the rest (already in
 /// the store) left out.
-fn rebased(mut replay: Replay, rebase: Rebase) -> Replay {
+fn rebased(replay: Replay, rebase: Rebase) -> Replay {
     let Some(seq) = rebase.seq else {
         return replay;
     };
-    replay
-        .records
-        .retain(|r| r.seq > rebase.from && r.seq <= rebase.through);
-    for record in &mut replay.records {
-        record.seq = seq;
+    let mut batch = ReplayedBatch::default();
+    for (_, records) in replay
+        .batches
+        .into_iter()
+        .filter(|(s, _)| *s > rebase.from && *s <= rebase.through)
+    {
+        batch.merge(records);
     }
-    replay.max_seq = seq;
-    replay
+    Replay {
+        batches: BTreeMap::from([(seq, batch)]),
+        max_seq: seq,
+        cut_bytes: replay.cut_bytes,
+    }
 }
 
 /// The owner recorded at `path`, if there is one.
@@ -365,10 +370,10 @@ fn in_pieces(mut sum: i128) -> impl Iterator<Item = i64> {
 
 /// "N acknowledged requests (batches A to B)".
 fn describe(replay: &Replay) -> String {
-    let low = replay.records.iter().map(|r| r.seq).min().unwrap_or(0);
+    let low = replay.batches.keys().next().copied().unwrap_or(0);
     format!(
         "{} acknowledged requests (batches {low} to {})",
-        replay.records.len(),
+        replay.records(),
         replay.max_seq
     )
 }
@@ -387,19 +392,13 @@ pub(crate) async fn replay_journal(
     replay: Replay,
     applied: u64,
 ) -> anyhow::Result<u64> {
-    // Summed in 128 bits: the journal's order need not be the order the deltas were added
-    // in, so a running 64-bit sum could overflow where the generation's sum does not.
-    let mut generations: BTreeMap<u64, HashMap<String, i128>> = BTreeMap::new();
     let mut replayed = 0usize;
-    for record in replay.records.into_iter().filter(|r| r.seq > applied) {
-        replayed += record.entries.len();
-        let sums = generations.entry(record.seq).or_default();
-        for (key, delta) in record.entries {
-            *sums.entry(key).or_default() += i128::from(delta);
-        }
-    }
+    let stored = applied;
     let mut applied = applied;
-    for (seq, sums) in generations {
+    let cut_bytes = replay.cut_bytes;
+    for (seq, batch) in replay.batches.into_iter().filter(|(s, _)| *s > stored) {
+        replayed += batch.records;
+        let sums = batch.sums;
         let mut deltas = Vec::with_capacity(sums.len());
         let mut dead_letters = Vec::new();
         for (key, sum) in sums {
@@ -433,12 +432,8 @@ pub(crate) async fn replay_journal(
             .increment(set_aside);
         applied = seq;
     }
-    if replayed > 0 || replay.cut_bytes > 0 {
-        tracing::info!(
-            replayed,
-            cut_bytes = replay.cut_bytes,
-            "Replayed the journal."
-        );
+    if replayed > 0 || cut_bytes > 0 {
+        tracing::info!(replayed, cut_bytes, "Replayed the journal.");
     }
     journal
         .trim(applied)

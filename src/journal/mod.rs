@@ -72,9 +72,13 @@
 //!
 //! # Recovery
 //!
-//! [`Journal::open`] reads every segment in order and returns the decoded records in a
-//! [`Replay`]; the caller re-applies those with `seq` above the store's last applied seq
-//! (replay is read-only from the caller's view: opening twice gives the same records).
+//! [`Journal::open`] reads every segment in order, one at a time, and returns what the
+//! records hold in a [`Replay`]: each batch seq's deltas summed per key as they are read, so
+//! that memory grows with the keys, not with the requests (a journal that grew through a
+//! long database outage repeats the same keys millions of times). The caller re-applies the
+//! batches with `seq` above the store's last applied seq (replay is read-only from the
+//! caller's view: opening twice gives the same batches). [`Journal::open_with`] hands over
+//! each record instead.
 //! What a crash or a bad disk can leave behind is handled like this:
 //!
 //! - **Torn or corrupt tail of the last segment** (a write cut short by `kill -9` or power
@@ -123,7 +127,7 @@ pub use record::{Corruption, Entry};
 pub(crate) use writer::{no_follow, sync_parent};
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -200,7 +204,7 @@ pub struct GroupStats {
     pub waited: Duration,
 }
 
-/// One record read back on [`Journal::open`].
+/// One record read back on [`Journal::open_with`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayedRecord {
     /// The batch seq the record was appended with.
@@ -209,15 +213,71 @@ pub struct ReplayedRecord {
     pub entries: Vec<(String, i64)>,
 }
 
-/// Everything [`Journal::open`] recovered.
+/// Everything [`Journal::open`] recovered: each batch's acknowledged deltas, summed per key
+/// as the records are read.
+///
+/// Summed, not kept record by record: replay then holds one entry per key and batch, where
+/// the journal holds one per request. A journal that grew through a long database outage
+/// (the flusher retrying one batch while the next fills up) is mostly the same keys again
+/// and again, millions of records that a list would have held in memory all at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replay {
-    /// Records in append order (segment by segment, in file order).
-    pub records: Vec<ReplayedRecord>,
-    /// Highest seq among `records`; 0 if there are none.
+    /// The batches by seq.
+    pub batches: BTreeMap<u64, ReplayedBatch>,
+    /// Highest seq among the records; 0 if there are none.
     pub max_seq: u64,
     /// Bytes of torn or corrupt data dropped (truncated off or skipped).
     pub cut_bytes: u64,
+}
+
+/// The records of one batch seq, summed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayedBatch {
+    /// How many records (acknowledged appends) it holds.
+    pub records: usize,
+    /// Each key's deltas, summed in 128 bits: the journal's order need not be the order the
+    /// deltas were added in, so a running 64-bit sum could overflow where the batch's does
+    /// not.
+    pub sums: HashMap<String, i128>,
+}
+
+impl Replay {
+    /// Adds `record` to its batch.
+    pub fn add(&mut self, record: ReplayedRecord) {
+        self.max_seq = self.max_seq.max(record.seq);
+        self.batches
+            .entry(record.seq)
+            .or_default()
+            .add(record.entries);
+    }
+
+    /// How many records it holds.
+    pub fn records(&self) -> usize {
+        self.batches.values().map(|b| b.records).sum()
+    }
+
+    /// True if it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+impl ReplayedBatch {
+    /// Adds one record's entries.
+    fn add(&mut self, entries: Vec<(String, i64)>) {
+        self.records += 1;
+        for (key, delta) in entries {
+            *self.sums.entry(key).or_default() += i128::from(delta);
+        }
+    }
+
+    /// Adds every record of `other`.
+    pub fn merge(&mut self, other: ReplayedBatch) {
+        self.records += other.records;
+        for (key, sum) in other.sums {
+            *self.sums.entry(key).or_default() += sum;
+        }
+    }
 }
 
 /// Everything that can go wrong in the journal.
@@ -566,12 +626,37 @@ impl Journal {
     /// truncated or synced, or the writer thread cannot be spawned. Corrupt data is not an
     /// error: it is logged, dropped, and counted in [`Replay::cut_bytes`].
     pub fn open(dir: &Path, opts: JournalOptions) -> Result<(Journal, Replay), JournalError> {
+        let mut replay = Replay::default();
+        let (journal, cut_bytes) = Self::open_with(dir, opts, &mut |record| replay.add(record))?;
+        replay.cut_bytes = cut_bytes;
+        tracing::info!(
+            dir = %dir.display(),
+            records = replay.records(),
+            max_seq = replay.max_seq,
+            cut_bytes,
+            "Opened the journal."
+        );
+        Ok((journal, replay))
+    }
+
+    /// [`Journal::open`], handing each record read back to `on_record` as it is read, in
+    /// append order (segment by segment, in file order). Returns the journal and the bytes
+    /// of torn or corrupt data dropped.
+    ///
+    /// # Errors
+    ///
+    /// As [`Journal::open`].
+    pub fn open_with(
+        dir: &Path,
+        opts: JournalOptions,
+        on_record: &mut dyn FnMut(ReplayedRecord),
+    ) -> Result<(Journal, u64), JournalError> {
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         writer::sync_parent(dir)?;
         let lock = lock_dir(dir)?;
 
         let numbers = writer::list(dir)?;
-        let (replay, closed) = replay::replay(dir, &numbers)?;
+        let (cut_bytes, closed) = replay::replay(dir, &numbers, on_record)?;
         let active = match numbers.last() {
             None => 1,
             Some(&last) => last.checked_add(1).ok_or_else(|| {
@@ -611,20 +696,13 @@ impl Journal {
                 writer.run()
             })
             .map_err(io_err("spawn the writer thread for", dir))?;
-        tracing::info!(
-            dir = %dir.display(),
-            records = replay.records.len(),
-            max_seq = replay.max_seq,
-            cut_bytes = replay.cut_bytes,
-            active_segment = active,
-            "Opened the journal."
-        );
+        tracing::debug!(dir = %dir.display(), active_segment = active, "Started the journal's writer.");
         let journal = Journal {
             shared,
             writer: Some(writer),
             _lock: lock,
         };
-        Ok((journal, replay))
+        Ok((journal, cut_bytes))
     }
 
     /// Appends one record of `entries` tagged with batch `seq`, and resolves once it is

@@ -3,16 +3,19 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{JournalError, Replay, record, writer};
+use super::{JournalError, ReplayedRecord, record, writer};
 
-/// Replays segments `numbers` (ascending) of `dir`. Returns the records and, for every
-/// segment kept, its highest seq. A bad tail of the last segment is truncated off; the
-/// rest of an older segment after a bad record is skipped; empty segments are deleted.
+/// Replays segments `numbers` (ascending) of `dir`, handing each record to `on_record` as
+/// it is read (one segment's bytes are in memory at a time, never every record). Returns
+/// the bytes cut or skipped and, for every segment kept, its highest seq. A bad tail of the
+/// last segment is truncated off; the rest of an older segment after a bad record is
+/// skipped; empty segments are deleted.
 pub(super) fn replay(
     dir: &Path,
     numbers: &[u64],
-) -> Result<(Replay, BTreeMap<u64, u64>), JournalError> {
-    let mut out = Replay::default();
+    on_record: &mut dyn FnMut(ReplayedRecord),
+) -> Result<(u64, BTreeMap<u64, u64>), JournalError> {
+    let mut cut_bytes = 0;
     let mut kept = BTreeMap::new();
     let mut deleted_any = false;
     for (i, &n) in numbers.iter().enumerate() {
@@ -26,7 +29,7 @@ pub(super) fn replay(
             match record::decode(&data[offset..]) {
                 Ok((rec, used)) => {
                     max_seq = max_seq.max(rec.seq);
-                    out.records.push(rec);
+                    on_record(rec);
                     offset += used;
                 }
                 // Zeros the writer wrote ahead of its records (a crash left them): the end
@@ -41,7 +44,7 @@ pub(super) fn replay(
                     // After a torn record this counts the zeros written ahead too: which of
                     // the final zero bytes were the record's cannot be told.
                     let cut = data.len() - offset;
-                    out.cut_bytes += cut as u64;
+                    cut_bytes += cut as u64;
                     if is_last {
                         tracing::warn!(
                             segment = %path.display(), offset, bytes_cut = cut, %reason,
@@ -64,11 +67,10 @@ pub(super) fn replay(
             deleted_any = true;
             continue;
         }
-        out.max_seq = out.max_seq.max(max_seq);
         kept.insert(n, max_seq);
     }
     if deleted_any {
         writer::sync_dir(dir)?;
     }
-    Ok((out, kept))
+    Ok((cut_bytes, kept))
 }

@@ -16,8 +16,27 @@ fn opts(segment_bytes: u64) -> JournalOptions {
     }
 }
 
-fn open(dir: &Path, segment_bytes: u64) -> (Journal, Replay) {
-    Journal::open(dir, opts(segment_bytes)).expect("journal opens")
+/// What a test sees of a replay: every record, in the order it was read.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Records {
+    records: Vec<ReplayedRecord>,
+    max_seq: u64,
+    cut_bytes: u64,
+}
+
+/// Opens the journal in `dir`, collecting the records it replays one by one.
+fn open(dir: &Path, segment_bytes: u64) -> (Journal, Records) {
+    let mut records = Vec::new();
+    let (journal, cut_bytes) =
+        Journal::open_with(dir, opts(segment_bytes), &mut |r| records.push(r))
+            .expect("journal opens");
+    let max_seq = records.iter().map(|r| r.seq).max().unwrap_or(0);
+    let replay = Records {
+        records,
+        max_seq,
+        cut_bytes,
+    };
+    (journal, replay)
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -48,7 +67,7 @@ async fn append_seqs(journal: &Journal, seqs: impl IntoIterator<Item = u64>) {
     }
 }
 
-fn seqs(replay: &Replay) -> Vec<u64> {
+fn seqs(replay: &Records) -> Vec<u64> {
     replay.records.iter().map(|r| r.seq).collect()
 }
 
@@ -308,7 +327,7 @@ fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_con
         ..JournalOptions::default()
     };
     let (journal, replay) = Journal::open(dir.path(), options).expect("reopen");
-    assert_eq!(replay.records.len(), 3 + 3 * 4);
+    assert_eq!(replay.records(), 3 + 3 * 4);
     let journal = Arc::new(journal);
     rt().block_on(async {
         let mut set = tokio::task::JoinSet::new();
@@ -322,13 +341,8 @@ fn a_commit_delay_never_holds_a_lone_append_or_a_few_and_loses_nothing_under_con
     });
     drop(journal);
     let (_, replay) = Journal::open(dir.path(), opts(DEFAULT_SEGMENT_BYTES)).expect("reopen");
-    let sum: i64 = replay
-        .records
-        .iter()
-        .filter(|r| r.seq == 2)
-        .flat_map(|r| r.entries.iter().map(|(_, d)| *d))
-        .sum();
-    assert_eq!(sum, (0..100).sum::<i64>());
+    let batch = &replay.batches[&2];
+    assert_eq!(batch.sums["many"], (0..100).sum::<i128>());
 }
 
 /// Rounds of ten concurrent appends (queued together, so they tend to share one group) on a
@@ -586,7 +600,7 @@ fn empty_directory_and_empty_segments() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("not/yet/there");
     let (journal, replay) = open(&dir, 100);
-    assert_eq!(replay, Replay::default());
+    assert_eq!(replay, Records::default());
     drop(journal);
 
     // Empty leftovers, old and newest, plus an unrelated file that must be ignored.
@@ -594,7 +608,7 @@ fn empty_directory_and_empty_segments() {
     fs::write(writer::path(&dir, 9), b"").expect("write");
     fs::write(dir.join("README"), b"not a segment").expect("write");
     let (_journal, replay) = open(&dir, 100);
-    assert_eq!(replay, Replay::default());
+    assert_eq!(replay, Records::default());
     assert_eq!(segment_files(&dir), vec![writer::path(&dir, 10)]);
     assert!(dir.join("README").exists());
 }
@@ -639,7 +653,7 @@ async fn trim_and_close_remove_only_applied_segments() {
         journal.close(10).await.expect("second close is harmless");
     }
     let (_journal, replay) = open(dir.path(), 100);
-    assert_eq!(replay, Replay::default());
+    assert_eq!(replay, Records::default());
 }
 
 #[tokio::test]
@@ -849,4 +863,37 @@ fn a_request_polled_again_on_a_relay_thread_keeps_one_entry_with_the_relay() {
             .expect("woken through the relay once settled")
             .expect("durable");
     });
+}
+
+#[tokio::test]
+async fn open_sums_each_batch_per_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), 100);
+        for (seq, entries) in [
+            (1, vec![("a", 2), ("b", -1)]),
+            (2, vec![("a", 5)]),
+            (1, vec![("a", i64::MAX)]),
+            (1, vec![("a", i64::MAX), ("c", 0)]),
+        ] {
+            journal.append(seq, &entries).await.expect("append");
+        }
+    }
+    let (_journal, replay) = Journal::open(dir.path(), opts(100)).expect("reopen");
+    assert_eq!(replay.records(), 4);
+    assert_eq!(replay.max_seq, 2);
+    let one = &replay.batches[&1];
+    assert_eq!(one.records, 3);
+    let want_one = HashMap::from([
+        ("a".to_owned(), 2 + 2 * i128::from(i64::MAX)),
+        ("b".to_owned(), -1),
+        ("c".to_owned(), 0),
+    ]);
+    assert_eq!(
+        one.sums, want_one,
+        "summed past 64 bits, keys of no sum kept"
+    );
+    let two = &replay.batches[&2];
+    assert_eq!((two.records, two.sums["a"]), (1, 5));
+    assert_eq!(replay.batches.len(), 2);
 }
