@@ -333,8 +333,15 @@ fn rebased(replay: Replay, rebase: Rebase) -> Replay {
     {
         batch.merge(records);
     }
+    // No batch at all if none of its records is left (cut as corrupt since): `max_seq` still
+    // keeps the next live batch above the rebase's number.
+    let batches = if batch.records > 0 {
+        BTreeMap::from([(seq, batch)])
+    } else {
+        BTreeMap::new()
+    };
     Replay {
-        batches: BTreeMap::from([(seq, batch)]),
+        batches,
         max_seq: seq,
         cut_bytes: replay.cut_bytes,
     }
@@ -378,7 +385,7 @@ fn describe(replay: &Replay) -> String {
     )
 }
 
-/// Writes the records of `replay` with a seq above `applied` through `flusher`, then trims
+/// Writes the batches of `replay` with a seq above `applied` through `flusher`, then trims
 /// `journal`. Returns the seq of the last batch now in the store.
 ///
 /// # Errors
@@ -392,12 +399,12 @@ pub(crate) async fn replay_journal(
     replay: Replay,
     applied: u64,
 ) -> anyhow::Result<u64> {
-    let mut replayed = 0usize;
-    let stored = applied;
+    let mut requests = 0usize;
+    let in_store = applied;
     let mut applied = applied;
     let cut_bytes = replay.cut_bytes;
-    for (seq, batch) in replay.batches.into_iter().filter(|(s, _)| *s > stored) {
-        replayed += batch.records;
+    for (seq, batch) in replay.batches.into_iter().filter(|(s, _)| *s > in_store) {
+        requests += batch.records;
         let sums = batch.sums;
         let mut deltas = Vec::with_capacity(sums.len());
         let mut dead_letters = Vec::new();
@@ -432,8 +439,8 @@ pub(crate) async fn replay_journal(
             .increment(set_aside);
         applied = seq;
     }
-    if replayed > 0 || cut_bytes > 0 {
-        tracing::info!(replayed, cut_bytes, "Replayed the journal.");
+    if requests > 0 || cut_bytes > 0 {
+        tracing::info!(requests, cut_bytes, "Replayed the journal.");
     }
     journal
         .trim(applied)

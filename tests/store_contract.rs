@@ -678,3 +678,37 @@ async fn postgres_an_abandoned_batch_does_not_hold_up_the_next_operation() {
     );
     assert_eq!(value(&store, "k").await, Some(2), "batch 2 counted once");
 }
+
+/// A database whose encoding cannot hold every UTF-8 key is refused at connect, before
+/// anything is created in it: in LATIN1 a key such as "日本" fails its batch (22P05), and its
+/// dead letter fails the same way, so the flusher would retry that batch for ever.
+#[tokio::test]
+async fn postgres_a_database_that_cannot_hold_every_key_is_refused() {
+    let Some(latin1) = pg::PgDatabase::create_with(
+        "latin1",
+        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await
+    else {
+        return;
+    };
+    let refused = PgStore::connect(&latin1.url, 1).await;
+    let Err(error) = refused else {
+        panic!("a LATIN1 database was accepted");
+    };
+    assert!(
+        matches!(&error, StoreError::Encoding { encoding } if encoding == "LATIN1"),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("ENCODING 'UTF8'"), "{error}");
+    let tables: i64 = pg::client(&latin1.url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'tally%'",
+            &[],
+        )
+        .await
+        .expect("count tables")
+        .get(0);
+    assert_eq!(tables, 0, "nothing created in the refused database");
+}

@@ -224,7 +224,8 @@ pub struct ReplayedRecord {
 pub struct Replay {
     /// The batches by seq.
     pub batches: BTreeMap<u64, ReplayedBatch>,
-    /// Highest seq among the records; 0 if there are none.
+    /// Highest seq among the batches (as read, or as rebased by recovery); 0 if there are
+    /// none.
     pub max_seq: u64,
     /// Bytes of torn or corrupt data dropped (truncated off or skipped).
     pub cut_bytes: u64,
@@ -243,7 +244,7 @@ pub struct ReplayedBatch {
 
 impl Replay {
     /// Adds `record` to its batch.
-    pub fn add(&mut self, record: ReplayedRecord) {
+    pub(crate) fn add(&mut self, record: ReplayedRecord) {
         self.max_seq = self.max_seq.max(record.seq);
         self.batches
             .entry(record.seq)
@@ -272,7 +273,7 @@ impl ReplayedBatch {
     }
 
     /// Adds every record of `other`.
-    pub fn merge(&mut self, other: ReplayedBatch) {
+    pub(crate) fn merge(&mut self, other: ReplayedBatch) {
         self.records += other.records;
         for (key, sum) in other.sums {
             *self.sums.entry(key).or_default() += sum;
@@ -629,13 +630,6 @@ impl Journal {
         let mut replay = Replay::default();
         let (journal, cut_bytes) = Self::open_with(dir, opts, &mut |record| replay.add(record))?;
         replay.cut_bytes = cut_bytes;
-        tracing::info!(
-            dir = %dir.display(),
-            records = replay.records(),
-            max_seq = replay.max_seq,
-            cut_bytes,
-            "Opened the journal."
-        );
         Ok((journal, replay))
     }
 
@@ -656,7 +650,12 @@ impl Journal {
         let lock = lock_dir(dir)?;
 
         let numbers = writer::list(dir)?;
-        let (cut_bytes, closed) = replay::replay(dir, &numbers, on_record)?;
+        let (mut records, mut max_seq) = (0usize, 0);
+        let (cut_bytes, closed) = replay::replay(dir, &numbers, &mut |record| {
+            records += 1;
+            max_seq = max_seq.max(record.seq);
+            on_record(record);
+        })?;
         let active = match numbers.last() {
             None => 1,
             Some(&last) => last.checked_add(1).ok_or_else(|| {
@@ -696,7 +695,14 @@ impl Journal {
                 writer.run()
             })
             .map_err(io_err("spawn the writer thread for", dir))?;
-        tracing::debug!(dir = %dir.display(), active_segment = active, "Started the journal's writer.");
+        tracing::info!(
+            dir = %dir.display(),
+            records,
+            max_seq,
+            cut_bytes,
+            active_segment = active,
+            "Opened the journal."
+        );
         let journal = Journal {
             shared,
             writer: Some(writer),

@@ -879,7 +879,13 @@ async fn open_sums_each_batch_per_key() {
             journal.append(seq, &entries).await.expect("append");
         }
     }
+    // Garbage after the last record: cut, and counted.
+    let seg = non_empty_segments(dir.path()).pop().expect("a segment");
+    let mut bytes = fs::read(&seg).expect("read");
+    bytes.extend_from_slice(b"garbage");
+    fs::write(&seg, &bytes).expect("append garbage");
     let (_journal, replay) = Journal::open(dir.path(), opts(100)).expect("reopen");
+    assert!(replay.cut_bytes >= 7, "{}", replay.cut_bytes);
     assert_eq!(replay.records(), 4);
     assert_eq!(replay.max_seq, 2);
     let one = &replay.batches[&1];

@@ -175,6 +175,14 @@ pub enum StoreError {
     /// The database schema could not be created or migrated.
     #[error("schema migration failed: {0}")]
     Migration(String),
+    /// The database cannot hold every key: its character encoding is not UTF-8 (nor
+    /// PostgreSQL's byte-transparent `SQL_ASCII`).
+    #[error(
+        "the database's encoding is {encoding}, which cannot hold every key (keys are any \
+         UTF-8 text: a key it cannot represent would be refused, and so would its dead \
+         letter); use a database created with ENCODING 'UTF8'"
+    )]
+    Encoding { encoding: String },
 }
 
 impl StoreError {

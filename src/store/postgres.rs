@@ -79,6 +79,10 @@ macro_rules! if_claimed {
     };
 }
 
+/// Server encodings that can hold any UTF-8 key: UTF-8 itself, and `SQL_ASCII`, which
+/// stores a UTF-8 client's bytes as they are.
+const ENCODINGS: [&str; 2] = ["UTF8", "SQL_ASCII"];
+
 /// A batch's upsert for [`Store::probe`]: unconditional, rolled back.
 const UPSERT: &str = upsert!("$1", "$2", "");
 
@@ -304,6 +308,16 @@ impl PgStore {
 
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut client = Conn::get(&self.pool).await?;
+        // Checked first, so that nothing is created in a database tally cannot use: in any
+        // other encoding a key outside its character set fails the batch (22P05), and its
+        // dead letter fails the same way, so the flusher would retry that batch for ever.
+        let encoding: String = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await?
+            .get(0);
+        if !ENCODINGS.contains(&encoding.as_str()) {
+            return Err(StoreError::Encoding { encoding });
+        }
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;

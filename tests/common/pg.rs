@@ -37,6 +37,16 @@ impl PgDatabase {
     ///
     /// When no server answers and `TALLY_REQUIRE_POSTGRES=1`.
     pub async fn create(test: &str) -> Option<Self> {
+        Self::create_with(test, "").await
+    }
+
+    /// [`PgDatabase::create`], with `options` after `CREATE DATABASE <name>` (an
+    /// encoding, say).
+    ///
+    /// # Panics
+    ///
+    /// As [`PgDatabase::create`].
+    pub async fn create_with(test: &str, options: &str) -> Option<Self> {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let admin = pg_admin_url();
         let client = match connect(&admin).await {
@@ -61,7 +71,7 @@ impl PgDatabase {
             uuid::Uuid::new_v4().simple()
         );
         client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
         let url = match admin.rsplit_once('/') {

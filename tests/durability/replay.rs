@@ -240,6 +240,8 @@ async fn replay_holds_the_keys_in_memory_not_every_request() {
     let dir = data_dir();
     let journal_dir = dir.path().join("journal");
     {
+        // Small segments: replay holds one segment's bytes at a time, and with the default
+        // 64 MiB that buffer, not the records, would be most of what is measured.
         let options = tally::journal::JournalOptions {
             segment_bytes: 4 << 20,
             ..tally::journal::JournalOptions::default()
