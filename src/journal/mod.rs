@@ -356,10 +356,13 @@ struct Shared {
     /// it lies in one of `failures`. Positions count the bytes appended since open.
     settled: AtomicU64,
     /// Positions `start..end` of the groups whose write or fsync failed (or that came while
-    /// the journal was failed): a handful per disk failure, so never pruned.
+    /// the journal was failed), in position order: a handful per disk failure, so never
+    /// pruned.
     failures: Mutex<Vec<(std::ops::Range<u64>, JournalError)>>,
-    /// `failures` is not empty: the common path checks this and skips the lock.
-    any_failure: AtomicBool,
+    /// The end of the last range in `failures` (0: none). A record ending above it is in
+    /// none of them: the common path checks this and skips the lock, also once the disk
+    /// has failed and recovered.
+    failures_end: AtomicU64,
     /// The writer waits out its commit delay; [`Shared::hurry`] ends the wait.
     delaying: AtomicBool,
     /// The runtime whose workers append, once [`Journal::follow_workers`] names it.
@@ -507,7 +510,7 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push((group.start..group.end, err));
-            self.any_failure.store(true, Ordering::Release);
+            self.failures_end.store(group.end, Ordering::Release);
         }
         self.settled.store(group.end, Ordering::Release);
     }
@@ -552,7 +555,8 @@ impl Shared {
     }
 
     fn outcome(&self, end: u64) -> Result<(), JournalError> {
-        if !self.any_failure.load(Ordering::Acquire) {
+        // Stored before `settled` passed `end`, which the caller has seen.
+        if end > self.failures_end.load(Ordering::Acquire) {
             return Ok(());
         }
         let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
@@ -682,7 +686,7 @@ impl Journal {
             wake_writer: Condvar::new(),
             settled: AtomicU64::new(0),
             failures: Mutex::default(),
-            any_failure: AtomicBool::new(false),
+            failures_end: AtomicU64::new(0),
             delaying: AtomicBool::new(false),
             workers: OnceLock::new(),
             writer_gone: AtomicBool::new(false),
