@@ -712,3 +712,43 @@ async fn postgres_a_database_that_cannot_hold_every_key_is_refused() {
         .get(0);
     assert_eq!(tables, 0, "nothing created in the refused database");
 }
+
+/// `SQL_ASCII` stores a UTF-8 client's bytes as they are: accepted, and any key (and its
+/// dead letter) goes in and comes back whole.
+#[tokio::test]
+async fn postgres_a_sql_ascii_database_holds_any_key() {
+    let Some(db) = pg::PgDatabase::create_with(
+        "sql_ascii",
+        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    .await
+    else {
+        return;
+    };
+    let store = PgStore::connect(&db.url, 1)
+        .await
+        .expect("SQL_ASCII accepted");
+    let entries = [("ü", -2), ("日本", 5)]; // sorted by key, as a batch must be
+    let dead = [DeadLetter {
+        key: "日本語".to_owned(),
+        delta: 1,
+        reason: "test".to_owned(),
+    }];
+    let applied = store
+        .apply(Batch {
+            dead_letters: &dead,
+            ..batch("i1", 1, &entries)
+        })
+        .await
+        .expect("apply");
+    assert_eq!(applied, Applied::Committed);
+    assert_eq!(value(&store, "日本").await, Some(5));
+    assert_eq!(value(&store, "ü").await, Some(-2));
+    let dead_key: String = pg::client(&db.url)
+        .await
+        .query_one("SELECT key FROM tally_dead_letters", &[])
+        .await
+        .expect("the dead letter")
+        .get(0);
+    assert_eq!(dead_key, "日本語");
+}

@@ -510,7 +510,9 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push((group.start..group.end, err));
-            self.failures_end.store(group.end, Ordering::Release);
+            // Groups settle in position order; `fetch_max` keeps the fast path in
+            // `outcome` right even if that ever changed.
+            self.failures_end.fetch_max(group.end, Ordering::Release);
         }
         self.settled.store(group.end, Ordering::Release);
     }

@@ -180,7 +180,8 @@ pub enum StoreError {
     #[error(
         "the database's encoding is {encoding}, which cannot hold every key (keys are any \
          UTF-8 text: a key it cannot represent would be refused, and so would its dead \
-         letter); use a database created with ENCODING 'UTF8'"
+         letter); use a UTF-8 database: CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE \
+         template0 LC_COLLATE 'C' LC_CTYPE 'C' (docs/operations.md, Faults)"
     )]
     Encoding { encoding: String },
 }

@@ -244,7 +244,8 @@ impl PgStore {
     /// # Errors
     ///
     /// [`StoreError::Unavailable`] if the URL is invalid or the server cannot be reached;
-    /// [`StoreError::Migration`] if the schema cannot be brought up to date.
+    /// [`StoreError::Migration`] if the schema cannot be brought up to date;
+    /// [`StoreError::Encoding`] if the database's encoding cannot hold every key.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
         Self::connect_with_password(url, None, pool_size).await
     }
@@ -316,6 +317,7 @@ impl PgStore {
             .await?
             .get(0);
         if !ENCODINGS.contains(&encoding.as_str()) {
+            client.release();
             return Err(StoreError::Encoding { encoding });
         }
         let tx = client.transaction().await?;
