@@ -142,6 +142,7 @@ use tokio::sync::oneshot;
 
 use crate::idle::IdleWorkers;
 use crate::relay::Ticket;
+use replay::Repair;
 
 /// Fewest records in the previous group for [`JournalOptions::commit_delay`] to apply (as
 /// PostgreSQL's `commit_siblings`): below it, appends are too few for a wait to gather more.
@@ -244,7 +245,7 @@ pub struct ReplayedBatch {
 
 impl Replay {
     /// Adds `record` to its batch.
-    pub(crate) fn add(&mut self, record: ReplayedRecord) {
+    pub fn add(&mut self, record: ReplayedRecord) {
         self.max_seq = self.max_seq.max(record.seq);
         self.batches
             .entry(record.seq)
@@ -279,6 +280,19 @@ impl ReplayedBatch {
             *self.sums.entry(key).or_default() += sum;
         }
     }
+}
+
+/// `sum` (a [`ReplayedBatch`] sum) as 64-bit pieces that add up to it, each as large as it
+/// can be.
+pub fn in_pieces(mut sum: i128) -> impl Iterator<Item = i64> {
+    std::iter::from_fn(move || {
+        (sum != 0).then(|| {
+            let piece = sum.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+            sum -= piece;
+            // In range: clamped to it.
+            i64::try_from(piece).unwrap_or_default()
+        })
+    })
 }
 
 /// Everything that can go wrong in the journal.
@@ -639,6 +653,26 @@ impl Journal {
         Ok((journal, replay))
     }
 
+    /// Reads the journal in `dir` without changing anything (no lock, no repair, no new
+    /// segment; it may be open in a running tally), handing each record to `on_record` as
+    /// [`Journal::open_with`] does. Returns the bytes of torn or corrupt data skipped; a
+    /// missing directory is an empty journal.
+    ///
+    /// # Errors
+    ///
+    /// [`JournalError::Io`] if the directory cannot be listed or a segment read.
+    pub fn read(
+        dir: &Path,
+        on_record: &mut dyn FnMut(ReplayedRecord),
+    ) -> Result<u64, JournalError> {
+        if !dir.exists() {
+            return Ok(0);
+        }
+        let numbers = writer::list(dir)?;
+        let (cut_bytes, _) = replay::replay(dir, &numbers, Repair::No, on_record)?;
+        Ok(cut_bytes)
+    }
+
     /// [`Journal::open`], handing each record read back to `on_record` as it is read, in
     /// append order (segment by segment, in file order). Returns the journal and the bytes
     /// of torn or corrupt data dropped.
@@ -657,7 +691,7 @@ impl Journal {
 
         let numbers = writer::list(dir)?;
         let (mut records, mut max_seq) = (0usize, 0);
-        let (cut_bytes, closed) = replay::replay(dir, &numbers, &mut |record| {
+        let (cut_bytes, closed) = replay::replay(dir, &numbers, Repair::Yes, &mut |record| {
             records += 1;
             max_seq = max_seq.max(record.seq);
             on_record(record);

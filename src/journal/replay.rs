@@ -5,14 +5,24 @@ use std::path::Path;
 
 use super::{JournalError, ReplayedRecord, record, writer};
 
+/// What [`replay`] may change in the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Repair {
+    /// Cut a bad tail off the last segment, delete empty segments (on open).
+    Yes,
+    /// Change nothing (a journal read by a tool, perhaps while its tally runs).
+    No,
+}
+
 /// Replays segments `numbers` (ascending) of `dir`, handing each record to `on_record` as
 /// it is read (one segment's bytes are in memory at a time, never every record). Returns
-/// the bytes cut or skipped and, for every segment kept, its highest seq. A bad tail of the
-/// last segment is truncated off; the rest of an older segment after a bad record is
-/// skipped; empty segments are deleted.
+/// the bytes cut or skipped and, for every segment kept, its highest seq. The rest of a
+/// segment after a bad record is skipped; with [`Repair::Yes`] a bad tail of the last
+/// segment is truncated off and empty segments are deleted.
 pub(super) fn replay(
     dir: &Path,
     numbers: &[u64],
+    repair: Repair,
     on_record: &mut dyn FnMut(ReplayedRecord),
 ) -> Result<(u64, BTreeMap<u64, u64>), JournalError> {
     let mut cut_bytes = 0;
@@ -20,6 +30,7 @@ pub(super) fn replay(
     let mut deleted_any = false;
     for (i, &n) in numbers.iter().enumerate() {
         let is_last = i + 1 == numbers.len();
+        let repairing = repair == Repair::Yes;
         let path = writer::path(dir, n);
         let data = writer::read(&path)?;
 
@@ -35,7 +46,7 @@ pub(super) fn replay(
                 // Zeros the writer wrote ahead of its records (a crash left them): the end
                 // of the records, not damage. The last segment is cut back to its records.
                 Err(_) if data[offset..].iter().all(|&b| b == 0) => {
-                    if is_last {
+                    if is_last && repairing {
                         writer::truncate(&path, offset as u64)?;
                     }
                     break;
@@ -45,12 +56,17 @@ pub(super) fn replay(
                     // the final zero bytes were the record's cannot be told.
                     let cut = data.len() - offset;
                     cut_bytes += cut as u64;
-                    if is_last {
+                    if is_last && repairing {
                         tracing::warn!(
                             segment = %path.display(), offset, bytes_cut = cut, %reason,
                             "Cutting a torn or corrupt tail off the last journal segment."
                         );
                         writer::truncate(&path, offset as u64)?;
+                    } else if is_last {
+                        tracing::warn!(
+                            segment = %path.display(), offset, bytes_skipped = cut, %reason,
+                            "A torn or corrupt tail ends the last journal segment; left as it is."
+                        );
                     } else {
                         tracing::error!(
                             segment = %path.display(), offset, bytes_skipped = cut, %reason,
@@ -62,7 +78,7 @@ pub(super) fn replay(
             }
         }
         // Nothing left in the file (it was empty or zeros, or all of it was a cut tail): drop it.
-        if offset == 0 && (is_last || data.iter().all(|&b| b == 0)) {
+        if repairing && offset == 0 && (is_last || data.iter().all(|&b| b == 0)) {
             writer::remove(dir, n)?;
             deleted_any = true;
             continue;

@@ -291,3 +291,78 @@ async fn replay_holds_the_keys_in_memory_not_every_request() {
         peak >> 20
     ));
 }
+
+/// `tally-journal` prints a journal's acknowledged increments, each batch summed per key, as
+/// NDJSON `POST /increments` takes, and changes nothing: not even a torn tail, which a
+/// start would cut.
+#[tokio::test]
+async fn tally_journal_prints_each_batch_summed_and_changes_nothing() {
+    let dir = data_dir();
+    let journal_dir = dir.path().join("journal");
+    {
+        let (journal, _) =
+            tally::journal::Journal::open(&journal_dir, tally::journal::JournalOptions::default())
+                .expect("open a journal");
+        for (seq, entries) in [
+            (1, vec![("a", 2), ("b", 1)]),
+            (1, vec![("a", 3)]),
+            (2, vec![("a", i64::MAX)]),
+            (2, vec![("a", 5)]),
+        ] {
+            journal.append(seq, &entries).await.expect("append");
+        }
+    }
+    let segment = std::fs::read_dir(&journal_dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .expect("a segment");
+    let mut torn = std::fs::read(&segment).expect("read");
+    torn.extend_from_slice(b"torn");
+    std::fs::write(&segment, &torn).expect("tear the tail");
+
+    let run = |above: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally-journal"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--above", above])
+            .output()
+            .expect("run tally-journal");
+        assert!(out.status.success(), "{out:?}");
+        let mut sums: HashMap<String, i128> = HashMap::new();
+        for line in String::from_utf8(out.stdout).expect("UTF-8").lines() {
+            let item: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(line).expect("a JSON object per line");
+            assert_eq!(item.len(), 2, "only key and value: {line}");
+            let key = item["key"].as_str().expect("a string key").to_owned();
+            let value = item["value"].as_i64().expect("a 64-bit value");
+            *sums.entry(key).or_default() += i128::from(value);
+        }
+        (sums, String::from_utf8(out.stderr).expect("UTF-8"))
+    };
+    let (all, report) = run("0");
+    let big = i128::from(i64::MAX) + 5;
+    assert_eq!(
+        all,
+        HashMap::from([("a".to_owned(), 5 + big), ("b".to_owned(), 1)])
+    );
+    assert!(report.contains("batch 1: 2 requests, 2 keys"), "{report}");
+    assert!(report.contains("torn or corrupt"), "{report}");
+    let (above_one, _) = run("1");
+    assert_eq!(above_one, HashMap::from([("a".to_owned(), big)]));
+    assert_eq!(
+        std::fs::read(&segment).expect("read"),
+        torn,
+        "the journal is left as it was"
+    );
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_tally-journal"))
+        .arg("--data-dir")
+        .arg(dir.path().join("nowhere"))
+        .output()
+        .expect("run tally-journal");
+    assert!(
+        !missing.status.success(),
+        "a missing data directory is an error"
+    );
+}
