@@ -35,7 +35,8 @@
 //! # Why these modules are public
 //!
 //! The library is not a published API. Its modules are public because the crate's other
-//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`, `idle`), the
+//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`, `idle`),
+//! the `tally-journal` binary (`journal`: `Journal::read`, `Replay`), the
 //! integration tests (`store`, `config`, `startup`, `metrics`), the benchmark crate
 //! `tally-bench` (`aggregate`, `flush`, `store`, `http::serve`) and the fuzz targets
 //! (`http::body`, `journal::record`). What none of them needs stays private (`recovery`, `relay`, and

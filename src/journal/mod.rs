@@ -654,9 +654,10 @@ impl Journal {
     }
 
     /// Reads the journal in `dir` without changing anything (no lock, no repair, no new
-    /// segment; it may be open in a running tally), handing each record to `on_record` as
-    /// [`Journal::open_with`] does. Returns the bytes of torn or corrupt data skipped; a
-    /// missing directory is an empty journal.
+    /// segment; it may be open in a running tally, and a segment its trim deletes meanwhile
+    /// is skipped), handing each record to `on_record` as [`Journal::open_with`] does.
+    /// Returns the bytes of torn or corrupt data skipped; a missing directory is an empty
+    /// journal.
     ///
     /// # Errors
     ///

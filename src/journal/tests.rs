@@ -917,3 +917,27 @@ fn pieces_fit_in_64_bits_and_add_up_to_the_sum() {
     assert_eq!(in_pieces(max + 1).collect::<Vec<_>>(), [i64::MAX, 1]);
     assert_eq!(in_pieces(min - 1).collect::<Vec<_>>(), [i64::MIN, -1]);
 }
+
+/// A segment listed and then deleted before it is read (a running tally's trim, while a
+/// tool reads the journal) is skipped when reading, and an error when opening, where the
+/// lock says nobody else deletes.
+#[tokio::test]
+async fn a_segment_gone_between_listing_and_reading_is_skipped_only_when_reading() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+        append_seqs(&journal, 1..=2).await;
+    }
+    let mut numbers = writer::list(dir.path()).expect("list");
+    let gone = numbers.last().copied().unwrap_or(0) + 1;
+    numbers.push(gone);
+    let mut seqs = Vec::new();
+    let (cut, _) = replay::replay(dir.path(), &numbers, Repair::No, &mut |r| seqs.push(r.seq))
+        .expect("a vanished segment is skipped");
+    assert_eq!((seqs, cut), (vec![1, 2], 0));
+    let opening = replay::replay(dir.path(), &numbers, Repair::Yes, &mut |_| {});
+    assert!(
+        matches!(opening, Err(JournalError::Io { .. })),
+        "{opening:?}"
+    );
+}

@@ -292,9 +292,23 @@ async fn replay_holds_the_keys_in_memory_not_every_request() {
     ));
 }
 
-/// `tally-journal` prints a journal's acknowledged increments, each batch summed per key, as
-/// NDJSON `POST /increments` takes, and changes nothing: not even a torn tail, which a
-/// start would cut.
+/// Names and sizes of the files in `dir`.
+fn listing(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| {
+            let e = e.expect("entry");
+            let len = e.metadata().expect("stat").len();
+            (e.file_name().to_string_lossy().into_owned(), len)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// `tally-journal` prints a journal's increments, each batch summed per key, as NDJSON
+/// `POST /increments` takes (a zero sum too; a sum beyond 64 bits left out and named), and
+/// changes nothing: not even a torn tail, which a start would cut.
 #[tokio::test]
 async fn tally_journal_prints_each_batch_summed_and_changes_nothing() {
     let dir = data_dir();
@@ -304,10 +318,10 @@ async fn tally_journal_prints_each_batch_summed_and_changes_nothing() {
             tally::journal::Journal::open(&journal_dir, tally::journal::JournalOptions::default())
                 .expect("open a journal");
         for (seq, entries) in [
-            (1, vec![("a", 2), ("b", 1)]),
-            (1, vec![("a", 3)]),
-            (2, vec![("a", i64::MAX)]),
-            (2, vec![("a", 5)]),
+            (1, vec![("a", 2), ("b", 1), ("z", 1)]),
+            (1, vec![("a", 3), ("z", -1)]),
+            (2, vec![("big", i64::MAX)]),
+            (2, vec![("big", 5), ("c", 7)]),
         ] {
             journal.append(seq, &entries).await.expect("append");
         }
@@ -320,40 +334,59 @@ async fn tally_journal_prints_each_batch_summed_and_changes_nothing() {
     let mut torn = std::fs::read(&segment).expect("read");
     torn.extend_from_slice(b"torn");
     std::fs::write(&segment, &torn).expect("tear the tail");
+    let before = listing(&journal_dir);
 
-    let run = |above: &str| {
+    let run = |args: &[&std::ffi::OsStr]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally-journal"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--above", above])
+            .args(args)
             .output()
             .expect("run tally-journal");
         assert!(out.status.success(), "{out:?}");
-        let mut sums: HashMap<String, i128> = HashMap::new();
+        let mut sums: HashMap<String, i64> = HashMap::new();
         for line in String::from_utf8(out.stdout).expect("UTF-8").lines() {
             let item: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(line).expect("a JSON object per line");
             assert_eq!(item.len(), 2, "only key and value: {line}");
             let key = item["key"].as_str().expect("a string key").to_owned();
             let value = item["value"].as_i64().expect("a 64-bit value");
-            *sums.entry(key).or_default() += i128::from(value);
+            assert!(
+                sums.insert(key, value).is_none(),
+                "one line per key and batch"
+            );
         }
         (sums, String::from_utf8(out.stderr).expect("UTF-8"))
     };
-    let (all, report) = run("0");
-    let big = i128::from(i64::MAX) + 5;
-    assert_eq!(
-        all,
-        HashMap::from([("a".to_owned(), 5 + big), ("b".to_owned(), 1)])
+    let data = dir.path().as_os_str();
+    let (all, report) = run(&["--data-dir".as_ref(), data]);
+    let want = HashMap::from([
+        ("a".to_owned(), 5),
+        ("b".to_owned(), 1),
+        ("z".to_owned(), 0),
+        ("c".to_owned(), 7),
+    ]);
+    assert_eq!(all, want);
+    assert!(report.contains("batch 1: 2 requests, 3 keys"), "{report}");
+    assert!(
+        report.contains("\"big\" sums to 9223372036854775812, beyond 64 bits: left out"),
+        "{report}"
     );
-    assert!(report.contains("batch 1: 2 requests, 2 keys"), "{report}");
     assert!(report.contains("torn or corrupt"), "{report}");
-    let (above_one, _) = run("1");
-    assert_eq!(above_one, HashMap::from([("a".to_owned(), big)]));
+    let (above_one, _) = run(&[
+        "--journal-dir".as_ref(),
+        journal_dir.as_os_str(),
+        "--above".as_ref(),
+        "1".as_ref(),
+    ]);
+    assert_eq!(above_one, HashMap::from([("c".to_owned(), 7)]));
+    assert_eq!(
+        listing(&journal_dir),
+        before,
+        "no file added, removed or resized"
+    );
     assert_eq!(
         std::fs::read(&segment).expect("read"),
         torn,
-        "the journal is left as it was"
+        "the tail is left"
     );
 
     let missing = std::process::Command::new(env!("CARGO_BIN_EXE_tally-journal"))
@@ -361,8 +394,9 @@ async fn tally_journal_prints_each_batch_summed_and_changes_nothing() {
         .arg(dir.path().join("nowhere"))
         .output()
         .expect("run tally-journal");
-    assert!(
-        !missing.status.success(),
-        "a missing data directory is an error"
+    assert_eq!(
+        missing.status.code(),
+        Some(2),
+        "a missing journal: {missing:?}"
     );
 }
