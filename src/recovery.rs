@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Sealed;
 use crate::flush::Flusher;
-use crate::journal::{Journal, Replay, ReplayedBatch, in_pieces, no_follow};
+use crate::journal::{Journal, Replay, ReplayedBatch, no_follow};
 use crate::store::{Claim, Claimant, DeadLetter, Store, StoreError};
 
 /// The file in the journal directory that says whose its records are.
@@ -326,12 +326,12 @@ fn rebased(replay: Replay, rebase: Rebase) -> Replay {
         return replay;
     };
     let mut batch = ReplayedBatch::default();
-    for (_, records) in replay
+    for (_, part) in replay
         .batches
         .into_iter()
         .filter(|(s, _)| *s > rebase.from && *s <= rebase.through)
     {
-        batch.merge(records);
+        batch.merge(part);
     }
     // No batch at all if none of its records is left (cut as corrupt since): `max_seq` still
     // keeps the next live batch above the rebase's number.
@@ -361,6 +361,18 @@ fn read_owner(path: &Path) -> anyhow::Result<Option<Owner>> {
     serde_json::from_str(&text)
         .map(Some)
         .with_context(|| format!("cannot parse {} (the journal's owner)", path.display()))
+}
+
+/// `sum` as 64-bit pieces that add up to it, each as large as it can be.
+fn in_pieces(mut sum: i128) -> impl Iterator<Item = i64> {
+    std::iter::from_fn(move || {
+        (sum != 0).then(|| {
+            let piece = sum.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+            sum -= piece;
+            // In range: clamped to it.
+            i64::try_from(piece).unwrap_or_default()
+        })
+    })
 }
 
 /// "N acknowledged requests (batches A to B)".
@@ -434,4 +446,23 @@ pub(crate) async fn replay_journal(
         .trim(applied)
         .context("cannot trim the journal after replay")?;
     Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_pieces;
+
+    #[test]
+    fn pieces_fit_in_64_bits_and_add_up_to_the_sum() {
+        let max = i128::from(i64::MAX);
+        let min = i128::from(i64::MIN);
+        for sum in [0, 5, max + 1, 2 * max + 7, min - 1, 3 * min - 2] {
+            let pieces: Vec<i64> = in_pieces(sum).collect();
+            assert_eq!(pieces.iter().map(|&p| i128::from(p)).sum::<i128>(), sum);
+            assert!(pieces.iter().all(|&p| p != 0), "{sum}: {pieces:?}");
+            assert!(pieces.len() <= 4, "as few as can be: {pieces:?}");
+        }
+        assert_eq!(in_pieces(max + 1).collect::<Vec<_>>(), [i64::MAX, 1]);
+        assert_eq!(in_pieces(min - 1).collect::<Vec<_>>(), [i64::MIN, -1]);
+    }
 }

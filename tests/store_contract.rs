@@ -679,17 +679,21 @@ async fn postgres_an_abandoned_batch_does_not_hold_up_the_next_operation() {
     assert_eq!(value(&store, "k").await, Some(2), "batch 2 counted once");
 }
 
+/// A fresh PostgreSQL database in `encoding` (C locale, so that any encoding can be had).
+async fn database_in(encoding: &str) -> Option<pg::PgDatabase> {
+    pg::PgDatabase::create_with(
+        &encoding.to_lowercase(),
+        &format!("ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"),
+    )
+    .await
+}
+
 /// A database whose encoding cannot hold every UTF-8 key is refused at connect, before
 /// anything is created in it: in LATIN1 a key such as "日本" fails its batch (22P05), and its
 /// dead letter fails the same way, so the flusher would retry that batch for ever.
 #[tokio::test]
 async fn postgres_a_database_that_cannot_hold_every_key_is_refused() {
-    let Some(latin1) = pg::PgDatabase::create_with(
-        "latin1",
-        "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    )
-    .await
-    else {
+    let Some(latin1) = database_in("LATIN1").await else {
         return;
     };
     let refused = PgStore::connect(&latin1.url, 1).await;
@@ -717,12 +721,7 @@ async fn postgres_a_database_that_cannot_hold_every_key_is_refused() {
 /// dead letter) goes in and comes back whole.
 #[tokio::test]
 async fn postgres_a_sql_ascii_database_holds_any_key() {
-    let Some(db) = pg::PgDatabase::create_with(
-        "sql_ascii",
-        "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-    )
-    .await
-    else {
+    let Some(db) = database_in("SQL_ASCII").await else {
         return;
     };
     let store = PgStore::connect(&db.url, 1)

@@ -282,19 +282,6 @@ impl ReplayedBatch {
     }
 }
 
-/// `sum` (a [`ReplayedBatch`] sum) as 64-bit pieces that add up to it, each as large as it
-/// can be.
-pub fn in_pieces(mut sum: i128) -> impl Iterator<Item = i64> {
-    std::iter::from_fn(move || {
-        (sum != 0).then(|| {
-            let piece = sum.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
-            sum -= piece;
-            // In range: clamped to it.
-            i64::try_from(piece).unwrap_or_default()
-        })
-    })
-}
-
 /// Everything that can go wrong in the journal.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
@@ -656,19 +643,16 @@ impl Journal {
     /// Reads the journal in `dir` without changing anything (no lock, no repair, no new
     /// segment; it may be open in a running tally, and a segment its trim deletes meanwhile
     /// is skipped), handing each record to `on_record` as [`Journal::open_with`] does.
-    /// Returns the bytes of torn or corrupt data skipped; a missing directory is an empty
-    /// journal.
+    /// Returns the bytes of torn or corrupt data skipped.
     ///
     /// # Errors
     ///
-    /// [`JournalError::Io`] if the directory cannot be listed or a segment read.
+    /// [`JournalError::Io`] if the directory cannot be listed (it does not exist, say) or a
+    /// segment read.
     pub fn read(
         dir: &Path,
         on_record: &mut dyn FnMut(ReplayedRecord),
     ) -> Result<u64, JournalError> {
-        if !dir.exists() {
-            return Ok(0);
-        }
         let numbers = writer::list(dir)?;
         let (cut_bytes, _) = replay::replay(dir, &numbers, Repair::No, on_record)?;
         Ok(cut_bytes)

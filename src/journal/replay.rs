@@ -28,16 +28,16 @@ pub(super) fn replay(
     let mut cut_bytes = 0;
     let mut kept = BTreeMap::new();
     let mut deleted_any = false;
+    let repairing = repair == Repair::Yes;
     for (i, &n) in numbers.iter().enumerate() {
         let is_last = i + 1 == numbers.len();
-        let repairing = repair == Repair::Yes;
         let path = writer::path(dir, n);
         let data = match writer::read(&path) {
             Ok(data) => data,
             // Read alongside a running tally, which deletes a segment once the store has
             // all of it (trim, close): nothing of it is owed any more.
             Err(JournalError::Io { source, .. })
-                if repair == Repair::No && source.kind() == std::io::ErrorKind::NotFound =>
+                if !repairing && source.kind() == std::io::ErrorKind::NotFound =>
             {
                 continue;
             }

@@ -904,20 +904,6 @@ async fn open_sums_each_batch_per_key() {
     assert_eq!(replay.batches.len(), 2);
 }
 
-#[test]
-fn pieces_fit_in_64_bits_and_add_up_to_the_sum() {
-    let max = i128::from(i64::MAX);
-    let min = i128::from(i64::MIN);
-    for sum in [0, 5, max + 1, 2 * max + 7, min - 1, 3 * min - 2] {
-        let pieces: Vec<i64> = in_pieces(sum).collect();
-        assert_eq!(pieces.iter().map(|&p| i128::from(p)).sum::<i128>(), sum);
-        assert!(pieces.iter().all(|&p| p != 0), "{sum}: {pieces:?}");
-        assert!(pieces.len() <= 4, "as few as can be: {pieces:?}");
-    }
-    assert_eq!(in_pieces(max + 1).collect::<Vec<_>>(), [i64::MAX, 1]);
-    assert_eq!(in_pieces(min - 1).collect::<Vec<_>>(), [i64::MIN, -1]);
-}
-
 /// A segment listed and then deleted before it is read (a running tally's trim, while a
 /// tool reads the journal) is skipped when reading, and an error when opening, where the
 /// lock says nobody else deletes.

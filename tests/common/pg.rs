@@ -157,26 +157,24 @@ impl<'a> SlowCommits<'a> {
 
     /// Whether a commit is sleeping in the trigger now.
     pub async fn sleeping(&self) -> bool {
-        self.client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND wait_event = 'PgSleep'",
-                &[],
-            )
-            .await
-            .expect("read pg_stat_activity")
-            .get::<_, i64>(0)
-            > 0
+        sessions(self.client, "wait_event = 'PgSleep'").await > 0
     }
 }
 
 /// How many sessions of `client`'s database wait on a lock.
 #[allow(dead_code, reason = "used by the durability tests only")]
 pub async fn sessions_waiting_on_a_lock(client: &tokio_postgres::Client) -> i64 {
+    sessions(client, "wait_event_type = 'Lock'").await
+}
+
+/// How many sessions of `client`'s database `pg_stat_activity` shows matching `condition`.
+async fn sessions(client: &tokio_postgres::Client, condition: &str) -> i64 {
     client
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &format!(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND {condition}"
+            ),
             &[],
         )
         .await
