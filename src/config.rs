@@ -527,13 +527,12 @@ pub struct JournalConfig {
     #[arg(long, env = "TALLY_ACK", value_enum, default_value_t = Ack::Journal)]
     pub ack: Ack,
 
-    /// ack=journal: while many requests arrive concurrently (5 or more in the previous
-    /// fsync group), wait this long before each journal fsync so that more requests share
-    /// it, like PostgreSQL's commit_delay. Fewer fsyncs leave more CPU for serving; a lone
-    /// request never waits, and the wait ends early once tally has nothing else to run
-    /// (every worker thread idle: the requests in hand have all joined the group). 0 never
-    /// waits.
-    #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "1ms",
+    /// ack=journal: the longest a journal fsync group waits for more requests to join it,
+    /// like PostgreSQL's commit_delay; fewer fsyncs leave more CPU for serving. A group is
+    /// committed as soon as every serving thread has run out of work (the requests in hand
+    /// have all joined it), so a lone request never waits; the delay only bounds the wait
+    /// while some serving thread stays busy. 0 never waits.
+    #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "10ms",
           value_parser = humantime::parse_duration)]
     pub commit_delay: Duration,
 }

@@ -3,14 +3,12 @@
 //! that the requests that were in the process have been served, so few more appends to the
 //! journal are coming.
 //!
-//! The journal's commit delay uses it ([`crate::journal::Journal::follow_workers`]): the
-//! delay waits for more appends to join a group, and once the workers run dry it commits the
-//! group at once instead of at the end of the delay. It is a heuristic, not a proof: Tokio
-//! calls the park hook before the worker's last look at its queues and sockets, so requests
-//! that arrived a moment earlier may go to the next group. Under saturating load the workers
-//! never run dry and the delay runs as configured; with few clients the full delay would
-//! only have added latency and capped throughput at `clients / (delay + fsync)`.
-//! `tally_journal_commit_delay_seconds` shows how long groups actually waited.
+//! The journal uses it ([`crate::journal::Journal::follow_workers`]): the serving thread
+//! that parks last commits the group of records waiting to be written itself, on its own
+//! thread, before it parks (every request it holds is waiting, so it has nothing else to
+//! do); any thread that parks commits a group that has waited out the commit delay. It is a
+//! heuristic, not a proof: Tokio calls the park hook before the worker's last look at its
+//! queues and sockets, so requests that arrived a moment earlier go to the next group.
 //!
 //! Tokio reports parking through [`tokio::runtime::Builder::on_thread_park`] and
 //! [`tokio::runtime::Builder::on_thread_unpark`], called in pairs on worker threads only;
@@ -26,7 +24,7 @@ pub struct IdleWorkers {
     /// idle before.
     workers: AtomicUsize,
     parked: AtomicUsize,
-    on_idle: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    on_park: OnceLock<Box<dyn Fn(bool) + Send + Sync>>,
 }
 
 impl IdleWorkers {
@@ -59,10 +57,11 @@ impl IdleWorkers {
         self.workers.fetch_add(workers, Ordering::SeqCst);
     }
 
-    /// Sets what to call each time the last busy worker parks (once; later calls are
-    /// ignored). Called on that worker's thread just before it parks: keep it cheap.
-    pub fn on_idle(&self, callback: impl Fn() + Send + Sync + 'static) {
-        let _ = self.on_idle.set(Box::new(callback));
+    /// Sets what to call each time a worker is about to park (once; later calls are
+    /// ignored), with `true` when it is the last busy one. Called on that worker's thread,
+    /// which has nothing else to run; the worker counts as parked meanwhile.
+    pub fn on_park(&self, callback: impl Fn(bool) + Send + Sync + 'static) {
+        let _ = self.on_park.set(Box::new(callback));
     }
 
     /// Every worker is parked. Sequentially consistent with the count the park hook
@@ -75,10 +74,8 @@ impl IdleWorkers {
 
     fn parking(&self) {
         let parked = self.parked.fetch_add(1, Ordering::SeqCst) + 1;
-        if parked == self.workers.load(Ordering::SeqCst)
-            && let Some(callback) = self.on_idle.get()
-        {
-            callback();
+        if let Some(callback) = self.on_park.get() {
+            callback(parked == self.workers.load(Ordering::SeqCst));
         }
     }
 
@@ -152,8 +149,10 @@ mod tests {
         let idle = IdleWorkers::new();
         let called = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&called);
-        idle.on_idle(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
+        idle.on_park(move |last| {
+            if last {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
         });
         (idle, called)
     }

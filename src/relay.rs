@@ -1,6 +1,6 @@
 //! One wake-up per serving thread per event, instead of one per waiting request.
 //!
-//! Requests wait for something another thread does: the journal's writer to settle their
+//! Requests wait for something another thread does: the journal's committer to settle their
 //! group (`ack=journal`), the flusher to apply their batch (`ack=store`). Each leaves a
 //! waker that the other thread wakes. A waker of a current-thread Tokio runtime (the
 //! serving threads, `crate::http::threads`), woken from another thread, queues its task and

@@ -1,5 +1,5 @@
 //! Scheduling policy for the threads that write to disk on behalf of waiting requests (the
-//! journal writer, the SQLite store's writes), so that their wake-ups do not preempt the
+//! journal writer thread, the SQLite store's writes), so that their wake-ups do not preempt the
 //! Tokio workers serving requests.
 //!
 //! Under `SCHED_BATCH` the scheduler treats a thread as CPU-bound: when it becomes runnable

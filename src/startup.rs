@@ -235,8 +235,8 @@ impl App {
             _lock,
         } = self;
         // First, so that a failure leaves nothing running. The serving threads report to
-        // `idle`, so that the journal's commit delay ends as soon as every one of them runs
-        // out of work (see `crate::idle`).
+        // `idle`, so that the last of them to run out of work commits the journal's group
+        // (see `crate::idle`).
         let idle = IdleWorkers::new();
         let threads = Arc::new(
             ServingThreads::start(config.http.threads(), &idle)

@@ -2,7 +2,8 @@
 //! core), fed by the accept loop of [`super::serve`].
 //!
 //! Why not the workers of one multi-thread runtime: under `ack=journal` every request is
-//! woken by another thread (the journal writer, once its fsync returns). On a multi-thread
+//! woken when its journal group is durable, mostly by another thread (the one that committed
+//! the group, once its fsync returns). On a multi-thread
 //! runtime such a wake-up goes through the shared injection queue and resumes the
 //! connection on whichever worker takes it, with its state out of that core's cache, and
 //! that worker may have to be woken. Here a connection lives on one thread from accept to
@@ -18,8 +19,8 @@
 //! kernel's `SO_REUSEPORT` spreads connections by a hash, not by load, and would let a
 //! second process bind the same port without an error.)
 //!
-//! The threads' park hooks report to [`IdleWorkers`], so that the journal's commit delay
-//! ends once every serving thread has run out of work.
+//! The threads' park hooks report to [`IdleWorkers`], so that the serving thread that runs
+//! out of work last commits the journal's group itself (`Journal::follow_workers`).
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;

@@ -33,21 +33,31 @@
 //!
 //! [`Journal::append`] encodes the record on the caller's thread, straight into a shared
 //! buffer (no allocation of its own), notes the journal position where its record ends, and
-//! leaves its task's waker beside the record, under the same lock. One dedicated
-//! writer thread (a `SCHED_BATCH` one: see `crate::sched`) sleeps on a
-//! condition variable until something is queued (appends wake it only while it sleeps),
-//! swaps the buffer for an empty one, writes the whole group with one
-//! `write_all`, makes it durable with **one** `fdatasync` (`File::sync_data`), and only then
-//! advances the *settled* position and wakes that group's wakers, no others. (A
-//! `tokio::sync::Notify` woke every waiter, the next group's too, and its own lock and list
-//! cost more per request than the fsync's share.) No message or allocation per record
-//! crosses the threads: earlier versions sent each record through a channel with a oneshot
-//! back, and glibc's cross-thread frees alone cost more than the fsync's share. While that fsync runs, new appends queue up and form the next group, so under
-//! load one fsync serves many requests and at low load a lone request pays for one fsync and
-//! no timer. There is no sleep anywhere on this path. `Ok(())` from `append` therefore means:
-//! this record survives `kill -9` and power loss (as far as the disk honours fsync). A new
-//! segment file is created, and the directory fsynced, before any record in it is
-//! acknowledged. [`JournalOptions::on_sync`] reports every group for metrics.
+//! leaves its task's waker beside the record, under the same lock. Whoever **commits** the
+//! queued group (one committer at a time, behind a lock that holds the active segment)
+//! swaps the buffer for an empty one, writes the whole group with one `write_all`, makes it
+//! durable with **one** `fdatasync` (`File::sync_data`), and only then advances the
+//! *settled* position and wakes that group's wakers, no others. (A `tokio::sync::Notify`
+//! woke every waiter, the next group's too, and its own lock and list cost more per request
+//! than the fsync's share.) No message or allocation per record crosses the threads:
+//! earlier versions sent each record through a channel with a oneshot back, and glibc's
+//! cross-thread frees alone cost more than the fsync's share. While that fsync runs, new
+//! appends queue up and form the next group, so under load one fsync serves many requests,
+//! and at low load a lone request pays for one fsync and no timer. `Ok(())` from `append`
+//! therefore means: this record survives `kill -9` and power loss (as far as the disk
+//! honours fsync). A new segment file is created, and the directory fsynced, before any
+//! record in it is acknowledged. [`JournalOptions::on_sync`] reports every group for
+//! metrics.
+//!
+//! Who commits: in the service, the serving thread that runs out of work last, just before
+//! it parks ([`Journal::follow_workers`]): every request it holds is waiting then, so it has
+//! nothing else to do, and committing there spares the thread switches of handing the group
+//! to another thread and being woken by it. A dedicated writer thread (a `SCHED_BATCH` one:
+//! see `crate::sched`) sleeps on a condition variable and commits the rest: appends from
+//! other threads (tests, tools), a group older than the commit delay while the serving
+//! threads stay busy, and anything a serving thread left for
+//! [`JournalOptions::leader_wait`]. It alone rotates a failed segment and closes the
+//! journal.
 //!
 //! If a write or an fsync fails (a full disk, an I/O error), the waiters of that group get the
 //! error and the journal turns **failed**: every later append fails with
@@ -132,9 +142,9 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
 
 use std::task::{Context, Poll, Waker};
 
@@ -157,18 +167,26 @@ pub struct JournalOptions {
     /// The writer starts a new segment before writing a group once the active segment holds
     /// at least this many bytes (a segment may exceed it by one group).
     pub segment_bytes: u64,
-    /// Called on the writer thread after each group is durable and before its waiters are
-    /// woken. Keep it cheap (bump counters, record a histogram).
+    /// Called by whoever committed a group (the writer thread, or a serving thread: see
+    /// [`Journal::follow_workers`]) after it is durable and before its waiters are woken.
+    /// Keep it cheap (bump counters, record a histogram).
     pub on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     /// Wait before a group is gathered, like PostgreSQL's `commit_delay`: when the previous
     /// group held at least [`COMMIT_SIBLINGS`] records (so many appends are arriving
     /// concurrently), the writer waits this long for more of them to queue, trading that
     /// much latency for fewer, larger fsyncs. Each fsync costs ~50 µs of kernel CPU whatever
     /// its size, so under load this is CPU given back to serving. Zero (this struct's
-    /// default; the service's is 1 ms) never waits; a lone append, or a few concurrent
-    /// ones, never wait. With [`Journal::follow_workers`] the wait also ends as soon as
-    /// every serving thread is parked.
+    /// default; the service's is 10 ms) never waits; a lone append, or a few concurrent
+    /// ones, never wait. With [`Journal::follow_workers`], serving threads' appends form
+    /// groups as those threads run dry instead, and this is how long such a group waits for
+    /// the last of them before any thread that parks, or the next append, has it committed.
     pub commit_delay: Duration,
+    /// With [`Journal::follow_workers`]: how long the writer thread leaves records appended
+    /// by serving threads to those threads before it commits them itself: the bound on
+    /// their wait (within two of these) when no serving thread parks and none appends (all
+    /// busy with requests that append nothing). The writer wakes this often while such
+    /// records are queued. Default 20 ms.
+    pub leader_wait: Duration,
 }
 
 impl Default for JournalOptions {
@@ -177,6 +195,7 @@ impl Default for JournalOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             on_sync: None,
             commit_delay: Duration::ZERO,
+            leader_wait: Duration::from_millis(20),
         }
     }
 }
@@ -187,6 +206,7 @@ impl fmt::Debug for JournalOptions {
             .field("segment_bytes", &self.segment_bytes)
             .field("on_sync", &self.on_sync.is_some())
             .field("commit_delay", &self.commit_delay)
+            .field("leader_wait", &self.leader_wait)
             .finish()
     }
 }
@@ -338,12 +358,19 @@ pub struct Journal {
     _lock: File,
 }
 
-/// State shared by the API and the writer thread.
+/// State shared by the API, the writer thread and the serving threads that commit.
 struct Shared {
     dir: PathBuf,
     segment_bytes: u64,
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     commit_delay: Duration,
+    leader_wait: Duration,
+    /// When the journal opened: the origin of `pending_since`.
+    opened: Instant,
+    /// When the first record of the group being gathered was queued, in nanoseconds after
+    /// `opened`, plus one; 0 while none is queued. Written under the `queue` lock, read
+    /// without it by [`Shared::overdue`].
+    pending_since: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
     /// `failed.is_some()`, readable without the lock on every append.
@@ -351,7 +378,7 @@ struct Shared {
     segments: Mutex<Segments>,
     /// Records waiting for the writer, and requests for it.
     queue: Mutex<Queue>,
-    /// Wakes the writer thread while it sleeps (see [`Queue::writer_idle`]).
+    /// Wakes the writer thread while it sleeps (see [`Queue::writer_sleep`]).
     wake_writer: Condvar,
     /// Every journal position below this has been through a group commit: durable, unless
     /// it lies in one of `failures`. Positions count the bytes appended since open.
@@ -372,20 +399,27 @@ struct Shared {
     /// request queued now. Set while holding the `queue` lock, so a caller holding it can
     /// trust the value.
     writer_gone: AtomicBool,
+    /// The active segment and the buffers of a group commit, for whoever commits the next
+    /// group: the writer thread or a serving thread ([`Shared::lead`]). Taken before
+    /// `queue` by everyone who takes both. `None` once the writer thread has ended.
+    committer: Mutex<Option<writer::Committer>>,
+    /// A serving thread ran dry last while another commit held `committer`: whoever
+    /// releases it looks at the queue again ([`Shared::lead_if_wanted`]).
+    lead_wanted: AtomicBool,
 }
 
-/// What appends hand to the writer thread. Every record is encoded straight into `buf`, so
-/// an append allocates nothing and wakes the writer only if it sleeps.
+/// What appends hand to whoever commits next. Every record is encoded straight into `buf`,
+/// so an append allocates nothing and wakes the writer thread only if it has to.
 #[derive(Default)]
 struct Queue {
-    /// Encoded records the writer has not taken yet.
+    /// Encoded records no committer has taken yet.
     buf: Vec<u8>,
     /// How many records `buf` holds, and the highest seq among them.
     records: usize,
     max_seq: u64,
     /// The journal position after the last byte in `buf`.
     end: u64,
-    /// Number of the group `buf` is gathering; the writer counts it up as it takes `buf`.
+    /// Number of the group `buf` is gathering; the committer counts it up as it takes `buf`.
     generation: u64,
     /// The wakers of the tasks whose records are in `buf`.
     wakers: Vec<Waker>,
@@ -397,8 +431,13 @@ struct Queue {
     closing: bool,
     close_acks: Vec<oneshot::Sender<()>>,
     recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
-    /// The writer waits on `wake_writer`: whoever queues something next notifies it.
-    writer_idle: bool,
+    /// Whether the writer sleeps on `wake_writer`, and so who has to notify it.
+    writer_sleep: writer::Sleep,
+    /// `buf` holds a record that no serving thread will commit (it was appended elsewhere):
+    /// the writer thread commits it.
+    needs_writer: bool,
+    /// Records in the last group taken (for the commit delay's `COMMIT_SIBLINGS`).
+    last_group: usize,
 }
 
 /// Where an append's record and waker are, once queued.
@@ -451,6 +490,11 @@ impl Shared {
             return Err(JournalError::Closed);
         }
         let len = record::encode_into(&mut queue.buf, seq, entries)?;
+        if queue.records == 0 {
+            let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.pending_since
+                .store(now.saturating_add(1), Ordering::Release);
+        }
         queue.records += 1;
         queue.max_seq = queue.max_seq.max(seq);
         queue.end += len as u64;
@@ -461,6 +505,15 @@ impl Shared {
             generation: queue.generation,
             ticket,
         };
+        // A request waiting through a serving thread's relay is committed by the serving
+        // thread that runs dry last (`lead`); the writer needs waking only if it is idle,
+        // to keep a watch on the records (its nap). Any other append needs the writer, and
+        // so does one that finds its group overdue: the serving threads stay busy.
+        let led = queued.ticket.is_some() && self.workers.get().is_some() && !self.overdue();
+        if led && queue.writer_sleep == writer::Sleep::Napping {
+            return Ok(queued);
+        }
+        queue.needs_writer |= !led;
         self.wake_writer(queue);
         Ok(queued)
     }
@@ -481,10 +534,97 @@ impl Shared {
 
     /// Releases `queue`, waking the writer if it sleeps.
     fn wake_writer(&self, mut queue: MutexGuard<'_, Queue>) {
-        let idle = std::mem::take(&mut queue.writer_idle);
+        let sleeps = std::mem::take(&mut queue.writer_sleep) != writer::Sleep::Awake;
         drop(queue);
-        if idle {
+        if sleeps {
             self.wake_writer.notify_one();
+        }
+    }
+
+    /// The committer's lock; `None` inside once the writer thread has ended, or once a
+    /// holder panicked part-way through a group: then nobody commits again (its buffers and
+    /// wakers cannot be trusted), the writer thread ends, and every waiter hears `Closed`,
+    /// as when the writer thread itself dies.
+    fn committer(&self) -> MutexGuard<'_, Option<writer::Committer>> {
+        self.committer.lock().unwrap_or_else(|poisoned| {
+            let mut committer = poisoned.into_inner();
+            *committer = None;
+            committer
+        })
+    }
+
+    /// Whether the group being gathered has waited out the commit delay.
+    fn overdue(&self) -> bool {
+        match self.pending_since.load(Ordering::Acquire) {
+            0 => false,
+            since => {
+                let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let delay = u64::try_from(self.commit_delay.as_nanos()).unwrap_or(u64::MAX);
+                now.saturating_sub(since - 1) >= delay
+            }
+        }
+    }
+
+    /// A serving thread is about to park, the last busy one if `last`
+    /// ([`Journal::follow_workers`]).
+    fn ran_dry(&self, last: bool) {
+        if self.delaying.load(Ordering::SeqCst) {
+            // The writer gathers a group for appends that need it, until the last parks.
+            if last {
+                self.hurry();
+            }
+        } else if last || self.overdue() {
+            self.lead();
+        }
+    }
+
+    /// Commits what is queued on this thread, a serving thread about to park, instead of
+    /// waking the writer thread to do it and being woken by it again. Its own requests, all
+    /// waiting, are woken locally when it is done (and the thread does not park); the
+    /// other threads' through their relays. Only while every serving thread is parked (one
+    /// that woke up will run dry again and commit then, a larger group) or the group is
+    /// overdue. If another commit holds the committer, it leaves a note (`lead_wanted`)
+    /// that the holder reads once it lets go ([`Shared::lead_if_wanted`]).
+    fn lead(&self) {
+        loop {
+            self.lead_wanted.store(true, Ordering::SeqCst);
+            // Pairs with the fence after every release below and in `lead_if_wanted`:
+            // either this thread gets the lock, or its holder, having let it go, sees the
+            // note.
+            fence(Ordering::SeqCst);
+            let mut guard = match self.committer.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::WouldBlock) => return,
+                Err(TryLockError::Poisoned(_)) => {
+                    drop(self.committer());
+                    // The writer thread finds it gone, ends, and answers every waiter.
+                    let mut queue = self.queue();
+                    queue.needs_writer = true;
+                    return self.wake_writer(queue);
+                }
+            };
+            self.lead_wanted.store(false, Ordering::SeqCst);
+            if let Some(committer) = guard.as_mut() {
+                let queue = self.queue();
+                if queue.records > 0 && !queue.closing && (self.workers_idle() || self.overdue()) {
+                    committer.commit_queued(self, queue, Duration::ZERO);
+                }
+            }
+            drop(guard);
+            fence(Ordering::SeqCst);
+            if !self.lead_wanted.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// After releasing the committer: commits for a serving thread that parked meanwhile
+    /// and left a note ([`Shared::lead`]). Without it, its records would wait for the
+    /// writer's nap.
+    fn lead_if_wanted(&self) {
+        fence(Ordering::SeqCst);
+        if self.lead_wanted.load(Ordering::SeqCst) {
+            self.lead();
         }
     }
 
@@ -503,7 +643,7 @@ impl Shared {
         self.workers.get().is_some_and(|w| w.is_idle())
     }
 
-    /// Publishes the outcome of `group` (called by the writer, in position order) and wakes
+    /// Publishes the outcome of `group` (called by the committer, in position order) and wakes
     /// its waiters.
     fn settle(&self, group: &writer::Group, result: Result<(), JournalError>) {
         if let Err(err) = result {
@@ -533,7 +673,7 @@ impl Shared {
             return Poll::Ready(self.outcome(end));
         }
         let mut queue = self.queue();
-        // Under the lock the writer stores `settled` before it takes `committing`: either
+        // Under the lock the committer stores `settled` before it takes `committing`: either
         // it is settled now, or the waker left below is woken.
         if self.settled.load(Ordering::Acquire) >= end {
             return Poll::Ready(self.outcome(end));
@@ -696,6 +836,9 @@ impl Journal {
             segment_bytes: opts.segment_bytes,
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
+            leader_wait: opts.leader_wait,
+            opened: Instant::now(),
+            pending_since: AtomicU64::new(0),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
@@ -711,13 +854,17 @@ impl Journal {
             delaying: AtomicBool::new(false),
             workers: OnceLock::new(),
             writer_gone: AtomicBool::new(false),
+            committer: Mutex::new(Some(writer::Committer::new(writer::Writer::new(
+                file, active,
+            )))),
+            lead_wanted: AtomicBool::new(false),
         });
-        let writer = writer::Writer::new(file, active, Arc::clone(&shared));
+        let writing = Arc::clone(&shared);
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || {
                 crate::sched::yield_to_requests();
-                writer.run()
+                writer::run(&writing)
             })
             .map_err(io_err("spawn the writer thread for", dir))?;
         tracing::info!(
@@ -757,7 +904,7 @@ impl Journal {
         entries: &[E],
     ) -> Result<(), JournalError> {
         self.shared.check_failed()?;
-        // Queued on the first poll, with that poll's waker, which the writer wakes once the
+        // Queued on the first poll, with that poll's waker, which the committer wakes once the
         // group is settled; so the next poll is the one that finds it settled.
         let mut queued = None;
         std::future::poll_fn(|cx| match &mut queued {
@@ -771,24 +918,32 @@ impl Journal {
     }
 
     /// The relay task of the calling thread (see `crate::relay`): spawned on each thread
-    /// that serves requests, it turns the writer's wake-ups of that thread's waiting
+    /// that serves requests, it turns the committer's wake-ups of that thread's waiting
     /// requests into one per group. Never ends; drop it (with its runtime) to remove it.
     pub fn relay(&self) -> impl Future<Output = ()> + Send + 'static {
         crate::relay::run(Arc::clone(&self.shared) as _)
     }
 
-    /// Ends the commit delay early whenever every worker of the runtimes behind `idle` runs
-    /// out of work: the requests in the process have been served, so waiting longer would
-    /// mostly add latency (a heuristic, see [`crate::idle`]). Without it the delay always
-    /// runs its full length. The first call wins; later ones are ignored.
+    /// Lets the serving threads behind `idle` (the workers of their runtimes) commit the
+    /// groups of their own requests: when the last of them runs out of work, the requests
+    /// in the process have been served and are waiting, and that thread writes and fsyncs
+    /// their group itself before it parks (a heuristic, see [`crate::idle`]), as PostgreSQL
+    /// lets a committing backend flush the WAL for its siblings. That spares the writer
+    /// thread's wake-up and the serving threads' wake-up by it: two thread switches per
+    /// group, a third of the journal's switches under load (docs/benchmarks.md). A thread
+    /// that parks commits a group older than the commit delay too, and so does the writer
+    /// after [`JournalOptions::leader_wait`]. Appends through a thread's [`Journal::relay`]
+    /// are committed so; other appends still wake the writer, and `idle` ends its commit
+    /// delay early. The price: a disk that stalls an fsync holds that serving thread's
+    /// other connections as long. The first call wins; later ones are ignored.
     pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
         if self.shared.workers.set(Arc::clone(idle)).is_err() {
             return;
         }
         let shared = Arc::downgrade(&self.shared);
-        idle.on_idle(move || {
+        idle.on_park(move |last| {
             if let Some(shared) = shared.upgrade() {
-                shared.hurry();
+                shared.ran_dry(last);
             }
         });
     }

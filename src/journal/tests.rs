@@ -927,3 +927,195 @@ async fn a_segment_gone_between_listing_and_reading_is_skipped_only_when_reading
         "{opening:?}"
     );
 }
+
+/// Serving threads as the service runs them: `threads` current-thread runtimes reporting
+/// to one `IdleWorkers` that the journal follows, each with the journal's relay.
+fn serving(journal: &Arc<Journal>, threads: usize) -> crate::http::threads::ServingThreads {
+    let idle = crate::idle::IdleWorkers::new();
+    let serving = crate::http::threads::ServingThreads::start(
+        std::num::NonZeroUsize::new(threads).expect("nonzero"),
+        &idle,
+    )
+    .expect("serving threads");
+    journal.follow_workers(&idle);
+    serving.spawn_on_each(|| journal.relay());
+    serving
+}
+
+/// The groups a journal committed: the name of the thread that committed each, and how
+/// many records it held.
+type Committed = Arc<Mutex<Vec<(String, usize)>>>;
+
+/// Opens a journal in `dir` whose groups are noted in the returned [`Committed`].
+fn named_groups(
+    dir: &Path,
+    commit_delay: Duration,
+    leader_wait: Duration,
+) -> (Arc<Journal>, Committed) {
+    let groups = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&groups);
+    let options = JournalOptions {
+        commit_delay,
+        leader_wait,
+        on_sync: Some(Arc::new(move |stats: GroupStats| {
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            seen.lock().expect("lock").push((thread, stats.records));
+        })),
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(dir, options).expect("open").0;
+    (Arc::new(journal), groups)
+}
+
+/// Long enough that the writer never takes a group from the serving threads in a test.
+const NEVER: Duration = Duration::from_secs(3600);
+
+#[test]
+fn the_serving_thread_that_runs_dry_last_commits_the_group_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, groups) = named_groups(dir.path(), Duration::from_millis(1), NEVER);
+    let threads = serving(&journal, 2);
+    let (tx, rx) = std::sync::mpsc::channel();
+    const ROUNDS: usize = 20;
+    const PER_THREAD: usize = 10;
+    for round in 0..ROUNDS {
+        threads.spawn_on_each(|| {
+            let (journal, tx) = (Arc::clone(&journal), tx.clone());
+            async move {
+                let appends: Vec<_> = (0..PER_THREAD)
+                    .map(|_| {
+                        let journal = Arc::clone(&journal);
+                        tokio::spawn(async move { journal.append(1, &[("k", 1)]).await })
+                    })
+                    .collect();
+                for append in appends {
+                    let _ = tx.send(append.await.map_err(|e| e.to_string()));
+                }
+            }
+        });
+        for _ in 0..2 * PER_THREAD {
+            rx.recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("round {round}: an append never completed"))
+                .expect("the task ran")
+                .expect("appended");
+        }
+    }
+    let groups = groups.lock().expect("lock").clone();
+    let records: usize = groups.iter().map(|(_, records)| records).sum();
+    assert_eq!(records, ROUNDS * 2 * PER_THREAD, "{groups:?}");
+    // The writer thread was never asked: each group was committed by a serving thread
+    // as it ran dry.
+    assert!(
+        groups
+            .iter()
+            .all(|(thread, _)| thread.starts_with("tally-http-")),
+        "{groups:?}"
+    );
+}
+
+/// Keeps serving thread 0 from ever parking, as a stream of requests that append nothing
+/// would, until the returned flag is cleared; returns once it spins.
+fn keep_thread_zero_busy(
+    threads: &crate::http::threads::ServingThreads,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let spinning = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    threads.spawn_on_each(|| {
+        let (busy, spinning) = (Arc::clone(&busy), Arc::clone(&spinning));
+        async move {
+            if std::thread::current().name() == Some("tally-http-0") {
+                spinning.store(true, Ordering::SeqCst);
+                while busy.load(Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+    });
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !spinning.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < until, "thread 0 never spun");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    busy
+}
+
+/// Runs `appends` on serving thread 1 while thread 0 is kept busy; returns its outcome,
+/// how long it took, and the groups committed.
+fn with_thread_zero_busy<F>(
+    commit_delay: Duration,
+    leader_wait: Duration,
+    appends: impl Fn(Arc<Journal>) -> F,
+) -> (Result<(), JournalError>, Duration, Vec<(String, usize)>)
+where
+    F: Future<Output = Result<(), JournalError>> + Send + 'static,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, groups) = named_groups(dir.path(), commit_delay, leader_wait);
+    let threads = serving(&journal, 2);
+    let busy = keep_thread_zero_busy(&threads);
+    let (tx, rx) = std::sync::mpsc::channel();
+    threads.spawn_on_each(|| {
+        let (tx, appends) = (tx.clone(), appends(Arc::clone(&journal)));
+        async move {
+            if std::thread::current().name() == Some("tally-http-1") {
+                let started = std::time::Instant::now();
+                let appended = appends.await;
+                let _ = tx.send((appended, started.elapsed()));
+            }
+        }
+    });
+    let received = rx.recv_timeout(Duration::from_secs(10));
+    busy.store(false, Ordering::SeqCst);
+    let (appended, took) = received.expect("the appends complete while thread 0 stays busy");
+    let groups = groups.lock().expect("lock").clone();
+    (appended, took, groups)
+}
+
+#[test]
+fn the_writer_commits_what_serving_threads_leave_while_one_of_them_never_runs_dry() {
+    let leader_wait = Duration::from_millis(50);
+    let (appended, took, groups) =
+        with_thread_zero_busy(NEVER, leader_wait, |journal| async move {
+            journal.append(1, &[("k", 1)]).await
+        });
+    appended.expect("appended");
+    assert!(took >= leader_wait, "took {took:?}");
+    assert_eq!(groups, [("journal-writer".to_owned(), 1)]);
+}
+
+#[test]
+fn a_thread_that_parks_commits_a_group_older_than_the_commit_delay() {
+    let (appended, _, groups) =
+        with_thread_zero_busy(Duration::from_millis(1), NEVER, |journal| async move {
+            let append = tokio::spawn(async move { journal.append(1, &[("k", 1)]).await });
+            // Thread 1 parks, not last, then wakes for the timer and parks again, once the
+            // group is overdue.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            append.await.expect("the task ran")
+        });
+    appended.expect("appended");
+    assert_eq!(groups, [("tally-http-1".to_owned(), 1)]);
+}
+
+#[test]
+fn an_append_that_finds_its_group_overdue_has_the_writer_commit_it() {
+    let (appended, _, groups) =
+        with_thread_zero_busy(Duration::from_millis(1), NEVER, |journal| async move {
+            let append = |value| {
+                let journal = Arc::clone(&journal);
+                tokio::spawn(async move { journal.append(1, &[("k", value)]).await })
+            };
+            let first = append(1);
+            tokio::task::yield_now().await;
+            // Busy without parking past the commit delay, then another append, and busy
+            // again: no thread parks, only the append can have the group committed.
+            std::thread::sleep(Duration::from_millis(5));
+            let second = append(2);
+            tokio::task::yield_now().await;
+            std::thread::sleep(Duration::from_millis(200));
+            first.await.expect("the task ran")?;
+            second.await.expect("the task ran")
+        });
+    appended.expect("appended");
+    assert_eq!(groups, [("journal-writer".to_owned(), 2)]);
+}

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, MutexGuard, PoisonError};
+use std::sync::{MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -157,7 +157,8 @@ const PREALLOCATE_BYTES: u64 = 1 << 20;
 /// What the zero-fill writes from.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-/// Owns the active segment. Runs on its own thread; the only code that writes records.
+/// Owns the active segment: the only code that writes records. It lives in a
+/// [`Committer`], behind the lock of whoever commits a group.
 pub(super) struct Writer {
     file: File,
     number: u64,
@@ -166,7 +167,6 @@ pub(super) struct Writer {
     /// Bytes of the active segment known to be written (records, then zeros).
     allocated: u64,
     max_seq: u64,
-    shared: Arc<Shared>,
 }
 
 /// Tells the waiters when the writer thread ends, however it ends (a panic included), so
@@ -175,6 +175,8 @@ struct ExitGuard<'a>(&'a Shared);
 
 impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
+        // Nobody commits from now on: the segment is closed with the committer.
+        drop(self.0.committer().take());
         let mut queue = self.0.queue();
         self.0.writer_gone.store(true, Ordering::Release);
         // Dropping the senders answers whoever waits on them.
@@ -219,101 +221,185 @@ fn commit_delay<'a>(
 /// A buffer that grew past this (a huge batch) is not kept for reuse.
 const KEEP_BUFFER_BYTES: usize = 1 << 20;
 
+/// The writer thread. Commits the groups that no serving thread does (see
+/// `Journal::follow_workers`): those with records appended elsewhere (tests, other
+/// runtimes), which a commit delay may gather, overdue ones, and any left to it for
+/// `leader_wait`; answers `recover` and `close`. Returns once the journal is closed or
+/// dropped, after writing everything appended before that.
+pub(super) fn run(shared: &Shared) {
+    let _exit = ExitGuard(shared);
+    loop {
+        let queue = wait_for_work(shared, shared.queue());
+        // With the commit delay, and only while many appends come concurrently, let the
+        // group grow a little first.
+        let (mut queue, waited) = if !shared.commit_delay.is_zero()
+            && queue.last_group >= COMMIT_SIBLINGS
+            && queue.needs_writer
+            && !shared.overdue()
+        {
+            commit_delay(shared, queue)
+        } else {
+            (queue, Duration::ZERO)
+        };
+        let recover = std::mem::take(&mut queue.recover);
+        let closing = queue.closing;
+        let close_acks = std::mem::take(&mut queue.close_acks);
+        drop(queue);
+        // The committer first, then the queue: the order every committer takes them in.
+        let mut guard = shared.committer();
+        let Some(committer) = guard.as_mut() else {
+            return;
+        };
+        committer.commit_queued(shared, shared.queue(), waited);
+        for done in recover {
+            let _ = done.send(committer.writer.recover(shared));
+        }
+        if closing {
+            committer.writer.trim_tail(shared);
+            for ack in close_acks {
+                let _ = ack.send(());
+            }
+            return;
+        }
+        drop(guard);
+        shared.lead_if_wanted();
+    }
+}
+
+/// Sleeps (no spin) until the writer has something to do: records that need it, a request,
+/// or records that no serving thread committed within a `leader_wait`.
+fn wait_for_work<'a>(
+    shared: &'a Shared,
+    mut queue: MutexGuard<'a, Queue>,
+) -> MutexGuard<'a, Queue> {
+    loop {
+        if queue.closing || !queue.recover.is_empty() || queue.needs_writer {
+            return queue;
+        }
+        if queue.buf.is_empty() {
+            // The next append wakes it.
+            queue.writer_sleep = Sleep::Idle;
+            queue = shared
+                .wake_writer
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        // Records a serving thread appended: the last of them to run dry commits them.
+        // Only appends that need the writer wake it from this nap.
+        let generation = queue.generation;
+        queue.writer_sleep = Sleep::Napping;
+        let (woken, timeout) = shared
+            .wake_writer
+            .wait_timeout(queue, shared.leader_wait)
+            .unwrap_or_else(PoisonError::into_inner);
+        queue = woken;
+        queue.writer_sleep = Sleep::Awake;
+        if timeout.timed_out() && queue.generation == generation && !queue.buf.is_empty() {
+            tracing::debug!(
+                records = queue.records,
+                "No serving thread ran dry to commit the journal's records; the writer does."
+            );
+            return queue;
+        }
+    }
+}
+
+/// Whether and how the writer thread sleeps on `wake_writer`, so that an append notifies it
+/// only when it has to.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sleep {
+    #[default]
+    Awake,
+    /// Nothing to do: the next append notifies it.
+    Idle,
+    /// Leaving records to the serving threads: only an append that needs the writer (or a
+    /// request) notifies it.
+    Napping,
+}
+
+/// The writer's state and its buffers, behind [`Shared::committer`]. Whoever holds that
+/// lock commits the next group: the writer thread, or the serving thread that runs dry last
+/// ([`Shared::lead`]). That thread has nothing else to do, every one of its requests is
+/// waiting, and committing there spares two thread switches per group: the writer's wake-up
+/// and the serving threads' wake-up by it.
+pub(super) struct Committer {
+    pub(super) writer: Writer,
+    /// The group being written; swapped with the queue's buffer, so appends go on into the
+    /// other one meanwhile and neither is reallocated.
+    bytes: Vec<u8>,
+    /// The previous group's wakers while they are woken; the list goes back for reuse.
+    wakers: Vec<Waker>,
+}
+
+impl Committer {
+    pub(super) fn new(writer: Writer) -> Self {
+        Self {
+            writer,
+            bytes: Vec::new(),
+            wakers: Vec::new(),
+        }
+    }
+
+    /// Takes everything `queue` holds as one group (one write and ONE fsync), makes it
+    /// durable, settles it and wakes its waiters. `waited` is the commit delay it waited.
+    pub(super) fn commit_queued(
+        &mut self,
+        shared: &Shared,
+        mut queue: MutexGuard<'_, Queue>,
+        waited: Duration,
+    ) {
+        if queue.records == 0 {
+            // Taken already (by a serving thread while the writer waited for the lock).
+            return;
+        }
+        shared.pending_since.store(0, Ordering::Release);
+        let bytes = &mut self.bytes;
+        std::mem::swap(&mut queue.buf, bytes);
+        let group = Group {
+            start: queue.end - bytes.len() as u64,
+            end: queue.end,
+            records: std::mem::take(&mut queue.records),
+            max_seq: std::mem::take(&mut queue.max_seq),
+            waited,
+        };
+        queue.needs_writer = false;
+        queue.last_group = group.records;
+        // The group's wakers move to `committing`, whose emptied list (the previous
+        // group's, woken) gathers the next group's.
+        let queue_ref = &mut *queue;
+        std::mem::swap(&mut queue_ref.wakers, &mut queue_ref.committing);
+        queue.generation += 1;
+        drop(queue);
+        let result = self.writer.commit(shared, bytes, &group);
+        shared.settle(&group, result);
+        // Settled: its waiters can go.
+        std::mem::swap(&mut shared.queue().committing, &mut self.wakers);
+        self.wakers.drain(..).for_each(Waker::wake);
+        bytes.clear();
+        if bytes.capacity() > KEEP_BUFFER_BYTES {
+            *bytes = Vec::new();
+        }
+    }
+}
+
 impl Writer {
-    pub(super) fn new(file: File, number: u64, shared: Arc<Shared>) -> Self {
+    pub(super) fn new(file: File, number: u64) -> Self {
         Self {
             file,
             number,
             len: 0,
             allocated: 0,
             max_seq: 0,
-            shared,
-        }
-    }
-
-    /// The writer loop. Returns once the journal is closed or dropped, after writing
-    /// everything appended before that.
-    pub(super) fn run(mut self) {
-        let shared = Arc::clone(&self.shared);
-        let _exit = ExitGuard(&shared);
-        // The group being written; swapped with the queue's buffer, so appends go on into
-        // the other one meanwhile and neither is reallocated.
-        let mut bytes = Vec::new();
-        // The previous group's wakers while they are woken; the list goes back for reuse.
-        let mut wakers = Vec::new();
-        let mut last_group = 0;
-        loop {
-            // ======================== GROUP COMMIT ========================
-            // Sleep (no timer, no spin) until somebody appends or asks for something.
-            let mut queue = shared.queue();
-            while queue.buf.is_empty() && queue.recover.is_empty() && !queue.closing {
-                queue.writer_idle = true;
-                queue = shared
-                    .wake_writer
-                    .wait(queue)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            // With the commit delay, and only while many appends come concurrently, let the
-            // group grow a little first.
-            let (mut queue, waited) = if !shared.commit_delay.is_zero()
-                && last_group >= COMMIT_SIBLINGS
-                && !queue.buf.is_empty()
-            {
-                commit_delay(&shared, queue)
-            } else {
-                (queue, Duration::ZERO)
-            };
-            // Everything appended while the previous group was being fsynced is in the
-            // buffer now. Take all of it: one write and ONE fsync for the whole group.
-            std::mem::swap(&mut queue.buf, &mut bytes);
-            let group = Group {
-                start: queue.end - bytes.len() as u64,
-                end: queue.end,
-                records: std::mem::take(&mut queue.records),
-                max_seq: std::mem::take(&mut queue.max_seq),
-                waited,
-            };
-            // The group's wakers move to `committing`, whose emptied list (the previous
-            // group's, woken) gathers the next group's.
-            let queue_ref = &mut *queue;
-            std::mem::swap(&mut queue_ref.wakers, &mut queue_ref.committing);
-            queue.generation += 1;
-            let recover = std::mem::take(&mut queue.recover);
-            let closing = queue.closing;
-            let close_acks = std::mem::take(&mut queue.close_acks);
-            drop(queue);
-            last_group = group.records;
-            if group.records > 0 {
-                let result = self.commit(&bytes, &group);
-                shared.settle(&group, result);
-            }
-            // Settled (or empty): its waiters can go.
-            std::mem::swap(&mut shared.queue().committing, &mut wakers);
-            wakers.drain(..).for_each(Waker::wake);
-            bytes.clear();
-            if bytes.capacity() > KEEP_BUFFER_BYTES {
-                bytes = Vec::new();
-            }
-            // ==============================================================
-            for done in recover {
-                let _ = done.send(self.recover());
-            }
-            if closing {
-                self.trim_tail();
-                for ack in close_acks {
-                    let _ = ack.send(());
-                }
-                return;
-            }
         }
     }
 
     /// Makes `group` durable, or fails it and turns the journal failed.
-    fn commit(&mut self, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
-        self.shared.check_failed()?;
-        let result = self.write_and_sync(bytes, group);
+    fn commit(&mut self, shared: &Shared, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
+        shared.check_failed()?;
+        let result = self.write_and_sync(shared, bytes, group);
         if let Err(err) = &result
-            && self.shared.set_failed(Some(err.clone()))
+            && shared.set_failed(Some(err.clone()))
         {
             tracing::error!(
                 error = %err,
@@ -329,13 +415,13 @@ impl Writer {
     /// Only once [`PROBE_BYTES`] can be written and fsynced in the directory: a fresh
     /// segment alone would always look writable on a full disk (creating a file needs no
     /// data blocks), and the journal would flap between failed and recovered.
-    fn recover(&mut self) -> Result<(), JournalError> {
-        if !self.shared.is_failed.load(Ordering::Acquire) {
+    fn recover(&mut self, shared: &Shared) -> Result<(), JournalError> {
+        if !shared.is_failed.load(Ordering::Acquire) {
             return Ok(());
         }
-        probe(&self.shared.dir)?;
-        self.rotate()?;
-        if self.shared.set_failed(None) {
+        probe(&shared.dir)?;
+        self.rotate(shared)?;
+        if shared.set_failed(None) {
             tracing::info!(
                 segment = self.number,
                 "Journal can write again; continuing in a fresh segment."
@@ -344,15 +430,20 @@ impl Writer {
         Ok(())
     }
 
-    fn write_and_sync(&mut self, buf: &[u8], group: &Group) -> Result<(), JournalError> {
-        if self.len > 0 && self.len >= self.shared.segment_bytes {
-            self.rotate()?;
+    fn write_and_sync(
+        &mut self,
+        shared: &Shared,
+        buf: &[u8],
+        group: &Group,
+    ) -> Result<(), JournalError> {
+        if self.len > 0 && self.len >= shared.segment_bytes {
+            self.rotate(shared)?;
         }
         let end = self.len + buf.len() as u64;
         if end > self.allocated {
-            self.preallocate(end);
+            self.preallocate(shared, end);
         }
-        let seg = || path(&self.shared.dir, self.number);
+        let seg = || path(&shared.dir, self.number);
         self.file
             .write_all_at(buf, self.len)
             .map_err(|e| io_err("write to", &seg())(e))?;
@@ -365,8 +456,8 @@ impl Writer {
         self.len = end;
         self.allocated = self.allocated.max(end);
         self.max_seq = self.max_seq.max(group.max_seq);
-        self.shared.segments().active_max_seq = self.max_seq;
-        if let Some(on_sync) = &self.shared.on_sync {
+        shared.segments().active_max_seq = self.max_seq;
+        if let Some(on_sync) = &shared.on_sync {
             on_sync(GroupStats {
                 records: group.records,
                 bytes: buf.len(),
@@ -381,9 +472,8 @@ impl Writer {
     /// ([`PREALLOCATE_BYTES`]). The group's own `fdatasync` makes the zeros and the new size
     /// durable. Best effort: if the disk refuses (full, or a file-size limit), the group is
     /// written past the zeros as before, and its own write reports the failure.
-    fn preallocate(&mut self, end: u64) {
-        let chunk = self
-            .shared
+    fn preallocate(&mut self, shared: &Shared, end: u64) {
+        let chunk = shared
             .segment_bytes
             .clamp(4096, PREALLOCATE_BYTES)
             .next_multiple_of(4096);
@@ -402,8 +492,8 @@ impl Writer {
     /// fsynced and not needed for correctness (replay ends cleanly at a zeroed tail, which a
     /// crash leaves); it keeps closed segments exactly their records long. A failed
     /// segment keeps whatever its failed write left, for replay.
-    fn trim_tail(&mut self) {
-        if self.allocated > self.len && !self.shared.is_failed.load(Ordering::Acquire) {
+    fn trim_tail(&mut self, shared: &Shared) {
+        if self.allocated > self.len && !shared.is_failed.load(Ordering::Acquire) {
             match self.file.set_len(self.len) {
                 Ok(()) => self.allocated = self.len,
                 Err(e) => {
@@ -414,20 +504,20 @@ impl Writer {
     }
 
     /// Closes the full active segment and starts the next one (directory fsynced first).
-    fn rotate(&mut self) -> Result<(), JournalError> {
+    fn rotate(&mut self, shared: &Shared) -> Result<(), JournalError> {
         let next = self.number.checked_add(1).ok_or_else(|| {
-            io_err("number a new segment in", &self.shared.dir)(io::Error::other(
+            io_err("number a new segment in", &shared.dir)(io::Error::other(
                 "segment numbers exhausted",
             ))
         })?;
         // A failed recovery may have left `next` behind, empty: nothing was ever written to
         // it, so it is taken over.
-        let _ = remove(&self.shared.dir, next);
-        let file = create(&self.shared.dir, next)?;
-        self.trim_tail();
+        let _ = remove(&shared.dir, next);
+        let file = create(&shared.dir, next)?;
+        self.trim_tail(shared);
         self.file = file;
         {
-            let mut segs = self.shared.segments();
+            let mut segs = shared.segments();
             segs.closed.insert(self.number, self.max_seq);
             segs.active = next;
             segs.active_max_seq = 0;
