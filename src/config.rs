@@ -80,8 +80,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// the limiter never holds more than ~10 MB, however many addresses a flood comes from.
 pub const DEFAULT_RATE_LIMIT_MAX_CLIENTS: usize = 100_000;
 
-/// Longest accepted `--journal-commit-delay`: every concurrent request waits this long, so
-/// a larger value would only add latency.
+/// Longest accepted `--journal-commit-delay`: requests wait this long while a serving thread
+/// stays busy, so a larger value would only add latency.
 pub const MAX_JOURNAL_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
 /// Shortest accepted `--auth-token`: a shorter shared secret is guessable.
@@ -793,7 +793,7 @@ impl JournalConfig {
         if self.commit_delay > MAX_JOURNAL_COMMIT_DELAY {
             return fail(
                 "journal-commit-delay",
-                "must be at most 100ms: every concurrent request waits this long",
+                "must be at most 100ms: requests wait this long while a serving thread stays busy",
             );
         }
         Ok(())

@@ -17,7 +17,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Counts the parked workers of its runtimes and calls one callback when the last one parks.
+/// Counts the parked workers of its runtimes and calls one callback as each parks, telling
+/// it whether it is the last.
 #[derive(Default)]
 pub struct IdleWorkers {
     /// Workers of the runtimes built so far; 0 until [`IdleWorkers::add_workers`], so never

@@ -49,10 +49,8 @@ pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 pub const JOURNAL_FSYNC: &str = "tally_journal_fsync_seconds";
 /// Records made durable by one journal fsync.
 pub const JOURNAL_GROUP: &str = "tally_journal_group_size";
-/// How long the journal writer thread waited for more records before writing a group: 0 when
-/// it did not wait, and for groups that a serving thread committed as it ran dry (see
-/// `Journal::follow_workers`); less than `--journal-commit-delay` when every worker went
-/// idle first.
+/// How long each journal group gathered, from its first record until it was taken for its
+/// fsync (`GroupStats::waited`).
 pub const JOURNAL_COMMIT_DELAY: &str = "tally_journal_commit_delay_seconds";
 /// 1 while the journal cannot write (a full disk, an I/O error) and increments are refused.
 pub const JOURNAL_FAILED: &str = "tally_journal_failed";
@@ -332,7 +330,7 @@ fn describe() {
     describe_histogram!(
         JOURNAL_COMMIT_DELAY,
         metrics::Unit::Seconds,
-        "Time the journal writer waited for more records before a group."
+        "Time a journal group gathered, from its first record until it was taken for its fsync."
     );
     describe_gauge!(
         JOURNAL_FAILED,

@@ -6,7 +6,7 @@
 //! The journal is a directory of **segments** named `journal-<20-digit number>.log`,
 //! numbered upwards, plus a `journal.lock` file that keeps a second [`Journal`] (in this or
 //! another process) off the directory. Only the newest segment, the **active** one, is ever
-//! appended to. The writer starts a new segment once the active one has reached
+//! appended to. A new segment is started once the active one has reached
 //! [`JournalOptions::segment_bytes`]; every [`Journal::open`] also starts a new one, so
 //! nothing is ever appended after bytes that a previous run left behind.
 //!
@@ -21,7 +21,7 @@
 //!               \_______________________ len bytes, covered by crc32 _______________/
 //! ```
 //!
-//! The writer zero-fills the active segment up to 1 MiB ahead of its records and writes
+//! Each commit zero-fills the active segment up to 1 MiB ahead of its records and writes
 //! each group over those zeros, so that a group's `fdatasync` commits data and not a new file
 //! size; the zeros are cut off when the segment is closed. A crash leaves them: replay ends at
 //! a record boundary followed by nothing but zeros as at the end of the file.
@@ -164,7 +164,7 @@ pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Tunables for [`Journal::open`].
 #[derive(Clone)]
 pub struct JournalOptions {
-    /// The writer starts a new segment before writing a group once the active segment holds
+    /// A new segment is started before a group is written once the active segment holds
     /// at least this many bytes (a segment may exceed it by one group).
     pub segment_bytes: u64,
     /// Called by whoever committed a group (the writer thread, or a serving thread: see
@@ -220,8 +220,9 @@ pub struct GroupStats {
     pub bytes: usize,
     /// How long the `sync_data` call took.
     pub fsync: Duration,
-    /// How long the writer waited for more records before taking the group (see
-    /// [`JournalOptions::commit_delay`]); zero if it did not wait.
+    /// How long the group gathered, from its first record until a committer took it: the
+    /// wait for the serving threads to run dry or for the commit delay
+    /// ([`JournalOptions::commit_delay`]), or, under load, the previous group's commit.
     pub waited: Duration,
 }
 
@@ -553,16 +554,20 @@ impl Shared {
         })
     }
 
-    /// Whether the group being gathered has waited out the commit delay.
-    fn overdue(&self) -> bool {
+    /// How long the first record of the group being gathered has been queued (zero if none).
+    fn pending_for(&self) -> Duration {
         match self.pending_since.load(Ordering::Acquire) {
-            0 => false,
+            0 => Duration::ZERO,
             since => {
                 let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                let delay = u64::try_from(self.commit_delay.as_nanos()).unwrap_or(u64::MAX);
-                now.saturating_sub(since - 1) >= delay
+                Duration::from_nanos(now.saturating_sub(since - 1))
             }
         }
+    }
+
+    /// Whether the group being gathered has waited out the commit delay.
+    fn overdue(&self) -> bool {
+        self.pending_since.load(Ordering::Acquire) != 0 && self.pending_for() >= self.commit_delay
     }
 
     /// A serving thread is about to park, the last busy one if `last`
@@ -597,18 +602,28 @@ impl Shared {
                 Err(TryLockError::WouldBlock) => return,
                 Err(TryLockError::Poisoned(_)) => {
                     drop(self.committer());
-                    // The writer thread finds it gone, ends, and answers every waiter.
-                    let mut queue = self.queue();
-                    queue.needs_writer = true;
-                    return self.wake_writer(queue);
+                    return self.writer_must_end();
                 }
             };
             self.lead_wanted.store(false, Ordering::SeqCst);
-            if let Some(committer) = guard.as_mut() {
+            let panicked = guard.as_mut().is_some_and(|committer| {
                 let queue = self.queue();
-                if queue.records > 0 && !queue.closing && (self.workers_idle() || self.overdue()) {
-                    committer.commit_queued(self, queue, Duration::ZERO);
-                }
+                let due = self.workers_idle() || self.overdue();
+                // Caught here, on a serving thread: a panic would unwind out of Tokio's park
+                // hook and take the thread with it, leaving the group's waiters to nobody.
+                queue.records > 0
+                    && !queue.closing
+                    && due
+                    && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        committer.commit_queued(self, queue);
+                    }))
+                    .is_err()
+            });
+            if panicked {
+                // Fail-stop, as when the writer thread dies.
+                *guard = None;
+                drop(guard);
+                return self.writer_must_end();
             }
             drop(guard);
             fence(Ordering::SeqCst);
@@ -616,6 +631,14 @@ impl Shared {
                 return;
             }
         }
+    }
+
+    /// Wakes the writer thread once the committer is gone: it finds it so, ends, and
+    /// answers every waiter (`Closed`).
+    fn writer_must_end(&self) {
+        let mut queue = self.queue();
+        queue.needs_writer = true;
+        self.wake_writer(queue);
     }
 
     /// After releasing the committer: commits for a serving thread that parked meanwhile
@@ -1070,7 +1093,8 @@ impl Journal {
 impl Drop for Journal {
     /// Lets the writer finish what is still queued (appends whose futures were dropped) and
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
-    /// for at most one group write; after [`Journal::close`] it returns at once.
+    /// for at most two group writes (one a serving thread began, and the writer's); after
+    /// [`Journal::close`] it returns at once.
     fn drop(&mut self) {
         let mut queue = self.shared.queue();
         queue.closing = true;

@@ -1,5 +1,6 @@
-//! The writer thread that appends to the active segment with group commit, and the segment
-//! files it works on (naming, listing, creating, cutting, deleting, directory fsync).
+//! Group commit to the active segment (the [`Committer`], run by the writer thread or a
+//! serving thread), the writer thread, and the segment files they work on (naming,
+//! listing, creating, cutting, deleting, directory fsync).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -142,7 +143,7 @@ pub(super) struct Group {
     pub(super) end: u64,
     pub(super) records: usize,
     pub(super) max_seq: u64,
-    /// The commit delay the writer waited before taking the group.
+    /// How long it gathered: from its first record until it was taken.
     pub(super) waited: Duration,
 }
 
@@ -192,30 +193,24 @@ impl Drop for ExitGuard<'_> {
 }
 
 /// Waits up to the commit delay for more records to queue, unless every worker has run out
-/// of work (see `Journal::follow_workers`), in which case it does not wait at all. Returns
-/// the queue and how long it waited.
-fn commit_delay<'a>(
-    shared: &'a Shared,
-    queue: MutexGuard<'a, Queue>,
-) -> (MutexGuard<'a, Queue>, Duration) {
+/// of work (see `Journal::follow_workers`), in which case it does not wait at all.
+fn commit_delay<'a>(shared: &'a Shared, queue: MutexGuard<'a, Queue>) -> MutexGuard<'a, Queue> {
     // Published before the workers are asked: either this sees them all parked, or the last
     // one to park sees `delaying` and ends the wait.
     shared.delaying.store(true, Ordering::SeqCst);
-    let waited = if shared.workers_idle() {
-        (queue, Duration::ZERO)
+    let queue = if shared.workers_idle() {
+        queue
     } else {
-        let started = Instant::now();
-        let queue = shared
+        shared
             .wake_writer
             .wait_timeout_while(queue, shared.commit_delay, |queue| {
                 !queue.closing && shared.delaying.load(Ordering::SeqCst)
             })
             .unwrap_or_else(PoisonError::into_inner)
-            .0;
-        (queue, started.elapsed())
+            .0
     };
     shared.delaying.store(false, Ordering::SeqCst);
-    waited
+    queue
 }
 
 /// A buffer that grew past this (a huge batch) is not kept for reuse.
@@ -232,14 +227,14 @@ pub(super) fn run(shared: &Shared) {
         let queue = wait_for_work(shared, shared.queue());
         // With the commit delay, and only while many appends come concurrently, let the
         // group grow a little first.
-        let (mut queue, waited) = if !shared.commit_delay.is_zero()
+        let mut queue = if !shared.commit_delay.is_zero()
             && queue.last_group >= COMMIT_SIBLINGS
             && queue.needs_writer
             && !shared.overdue()
         {
             commit_delay(shared, queue)
         } else {
-            (queue, Duration::ZERO)
+            queue
         };
         let recover = std::mem::take(&mut queue.recover);
         let closing = queue.closing;
@@ -250,7 +245,7 @@ pub(super) fn run(shared: &Shared) {
         let Some(committer) = guard.as_mut() else {
             return;
         };
-        committer.commit_queued(shared, shared.queue(), waited);
+        committer.commit_queued(shared, shared.queue());
         for done in recover {
             let _ = done.send(committer.writer.recover(shared));
         }
@@ -342,17 +337,13 @@ impl Committer {
     }
 
     /// Takes everything `queue` holds as one group (one write and ONE fsync), makes it
-    /// durable, settles it and wakes its waiters. `waited` is the commit delay it waited.
-    pub(super) fn commit_queued(
-        &mut self,
-        shared: &Shared,
-        mut queue: MutexGuard<'_, Queue>,
-        waited: Duration,
-    ) {
+    /// durable, settles it and wakes its waiters.
+    pub(super) fn commit_queued(&mut self, shared: &Shared, mut queue: MutexGuard<'_, Queue>) {
         if queue.records == 0 {
             // Taken already (by a serving thread while the writer waited for the lock).
             return;
         }
+        let waited = shared.pending_for();
         shared.pending_since.store(0, Ordering::Release);
         let bytes = &mut self.bytes;
         std::mem::swap(&mut queue.buf, bytes);
