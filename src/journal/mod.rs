@@ -952,8 +952,8 @@ impl Journal {
     /// in the process have been served and are waiting, and that thread writes and fsyncs
     /// their group itself before it parks (a heuristic, see [`crate::idle`]), as PostgreSQL
     /// lets a committing backend flush the WAL for its siblings. That spares the writer
-    /// thread's wake-up and the serving threads' wake-up by it: two thread switches per
-    /// group, a third of the journal's switches under load (docs/benchmarks.md). A thread
+    /// thread's wake-up and the serving threads' wake-ups by it: a quarter to a third of
+    /// the journal's switches under load (docs/benchmarks.md, 2026-12-06 22:03). A thread
     /// that parks commits a group older than the commit delay too, and so does the writer
     /// after [`JournalOptions::leader_wait`]. Appends through a thread's [`Journal::relay`]
     /// are committed so; other appends still wake the writer, and `idle` ends its commit

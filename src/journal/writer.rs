@@ -316,8 +316,8 @@ pub(super) enum Sleep {
 /// The writer's state and its buffers, behind [`Shared::committer`]. Whoever holds that
 /// lock commits the next group: the writer thread, or the serving thread that runs dry last
 /// ([`Shared::lead`]). That thread has nothing else to do, every one of its requests is
-/// waiting, and committing there spares two thread switches per group: the writer's wake-up
-/// and the serving threads' wake-up by it.
+/// waiting, and committing there spares the writer thread's wake-up and the serving
+/// threads' wake-ups by it (see `Journal::follow_workers`).
 pub(super) struct Committer {
     pub(super) writer: Writer,
     /// The group being written; swapped with the queue's buffer, so appends go on into the
