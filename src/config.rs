@@ -535,6 +535,15 @@ pub struct JournalConfig {
     #[arg(long = "journal-commit-delay", value_name = "JOURNAL_COMMIT_DELAY", env = "TALLY_JOURNAL_COMMIT_DELAY", default_value = "10ms",
           value_parser = humantime::parse_duration)]
     pub commit_delay: Duration,
+
+    /// ack=journal: when one journal write and fsync has been running this long, the disk
+    /// counts as stalled (frozen, detached, or retrying): /readyz answers 503 so that a
+    /// load balancer sends increments elsewhere, tally_journal_stalled is 1, and a warning
+    /// is logged, until it completes. Requests waiting on it are answered then, or get 503
+    /// at --request-timeout.
+    #[arg(long = "journal-stalled-after", value_name = "JOURNAL_STALLED_AFTER", env = "TALLY_JOURNAL_STALLED_AFTER", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub stalled_after: Duration,
 }
 
 /// Bearer credentials: a static token and/or JWT keys.
@@ -796,7 +805,7 @@ impl JournalConfig {
                 "must be at most 100ms: requests wait this long while a serving thread stays busy",
             );
         }
-        Ok(())
+        positive("journal-stalled-after", self.stalled_after)
     }
 }
 
@@ -983,9 +992,10 @@ impl fmt::Display for JournalConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ack={} journal-commit-delay={}",
+            "ack={} journal-commit-delay={} journal-stalled-after={}",
             self.ack,
-            human(self.commit_delay)
+            human(self.commit_delay),
+            human(self.stalled_after)
         )
     }
 }

@@ -54,6 +54,8 @@ pub const JOURNAL_GROUP: &str = "tally_journal_group_size";
 pub const JOURNAL_COMMIT_DELAY: &str = "tally_journal_commit_delay_seconds";
 /// 1 while the journal cannot write (a full disk, an I/O error) and increments are refused.
 pub const JOURNAL_FAILED: &str = "tally_journal_failed";
+/// 1 while a journal write and fsync has been running longer than `--journal-stalled-after`.
+pub const JOURNAL_STALLED: &str = "tally_journal_stalled";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -98,6 +100,8 @@ pub struct Metrics {
     pub flush_lag: Gauge,
     /// [`JOURNAL_FAILED`].
     pub journal_failed: Gauge,
+    /// [`JOURNAL_STALLED`].
+    pub journal_stalled: Gauge,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -199,6 +203,7 @@ impl Metrics {
                 pending_keys: metrics::gauge!(PENDING_KEYS),
                 flush_lag: metrics::gauge!(FLUSH_LAG),
                 journal_failed: metrics::gauge!(JOURNAL_FAILED),
+                journal_stalled: metrics::gauge!(JOURNAL_STALLED),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -335,6 +340,10 @@ fn describe() {
     describe_gauge!(
         JOURNAL_FAILED,
         "1 while the journal cannot write and increments are refused."
+    );
+    describe_gauge!(
+        JOURNAL_STALLED,
+        "1 while a journal write and fsync has run longer than --journal-stalled-after."
     );
     describe_counter!(
         RATE_LIMITED,

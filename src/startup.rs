@@ -114,6 +114,7 @@ impl App {
         let options = JournalOptions {
             on_sync: Some(Arc::new(record_sync)),
             commit_delay: config.journal.commit_delay,
+            stalled_after: config.journal.stalled_after,
             ..JournalOptions::default()
         };
         let (journal, replay) = Journal::open(&journal_dir, options)
@@ -267,10 +268,7 @@ impl App {
             }
         };
         if let Some(journal) = &state.journal {
-            tokio::spawn(keep_journal_writable(
-                Arc::clone(journal),
-                flush_stop.clone(),
-            ));
+            tokio::spawn(watch_journal(Arc::clone(journal), flush_stop.clone()));
         }
 
         let http_stop = CancellationToken::new();
@@ -401,18 +399,44 @@ impl FlusherThread {
     }
 }
 
-/// How often a failed journal tries to start a fresh segment.
-const JOURNAL_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the journal is checked: a failed one tries to start a fresh segment, and a
+/// stall is noticed (and its end) within this long.
+const JOURNAL_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// While the journal is failed (a full disk), tries every second to recover it, so that
-/// increments are taken again once the disk has room, without a restart. The journal logs
-/// each change of state; failed attempts are only debug lines.
-async fn keep_journal_writable(journal: Arc<Journal>, stop: CancellationToken) {
+/// Watches the journal every second, on the main runtime (never on a serving thread, which
+/// a stalled commit may hold):
+///
+/// - While it is failed (a full disk), tries to recover it, so that increments are taken
+///   again once the disk has room, without a restart. The journal logs each change of
+///   state; failed attempts are only debug lines.
+/// - Logs when a write and fsync has run past `--journal-stalled-after` (a stalled disk),
+///   and when it completes. `/readyz` and `tally_journal_stalled` ask the journal directly.
+async fn watch_journal(journal: Arc<Journal>, stop: CancellationToken) {
+    // How long the stalled write and fsync had been running when last seen.
+    let mut stalled: Option<Duration> = None;
     while stop
-        .run_until_cancelled(tokio::time::sleep(JOURNAL_RECOVERY_INTERVAL))
+        .run_until_cancelled(tokio::time::sleep(JOURNAL_WATCH_INTERVAL))
         .await
         .is_some()
     {
+        let now = journal.stalled();
+        match (stalled, now) {
+            (None, Some(running)) => tracing::warn!(
+                running_secs = running.as_secs(),
+                "The journal's disk is stalled: a write and fsync has been running for {}s \
+                 (--journal-stalled-after). Increments under ack=journal wait for it (503 at \
+                 --request-timeout), and /readyz answers 503 until it completes.",
+                running.as_secs()
+            ),
+            (Some(last), None) => tracing::info!(
+                stalled_secs = last.as_secs(),
+                "The journal's disk answered again: the stalled write and fsync completed \
+                 after more than {}s.",
+                last.as_secs()
+            ),
+            _ => {}
+        }
+        stalled = now;
         if journal.is_failed()
             && let Err(e) = journal.recover().await
         {

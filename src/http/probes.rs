@@ -83,8 +83,17 @@ async fn not_able(state: &AppState) -> Option<String> {
     if let Some(reason) = state.health.fenced() {
         return Some(format!("fenced: {reason}"));
     }
-    if let Some(failure) = state.journal.as_ref().and_then(|j| j.failure()) {
-        return Some(format!("the journal cannot write: {failure}"));
+    if let Some(journal) = &state.journal {
+        if let Some(failure) = journal.failure() {
+            return Some(format!("the journal cannot write: {failure}"));
+        }
+        if let Some(running) = journal.stalled() {
+            return Some(format!(
+                "the journal's disk is stalled: a write and fsync has been running for {}s \
+                 (--journal-stalled-after); increments wait for it",
+                running.as_secs()
+            ));
+        }
     }
     let ping = state.on_store_runtime(|store| async move { store.ping().await });
     match tokio::time::timeout(PING_TIMEOUT, ping).await {

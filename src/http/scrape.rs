@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::AppState;
+use crate::journal::Journal;
 use crate::metrics::Metrics;
 
 /// Prometheus metrics in the text exposition format.
@@ -28,10 +29,15 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metrics
         .pending_keys
         .set(state.aggregator.pending_keys() as f64);
-    let journal_failed = state.journal.as_ref().is_some_and(|j| j.is_failed());
+    let journal = state.journal.as_deref();
+    let journal_failed = journal.is_some_and(Journal::is_failed);
     metrics
         .journal_failed
         .set(f64::from(u8::from(journal_failed)));
+    let journal_stalled = journal.is_some_and(|j| j.stalled().is_some());
+    metrics
+        .journal_stalled
+        .set(f64::from(u8::from(journal_stalled)));
     render_metrics(&state.metrics)
 }
 

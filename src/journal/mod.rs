@@ -187,6 +187,9 @@ pub struct JournalOptions {
     /// busy with requests that append nothing). The writer wakes this often while such
     /// records are queued. Default 20 ms.
     pub leader_wait: Duration,
+    /// A group's write and fsync still running after this long means a stalled disk
+    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. Default 5 s.
+    pub stalled_after: Duration,
 }
 
 impl Default for JournalOptions {
@@ -196,6 +199,7 @@ impl Default for JournalOptions {
             on_sync: None,
             commit_delay: Duration::ZERO,
             leader_wait: Duration::from_millis(20),
+            stalled_after: Duration::from_secs(5),
         }
     }
 }
@@ -207,6 +211,7 @@ impl fmt::Debug for JournalOptions {
             .field("on_sync", &self.on_sync.is_some())
             .field("commit_delay", &self.commit_delay)
             .field("leader_wait", &self.leader_wait)
+            .field("stalled_after", &self.stalled_after)
             .finish()
     }
 }
@@ -366,12 +371,17 @@ struct Shared {
     on_sync: Option<Arc<dyn Fn(GroupStats) + Send + Sync>>,
     commit_delay: Duration,
     leader_wait: Duration,
-    /// When the journal opened: the origin of `pending_since`.
+    stalled_after: Duration,
+    /// When the journal opened: the origin of `pending_since` and `busy_since`.
     opened: Instant,
-    /// When the first record of the group being gathered was queued, in nanoseconds after
-    /// `opened`, plus one; 0 while none is queued. Written under the `queue` lock, read
-    /// without it by [`Shared::overdue`].
+    /// When the first record of the group being gathered was queued ([`Shared::stamp`]);
+    /// 0 while none is queued. Written under the `queue` lock, read without it by
+    /// [`Shared::overdue`].
     pending_since: AtomicU64,
+    /// When the committer began the write and fsync of the group it commits
+    /// ([`Shared::stamp`]); 0 while it commits none. Read by [`Journal::stalled`], which
+    /// must answer while that write or fsync hangs, so it takes no lock.
+    busy_since: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
     /// `failed.is_some()`, readable without the lock on every append.
@@ -492,9 +502,7 @@ impl Shared {
         }
         let len = record::encode_into(&mut queue.buf, seq, entries)?;
         if queue.records == 0 {
-            let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.pending_since
-                .store(now.saturating_add(1), Ordering::Release);
+            self.pending_since.store(self.stamp(), Ordering::Release);
         }
         queue.records += 1;
         queue.max_seq = queue.max_seq.max(seq);
@@ -554,15 +562,28 @@ impl Shared {
         })
     }
 
+    /// Now, as kept in `pending_since` and `busy_since`: nanoseconds after `opened`, plus
+    /// one, so that 0 can mean "none".
+    fn stamp(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+    }
+
+    /// How long ago `stamp` (a [`Shared::stamp`]) was taken; `None` for 0.
+    fn since(&self, stamp: u64) -> Option<Duration> {
+        (stamp != 0).then(|| Duration::from_nanos(self.stamp().saturating_sub(stamp)))
+    }
+
     /// How long the first record of the group being gathered has been queued (zero if none).
     fn pending_for(&self) -> Duration {
-        match self.pending_since.load(Ordering::Acquire) {
-            0 => Duration::ZERO,
-            since => {
-                let now = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                Duration::from_nanos(now.saturating_sub(since - 1))
-            }
-        }
+        self.since(self.pending_since.load(Ordering::Acquire))
+            .unwrap_or_default()
+    }
+
+    /// How long the write and fsync of the group being committed have been running, if one is.
+    fn busy_for(&self) -> Option<Duration> {
+        self.since(self.busy_since.load(Ordering::Acquire))
     }
 
     /// Whether the group being gathered has waited out the commit delay.
@@ -860,8 +881,10 @@ impl Journal {
             on_sync: opts.on_sync,
             commit_delay: opts.commit_delay,
             leader_wait: opts.leader_wait,
+            stalled_after: opts.stalled_after,
             opened: Instant::now(),
             pending_since: AtomicU64::new(0),
+            busy_since: AtomicU64::new(0),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
@@ -975,6 +998,17 @@ impl Journal {
     /// segment. One atomic load.
     pub fn is_failed(&self) -> bool {
         self.shared.is_failed.load(Ordering::Acquire)
+    }
+
+    /// How long the group's write and fsync in progress have been running, once that is at
+    /// least [`JournalOptions::stalled_after`]: the disk has stalled (a frozen or
+    /// disconnected volume, a storage controller retrying). Appends queue meanwhile and
+    /// their requests wait; so do the other connections of a serving thread that commits
+    /// (see [`Journal::follow_workers`]). Lock-free, so it answers during the stall.
+    pub fn stalled(&self) -> Option<Duration> {
+        self.shared
+            .busy_for()
+            .filter(|running| *running >= self.shared.stalled_after)
     }
 
     /// The error that failed the journal, while it is failed.

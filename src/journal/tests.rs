@@ -199,6 +199,18 @@ fn held(
     std::sync::mpsc::Receiver<()>,
     std::sync::mpsc::Sender<()>,
 ) {
+    held_with(dir, JournalOptions::default())
+}
+
+/// [`held`], with `options` for everything but `on_sync`.
+fn held_with(
+    dir: &Path,
+    options: JournalOptions,
+) -> (
+    Journal,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
     let (synced, group_synced) = std::sync::mpsc::channel::<()>();
     let (go_on, permit) = std::sync::mpsc::channel::<()>();
     let hold = Mutex::new((synced, permit));
@@ -209,10 +221,43 @@ fn held(
     });
     let options = JournalOptions {
         on_sync: Some(on_sync),
-        ..JournalOptions::default()
+        ..options
     };
     let (journal, _) = Journal::open(dir, options).expect("open");
     (journal, group_synced, go_on)
+}
+
+#[test]
+fn a_commit_running_past_stalled_after_is_reported_until_it_completes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stalled_after = Duration::from_millis(200);
+    let options = JournalOptions {
+        stalled_after,
+        ..JournalOptions::default()
+    };
+    // `on_sync` runs inside the group's commit: holding it there is a disk that does not
+    // finish the write and fsync.
+    let (journal, group_synced, go_on) = held_with(dir.path(), options);
+    let journal = Arc::new(journal);
+    let go_on = go_on;
+    assert_eq!(journal.stalled(), None, "nothing is being committed");
+    let append = std::thread::spawn({
+        let journal = Arc::clone(&journal);
+        move || rt().block_on(journal.append(1, &[("k", 1)]))
+    });
+    group_synced.recv().expect("the group is being committed");
+    let held_since = std::time::Instant::now();
+    assert_eq!(journal.stalled(), None, "a commit just begun is no stall");
+    std::thread::sleep(stalled_after + Duration::from_millis(50));
+    let running = journal.stalled().expect("stalled past stalled_after");
+    assert!(
+        running >= stalled_after && running <= held_since.elapsed() + Duration::from_millis(50),
+        "reported {running:?}, held for {:?}",
+        held_since.elapsed()
+    );
+    go_on.send(()).expect("let the commit complete");
+    append.join().expect("append thread").expect("append");
+    assert_eq!(journal.stalled(), None, "the commit completed");
 }
 
 #[test]

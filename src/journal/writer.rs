@@ -388,7 +388,9 @@ impl Writer {
     /// Makes `group` durable, or fails it and turns the journal failed.
     fn commit(&mut self, shared: &Shared, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
         shared.check_failed()?;
+        shared.busy_since.store(shared.stamp(), Ordering::Release);
         let result = self.write_and_sync(shared, bytes, group);
+        shared.busy_since.store(0, Ordering::Release);
         if let Err(err) = &result
             && shared.set_failed(Some(err.clone()))
         {

@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::common::data_dir;
 use crate::pg::{PgDatabase, shout};
-use crate::support::{Direct, Tally, TallyConfig, readyz};
+use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, readyz};
 
 /// The journal's "disk": the file-size limit of the child, in bytes. Below the 1 MiB that
 /// tally's recovery probe writes, so it cannot recover before the limit is raised.
@@ -155,16 +155,8 @@ async fn a_full_disk_refuses_increments_without_counting_them_and_recovers_witho
     );
 
     let log = tally.log();
-    assert_eq!(
-        log.matches("Journal write failed").count(),
-        1,
-        "one line when the journal fails:\n{log}"
-    );
-    assert_eq!(
-        log.matches("Journal can write again").count(),
-        1,
-        "one line when it recovers:\n{log}"
-    );
+    assert_logged_once(&log, "Journal write failed", "when the journal fails");
+    assert_logged_once(&log, "Journal can write again", "when it recovers");
 
     let counters: HashMap<String, i64> = Direct::open(dir.path(), Some(&db)).await.counters().await;
     let mut by_code: HashMap<String, usize> = HashMap::new();

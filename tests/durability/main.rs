@@ -26,6 +26,7 @@ mod ack;
 mod crash;
 mod datadir;
 mod disk_full;
+mod disk_stall;
 mod drain;
 mod fencing;
 mod memory;

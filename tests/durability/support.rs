@@ -413,6 +413,11 @@ pub async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u1
         .map_or(0, |r| r.status().as_u16())
 }
 
+/// Asserts that a run's whole `log` holds `line` exactly once: one line per change of state.
+pub fn assert_logged_once(log: &str, line: &str, when: &str) {
+    assert_eq!(log.matches(line).count(), 1, "one line {when}:\n{log}");
+}
+
 /// `GET /readyz` at `address`: status and body.
 pub async fn readyz(client: &reqwest::Client, address: &str) -> (u16, String) {
     let response = client

@@ -1,0 +1,238 @@
+//! A journal disk that stops answering (a frozen or detached volume) under `ack=journal`:
+//! once a write and fsync has run past `--journal-stalled-after`, `/readyz` answers 503 and
+//! says why, `tally_journal_stalled` is 1 and one warning is logged; when the disk answers
+//! again, every request that waited is answered 202, readiness comes back, one line says so,
+//! and the store holds exactly what was acknowledged.
+//!
+//! The stall is a real one: the journal directory is an ext4 filesystem of its own (a loop
+//! device) that the test freezes with `fsfreeze`, which blocks every write and fsync in it
+//! until it is thawed. That needs root. Without it, or without loop devices, the test says
+//! SKIPPED loudly, and fails instead under CI (`CI` set, as `.ci/run` does).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::data_dir;
+use crate::metrics::metric;
+use crate::pg::shout;
+use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment};
+
+/// `--journal-stalled-after` of the child.
+const STALLED_AFTER: &str = "1s";
+/// How long the disk stays frozen: well past `STALLED_AFTER` and tally's once-a-second
+/// watch, well short of the 30 s `--request-timeout`.
+const FROZEN_FOR: Duration = Duration::from_secs(4);
+/// Increments sent while the disk is frozen, each to a key of its own.
+const WHILE_FROZEN: usize = 16;
+
+/// A filesystem of its own, mounted at `mountpoint`; thawed and unmounted on drop.
+struct Disk {
+    mountpoint: PathBuf,
+}
+
+impl Disk {
+    /// Makes a 256 MiB ext4 image in `scratch` and mounts it at `mountpoint` (empty), or
+    /// says why it cannot.
+    fn mount(scratch: &Path, mountpoint: &Path) -> Result<Self, String> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root (mount and fsfreeze need it)".to_owned());
+        }
+        let image = scratch.join("journal-disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(256 << 20))
+            .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+        run("mkfs.ext4", &["-q", "-F", path(&image)])?;
+        std::fs::create_dir_all(mountpoint).map_err(|e| e.to_string())?;
+        run("mount", &["-o", "loop", path(&image), path(mountpoint)])?;
+        let disk = Self {
+            mountpoint: mountpoint.to_owned(),
+        };
+        // The journal's directory holds only what tally puts there.
+        std::fs::remove_dir(mountpoint.join("lost+found")).map_err(|e| e.to_string())?;
+        Ok(disk)
+    }
+
+    fn freeze(&self) {
+        run("fsfreeze", &["--freeze", path(&self.mountpoint)]).expect("freeze the journal's disk");
+    }
+
+    fn thaw(&self) {
+        run("fsfreeze", &["--unfreeze", path(&self.mountpoint)]).expect("thaw the journal's disk");
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        let _ = run("fsfreeze", &["--unfreeze", path(&self.mountpoint)]);
+        // A killed tally may take a moment to let go of the mount.
+        for _ in 0..50 {
+            if run("umount", &[path(&self.mountpoint)]).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = run("umount", &["--lazy", path(&self.mountpoint)]);
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temporary path")
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A GET on a connection of its own, given up after a second: a stalled commit holds the
+/// serving thread that runs it, with its connections, so an attempt may land there.
+async fn get(address: &str, route: &str) -> Option<(u16, String)> {
+    let client = unpooled().timeout(Duration::from_secs(1)).build();
+    let response = client
+        .expect("a client")
+        .get(format!("{address}{route}"))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// Asks `route` on fresh connections until `check` accepts an answer; panics after 10 s.
+async fn until(address: &str, route: &str, what: &str, check: impl Fn(u16, &str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some((status, body)) = get(address, route).await {
+            if check(status, &body) {
+                return;
+            }
+            last = Some((status, body));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: {route} never said so within 10 s; last answer {last:?}");
+}
+
+/// A client that opens a connection per request, so that each may land on either serving
+/// thread.
+fn unpooled() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_max_idle_per_host(0)
+}
+
+/// Waits until `/metrics` shows `tally_journal_stalled` at `value`.
+async fn until_stalled_metric_is(address: &str, value: f64) {
+    let what = format!("tally_journal_stalled {value}");
+    until(address, "/metrics", &what, |s, body| {
+        s == 200 && metric(body, "tally_journal_stalled") == value
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_request() {
+    let dir = data_dir();
+    let disk = match Disk::mount(dir.path(), &dir.path().join("journal")) {
+        Ok(disk) => disk,
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set, but no filesystem of its own can be frozen here: {why}")
+        }
+        Err(why) => {
+            shout(&format!(
+                "SKIPPED disk stall test: {why}. Run the tests as root on a machine with loop \
+                 devices; CI (CI set) makes this fatal."
+            ));
+            return;
+        }
+    };
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.extra = vec![
+        "--journal-stalled-after".to_owned(),
+        STALLED_AFTER.to_owned(),
+    ];
+    let mut tally = Tally::start(&config).await;
+    let address = tally.address.clone();
+    let client = unpooled().build().expect("a client");
+    assert_eq!(increment(&client, &address, "before").await, 202);
+    until(&address, "/readyz", "ready before the stall", |s, _| {
+        s == 200
+    })
+    .await;
+
+    disk.freeze();
+    let frozen = Instant::now();
+    let waiting: Vec<_> = (0..WHILE_FROZEN)
+        .map(|i| {
+            let (client, address) = (client.clone(), address.clone());
+            tokio::spawn(
+                async move { increment(&client, &address, &format!("frozen-{i:02}")).await },
+            )
+        })
+        .collect();
+    until(&address, "/readyz", "not ready while stalled", |s, body| {
+        s == 503 && body.contains("journal's disk is stalled")
+    })
+    .await;
+    until_stalled_metric_is(&address, 1.0).await;
+    let noticed = frozen.elapsed();
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "no increment is answered while its journal write cannot complete"
+    );
+    tokio::time::sleep(FROZEN_FOR.saturating_sub(frozen.elapsed())).await;
+    disk.thaw();
+
+    let mut answers = Vec::new();
+    for w in waiting {
+        answers.push(w.await.expect("the increment's task"));
+    }
+    assert!(
+        answers.iter().all(|&s| s == 202),
+        "every increment that waited for the disk is answered 202 once it answers: {answers:?}"
+    );
+    until(&address, "/readyz", "ready again", |s, _| s == 200).await;
+    until_stalled_metric_is(&address, 0.0).await;
+    // The watch logs the end within a second of it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
+    let log = tally.log();
+    assert_logged_once(
+        &log,
+        "The journal's disk is stalled",
+        "when the disk stalls",
+    );
+    assert_logged_once(
+        &log,
+        "The journal's disk answered again",
+        "when it answers again",
+    );
+
+    let counters = Direct::open(dir.path(), None).await.counters().await;
+    let mut expected: std::collections::HashMap<String, i64> = (0..WHILE_FROZEN)
+        .map(|i| (format!("frozen-{i:02}"), 1))
+        .collect();
+    expected.insert("before".to_owned(), 1);
+    assert_eq!(
+        counters, expected,
+        "the store holds exactly what was acknowledged"
+    );
+    drop(disk);
+    shout(&format!(
+        "disk stall ack=journal sqlite: the journal's disk frozen for {FROZEN_FOR:?}; /readyz 503 \
+         and tally_journal_stalled 1 after {noticed:.1?} (--journal-stalled-after {STALLED_AFTER}); \
+         all {WHILE_FROZEN} waiting increments answered 202 once thawed and stored once"
+    ));
+}
