@@ -539,8 +539,9 @@ pub struct JournalConfig {
     /// ack=journal: when one journal write and fsync has been running this long, the disk
     /// counts as stalled (frozen, detached, or retrying): /readyz answers 503 so that a
     /// load balancer sends increments elsewhere, tally_journal_stalled is 1, and a warning
-    /// is logged, until it completes. Requests waiting on it are answered then, or get 503
-    /// at --request-timeout.
+    /// is logged, until it completes (at least 1s). Requests waiting on it are answered
+    /// then; those on other serving threads than the one stuck in it get 503 `timeout` at
+    /// --request-timeout (outcome unknown: the write may still complete).
     #[arg(long = "journal-stalled-after", value_name = "JOURNAL_STALLED_AFTER", env = "TALLY_JOURNAL_STALLED_AFTER", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub stalled_after: Duration,
@@ -805,7 +806,13 @@ impl JournalConfig {
                 "must be at most 100ms: requests wait this long while a serving thread stays busy",
             );
         }
-        positive("journal-stalled-after", self.stalled_after)
+        if self.stalled_after < Duration::from_secs(1) {
+            return fail(
+                "journal-stalled-after",
+                "must be at least 1s: a stall is looked for once a second",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -1244,6 +1251,10 @@ mod tests {
             (&["--header-read-timeout", "0s"], "header-read-timeout"),
             (&["--request-timeout", "0s"], "request-timeout"),
             (&["--journal-commit-delay", "101ms"], "journal-commit-delay"),
+            (
+                &["--journal-stalled-after", "999ms"],
+                "journal-stalled-after",
+            ),
             (&["--instance-id", ""], "instance-id"),
             (&["--metrics-listen", "0.0.0.0:3333"], "metrics-listen"),
         ];

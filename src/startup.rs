@@ -254,6 +254,12 @@ impl App {
         }
 
         let flush_stop = CancellationToken::new();
+        if let Some(journal) = &state.journal
+            && let Err(e) = watch_for_stalls(journal, flush_stop.clone())
+        {
+            threads.shut_down().await;
+            return Err(e).context("cannot start the journal's watch thread");
+        }
         let spawned = spawn_flusher(
             flusher,
             state.store.wants_own_thread(),
@@ -268,7 +274,10 @@ impl App {
             }
         };
         if let Some(journal) = &state.journal {
-            tokio::spawn(watch_journal(Arc::clone(journal), flush_stop.clone()));
+            tokio::spawn(keep_journal_writable(
+                Arc::clone(journal),
+                flush_stop.clone(),
+            ));
         }
 
         let http_stop = CancellationToken::new();
@@ -399,50 +408,60 @@ impl FlusherThread {
     }
 }
 
-/// How often the journal is checked: a failed one tries to start a fresh segment, and a
-/// stall is noticed (and its end) within this long.
+/// How often a failed journal tries to start a fresh segment, and how often a stall of its
+/// disk is looked for.
 const JOURNAL_WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Watches the journal every second, on the main runtime (never on a serving thread, which
-/// a stalled commit may hold):
-///
-/// - While it is failed (a full disk), tries to recover it, so that increments are taken
-///   again once the disk has room, without a restart. The journal logs each change of
-///   state; failed attempts are only debug lines.
-/// - Logs when a write and fsync has run past `--journal-stalled-after` (a stalled disk),
-///   and when it completes. `/readyz` and `tally_journal_stalled` ask the journal directly.
-async fn watch_journal(journal: Arc<Journal>, stop: CancellationToken) {
-    // How long the stalled write and fsync had been running when last seen.
-    let mut stalled: Option<Duration> = None;
+/// While the journal is failed (a full disk), tries every second to recover it, so that
+/// increments are taken again once the disk has room, without a restart. The journal logs
+/// each change of state; failed attempts are only debug lines.
+async fn keep_journal_writable(journal: Arc<Journal>, stop: CancellationToken) {
     while stop
         .run_until_cancelled(tokio::time::sleep(JOURNAL_WATCH_INTERVAL))
         .await
         .is_some()
     {
-        let now = journal.stalled();
-        match (stalled, now) {
-            (None, Some(running)) => tracing::warn!(
-                running_secs = running.as_secs(),
-                "The journal's disk is stalled: a write and fsync has been running for {}s \
-                 (--journal-stalled-after). Increments under ack=journal wait for it (503 at \
-                 --request-timeout), and /readyz answers 503 until it completes.",
-                running.as_secs()
-            ),
-            (Some(last), None) => tracing::info!(
-                stalled_secs = last.as_secs(),
-                "The journal's disk answered again: the stalled write and fsync completed \
-                 after more than {}s.",
-                last.as_secs()
-            ),
-            _ => {}
-        }
-        stalled = now;
         if journal.is_failed()
             && let Err(e) = journal.recover().await
         {
             tracing::debug!(error = %e, "The journal cannot start a fresh segment yet.");
         }
     }
+}
+
+/// Logs each stall of the journal's disk once, when a write and fsync has run past
+/// `--journal-stalled-after` (the journal logs its end). From a thread of its own, which
+/// wakes once a second: the thread stuck in the fsync may be a serving thread, and the main
+/// runtime may wait on the same disk (the flusher trims the journal after each batch) or
+/// on a recovery. It holds the journal only while it looks, so that a journal dropped at
+/// shutdown is not kept open (its lock with it); it ends within a second of `stop`.
+fn watch_for_stalls(journal: &Arc<Journal>, stop: CancellationToken) -> std::io::Result<()> {
+    let journal = Arc::downgrade(journal);
+    std::thread::Builder::new()
+        .name("journal-watch".to_owned())
+        .spawn(move || {
+            // How long the stall seen last had been running; a shorter one is a new stall.
+            let mut seen: Option<Duration> = None;
+            while !stop.is_cancelled() {
+                std::thread::sleep(JOURNAL_WATCH_INTERVAL);
+                let Some(stalled) = journal.upgrade().map(|j| j.stalled()) else {
+                    return;
+                };
+                if let Some(running) = stalled
+                    && seen.is_none_or(|seen| running < seen)
+                {
+                    tracing::warn!(
+                        running_secs = running.as_secs(),
+                        "The journal's disk is stalled: a write and fsync has been running for \
+                         {}s (--journal-stalled-after). Increments under ack=journal wait for it, \
+                         and /readyz answers 503 until it completes.",
+                        running.as_secs()
+                    );
+                }
+                seen = stalled;
+            }
+        })?;
+    Ok(())
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

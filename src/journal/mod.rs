@@ -364,6 +364,27 @@ pub struct Journal {
     _lock: File,
 }
 
+/// Clears [`Shared::busy_since`] when a group's write and fsync end, however they end: a
+/// panic in them (on the writer thread, or caught on a serving thread by [`Shared::lead`])
+/// must not leave a stall reported forever.
+struct Busy<'a> {
+    since: &'a AtomicU64,
+    began: Instant,
+}
+
+impl Busy<'_> {
+    /// Ends it: how long the write and fsync took.
+    fn end(self) -> Duration {
+        self.began.elapsed()
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.since.store(0, Ordering::Release);
+    }
+}
+
 /// State shared by the API, the writer thread and the serving threads that commit.
 struct Shared {
     dir: PathBuf,
@@ -584,6 +605,16 @@ impl Shared {
     /// How long the write and fsync of the group being committed have been running, if one is.
     fn busy_for(&self) -> Option<Duration> {
         self.since(self.busy_since.load(Ordering::Acquire))
+    }
+
+    /// Marks a group's write and fsync (or a recovery's probe) as begun, until the returned
+    /// guard drops.
+    fn busy(&self) -> Busy<'_> {
+        self.busy_since.store(self.stamp(), Ordering::Release);
+        Busy {
+            since: &self.busy_since,
+            began: Instant::now(),
+        }
     }
 
     /// Whether the group being gathered has waited out the commit delay.
@@ -981,7 +1012,8 @@ impl Journal {
     /// after [`JournalOptions::leader_wait`]. Appends through a thread's [`Journal::relay`]
     /// are committed so; other appends still wake the writer, and `idle` ends its commit
     /// delay early. The price: a disk that stalls an fsync holds that serving thread's
-    /// other connections as long. The first call wins; later ones are ignored.
+    /// other connections as long ([`Journal::stalled`] tells). The first call wins; later
+    /// ones are ignored.
     pub fn follow_workers(&self, idle: &Arc<IdleWorkers>) {
         if self.shared.workers.set(Arc::clone(idle)).is_err() {
             return;

@@ -230,7 +230,7 @@ fn held_with(
 #[test]
 fn a_commit_running_past_stalled_after_is_reported_until_it_completes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let stalled_after = Duration::from_millis(200);
+    let stalled_after = Duration::from_secs(1);
     let options = JournalOptions {
         stalled_after,
         ..JournalOptions::default()
@@ -239,25 +239,43 @@ fn a_commit_running_past_stalled_after_is_reported_until_it_completes() {
     // finish the write and fsync.
     let (journal, group_synced, go_on) = held_with(dir.path(), options);
     let journal = Arc::new(journal);
+    // Bound after the journal, so that a failing assertion drops it first: the held commit
+    // then goes on, and the journal's drop can join the writer.
     let go_on = go_on;
     assert_eq!(journal.stalled(), None, "nothing is being committed");
+    let appended = std::time::Instant::now();
     let append = std::thread::spawn({
         let journal = Arc::clone(&journal);
         move || rt().block_on(journal.append(1, &[("k", 1)]))
     });
     group_synced.recv().expect("the group is being committed");
-    let held_since = std::time::Instant::now();
     assert_eq!(journal.stalled(), None, "a commit just begun is no stall");
-    std::thread::sleep(stalled_after + Duration::from_millis(50));
+    std::thread::sleep(stalled_after + Duration::from_millis(100));
     let running = journal.stalled().expect("stalled past stalled_after");
+    // Its write began after the append did.
     assert!(
-        running >= stalled_after && running <= held_since.elapsed() + Duration::from_millis(50),
-        "reported {running:?}, held for {:?}",
-        held_since.elapsed()
+        running >= stalled_after && running <= appended.elapsed(),
+        "reported {running:?}, {:?} after the append",
+        appended.elapsed()
     );
     go_on.send(()).expect("let the commit complete");
     append.join().expect("append thread").expect("append");
     assert_eq!(journal.stalled(), None, "the commit completed");
+}
+
+#[test]
+fn a_commit_that_panics_is_not_reported_as_a_stall() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = JournalOptions {
+        stalled_after: Duration::from_millis(10),
+        // Runs inside the group's commit, on the writer thread, which the panic ends.
+        on_sync: Some(Arc::new(|_: GroupStats| panic!("a commit that panics"))),
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let outcome = rt().block_on(journal.append(1, &[("k", 1)]));
+    assert!(outcome.is_err(), "nobody made it durable: {outcome:?}");
+    assert_eq!(journal.stalled(), None, "the commit ended, by a panic");
 }
 
 #[test]

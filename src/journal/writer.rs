@@ -388,9 +388,19 @@ impl Writer {
     /// Makes `group` durable, or fails it and turns the journal failed.
     fn commit(&mut self, shared: &Shared, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
         shared.check_failed()?;
-        shared.busy_since.store(shared.stamp(), Ordering::Release);
+        let busy = shared.busy();
         let result = self.write_and_sync(shared, bytes, group);
-        shared.busy_since.store(0, Ordering::Release);
+        let took = busy.end();
+        if took >= shared.stalled_after && result.is_ok() {
+            // The service logged the stall's start (`Journal::stalled`); its end is known here.
+            tracing::info!(
+                took_secs = took.as_secs_f64(),
+                records = group.records,
+                segment = self.number,
+                "The journal's disk answered again: a write and fsync completed after {:.1}s.",
+                took.as_secs_f64()
+            );
+        }
         if let Err(err) = &result
             && shared.set_failed(Some(err.clone()))
         {
@@ -412,6 +422,7 @@ impl Writer {
         if !shared.is_failed.load(Ordering::Acquire) {
             return Ok(());
         }
+        let _busy = shared.busy();
         probe(&shared.dir)?;
         self.rotate(shared)?;
         if shared.set_failed(None) {
