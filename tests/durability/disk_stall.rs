@@ -1,8 +1,10 @@
 //! A journal disk that stops answering (a frozen or detached volume) under `ack=journal`:
 //! once a write and fsync has run past `--journal-stalled-after`, `/readyz` answers 503 and
-//! says why, `tally_journal_stalled` is 1 and one warning is logged; when the disk answers
-//! again, every request that waited is answered 202, readiness comes back, one line says so,
-//! and the store holds exactly what was acknowledged.
+//! says why, `tally_journal_stalled` is 1 and one warning is logged. No increment is answered
+//! 202 while the disk is frozen; those that wait past `--request-timeout` get `503 timeout`
+//! (outcome unknown), the others 202 once the disk answers. Then readiness comes back, one
+//! line says so, and the store holds every increment sent exactly once: a timed-out one was
+//! taken, and is counted, but never twice.
 //!
 //! The stall is a real one: the journal directory is an ext4 filesystem of its own (a loop
 //! device) that the test freezes with `fsfreeze`, which blocks every write and fsync in it
@@ -16,13 +18,16 @@ use std::time::{Duration, Instant};
 use crate::common::data_dir;
 use crate::metrics::metric;
 use crate::pg::shout;
-use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment};
+use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment, increment_answer};
 
 /// `--journal-stalled-after` of the child.
 const STALLED_AFTER: &str = "1s";
 /// How long the disk stays frozen: well past `STALLED_AFTER` and tally's once-a-second
-/// watch, well short of the 30 s `--request-timeout`.
+/// watch, and past `REQUEST_TIMEOUT`.
 const FROZEN_FOR: Duration = Duration::from_secs(4);
+/// `--request-timeout` of the child: requests on a serving thread that is not stuck in the
+/// write get `503 timeout` while the disk is still frozen.
+const REQUEST_TIMEOUT: &str = "3s";
 /// Increments sent while the disk is frozen, each to a key of its own.
 const WHILE_FROZEN: usize = 16;
 
@@ -158,10 +163,11 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
         }
     };
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.extra = vec![
-        "--journal-stalled-after".to_owned(),
-        STALLED_AFTER.to_owned(),
-    ];
+    config.extra = ["--journal-stalled-after", STALLED_AFTER]
+        .into_iter()
+        .chain(["--request-timeout", REQUEST_TIMEOUT])
+        .map(str::to_owned)
+        .collect();
     let mut tally = Tally::start(&config).await;
     let address = tally.address.clone();
     let client = unpooled().build().expect("a client");
@@ -176,9 +182,9 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     let waiting: Vec<_> = (0..WHILE_FROZEN)
         .map(|i| {
             let (client, address) = (client.clone(), address.clone());
-            tokio::spawn(
-                async move { increment(&client, &address, &format!("frozen-{i:02}")).await },
-            )
+            tokio::spawn(async move {
+                increment_answer(&client, &address, &format!("frozen-{i:02}")).await
+            })
         })
         .collect();
     until(&address, "/readyz", "not ready while stalled", |s, body| {
@@ -187,21 +193,31 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     .await;
     until_stalled_metric_is(&address, 1.0).await;
     let noticed = frozen.elapsed();
-    assert!(
-        waiting.iter().all(|w| !w.is_finished()),
-        "no increment is answered while its journal write cannot complete"
-    );
     tokio::time::sleep(FROZEN_FOR.saturating_sub(frozen.elapsed())).await;
-    disk.thaw();
-
     let mut answers = Vec::new();
+    let mut after_thaw = Vec::new();
     for w in waiting {
+        if w.is_finished() {
+            answers.push(w.await.expect("the increment's task"));
+        } else {
+            after_thaw.push(w);
+        }
+    }
+    let timeout = (503, "timeout".to_owned());
+    assert!(
+        answers.iter().all(|a| *a == timeout),
+        "while the disk is frozen, only 503 timeout answers: {answers:?}"
+    );
+    disk.thaw();
+    for w in after_thaw {
         answers.push(w.await.expect("the increment's task"));
     }
     assert!(
-        answers.iter().all(|&s| s == 202),
-        "every increment that waited for the disk is answered 202 once it answers: {answers:?}"
+        answers.iter().all(|a| a.0 == 202 || *a == timeout),
+        "every increment that waited is answered 202 once the disk answers, or 503 timeout: \
+         {answers:?}"
     );
+    let timed_out = answers.iter().filter(|a| **a == timeout).count();
     until(&address, "/readyz", "ready again", |s, _| s == 200).await;
     until_stalled_metric_is(&address, 0.0).await;
     // The watch logs the end within a second of it.
@@ -227,12 +243,13 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     expected.insert("before".to_owned(), 1);
     assert_eq!(
         counters, expected,
-        "the store holds exactly what was acknowledged"
+        "every increment sent is stored once, a timed-out one too (taken, outcome unknown)"
     );
     drop(disk);
     shout(&format!(
         "disk stall ack=journal sqlite: the journal's disk frozen for {FROZEN_FOR:?}; /readyz 503 \
          and tally_journal_stalled 1 after {noticed:.1?} (--journal-stalled-after {STALLED_AFTER}); \
-         all {WHILE_FROZEN} waiting increments answered 202 once thawed and stored once"
+         of {WHILE_FROZEN} increments sent meanwhile, {timed_out} got 503 timeout at \
+         --request-timeout {REQUEST_TIMEOUT}, the rest 202 once thawed; all stored once"
     ));
 }

@@ -405,12 +405,23 @@ impl Direct {
 
 /// `POST /increment` of 1 to `key` at `address`; the status, 0 when there was no answer.
 pub async fn increment(client: &reqwest::Client, address: &str, key: &str) -> u16 {
-    client
+    increment_answer(client, address, key).await.0
+}
+
+/// [`increment`], with the `error` code of the answer's body (empty for none).
+pub async fn increment_answer(client: &reqwest::Client, address: &str, key: &str) -> (u16, String) {
+    let Ok(response) = client
         .post(format!("{address}/increment"))
         .json(&serde_json::json!({ "key": key, "value": 1 }))
         .send()
         .await
-        .map_or(0, |r| r.status().as_u16())
+    else {
+        return (0, String::new());
+    };
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let code = body["error"].as_str().unwrap_or_default().to_owned();
+    (status, code)
 }
 
 /// Asserts that a run's whole `log` holds `line` exactly once: one line per change of state.
