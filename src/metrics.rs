@@ -56,6 +56,9 @@ pub const JOURNAL_COMMIT_DELAY: &str = "tally_journal_commit_delay_seconds";
 pub const JOURNAL_FAILED: &str = "tally_journal_failed";
 /// 1 while a journal write and fsync has been running longer than `--journal-stalled-after`.
 pub const JOURNAL_STALLED: &str = "tally_journal_stalled";
+/// Journal writes and fsyncs that ran longer than `--journal-stalled-after`, counted as each
+/// ends (a stall too short for a scrape to catch in progress shows here).
+pub const JOURNAL_STALLS: &str = "tally_journal_stalls_total";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -102,6 +105,8 @@ pub struct Metrics {
     pub journal_failed: Gauge,
     /// [`JOURNAL_STALLED`].
     pub journal_stalled: Gauge,
+    /// [`JOURNAL_STALLS`], set from the journal's own count at scrape time.
+    pub journal_stalls: Counter,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -204,6 +209,7 @@ impl Metrics {
                 flush_lag: metrics::gauge!(FLUSH_LAG),
                 journal_failed: metrics::gauge!(JOURNAL_FAILED),
                 journal_stalled: metrics::gauge!(JOURNAL_STALLED),
+                journal_stalls: metrics::counter!(JOURNAL_STALLS),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -344,6 +350,10 @@ fn describe() {
     describe_gauge!(
         JOURNAL_STALLED,
         "1 while a journal write and fsync has run longer than --journal-stalled-after."
+    );
+    describe_counter!(
+        JOURNAL_STALLS,
+        "Journal writes and fsyncs that ran longer than --journal-stalled-after, counted as each ends."
     );
     describe_counter!(
         RATE_LIMITED,

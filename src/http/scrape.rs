@@ -38,6 +38,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     metrics
         .journal_stalled
         .set(f64::from(u8::from(journal_stalled)));
+    if let Some(journal) = journal {
+        metrics.journal_stalls.absolute(journal.stalls());
+    }
     render_metrics(&state.metrics)
 }
 

@@ -403,6 +403,9 @@ struct Shared {
     /// ([`Shared::stamp`]); 0 while it commits none. Read by [`Journal::stalled`], which
     /// must answer while that write or fsync hangs, so it takes no lock.
     busy_since: AtomicU64,
+    /// Group writes and fsyncs (and recovery probes) that ran at least `stalled_after`,
+    /// counted as each ends: [`Journal::stalls`].
+    stalls: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
     /// `failed.is_some()`, readable without the lock on every append.
@@ -916,6 +919,7 @@ impl Journal {
             opened: Instant::now(),
             pending_since: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
@@ -1041,6 +1045,12 @@ impl Journal {
         self.shared
             .busy_for()
             .filter(|running| *running >= self.shared.stalled_after)
+    }
+
+    /// How many stalls ([`Journal::stalled`]) have ended since the journal opened, however
+    /// they ended: also those too short for anyone to see one in progress.
+    pub fn stalls(&self) -> u64 {
+        self.shared.stalls.load(Ordering::Relaxed)
     }
 
     /// The error that failed the journal, while it is failed.

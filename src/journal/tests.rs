@@ -258,9 +258,16 @@ fn a_commit_running_past_stalled_after_is_reported_until_it_completes() {
         "reported {running:?}, {:?} after the append",
         appended.elapsed()
     );
+    assert_eq!(journal.stalls(), 0, "counted as it ends");
     go_on.send(()).expect("let the commit complete");
     append.join().expect("append thread").expect("append");
     assert_eq!(journal.stalled(), None, "the commit completed");
+    assert_eq!(journal.stalls(), 1, "one stall, ended");
+    // A commit let through at once is no stall.
+    go_on.send(()).expect("let the next commit through");
+    rt().block_on(journal.append(2, &[("k", 1)]))
+        .expect("append");
+    assert_eq!(journal.stalls(), 1, "a quick commit is not counted");
 }
 
 #[test]

@@ -124,7 +124,8 @@ async fn until(address: &str, route: &str, what: &str, check: impl Fn(u16, &str)
             if check(status, &body) {
                 return;
             }
-            last = Some((status, body));
+            // The start of it: enough to say why, short enough to read.
+            last = Some((status, body.chars().take(300).collect::<String>()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -220,6 +221,13 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     let timed_out = answers.iter().filter(|a| **a == timeout).count();
     until(&address, "/readyz", "ready again", |s, _| s == 200).await;
     until_stalled_metric_is(&address, 0.0).await;
+    until(
+        &address,
+        "/metrics",
+        "tally_journal_stalls_total 1",
+        |s, body| s == 200 && metric(body, "tally_journal_stalls_total") == 1.0,
+    )
+    .await;
     // The watch logs the end within a second of it.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let status = tally.terminate().await;
