@@ -364,24 +364,25 @@ pub struct Journal {
     _lock: File,
 }
 
-/// Clears [`Shared::busy_since`] when a group's write and fsync end, however they end: a
-/// panic in them (on the writer thread, or caught on a serving thread by [`Shared::lead`])
-/// must not leave a stall reported forever.
-struct Busy<'a> {
-    since: &'a AtomicU64,
-    began: Instant,
-}
+/// A write and fsync in progress ([`Shared::busy`]). Ends when dropped, however they end (a
+/// panic in them, on the writer thread or caught on a serving thread by [`Shared::lead`],
+/// must not leave a stall reported forever): counts it in `stalls` if it ran at least
+/// `stalled_after`, and clears [`Shared::busy_since`].
+struct Busy<'a>(&'a Shared);
 
 impl Busy<'_> {
-    /// Ends it: how long the write and fsync took.
-    fn end(self) -> Duration {
-        self.began.elapsed()
+    /// How long the write and fsync have been running.
+    fn running(&self) -> Duration {
+        self.0.busy_for().unwrap_or_default()
     }
 }
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        self.since.store(0, Ordering::Release);
+        if self.running() >= self.0.stalled_after {
+            self.0.stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        self.0.busy_since.store(0, Ordering::Release);
     }
 }
 
@@ -404,7 +405,7 @@ struct Shared {
     /// must answer while that write or fsync hangs, so it takes no lock.
     busy_since: AtomicU64,
     /// Group writes and fsyncs (and recovery probes) that ran at least `stalled_after`,
-    /// counted as each ends: [`Journal::stalls`].
+    /// counted as each ends ([`Busy`]): [`Journal::stalls`].
     stalls: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
@@ -614,15 +615,13 @@ impl Shared {
     /// guard drops.
     fn busy(&self) -> Busy<'_> {
         self.busy_since.store(self.stamp(), Ordering::Release);
-        Busy {
-            since: &self.busy_since,
-            began: Instant::now(),
-        }
+        Busy(self)
     }
 
     /// Whether the group being gathered has waited out the commit delay.
     fn overdue(&self) -> bool {
-        self.pending_since.load(Ordering::Acquire) != 0 && self.pending_for() >= self.commit_delay
+        self.since(self.pending_since.load(Ordering::Acquire))
+            .is_some_and(|pending| pending >= self.commit_delay)
     }
 
     /// A serving thread is about to park, the last busy one if `last`

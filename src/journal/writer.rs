@@ -390,12 +390,9 @@ impl Writer {
         shared.check_failed()?;
         let busy = shared.busy();
         let result = self.write_and_sync(shared, bytes, group);
-        let took = busy.end();
-        let stalled = took >= shared.stalled_after;
-        if stalled {
-            shared.stalls.fetch_add(1, Ordering::Relaxed);
-        }
-        if stalled && result.is_ok() {
+        let took = busy.running();
+        drop(busy);
+        if took >= shared.stalled_after && result.is_ok() {
             // The service logged the stall's start (`Journal::stalled`); its end is known here.
             tracing::info!(
                 took_secs = took.as_secs_f64(),

@@ -138,11 +138,11 @@ fn unpooled() -> reqwest::ClientBuilder {
     reqwest::Client::builder().pool_max_idle_per_host(0)
 }
 
-/// Waits until `/metrics` shows `tally_journal_stalled` at `value`.
-async fn until_stalled_metric_is(address: &str, value: f64) {
-    let what = format!("tally_journal_stalled {value}");
+/// Waits until `/metrics` shows `series` at `value`.
+async fn until_metric_is(address: &str, series: &str, value: f64) {
+    let what = format!("{series} {value}");
     until(address, "/metrics", &what, |s, body| {
-        s == 200 && metric(body, "tally_journal_stalled") == value
+        s == 200 && metric(body, series) == value
     })
     .await;
 }
@@ -192,7 +192,7 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
         s == 503 && body.contains("journal's disk is stalled")
     })
     .await;
-    until_stalled_metric_is(&address, 1.0).await;
+    until_metric_is(&address, "tally_journal_stalled", 1.0).await;
     let noticed = frozen.elapsed();
     tokio::time::sleep(FROZEN_FOR.saturating_sub(frozen.elapsed())).await;
     let mut answers = Vec::new();
@@ -220,14 +220,8 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     );
     let timed_out = answers.iter().filter(|a| **a == timeout).count();
     until(&address, "/readyz", "ready again", |s, _| s == 200).await;
-    until_stalled_metric_is(&address, 0.0).await;
-    until(
-        &address,
-        "/metrics",
-        "tally_journal_stalls_total 1",
-        |s, body| s == 200 && metric(body, "tally_journal_stalls_total") == 1.0,
-    )
-    .await;
+    until_metric_is(&address, "tally_journal_stalled", 0.0).await;
+    until_metric_is(&address, "tally_journal_stalls_total", 1.0).await;
     // The watch logs the end within a second of it.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let status = tally.terminate().await;
