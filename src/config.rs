@@ -545,7 +545,19 @@ pub struct JournalConfig {
     #[arg(long = "journal-stalled-after", value_name = "JOURNAL_STALLED_AFTER", env = "TALLY_JOURNAL_STALLED_AFTER", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub stalled_after: Duration,
+
+    /// ack=journal: a new journal segment file is started once the active one holds this
+    /// many bytes; the flusher deletes a closed segment once the store has all of its
+    /// records. Smaller segments give disk space back sooner after a database outage
+    /// (at least 1048576, 1 MiB).
+    #[arg(long = "journal-segment-bytes", value_name = "JOURNAL_SEGMENT_BYTES", env = "TALLY_JOURNAL_SEGMENT_BYTES",
+          default_value_t = crate::journal::DEFAULT_SEGMENT_BYTES)]
+    pub segment_bytes: u64,
 }
+
+/// Smallest `--journal-segment-bytes`: the size a commit zero-fills ahead of its records,
+/// so that a segment holds many groups and a new file (created, directory fsynced) is rare.
+pub const MIN_JOURNAL_SEGMENT_BYTES: u64 = 1 << 20;
 
 /// Bearer credentials: a static token and/or JWT keys.
 #[derive(Debug, Clone, Args)]
@@ -812,6 +824,12 @@ impl JournalConfig {
                 "must be at least 1s: a stall is looked for once a second",
             );
         }
+        if self.segment_bytes < MIN_JOURNAL_SEGMENT_BYTES {
+            return fail(
+                "journal-segment-bytes",
+                "must be at least 1048576 (1 MiB), so that new segment files stay rare",
+            );
+        }
         Ok(())
     }
 }
@@ -999,10 +1017,11 @@ impl fmt::Display for JournalConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "ack={} journal-commit-delay={} journal-stalled-after={}",
+            "ack={} journal-commit-delay={} journal-stalled-after={} journal-segment-bytes={}",
             self.ack,
             human(self.commit_delay),
-            human(self.stalled_after)
+            human(self.stalled_after),
+            self.segment_bytes
         )
     }
 }
@@ -1254,6 +1273,10 @@ mod tests {
             (
                 &["--journal-stalled-after", "999ms"],
                 "journal-stalled-after",
+            ),
+            (
+                &["--journal-segment-bytes", "1048575"],
+                "journal-segment-bytes",
             ),
             (&["--instance-id", ""], "instance-id"),
             (&["--metrics-listen", "0.0.0.0:3333"], "metrics-listen"),

@@ -224,8 +224,9 @@ impl Flusher {
         let Ok(keys) = self.commit(&batch).await else {
             return Flushed::Fenced;
         };
-        if let Some(Err(e)) = self.journal.as_ref().map(|j| j.trim(batch.seq)) {
-            tracing::warn!(error = %e, seq = batch.seq, "Could not trim the journal; will retry after the next batch.");
+        // On the journal's own thread: this runtime must not wait on the journal's disk.
+        if let Some(journal) = &self.journal {
+            journal.trim_later(batch.seq);
         }
         // A store that writes in place (SQLite on the flusher's own thread) completes a flush
         // without yielding: yield after each batch, so that the flusher's runtime runs its

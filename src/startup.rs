@@ -115,6 +115,7 @@ impl App {
             on_sync: Some(Arc::new(record_sync)),
             commit_delay: config.journal.commit_delay,
             stalled_after: config.journal.stalled_after,
+            segment_bytes: config.journal.segment_bytes,
             ..JournalOptions::default()
         };
         let (journal, replay) = Journal::open(&journal_dir, options)

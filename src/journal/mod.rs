@@ -73,8 +73,9 @@
 //!
 //! The journal tracks the highest `seq` in each segment. Once the store has applied every
 //! batch up to `applied_seq`, [`Journal::trim`] deletes each *closed* segment whose highest
-//! seq is `<= applied_seq` (the active segment is never deleted while the writer runs).
-//! [`Journal::close`] stops the writer after it has written everything queued and, if every
+//! seq is `<= applied_seq` (the active segment is never deleted while the writer runs);
+//! [`Journal::trim_later`] has the writer thread do it, so that the caller (the flusher)
+//! never waits on a stalled disk. [`Journal::close`] stops the writer after it has written everything queued and, if every
 //! record in every segment has `seq <= applied_seq`, deletes all segments, so a clean
 //! restart starts with an empty journal. Deletions are followed by a directory fsync.
 //! Segments replayed on open are closed segments too: the first `trim` after the store has
@@ -467,6 +468,9 @@ struct Queue {
     closing: bool,
     close_acks: Vec<oneshot::Sender<()>>,
     recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
+    /// Closed segments whose every record the store has (see [`Journal::trim_later`]): the
+    /// writer thread deletes them.
+    doomed: Vec<u64>,
     /// Whether the writer sleeps on `wake_writer`, and so who has to notify it.
     writer_sleep: writer::Sleep,
     /// `buf` holds a record that no serving thread will commit (it was appended elsewhere):
@@ -821,12 +825,23 @@ impl Shared {
     }
 
     /// Deletes the given segments (already gone is fine), then fsyncs the directory.
+    /// Takes the closed segments whose highest seq is `<= applied_seq` off the list, for
+    /// the caller to delete.
+    fn applied_segments(&self, applied_seq: u64) -> Vec<u64> {
+        self.segments()
+            .closed
+            .extract_if(.., |_, max_seq| *max_seq <= applied_seq)
+            .map(|(n, _)| n)
+            .collect()
+    }
+
     fn remove_segments(&self, numbers: &[u64]) -> Result<(), JournalError> {
         for &n in numbers {
             writer::remove(&self.dir, n)?;
         }
         if !numbers.is_empty() {
             writer::sync_dir(&self.dir)?;
+            tracing::debug!(segments = ?numbers, "Trimmed the journal.");
         }
         Ok(())
     }
@@ -1090,18 +1105,29 @@ impl Journal {
     /// forgets those segments anyway; any file left behind is replayed (and its records
     /// skipped by seq) on the next open, then trimmed again.
     pub fn trim(&self, applied_seq: u64) -> Result<usize, JournalError> {
-        let doomed: Vec<u64> = self
-            .shared
-            .segments()
-            .closed
-            .extract_if(.., |_, max_seq| *max_seq <= applied_seq)
-            .map(|(n, _)| n)
-            .collect();
+        let doomed = self.shared.applied_segments(applied_seq);
         self.shared.remove_segments(&doomed)?;
-        if !doomed.is_empty() {
-            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
-        }
         Ok(doomed.len())
+    }
+
+    /// Like [`Journal::trim`], but the segments are deleted by the writer thread, so the
+    /// caller never waits on the disk: the flusher calls this after every batch, from a
+    /// runtime that also runs the accept loop and the store's connections, and a stalled
+    /// disk must hold none of them. Returns how many segments were handed over; a deletion
+    /// that fails is logged there (the file is replayed, and skipped by seq, on the next
+    /// open). After [`Journal::close`], or once the writer thread is gone, does nothing.
+    pub fn trim_later(&self, applied_seq: u64) -> usize {
+        let mut queue = self.shared.queue();
+        if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {
+            return 0;
+        }
+        let doomed = self.shared.applied_segments(applied_seq);
+        let handed = doomed.len();
+        if handed > 0 {
+            queue.doomed.extend(doomed);
+            self.shared.wake_writer(queue);
+        }
+        handed
     }
 
     /// Stops the writer after it has made everything already queued durable, then, if every

@@ -727,6 +727,31 @@ async fn trim_and_close_remove_only_applied_segments() {
 }
 
 #[tokio::test]
+async fn trim_later_has_the_writer_thread_delete_applied_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 100);
+    append_seqs(&journal, 1..=9).await; // segments {1,2,3} {4,5,6} and active {7,8,9}
+    assert_eq!(journal.trim_later(0), 0);
+    assert_eq!(journal.trim_later(3), 1, "max seq 3 <= 3");
+    let asked = std::time::Instant::now();
+    while segment_files(dir.path()).len() > 2 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the writer deletes it"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(journal.trim_later(5), 0, "max seq 6 > 5");
+    journal.close(6).await.expect("close");
+    assert_eq!(journal.trim_later(u64::MAX), 0, "nothing after close");
+    assert_eq!(
+        segment_files(dir.path()),
+        vec![writer::path(dir.path(), 2), writer::path(dir.path(), 3)],
+        "seq 7-9 are not applied: both segments stay for replay"
+    );
+}
+
+#[tokio::test]
 async fn reopening_without_appends_replays_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");
     {

@@ -219,7 +219,8 @@ const KEEP_BUFFER_BYTES: usize = 1 << 20;
 /// The writer thread. Commits the groups that no serving thread does (see
 /// `Journal::follow_workers`): those with records appended elsewhere (tests, other
 /// runtimes), which a commit delay may gather, overdue ones, and any left to it for
-/// `leader_wait`; answers `recover` and `close`. Returns once the journal is closed or
+/// `leader_wait`; answers `recover` and `close`, and deletes the segments `trim_later`
+/// hands over. Returns once the journal is closed or
 /// dropped, after writing everything appended before that.
 pub(super) fn run(shared: &Shared) {
     let _exit = ExitGuard(shared);
@@ -237,6 +238,7 @@ pub(super) fn run(shared: &Shared) {
             queue
         };
         let recover = std::mem::take(&mut queue.recover);
+        let doomed = std::mem::take(&mut queue.doomed);
         let closing = queue.closing;
         let close_acks = std::mem::take(&mut queue.close_acks);
         drop(queue);
@@ -250,14 +252,29 @@ pub(super) fn run(shared: &Shared) {
             let _ = done.send(committer.writer.recover(shared));
         }
         if closing {
+            remove_doomed(shared, &doomed);
             committer.writer.trim_tail(shared);
             for ack in close_acks {
                 let _ = ack.send(());
             }
             return;
         }
+        // Without the committer's lock: serving threads go on committing meanwhile.
         drop(guard);
+        remove_doomed(shared, &doomed);
         shared.lead_if_wanted();
+    }
+}
+
+/// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over.
+fn remove_doomed(shared: &Shared, doomed: &[u64]) {
+    if let Err(e) = shared.remove_segments(doomed) {
+        tracing::warn!(
+            error = %e,
+            segments = ?doomed,
+            "Could not delete journal segments the store has every record of; they are \
+             replayed, and skipped, on the next start."
+        );
     }
 }
 
@@ -268,7 +285,11 @@ fn wait_for_work<'a>(
     mut queue: MutexGuard<'a, Queue>,
 ) -> MutexGuard<'a, Queue> {
     loop {
-        if queue.closing || !queue.recover.is_empty() || queue.needs_writer {
+        if queue.closing
+            || !queue.recover.is_empty()
+            || !queue.doomed.is_empty()
+            || queue.needs_writer
+        {
             return queue;
         }
         if queue.buf.is_empty() {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::data_dir;
 use crate::metrics::metric;
-use crate::pg::shout;
+use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment, increment_answer};
 
 /// `--journal-stalled-after` of the child.
@@ -147,11 +147,11 @@ async fn until_metric_is(address: &str, series: &str, value: f64) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_request() {
-    let dir = data_dir();
-    let disk = match Disk::mount(dir.path(), &dir.path().join("journal")) {
-        Ok(disk) => disk,
+/// The journal directory of `dir` on a disk of its own, or `None` after saying loudly why
+/// not (a panic instead with `TALLY_REQUIRE_DISK_STALL=1`).
+fn journal_disk(dir: &Path) -> Option<Disk> {
+    match Disk::mount(dir, &dir.join("journal")) {
+        Ok(disk) => Some(disk),
         Err(why) if std::env::var("TALLY_REQUIRE_DISK_STALL").is_ok_and(|v| v == "1") => {
             panic!("TALLY_REQUIRE_DISK_STALL=1, but no filesystem can be frozen here: {why}")
         }
@@ -160,8 +160,16 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
                 "SKIPPED disk stall test: {why}. Run the tests as root on a machine with loop \
                  devices; TALLY_REQUIRE_DISK_STALL=1 (.ci/run as root) makes this fatal."
             ));
-            return;
+            None
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_request() {
+    let dir = data_dir();
+    let Some(disk) = journal_disk(dir.path()) else {
+        return;
     };
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
     config.extra = ["--journal-stalled-after", STALLED_AFTER]
@@ -253,5 +261,158 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
          and tally_journal_stalled 1 after {noticed:.1?} (--journal-stalled-after {STALLED_AFTER}); \
          of {WHILE_FROZEN} increments sent meanwhile, {timed_out} got 503 timeout at \
          --request-timeout {REQUEST_TIMEOUT}, the rest 202 once thawed; all stored once"
+    ));
+}
+
+/// `--flush-interval` of the PostgreSQL test: long enough to send the batches and freeze the
+/// disk between two flushes, short enough for the next one to come while it is frozen.
+const PG_FLUSH_INTERVAL: &str = "3s";
+/// How long the PostgreSQL test keeps the disk frozen: past the next flush, and then time
+/// to ask on fresh connections (some land on the serving thread stuck in the commit).
+const PG_FROZEN_FOR: Duration = Duration::from_secs(8);
+/// Batches of `BATCH_ITEMS` sent just before the freeze: about 3.5 MiB of records, so with
+/// `--journal-segment-bytes 1048576` the journal closes segments the next flush makes
+/// deletable.
+const BATCHES: usize = 16;
+const BATCH_ITEMS: usize = 10_000;
+
+fn batch_key(i: usize) -> String {
+    format!("batch-{i:05}")
+}
+
+/// The journal's segment files.
+fn segments(journal: &Path) -> usize {
+    std::fs::read_dir(journal)
+        .expect("list the journal")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .count()
+}
+
+/// With PostgreSQL the flusher runs on the runtime that also accepts connections. A flush
+/// while the journal's disk is frozen makes closed segments deletable; deleting them must
+/// not hold that runtime (or the flusher) until the disk answers: new connections are
+/// answered, `/readyz` says the disk is stalled, and the segments go once it is thawed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_journal_disk_holds_neither_the_accept_loop_nor_the_flusher() {
+    let Some(db) = PgDatabase::create("disk_stall").await else {
+        return;
+    };
+    let dir = data_dir();
+    let Some(disk) = journal_disk(dir.path()) else {
+        return;
+    };
+    let mut config = TallyConfig::new(dir.path(), Some(&db), "journal", PG_FLUSH_INTERVAL);
+    config.extra = ["--journal-stalled-after", STALLED_AFTER]
+        .into_iter()
+        .chain(["--request-timeout", REQUEST_TIMEOUT])
+        .chain(["--journal-segment-bytes", "1048576"])
+        .map(str::to_owned)
+        .collect();
+    let mut tally = Tally::start(&config).await;
+    let address = tally.address.clone();
+    let client = unpooled().build().expect("a client");
+    let store = Direct::open(dir.path(), Some(&db)).await;
+
+    // Right after a flush: the next one is a whole interval away.
+    assert_eq!(increment(&client, &address, "before").await, 202);
+    let flushed = Instant::now();
+    while store.value("before").await != Some(1) {
+        assert!(
+            flushed.elapsed() < Duration::from_secs(10),
+            "the first flush"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body: Vec<_> = (0..BATCH_ITEMS)
+        .map(|i| serde_json::json!({ "key": batch_key(i), "value": 1 }))
+        .collect();
+    let sending = Instant::now();
+    for _ in 0..BATCHES {
+        let status = client
+            .post(format!("{address}/increments"))
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer")
+            .status();
+        assert_eq!(status, 202, "a batch before the freeze");
+    }
+    disk.freeze();
+    let frozen = Instant::now();
+    let journal = dir.path().join("journal");
+    let before_trim = segments(&journal);
+    assert!(
+        before_trim > 1,
+        "the batches closed segments that no flush has trimmed yet ({before_trim} segment \
+         files; sending them took {:?} of the {PG_FLUSH_INTERVAL} interval)",
+        sending.elapsed()
+    );
+    // A commit stuck on the frozen disk, for /readyz to see.
+    let stuck = {
+        let (client, address) = (client.clone(), address.clone());
+        tokio::spawn(async move { increment_answer(&client, &address, "frozen").await })
+    };
+    // The next flush writes the batches, and leaves their segments to be deleted.
+    while store.value(&batch_key(0)).await != Some(BATCHES as i64) {
+        assert!(
+            frozen.elapsed() < PG_FROZEN_FOR,
+            "the flusher wrote the batches while the journal's disk was frozen"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let flushed_while_frozen = frozen.elapsed();
+    // Fresh connections, accepted by the runtime that ran that flush.
+    until(&address, "/readyz", "not ready while stalled", |s, body| {
+        s == 503 && body.contains("journal's disk is stalled")
+    })
+    .await;
+    until(&address, "/healthz", "alive while stalled", |s, _| s == 200).await;
+    let answered_while_frozen = frozen.elapsed();
+    assert!(
+        answered_while_frozen < PG_FROZEN_FOR,
+        "answered while the disk was still frozen, not after ({answered_while_frozen:?})"
+    );
+    assert_eq!(
+        segments(&journal),
+        before_trim,
+        "nothing is deleted while frozen"
+    );
+    tokio::time::sleep(PG_FROZEN_FOR.saturating_sub(frozen.elapsed())).await;
+    disk.thaw();
+    let answer = stuck.await.expect("the increment's task");
+    assert!(
+        answer.0 == 202 || answer == (503, "timeout".to_owned()),
+        "the increment that waited is answered 202 once the disk answers, or 503 timeout: \
+         {answer:?}"
+    );
+    let thawed = Instant::now();
+    while segments(&journal) > 1 {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(10),
+            "the applied segments are deleted once the disk answers ({} left)",
+            segments(&journal)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = tally.terminate().await;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
+
+    let mut expected: std::collections::HashMap<String, i64> = (0..BATCH_ITEMS)
+        .map(|i| (batch_key(i), BATCHES as i64))
+        .collect();
+    expected.insert("before".to_owned(), 1);
+    expected.insert("frozen".to_owned(), 1);
+    assert_eq!(
+        store.counters().await,
+        expected,
+        "every increment stored once"
+    );
+    drop(disk);
+    shout(&format!(
+        "disk stall ack=journal postgres: {before_trim} segment files when frozen; the flusher \
+         wrote the batches {flushed_while_frozen:.1?} into the freeze and fresh connections were \
+         answered (/readyz 503 stalled) by {answered_while_frozen:.1?}; the applied segments \
+         were deleted once thawed"
     ));
 }
