@@ -547,17 +547,16 @@ pub struct JournalConfig {
     pub stalled_after: Duration,
 
     /// ack=journal: a new journal segment file is started once the active one holds this
-    /// many bytes; the flusher deletes a closed segment once the store has all of its
-    /// records. Smaller segments give disk space back sooner after a database outage
-    /// (at least 1048576, 1 MiB).
+    /// many bytes; a closed segment is deleted (by the journal's writer thread) once the
+    /// store has all of its records. Smaller segments give disk space back sooner after a
+    /// database outage (at least 1048576, 1 MiB).
     #[arg(long = "journal-segment-bytes", value_name = "JOURNAL_SEGMENT_BYTES", env = "TALLY_JOURNAL_SEGMENT_BYTES",
           default_value_t = crate::journal::DEFAULT_SEGMENT_BYTES)]
     pub segment_bytes: u64,
 }
 
-/// Smallest `--journal-segment-bytes`: the size a commit zero-fills ahead of its records,
-/// so that a segment holds many groups and a new file (created, directory fsynced) is rare.
-pub const MIN_JOURNAL_SEGMENT_BYTES: u64 = 1 << 20;
+/// Smallest `--journal-segment-bytes`: see [`crate::journal::MIN_SEGMENT_BYTES`].
+pub const MIN_JOURNAL_SEGMENT_BYTES: u64 = crate::journal::MIN_SEGMENT_BYTES;
 
 /// Bearer credentials: a static token and/or JWT keys.
 #[derive(Debug, Clone, Args)]

@@ -75,7 +75,8 @@
 //! batch up to `applied_seq`, [`Journal::trim`] deletes each *closed* segment whose highest
 //! seq is `<= applied_seq` (the active segment is never deleted while the writer runs);
 //! [`Journal::trim_later`] has the writer thread do it, so that the caller (the flusher)
-//! never waits on a stalled disk. [`Journal::close`] stops the writer after it has written everything queued and, if every
+//! never waits on a stalled disk.
+//! [`Journal::close`] stops the writer after it has written everything queued and, if every
 //! record in every segment has `seq <= applied_seq`, deletes all segments, so a clean
 //! restart starts with an empty journal. Deletions are followed by a directory fsync.
 //! Segments replayed on open are closed segments too: the first `trim` after the store has
@@ -161,6 +162,11 @@ pub const COMMIT_SIBLINGS: usize = 5;
 
 /// Default [`JournalOptions::segment_bytes`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Smallest [`JournalOptions::segment_bytes`] the service allows: what a commit zero-fills
+/// ahead of its records, so that a segment holds many groups and a new file (created,
+/// directory fsynced) stays rare. (Tests go below it.)
+pub const MIN_SEGMENT_BYTES: u64 = writer::PREALLOCATE_BYTES;
 
 /// Tunables for [`Journal::open`].
 #[derive(Clone)]
@@ -824,7 +830,6 @@ impl Shared {
         changed
     }
 
-    /// Deletes the given segments (already gone is fine), then fsyncs the directory.
     /// Takes the closed segments whose highest seq is `<= applied_seq` off the list, for
     /// the caller to delete.
     fn applied_segments(&self, applied_seq: u64) -> Vec<u64> {
@@ -835,13 +840,13 @@ impl Shared {
             .collect()
     }
 
+    /// Deletes the given segments (already gone is fine), then fsyncs the directory.
     fn remove_segments(&self, numbers: &[u64]) -> Result<(), JournalError> {
         for &n in numbers {
             writer::remove(&self.dir, n)?;
         }
         if !numbers.is_empty() {
             writer::sync_dir(&self.dir)?;
-            tracing::debug!(segments = ?numbers, "Trimmed the journal.");
         }
         Ok(())
     }
@@ -1107,6 +1112,9 @@ impl Journal {
     pub fn trim(&self, applied_seq: u64) -> Result<usize, JournalError> {
         let doomed = self.shared.applied_segments(applied_seq);
         self.shared.remove_segments(&doomed)?;
+        if !doomed.is_empty() {
+            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
+        }
         Ok(doomed.len())
     }
 
@@ -1194,8 +1202,9 @@ impl Journal {
 impl Drop for Journal {
     /// Lets the writer finish what is still queued (appends whose futures were dropped) and
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
-    /// for at most two group writes (one a serving thread began, and the writer's); after
-    /// [`Journal::close`] it returns at once.
+    /// for at most two group writes (one a serving thread began, and the writer's) and the
+    /// deletions [`Journal::trim_later`] handed it; after [`Journal::close`] it returns at
+    /// once.
     fn drop(&mut self) {
         let mut queue = self.shared.queue();
         queue.closing = true;

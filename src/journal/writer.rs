@@ -153,7 +153,7 @@ pub(super) struct Group {
 /// through the filesystem's journal. Measured on this project's disk (ext4 on a virtual
 /// disk, 2 KiB per fsync): 200-240 µs → 125 µs of wall time and 85-100 → 40-55 µs of CPU per
 /// `fdatasync` (docs/benchmarks.md). The size changes once per chunk instead.
-const PREALLOCATE_BYTES: u64 = 1 << 20;
+pub(super) const PREALLOCATE_BYTES: u64 = 1 << 20;
 
 /// What the zero-fill writes from.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -183,6 +183,12 @@ impl Drop for ExitGuard<'_> {
         // Dropping the senders answers whoever waits on them.
         drop(std::mem::take(&mut queue.close_acks));
         drop(std::mem::take(&mut queue.recover));
+        // Handed over too late to delete: back on the list, as applied, for `close`.
+        let doomed = std::mem::take(&mut queue.doomed);
+        self.0
+            .segments()
+            .closed
+            .extend(doomed.into_iter().map(|n| (n, 0)));
         let wakers = [
             std::mem::take(&mut queue.wakers),
             std::mem::take(&mut queue.committing),
@@ -245,6 +251,7 @@ pub(super) fn run(shared: &Shared) {
         // The committer first, then the queue: the order every committer takes them in.
         let mut guard = shared.committer();
         let Some(committer) = guard.as_mut() else {
+            remove_doomed(shared, &doomed);
             return;
         };
         committer.commit_queued(shared, shared.queue());
@@ -259,22 +266,27 @@ pub(super) fn run(shared: &Shared) {
             }
             return;
         }
-        // Without the committer's lock: serving threads go on committing meanwhile.
+        // Without the committer's lock, and after any group left to it: serving threads go
+        // on committing meanwhile, and no group waits for the deletions.
         drop(guard);
-        remove_doomed(shared, &doomed);
         shared.lead_if_wanted();
+        remove_doomed(shared, &doomed);
     }
 }
 
 /// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over.
 fn remove_doomed(shared: &Shared, doomed: &[u64]) {
-    if let Err(e) = shared.remove_segments(doomed) {
-        tracing::warn!(
+    if doomed.is_empty() {
+        return;
+    }
+    match shared.remove_segments(doomed) {
+        Ok(()) => tracing::debug!(segments = ?doomed, "Trimmed the journal."),
+        Err(e) => tracing::warn!(
             error = %e,
             segments = ?doomed,
             "Could not delete journal segments the store has every record of; they are \
              replayed, and skipped, on the next start."
-        );
+        ),
     }
 }
 
