@@ -555,9 +555,6 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
 }
 
-/// Smallest `--journal-segment-bytes`: see [`crate::journal::MIN_SEGMENT_BYTES`].
-pub const MIN_JOURNAL_SEGMENT_BYTES: u64 = crate::journal::MIN_SEGMENT_BYTES;
-
 /// Bearer credentials: a static token and/or JWT keys.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Authorization")]
@@ -823,10 +820,13 @@ impl JournalConfig {
                 "must be at least 1s: a stall is looked for once a second",
             );
         }
-        if self.segment_bytes < MIN_JOURNAL_SEGMENT_BYTES {
+        if self.segment_bytes < crate::journal::MIN_SEGMENT_BYTES {
             return fail(
                 "journal-segment-bytes",
-                "must be at least 1048576 (1 MiB), so that new segment files stay rare",
+                format!(
+                    "must be at least {} (1 MiB), so that new segment files stay rare",
+                    crate::journal::MIN_SEGMENT_BYTES
+                ),
             );
         }
         Ok(())

@@ -433,8 +433,9 @@ async fn keep_journal_writable(journal: Arc<Journal>, stop: CancellationToken) {
 /// Logs each stall of the journal's disk once, when a write and fsync has run past
 /// `--journal-stalled-after` (the journal logs its end). From a thread of its own, which
 /// wakes once a second: the thread stuck in the fsync may be a serving thread, and the
-/// journal's writer thread may be stuck on the same disk. It holds the journal only while it looks, so that a journal dropped at
-/// shutdown is not kept open (its lock with it); it ends within a second of `stop`.
+/// journal's writer thread may be stuck on the same disk. It holds the journal only while
+/// it looks, so that a journal dropped at shutdown is not kept open (its lock with it); it
+/// ends within a second of `stop`.
 fn watch_for_stalls(journal: &Arc<Journal>, stop: CancellationToken) -> std::io::Result<()> {
     let journal = Arc::downgrade(journal);
     std::thread::Builder::new()

@@ -226,8 +226,8 @@ const KEEP_BUFFER_BYTES: usize = 1 << 20;
 /// `Journal::follow_workers`): those with records appended elsewhere (tests, other
 /// runtimes), which a commit delay may gather, overdue ones, and any left to it for
 /// `leader_wait`; answers `recover` and `close`, and deletes the segments `trim_later`
-/// hands over. Returns once the journal is closed or
-/// dropped, after writing everything appended before that.
+/// hands over. Returns once the journal is closed or dropped, after writing everything
+/// appended before that.
 pub(super) fn run(shared: &Shared) {
     let _exit = ExitGuard(shared);
     loop {

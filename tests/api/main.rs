@@ -8,6 +8,8 @@ mod both_stores;
 #[path = "../common/mod.rs"]
 mod common;
 mod helpers;
+#[path = "../common/journal.rs"]
+mod journal;
 #[path = "../common/metrics.rs"]
 mod metrics;
 #[path = "../common/pg.rs"]

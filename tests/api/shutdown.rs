@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::both_stores::on_both_stores;
 use crate::common::Backend;
+use crate::journal::journal_segments;
 use crate::pg::shout;
 use crate::store::stored_counters;
 
@@ -165,19 +166,6 @@ async fn send_increments(client: &reqwest::Client, address: &str) -> BTreeMap<St
         *want.entry(format!("batch-{}", i % 5)).or_default() += i;
     }
     want
-}
-
-/// The journal's segment files left in `data_dir`.
-fn journal_segments(data_dir: &Path) -> Vec<String> {
-    std::fs::read_dir(data_dir.join("journal"))
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.ends_with(".log"))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn sigterm_flushes_every_pending_delta_before_exit_0(backend: Backend, ack: Option<&str>) {

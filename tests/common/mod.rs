@@ -8,6 +8,7 @@
 //! | `pg.rs` | a fresh PostgreSQL database per test | api, durability, store_contract |
 //! | `both_stores.rs` | `on_both_stores!`: one test per store | api, store_contract |
 //! | `store.rs` | reading every counter with plain SQL | api, durability, store_contract |
+//! | `journal.rs` | the journal's segment files in a data directory | api, durability |
 //! | `app.rs` | `TestApp`: the app in process on port 0 | api, durability, hardening |
 //! | `requests.rs` | `TestApp`'s increment/read requests | api |
 //! | `metrics.rs` | scraping `/metrics` | api, durability, hardening, store_contract |

@@ -18,6 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::data_dir;
+use crate::journal::journal_segments;
 use crate::metrics::metric;
 use crate::pg::{PgDatabase, shout};
 use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment, increment_answer};
@@ -103,6 +104,24 @@ fn run(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The flags both tests run tally with, then `more`: a stall reported after
+/// `STALLED_AFTER`, requests timing out after `REQUEST_TIMEOUT`, and two serving threads,
+/// one to be stuck in the commit and one to answer (whatever the machine's cores).
+fn stall_flags(more: &[&str]) -> Vec<String> {
+    [
+        "--journal-stalled-after",
+        STALLED_AFTER,
+        "--request-timeout",
+        REQUEST_TIMEOUT,
+        "--http-threads",
+        "2",
+    ]
+    .iter()
+    .chain(more)
+    .map(|&flag| flag.to_owned())
+    .collect()
+}
+
 /// A GET on a connection of its own, given up after a second: a stalled commit holds the
 /// serving thread that runs it, with its connections, so an attempt may land there.
 async fn get(address: &str, route: &str) -> Option<(u16, String)> {
@@ -174,13 +193,7 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
         return;
     };
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.extra = ["--journal-stalled-after", STALLED_AFTER]
-        .into_iter()
-        .chain(["--request-timeout", REQUEST_TIMEOUT])
-        // One thread stuck in the commit, one to answer (whatever the machine's cores).
-        .chain(["--http-threads", "2"])
-        .map(str::to_owned)
-        .collect();
+    config.extra = stall_flags(&[]);
     let mut tally = Tally::start(&config).await;
     let address = tally.address.clone();
     let client = unpooled().build().expect("a client");
@@ -283,15 +296,6 @@ fn batch_key(i: usize) -> String {
     format!("batch-{i:05}")
 }
 
-/// The journal's segment files.
-fn segments(journal: &Path) -> usize {
-    std::fs::read_dir(journal)
-        .expect("list the journal")
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-        .count()
-}
-
 /// With PostgreSQL the flusher runs on the runtime that also accepts connections. A flush
 /// while the journal's disk is frozen makes closed segments deletable; deleting them must
 /// not hold that runtime until the disk answers: new connections are answered and
@@ -309,14 +313,12 @@ async fn a_stalled_journal_disk_does_not_hold_the_thread_that_accepts_connection
     // A flush only when the keys reach --flush-max-keys (the interval is far off).
     let mut config = TallyConfig::new(dir.path(), Some(&db), "journal", "1h");
     let max_keys = (BATCH_ITEMS + 1).to_string();
-    config.extra = ["--journal-stalled-after", STALLED_AFTER]
-        .into_iter()
-        .chain(["--request-timeout", REQUEST_TIMEOUT])
-        .chain(["--journal-segment-bytes", "1048576"])
-        .chain(["--flush-max-keys", &max_keys])
-        .chain(["--http-threads", "2"])
-        .map(str::to_owned)
-        .collect();
+    config.extra = stall_flags(&[
+        "--journal-segment-bytes",
+        "1048576",
+        "--flush-max-keys",
+        &max_keys,
+    ]);
     let mut tally = Tally::start(&config).await;
     let address = tally.address.clone();
     let client = unpooled().build().expect("a client");
@@ -337,8 +339,7 @@ async fn a_stalled_journal_disk_does_not_hold_the_thread_that_accepts_connection
     }
     disk.freeze();
     let frozen = Instant::now();
-    let journal = dir.path().join("journal");
-    let before_trim = segments(&journal);
+    let before_trim = journal_segments(dir.path()).len();
     assert!(
         before_trim > 1,
         "the batches closed segments ({before_trim} segment files)"
@@ -380,11 +381,11 @@ async fn a_stalled_journal_disk_does_not_hold_the_thread_that_accepts_connection
          {answer:?}"
     );
     let thawed = Instant::now();
-    while segments(&journal) > 1 {
+    while journal_segments(dir.path()).len() > 1 {
         assert!(
             thawed.elapsed() < Duration::from_secs(10),
             "the applied segments are deleted once the disk answers ({} left)",
-            segments(&journal)
+            journal_segments(dir.path()).len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -13,6 +13,8 @@
 mod app;
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../common/journal.rs"]
+mod journal;
 #[path = "../common/metrics.rs"]
 mod metrics;
 #[path = "../common/pg.rs"]

@@ -1,0 +1,16 @@
+//! Looking at a data directory's journal from outside.
+
+use std::path::Path;
+
+/// The journal's segment files left in `data_dir` (none if it has no journal).
+pub fn journal_segments(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("journal"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.ends_with(".log"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
