@@ -59,6 +59,9 @@ pub const JOURNAL_STALLED: &str = "tally_journal_stalled";
 /// Journal writes and fsyncs that ran longer than `--journal-stalled-after`, counted as each
 /// ends (a stall too short for a scrape to catch in progress shows here).
 pub const JOURNAL_STALLS: &str = "tally_journal_stalls_total";
+/// Bytes the journal's segment files take on disk. It grows while the store is behind (a
+/// database outage) and falls as the store catches up and segments are deleted.
+pub const JOURNAL_BYTES: &str = "tally_journal_bytes";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -107,6 +110,8 @@ pub struct Metrics {
     pub journal_stalled: Gauge,
     /// [`JOURNAL_STALLS`], set from the journal's own count at scrape time.
     pub journal_stalls: Counter,
+    /// [`JOURNAL_BYTES`], set at scrape time.
+    pub journal_bytes: Gauge,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -210,6 +215,7 @@ impl Metrics {
                 journal_failed: metrics::gauge!(JOURNAL_FAILED),
                 journal_stalled: metrics::gauge!(JOURNAL_STALLED),
                 journal_stalls: metrics::counter!(JOURNAL_STALLS),
+                journal_bytes: metrics::gauge!(JOURNAL_BYTES),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -354,6 +360,11 @@ fn describe() {
     describe_counter!(
         JOURNAL_STALLS,
         "Journal writes and fsyncs that ran longer than --journal-stalled-after, counted as each ends."
+    );
+    describe_gauge!(
+        JOURNAL_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes the journal's segment files take on disk; grows while the store is behind."
     );
     describe_counter!(
         RATE_LIMITED,

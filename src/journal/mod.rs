@@ -195,7 +195,9 @@ pub struct JournalOptions {
     /// records are queued. Default 20 ms.
     pub leader_wait: Duration,
     /// A group's write and fsync still running after this long means a stalled disk
-    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. Default 5 s.
+    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. A journal that
+    /// has written nothing for this long has its writer thread write and fsync one byte (a
+    /// probe), so that a disk that stopped answering while idle is noticed too. Default 5 s.
     pub stalled_after: Duration,
 }
 
@@ -390,6 +392,7 @@ impl Drop for Busy<'_> {
             self.0.stalls.fetch_add(1, Ordering::Relaxed);
         }
         self.0.busy_since.store(0, Ordering::Release);
+        self.0.answered_at.store(self.0.stamp(), Ordering::Relaxed);
     }
 }
 
@@ -411,6 +414,10 @@ struct Shared {
     /// ([`Shared::stamp`]); 0 while it commits none. Read by [`Journal::stalled`], which
     /// must answer while that write or fsync hangs, so it takes no lock.
     busy_since: AtomicU64,
+    /// When the last write and fsync ended, however it ended ([`Shared::stamp`]; 0: none
+    /// yet). The writer thread probes a disk idle for `stalled_after` (see
+    /// `writer::Writer::probe`).
+    answered_at: AtomicU64,
     /// Group writes and fsyncs (and recovery probes) that ran at least `stalled_after`,
     /// counted as each ends ([`Busy`]): [`Journal::stalls`].
     stalls: AtomicU64,
@@ -474,9 +481,11 @@ struct Queue {
     closing: bool,
     close_acks: Vec<oneshot::Sender<()>>,
     recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
+    /// The disk has written nothing for `stalled_after`: the writer thread probes it.
+    probe_due: bool,
     /// Closed segments whose every record the store has (see [`Journal::trim_later`]): the
     /// writer thread deletes them.
-    doomed: Vec<u64>,
+    doomed: Vec<(u64, Closed)>,
     /// Whether the writer sleeps on `wake_writer`, and so who has to notify it.
     writer_sleep: writer::Sleep,
     /// `buf` holds a record that no serving thread will commit (it was appended elsewhere):
@@ -496,12 +505,59 @@ struct Queued {
     ticket: Option<Ticket>,
 }
 
-/// Which segments exist and the highest seq in each.
+/// Which segments exist, the highest seq in each and their sizes.
 struct Segments {
-    /// Closed segment number → highest seq in it (0 if it has no readable record).
-    closed: BTreeMap<u64, u64>,
+    closed: BTreeMap<u64, Closed>,
+    /// Bytes of the segments taken off `closed` to be deleted, until they are.
+    deleting: u64,
     active: u64,
     active_max_seq: u64,
+    /// Bytes of the active segment's file: its records and the zeros written ahead of them.
+    active_bytes: u64,
+}
+
+impl Segments {
+    /// Takes the closed segments `doomed` picks off the list, to be deleted; their bytes
+    /// count as `deleting` until they are.
+    fn take_closed(&mut self, mut doomed: impl FnMut(&Closed) -> bool) -> Vec<(u64, Closed)> {
+        let taken: Vec<_> = (self.closed)
+            .extract_if(.., |_, closed| doomed(closed))
+            .collect();
+        self.deleting += bytes(&taken);
+        taken
+    }
+
+    /// Takes every segment, the active one too, to be deleted (the journal is closed).
+    fn take_all(&mut self) -> Vec<(u64, Closed)> {
+        let mut all = self.take_closed(|_| true);
+        let active = Closed {
+            max_seq: self.active_max_seq,
+            bytes: std::mem::take(&mut self.active_bytes),
+        };
+        self.deleting += active.bytes;
+        all.push((self.active, active));
+        all
+    }
+
+    /// Puts segments taken to be deleted back on the closed list (they were not deleted).
+    fn put_back(&mut self, doomed: Vec<(u64, Closed)>) {
+        self.deleting -= bytes(&doomed);
+        self.closed.extend(doomed);
+    }
+}
+
+/// The bytes of segments taken off the list.
+fn bytes(segments: &[(u64, Closed)]) -> u64 {
+    segments.iter().map(|(_, c)| c.bytes).sum()
+}
+
+/// A closed segment, as trimming and [`Journal::disk_bytes`] need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Closed {
+    /// The highest seq in it (0 if it has no readable record).
+    pub(super) max_seq: u64,
+    /// The file's size.
+    pub(super) bytes: u64,
 }
 
 /// Requests wait through a relay for the settled position (see `crate::relay`); the end of
@@ -619,6 +675,13 @@ impl Shared {
     /// How long the write and fsync of the group being committed have been running, if one is.
     fn busy_for(&self) -> Option<Duration> {
         self.since(self.busy_since.load(Ordering::Acquire))
+    }
+
+    /// How long since the disk last answered a write and fsync (since the journal opened,
+    /// if it has not yet).
+    fn disk_idle_for(&self) -> Duration {
+        self.since(self.answered_at.load(Ordering::Relaxed))
+            .unwrap_or_else(|| self.opened.elapsed())
     }
 
     /// Marks a group's write and fsync (or a recovery's probe) as begun, until the returned
@@ -831,24 +894,27 @@ impl Shared {
     }
 
     /// Takes the closed segments whose highest seq is `<= applied_seq` off the list, for
-    /// the caller to delete.
-    fn applied_segments(&self, applied_seq: u64) -> Vec<u64> {
+    /// the caller to delete with [`Shared::remove_segments`].
+    fn applied_segments(&self, applied_seq: u64) -> Vec<(u64, Closed)> {
         self.segments()
-            .closed
-            .extract_if(.., |_, max_seq| *max_seq <= applied_seq)
-            .map(|(n, _)| n)
-            .collect()
+            .take_closed(|closed| closed.max_seq <= applied_seq)
     }
 
-    /// Deletes the given segments (already gone is fine), then fsyncs the directory.
-    fn remove_segments(&self, numbers: &[u64]) -> Result<(), JournalError> {
-        for &n in numbers {
-            writer::remove(&self.dir, n)?;
-        }
-        if !numbers.is_empty() {
-            writer::sync_dir(&self.dir)?;
-        }
-        Ok(())
+    /// Deletes segments taken off the list (already gone is fine), then fsyncs the
+    /// directory. They are no longer counted in [`Journal::disk_bytes`] either way.
+    fn remove_segments(&self, doomed: &[(u64, Closed)]) -> Result<(), JournalError> {
+        let result = doomed
+            .iter()
+            .try_for_each(|&(n, _)| writer::remove(&self.dir, n));
+        let result = result.and_then(|()| {
+            if doomed.is_empty() {
+                Ok(())
+            } else {
+                writer::sync_dir(&self.dir)
+            }
+        });
+        self.segments().deleting -= bytes(doomed);
+        result
     }
 }
 
@@ -938,13 +1004,16 @@ impl Journal {
             opened: Instant::now(),
             pending_since: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
+            answered_at: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
                 closed,
+                deleting: 0,
                 active,
                 active_max_seq: 0,
+                active_bytes: 0,
             }),
             queue: Mutex::default(),
             wake_writer: Condvar::new(),
@@ -1072,6 +1141,16 @@ impl Journal {
         self.shared.stalls.load(Ordering::Relaxed)
     }
 
+    /// Bytes the journal's segment files take: every segment not yet deleted (those handed
+    /// to the writer thread to delete included) and the active one with the zeros written
+    /// ahead of its records. Kept in memory as segments are written, rotated, replayed and
+    /// deleted, so it answers without touching the disk, also while the disk stalls. A
+    /// segment whose deletion failed is no longer counted (that failure is logged).
+    pub fn disk_bytes(&self) -> u64 {
+        let segs = self.shared.segments();
+        segs.closed.values().map(|c| c.bytes).sum::<u64>() + segs.deleting + segs.active_bytes
+    }
+
     /// The error that failed the journal, while it is failed.
     pub fn failure(&self) -> Option<JournalError> {
         self.shared.failure()
@@ -1113,7 +1192,8 @@ impl Journal {
         let doomed = self.shared.applied_segments(applied_seq);
         self.shared.remove_segments(&doomed)?;
         if !doomed.is_empty() {
-            tracing::debug!(segments = ?doomed, applied_seq, "Trimmed the journal.");
+            let segments: Vec<u64> = doomed.iter().map(|&(n, _)| n).collect();
+            tracing::debug!(?segments, applied_seq, "Trimmed the journal.");
         }
         Ok(doomed.len())
     }
@@ -1176,7 +1256,7 @@ impl Journal {
             let max_seq = segs
                 .closed
                 .values()
-                .copied()
+                .map(|closed| closed.max_seq)
                 .fold(segs.active_max_seq, u64::max);
             if max_seq > applied_seq {
                 tracing::info!(
@@ -1186,9 +1266,7 @@ impl Journal {
                 );
                 return Ok(());
             }
-            let mut all: Vec<u64> = std::mem::take(&mut segs.closed).into_keys().collect();
-            all.push(segs.active);
-            all
+            segs.take_all()
         };
         self.shared.remove_segments(&doomed)?;
         tracing::info!(

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{JournalError, ReplayedRecord, record, writer};
+use super::{Closed, JournalError, ReplayedRecord, record, writer};
 
 /// What [`replay`] may change in the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +16,7 @@ pub(super) enum Repair {
 
 /// Replays segments `numbers` (ascending) of `dir`, handing each record to `on_record` as
 /// it is read (one segment's bytes are in memory at a time, never every record). Returns
-/// the bytes cut or skipped and, for every segment kept, its highest seq. The rest of a
+/// the bytes cut or skipped and, for every segment kept, its highest seq and size. The rest of a
 /// segment after a bad record is skipped; with [`Repair::Yes`] a bad tail of the last
 /// segment is truncated off and empty segments are deleted.
 pub(super) fn replay(
@@ -24,7 +24,7 @@ pub(super) fn replay(
     numbers: &[u64],
     repair: Repair,
     on_record: &mut dyn FnMut(ReplayedRecord),
-) -> Result<(u64, BTreeMap<u64, u64>), JournalError> {
+) -> Result<(u64, BTreeMap<u64, Closed>), JournalError> {
     let mut cut_bytes = 0;
     let mut kept = BTreeMap::new();
     let mut deleted_any = false;
@@ -46,6 +46,7 @@ pub(super) fn replay(
 
         let mut offset = 0;
         let mut max_seq = 0;
+        let mut bytes = data.len() as u64;
         while offset < data.len() {
             match record::decode(&data[offset..]) {
                 Ok((rec, used)) => {
@@ -58,6 +59,7 @@ pub(super) fn replay(
                 Err(_) if data[offset..].iter().all(|&b| b == 0) => {
                     if is_last && repairing {
                         writer::truncate(&path, offset as u64)?;
+                        bytes = offset as u64;
                     }
                     break;
                 }
@@ -72,6 +74,7 @@ pub(super) fn replay(
                             "Cutting a torn or corrupt tail off the last journal segment."
                         );
                         writer::truncate(&path, offset as u64)?;
+                        bytes = offset as u64;
                     } else if is_last {
                         tracing::warn!(
                             segment = %path.display(), offset, bytes_skipped = cut, %reason,
@@ -93,7 +96,7 @@ pub(super) fn replay(
             deleted_any = true;
             continue;
         }
-        kept.insert(n, max_seq);
+        kept.insert(n, Closed { max_seq, bytes });
     }
     if deleted_any {
         writer::sync_dir(dir)?;

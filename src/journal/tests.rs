@@ -751,6 +751,106 @@ async fn trim_later_has_the_writer_thread_delete_applied_segments() {
     );
 }
 
+/// What the segment files in `dir` take, read from the disk.
+fn files_bytes(dir: &Path) -> u64 {
+    segment_files(dir)
+        .iter()
+        .map(|p| fs::metadata(p).expect("stat a segment").len())
+        .sum()
+}
+
+#[tokio::test]
+async fn disk_bytes_is_what_the_segment_files_take() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (journal, _) = open(dir.path(), 100);
+        assert_eq!(journal.disk_bytes(), 0, "an empty active segment");
+        append_seqs(&journal, 1..=9).await; // segments {1,2,3} {4,5,6} and active {7,8,9}
+        let written = journal.disk_bytes();
+        assert!(written > 0, "three segments hold records");
+        assert_eq!(
+            written,
+            files_bytes(dir.path()),
+            "after appends and rotations"
+        );
+        journal.trim(3).expect("trim");
+        assert!(
+            journal.disk_bytes() < written,
+            "a deleted segment no longer counts"
+        );
+        assert_eq!(journal.disk_bytes(), files_bytes(dir.path()), "after trim");
+        assert_eq!(journal.trim_later(u64::MAX), 1);
+        let asked = std::time::Instant::now();
+        while segment_files(dir.path()).len() > 1 {
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "the writer deletes it"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            journal.disk_bytes(),
+            files_bytes(dir.path()),
+            "after trim_later"
+        );
+    }
+    // A torn record after the last one: cut on open, and not counted.
+    let last = segment_files(dir.path()).pop().expect("a segment is left");
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(&last)
+        .expect("open");
+    std::io::Write::write_all(&mut file, &[7; 40]).expect("tear");
+    let (journal, replay) = open(dir.path(), 100);
+    assert_eq!(seqs(&replay), vec![7, 8, 9]);
+    assert_eq!(
+        journal.disk_bytes(),
+        files_bytes(dir.path()),
+        "after replay"
+    );
+    append_seqs(&journal, 10..=11).await;
+    assert_eq!(
+        journal.disk_bytes(),
+        files_bytes(dir.path()),
+        "appended after replay"
+    );
+    journal.close(11).await.expect("close");
+    assert_eq!(
+        (journal.disk_bytes(), files_bytes(dir.path())),
+        (0, 0),
+        "closed, all applied"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_journal_probes_its_disk_without_changing_what_replays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = JournalOptions {
+        stalled_after: Duration::from_millis(50),
+        ..opts(DEFAULT_SEGMENT_BYTES)
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    let active = segment_files(dir.path()).pop().expect("the active segment");
+    let opened = std::time::Instant::now();
+    while fs::metadata(&active).expect("stat").len() == 0 {
+        assert!(
+            opened.elapsed() < Duration::from_secs(5),
+            "the writer probes a disk it has not written to"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fs::read(&active).expect("read"), vec![0], "one zero byte");
+    assert_eq!(journal.disk_bytes(), 1, "the probe's byte is counted");
+    append_seqs(&journal, 1..=2).await;
+    assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
+    // Idle again: probes over the zeros written ahead of the records.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
+    drop(journal);
+    let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
+    assert_eq!((seqs(&replay), replay.cut_bytes), (vec![1, 2], 0));
+}
+
 #[tokio::test]
 async fn reopening_without_appends_replays_the_same() {
     let dir = tempfile::tempdir().expect("tempdir");

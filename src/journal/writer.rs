@@ -11,7 +11,7 @@ use std::sync::{MutexGuard, PoisonError};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
-use super::{COMMIT_SIBLINGS, GroupStats, JournalError, Queue, Shared, io_err};
+use super::{COMMIT_SIBLINGS, Closed, GroupStats, JournalError, Queue, Shared, io_err};
 
 const PREFIX: &str = "journal-";
 const SUFFIX: &str = ".log";
@@ -183,12 +183,9 @@ impl Drop for ExitGuard<'_> {
         // Dropping the senders answers whoever waits on them.
         drop(std::mem::take(&mut queue.close_acks));
         drop(std::mem::take(&mut queue.recover));
-        // Handed over too late to delete: back on the list, as applied, for `close`.
+        // Handed over too late to delete: back on the list, for `close`.
         let doomed = std::mem::take(&mut queue.doomed);
-        self.0
-            .segments()
-            .closed
-            .extend(doomed.into_iter().map(|n| (n, 0)));
+        self.0.segments().put_back(doomed);
         let wakers = [
             std::mem::take(&mut queue.wakers),
             std::mem::take(&mut queue.committing),
@@ -244,6 +241,7 @@ pub(super) fn run(shared: &Shared) {
             queue
         };
         let recover = std::mem::take(&mut queue.recover);
+        let probe = std::mem::take(&mut queue.probe_due);
         let doomed = std::mem::take(&mut queue.doomed);
         let closing = queue.closing;
         let close_acks = std::mem::take(&mut queue.close_acks);
@@ -255,6 +253,9 @@ pub(super) fn run(shared: &Shared) {
             return;
         };
         committer.commit_queued(shared, shared.queue());
+        if probe {
+            committer.writer.probe(shared);
+        }
         for done in recover {
             let _ = done.send(committer.writer.recover(shared));
         }
@@ -275,15 +276,17 @@ pub(super) fn run(shared: &Shared) {
 }
 
 /// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over.
-fn remove_doomed(shared: &Shared, doomed: &[u64]) {
+fn remove_doomed(shared: &Shared, doomed: &[(u64, Closed)]) {
     if doomed.is_empty() {
         return;
     }
-    match shared.remove_segments(doomed) {
-        Ok(()) => tracing::debug!(segments = ?doomed, "Trimmed the journal."),
+    let result = shared.remove_segments(doomed);
+    let segments: Vec<u64> = doomed.iter().map(|&(n, _)| n).collect();
+    match result {
+        Ok(()) => tracing::debug!(?segments, "Trimmed the journal."),
         Err(e) => tracing::warn!(
             error = %e,
-            segments = ?doomed,
+            ?segments,
             "Could not delete journal segments the store has every record of; they are \
              replayed, and skipped, on the next start."
         ),
@@ -307,10 +310,20 @@ fn wait_for_work<'a>(
         if queue.buf.is_empty() {
             // The next append wakes it.
             queue.writer_sleep = Sleep::Idle;
-            queue = shared
+            let (woken, timeout) = shared
                 .wake_writer
-                .wait(queue)
+                .wait_timeout(queue, shared.stalled_after)
                 .unwrap_or_else(PoisonError::into_inner);
+            queue = woken;
+            if timeout.timed_out()
+                && queue.buf.is_empty()
+                && shared.disk_idle_for() >= shared.stalled_after
+                && !shared.is_failed.load(Ordering::Acquire)
+            {
+                queue.writer_sleep = Sleep::Awake;
+                queue.probe_due = true;
+                return queue;
+            }
             continue;
         }
         // Records a serving thread appended: the last of them to run dry commits them.
@@ -420,16 +433,52 @@ impl Writer {
 
     /// Makes `group` durable, or fails it and turns the journal failed.
     fn commit(&mut self, shared: &Shared, bytes: &[u8], group: &Group) -> Result<(), JournalError> {
+        self.watched(shared, group.records, |writer| {
+            writer.write_and_sync(shared, bytes, group)
+        })
+    }
+
+    /// Writes one zero byte where the next record goes and fsyncs it: a disk that has
+    /// written nothing for `stalled_after` is tried, so that one that stopped answering
+    /// while idle is reported stalled ([`super::Journal::stalled`], `/readyz`) before an
+    /// increment waits on it, and one that fails turns the journal failed. The byte lies
+    /// over the zeros written ahead of the records, or past the last record: the next
+    /// group overwrites it, and replay ends at a zeroed tail either way.
+    pub(super) fn probe(&mut self, shared: &Shared) {
+        let _ = self.watched(shared, 0, |writer| {
+            let seg = || path(&shared.dir, writer.number);
+            writer
+                .file
+                .write_all_at(&[0], writer.len)
+                .map_err(|e| io_err("write a probe to", &seg())(e))?;
+            writer
+                .file
+                .sync_data()
+                .map_err(|e| io_err("fsync", &seg())(e))?;
+            writer.allocated = writer.allocated.max(writer.len + 1);
+            shared.segments().active_bytes = writer.allocated;
+            Ok(())
+        });
+    }
+
+    /// Runs `write` (a write and fsync of `records` records) as watched for stalls: logs a
+    /// stall's end, and on an error turns the journal failed. Refused while it is failed.
+    fn watched(
+        &mut self,
+        shared: &Shared,
+        records: usize,
+        write: impl FnOnce(&mut Self) -> Result<(), JournalError>,
+    ) -> Result<(), JournalError> {
         shared.check_failed()?;
         let busy = shared.busy();
-        let result = self.write_and_sync(shared, bytes, group);
+        let result = write(self);
         let took = busy.running();
         drop(busy);
         if took >= shared.stalled_after && result.is_ok() {
             // The service logged the stall's start (`Journal::stalled`); its end is known here.
             tracing::info!(
                 took_secs = took.as_secs_f64(),
-                records = group.records,
+                records,
                 segment = self.number,
                 "The journal's disk answered again: a write and fsync completed after {:.1}s.",
                 took.as_secs_f64()
@@ -440,7 +489,7 @@ impl Writer {
         {
             tracing::error!(
                 error = %err,
-                records = group.records,
+                records,
                 segment = self.number,
                 "Journal write failed; refusing increments until a fresh segment can be written."
             );
@@ -494,7 +543,11 @@ impl Writer {
         self.len = end;
         self.allocated = self.allocated.max(end);
         self.max_seq = self.max_seq.max(group.max_seq);
-        shared.segments().active_max_seq = self.max_seq;
+        {
+            let mut segs = shared.segments();
+            segs.active_max_seq = self.max_seq;
+            segs.active_bytes = self.allocated;
+        }
         if let Some(on_sync) = &shared.on_sync {
             on_sync(GroupStats {
                 records: group.records,
@@ -553,12 +606,19 @@ impl Writer {
         let _ = remove(&shared.dir, next);
         let file = create(&shared.dir, next)?;
         self.trim_tail(shared);
+        // What a failed write left is in the file's size, not in `allocated`.
+        let bytes = self.file.metadata().map_or(self.allocated, |m| m.len());
         self.file = file;
         {
             let mut segs = shared.segments();
-            segs.closed.insert(self.number, self.max_seq);
+            let closed = Closed {
+                max_seq: self.max_seq,
+                bytes,
+            };
+            segs.closed.insert(self.number, closed);
             segs.active = next;
             segs.active_max_seq = 0;
+            segs.active_bytes = 0;
         }
         tracing::debug!(
             closed = self.number,

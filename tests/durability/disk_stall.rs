@@ -6,7 +6,8 @@
 //! line says so, and the store holds every increment sent exactly once: a timed-out one was
 //! taken, and is counted, but never twice. With PostgreSQL, where the flusher shares a
 //! thread with the accept loop, a flush during the stall does not hold that thread: the
-//! journal's own writer thread deletes the segments it makes deletable.
+//! journal's own writer thread deletes the segments it makes deletable. An idle instance
+//! notices the stall too: its journal probes a disk it has not written to for a while.
 //!
 //! The stall is a real one: the journal directory is an ext4 filesystem of its own (a loop
 //! device) that the test freezes with `fsfreeze`, which blocks every write and fsync in it
@@ -168,6 +169,26 @@ async fn until_metric_is(address: &str, series: &str, value: f64) {
     .await;
 }
 
+/// Stops `tally` with SIGTERM once the stall is over, and checks that its log has one line
+/// when the disk stalled and one when it answered again.
+async fn stop_having_logged_one_stall(tally: &mut Tally) {
+    // The watch logs the end within a second of it.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
+    let log = tally.log();
+    assert_logged_once(
+        &log,
+        "The journal's disk is stalled",
+        "when the disk stalls",
+    );
+    assert_logged_once(
+        &log,
+        "The journal's disk answered again",
+        "when it answers again",
+    );
+}
+
 /// The journal directory of `dir` on a disk of its own, or `None` after saying loudly why
 /// not (a panic instead with `TALLY_REQUIRE_DISK_STALL=1`).
 fn journal_disk(dir: &Path) -> Option<Disk> {
@@ -186,15 +207,22 @@ fn journal_disk(dir: &Path) -> Option<Disk> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_request() {
+/// A tally on SQLite whose journal directory is on a disk of its own (see [`journal_disk`]),
+/// run with [`stall_flags`].
+async fn sqlite_with_a_journal_disk() -> Option<(tempfile::TempDir, Disk, Tally)> {
     let dir = data_dir();
-    let Some(disk) = journal_disk(dir.path()) else {
-        return;
-    };
+    let disk = journal_disk(dir.path())?;
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
     config.extra = stall_flags(&[]);
-    let mut tally = Tally::start(&config).await;
+    let tally = Tally::start(&config).await;
+    Some((dir, disk, tally))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_request() {
+    let Some((dir, disk, mut tally)) = sqlite_with_a_journal_disk().await else {
+        return;
+    };
     let address = tally.address.clone();
     let client = unpooled().build().expect("a client");
     assert_eq!(increment(&client, &address, "before").await, 202);
@@ -247,21 +275,7 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
     until(&address, "/readyz", "ready again", |s, _| s == 200).await;
     until_metric_is(&address, "tally_journal_stalled", 0.0).await;
     until_metric_is(&address, "tally_journal_stalls_total", 1.0).await;
-    // The watch logs the end within a second of it.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let status = tally.terminate().await;
-    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
-    let log = tally.log();
-    assert_logged_once(
-        &log,
-        "The journal's disk is stalled",
-        "when the disk stalls",
-    );
-    assert_logged_once(
-        &log,
-        "The journal's disk answered again",
-        "when it answers again",
-    );
+    stop_having_logged_one_stall(&mut tally).await;
 
     let counters = Direct::open(dir.path(), None).await.counters().await;
     let mut expected: std::collections::HashMap<String, i64> = (0..WHILE_FROZEN)
@@ -278,6 +292,51 @@ async fn a_stalled_journal_disk_fails_readiness_and_says_so_then_answers_every_r
          and tally_journal_stalled 1 after {noticed:.1?} (--journal-stalled-after {STALLED_AFTER}); \
          of {WHILE_FROZEN} increments sent meanwhile, {timed_out} got 503 timeout at \
          --request-timeout {REQUEST_TIMEOUT}, the rest 202 once thawed; all stored once"
+    ));
+}
+
+/// An instance that gets no increments writes nothing to its journal, so a disk that stops
+/// answering then would go unnoticed until the first increment hung on it: the journal
+/// probes an idle disk (one byte written and fsynced after `--journal-stalled-after` without
+/// a write), and the stall shows in `/readyz` before any increment is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_notices_its_journal_disk_stalled_before_an_increment_waits() {
+    let Some((dir, disk, mut tally)) = sqlite_with_a_journal_disk().await else {
+        return;
+    };
+    let address = tally.address.clone();
+    until(&address, "/readyz", "ready before the stall", |s, _| {
+        s == 200
+    })
+    .await;
+
+    disk.freeze();
+    let frozen = Instant::now();
+    until(
+        &address,
+        "/readyz",
+        "not ready while idle and stalled",
+        |s, body| s == 503 && body.contains("journal's disk is stalled"),
+    )
+    .await;
+    until_metric_is(&address, "tally_journal_stalled", 1.0).await;
+    let noticed = frozen.elapsed();
+    disk.thaw();
+    until(&address, "/readyz", "ready again", |s, _| s == 200).await;
+    until_metric_is(&address, "tally_journal_stalls_total", 1.0).await;
+    let client = unpooled().build().expect("a client");
+    assert_eq!(increment(&client, &address, "after").await, 202);
+    stop_having_logged_one_stall(&mut tally).await;
+    let counters = Direct::open(dir.path(), None).await.counters().await;
+    assert_eq!(
+        counters,
+        std::iter::once(("after".to_owned(), 1)).collect(),
+        "the increment after the thaw is stored once"
+    );
+    drop(disk);
+    shout(&format!(
+        "disk stall while idle: /readyz 503 and tally_journal_stalled 1 {noticed:.1?} after the \
+         freeze with no increment sent (--journal-stalled-after {STALLED_AFTER})"
     ));
 }
 

@@ -192,18 +192,48 @@ async fn readyz(client: &reqwest::Client, address: &str) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_recovery() {
-    let Some(db) = PgDatabase::create("outage").await else {
-        return;
-    };
+/// An app with `ack=journal` whose PostgreSQL is reached through a [`Proxy`].
+struct Proxied {
+    db: PgDatabase,
+    proxy: Proxy,
+    dir: tempfile::TempDir,
+    app: crate::app::TestApp,
+}
+
+/// A fresh database `name` behind a proxy, and an app with `ack=journal` on it, its config
+/// changed by `tweak` first; `None` when no PostgreSQL answers (see `PgDatabase::create`).
+async fn journal_behind_proxy(
+    name: &str,
+    tweak: impl FnOnce(&mut tally::config::Config),
+) -> Option<Proxied> {
+    let db = PgDatabase::create(name).await?;
     let (upstream, _) = via_proxy(&db.url, 0);
     let proxy = Proxy::start(upstream).await;
     let (_, proxied_url) = via_proxy(&db.url, proxy.port);
     let dir = data_dir();
     let mut config = test_config(dir.path(), &Backend::Postgres(proxied_url));
     config.journal.ack = Ack::Journal;
+    tweak(&mut config);
     let app = spawn_app(config, None).await;
+    Some(Proxied {
+        db,
+        proxy,
+        dir,
+        app,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_recovery() {
+    let Some(Proxied {
+        db,
+        proxy,
+        dir,
+        app,
+    }) = journal_behind_proxy("outage", |_| {}).await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     let seed = seed();
     let mut rng = Rng::new(seed);
@@ -288,6 +318,105 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
          stored == acked for all {KEYS} keys (Σ {})",
         ledger.requests_attempted,
         ledger.acked_total()
+    ));
+}
+
+/// Batches the journal-size test sends while the database is cut: 8 × 10,000 entries of
+/// ~24 bytes, about 1.9 MB of records, so 1 MiB segments close one while the store is away.
+const CUT_BATCHES: usize = 8;
+const CUT_BATCH_ITEMS: usize = 10_000;
+
+/// What the journal's segment files in `data_dir` take, read from the disk.
+fn journal_files_bytes(data_dir: &std::path::Path) -> u64 {
+    crate::journal::journal_segments(data_dir)
+        .iter()
+        .map(|name| {
+            let path = data_dir.join("journal").join(name);
+            std::fs::metadata(path).map_or(0, |m| m.len())
+        })
+        .sum()
+}
+
+async fn journal_bytes(client: &reqwest::Client, address: &str) -> u64 {
+    let exposition = crate::metrics::scrape(client, address).await;
+    crate::metrics::metric(&exposition, "tally_journal_bytes") as u64
+}
+
+/// While the database is away the journal holds everything acknowledged since, and the
+/// operator sees how much disk that takes in `tally_journal_bytes`; once the store has
+/// caught up the closed segments are deleted and the gauge falls with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_catches_up() {
+    let small_segments = |config: &mut tally::config::Config| {
+        config.journal.segment_bytes = tally::journal::MIN_SEGMENT_BYTES;
+    };
+    let Some(Proxied {
+        db,
+        proxy,
+        dir,
+        app,
+    }) = journal_behind_proxy("journal_bytes", small_segments).await
+    else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    let empty = journal_bytes(&client, &app.address).await;
+
+    proxy.cut();
+    let body: Vec<_> = (0..CUT_BATCH_ITEMS)
+        .map(|i| serde_json::json!({ "key": format!("away-{i:05}"), "value": 1 }))
+        .collect();
+    for _ in 0..CUT_BATCHES {
+        let answer = client
+            .post(format!("{}/increments", app.address))
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 202, "a batch while the database is cut");
+    }
+    let away = journal_bytes(&client, &app.address).await;
+    let on_disk = journal_files_bytes(dir.path());
+    let segments = crate::journal::journal_segments(dir.path()).len();
+    assert!(segments > 1, "the batches closed a segment");
+    assert_eq!(away, on_disk, "the gauge is what the segment files take");
+    assert!(
+        away > empty + 3 * (tally::journal::MIN_SEGMENT_BYTES / 2),
+        "the journal holds the batches: {empty} → {away} bytes"
+    );
+
+    proxy.restore();
+    let restored_at = Instant::now();
+    let after = std::cell::Cell::new(away);
+    eventually(
+        READYZ_TIMEOUT,
+        "the closed segments are deleted once the store has caught up",
+        || {
+            let (client, address, after) = (&client, &app.address, &after);
+            async move {
+                after.set(journal_bytes(client, address).await);
+                after.get() <= tally::journal::MIN_SEGMENT_BYTES
+            }
+        },
+    )
+    .await;
+    let caught_up_after = restored_at.elapsed();
+    let after = after.get();
+    assert_eq!(
+        after,
+        journal_files_bytes(dir.path()),
+        "the gauge is what the segment files take, after the trim"
+    );
+    app.shutdown().await.expect("drains after the outage");
+    let counters = Direct::open(dir.path(), Some(&db)).await.counters().await;
+    assert_eq!(counters.len(), CUT_BATCH_ITEMS, "every key of the batches");
+    assert!(
+        counters.values().all(|&v| v == CUT_BATCHES as i64),
+        "every increment stored once"
+    );
+    shout(&format!(
+        "journal bytes: {empty} at start, {away} with the database cut ({segments} segment \
+         files), {after} {caught_up_after:.1?} after the restore"
     ));
 }
 
