@@ -116,6 +116,8 @@ impl App {
             commit_delay: config.journal.commit_delay,
             stalled_after: config.journal.stalled_after,
             segment_bytes: config.journal.segment_bytes,
+            // Only where requests wait on the journal: the stall is then reported.
+            probe_idle: config.journal.ack == Ack::Journal,
             ..JournalOptions::default()
         };
         let (journal, replay) = Journal::open(&journal_dir, options)

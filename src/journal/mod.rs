@@ -24,7 +24,9 @@
 //! Each commit zero-fills the active segment up to 1 MiB ahead of its records and writes
 //! each group over those zeros, so that a group's `fdatasync` commits data and not a new file
 //! size; the zeros are cut off when the segment is closed. A crash leaves them: replay ends at
-//! a record boundary followed by nothing but zeros as at the end of the file.
+//! a record boundary followed by nothing but zeros as at the end of the file. So does the one
+//! zero byte the writer thread writes where the next record goes to probe an idle disk
+//! ([`JournalOptions::probe_idle`]).
 //!
 //! `seq` is the batch (generation) the aggregator put these deltas into. The exact layout,
 //! and the rule that it never changes in place, live in [`record`].
@@ -195,10 +197,14 @@ pub struct JournalOptions {
     /// records are queued. Default 20 ms.
     pub leader_wait: Duration,
     /// A group's write and fsync still running after this long means a stalled disk
-    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. A journal that
-    /// has written nothing for this long has its writer thread write and fsync one byte (a
-    /// probe), so that a disk that stopped answering while idle is noticed too. Default 5 s.
+    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. Default 5 s.
     pub stalled_after: Duration,
+    /// Whether the writer thread probes an idle disk: once nothing has been written for
+    /// `stalled_after` (if that is not zero), it writes and fsyncs one zero byte where the
+    /// next record goes, so that a disk that stopped answering while idle shows as stalled
+    /// before an append waits on it, and one that fails turns the journal failed. For a
+    /// journal that acknowledges requests; default off.
+    pub probe_idle: bool,
 }
 
 impl Default for JournalOptions {
@@ -209,6 +215,7 @@ impl Default for JournalOptions {
             commit_delay: Duration::ZERO,
             leader_wait: Duration::from_millis(20),
             stalled_after: Duration::from_secs(5),
+            probe_idle: false,
         }
     }
 }
@@ -221,6 +228,7 @@ impl fmt::Debug for JournalOptions {
             .field("commit_delay", &self.commit_delay)
             .field("leader_wait", &self.leader_wait)
             .field("stalled_after", &self.stalled_after)
+            .field("probe_idle", &self.probe_idle)
             .finish()
     }
 }
@@ -404,21 +412,24 @@ struct Shared {
     commit_delay: Duration,
     leader_wait: Duration,
     stalled_after: Duration,
-    /// When the journal opened: the origin of `pending_since` and `busy_since`.
+    /// The writer thread probes a disk idle for `stalled_after` ([`JournalOptions::probe_idle`]).
+    probe_idle: bool,
+    /// When the journal opened: the origin of `pending_since`, `busy_since` and
+    /// `answered_at`.
     opened: Instant,
     /// When the first record of the group being gathered was queued ([`Shared::stamp`]);
     /// 0 while none is queued. Written under the `queue` lock, read without it by
     /// [`Shared::overdue`].
     pending_since: AtomicU64,
-    /// When the committer began the write and fsync of the group it commits
-    /// ([`Shared::stamp`]); 0 while it commits none. Read by [`Journal::stalled`], which
+    /// When the committer began the write and fsync of the group it commits, or of a probe
+    /// ([`Shared::stamp`]); 0 while it does neither. Read by [`Journal::stalled`], which
     /// must answer while that write or fsync hangs, so it takes no lock.
     busy_since: AtomicU64,
     /// When the last write and fsync ended, however it ended ([`Shared::stamp`]; 0: none
     /// yet). The writer thread probes a disk idle for `stalled_after` (see
     /// `writer::Writer::probe`).
     answered_at: AtomicU64,
-    /// Group writes and fsyncs (and recovery probes) that ran at least `stalled_after`,
+    /// Group writes and fsyncs (and probes, idle or recovering) that ran at least `stalled_after`,
     /// counted as each ends ([`Busy`]): [`Journal::stalls`].
     stalls: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
@@ -677,11 +688,14 @@ impl Shared {
         self.since(self.busy_since.load(Ordering::Acquire))
     }
 
-    /// How long since the disk last answered a write and fsync (since the journal opened,
-    /// if it has not yet).
-    fn disk_idle_for(&self) -> Duration {
-        self.since(self.answered_at.load(Ordering::Relaxed))
-            .unwrap_or_else(|| self.opened.elapsed())
+    /// Whether the writer thread should probe the disk now: it probes idle disks, nothing
+    /// has been written for `stalled_after` (since the journal opened, if nothing yet), and
+    /// the journal is not failed (recovery probes it then).
+    fn probe_due(&self) -> bool {
+        let idle_for = self
+            .since(self.answered_at.load(Ordering::Relaxed))
+            .unwrap_or_else(|| self.opened.elapsed());
+        self.probe_idle && idle_for >= self.stalled_after && !self.is_failed.load(Ordering::Acquire)
     }
 
     /// Marks a group's write and fsync (or a recovery's probe) as begun, until the returned
@@ -1001,6 +1015,7 @@ impl Journal {
             commit_delay: opts.commit_delay,
             leader_wait: opts.leader_wait,
             stalled_after: opts.stalled_after,
+            probe_idle: opts.probe_idle && !opts.stalled_after.is_zero(),
             opened: Instant::now(),
             pending_since: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
@@ -1124,8 +1139,8 @@ impl Journal {
         self.shared.is_failed.load(Ordering::Acquire)
     }
 
-    /// How long the group's write and fsync in progress have been running, once that is at
-    /// least [`JournalOptions::stalled_after`]: the disk has stalled (a frozen or
+    /// How long the write and fsync in progress (a group's, or a probe's) have been
+    /// running, once that is at least [`JournalOptions::stalled_after`]: the disk has stalled (a frozen or
     /// disconnected volume, a storage controller retrying). Appends queue meanwhile and
     /// their requests wait; so do the other connections of a serving thread that commits
     /// (see [`Journal::follow_workers`]). Lock-free, so it answers during the stall.
@@ -1280,7 +1295,8 @@ impl Journal {
 impl Drop for Journal {
     /// Lets the writer finish what is still queued (appends whose futures were dropped) and
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
-    /// for at most two group writes (one a serving thread began, and the writer's) and the
+    /// for at most two group writes (one a serving thread began, and the writer's, or its
+    /// probe) and the
     /// deletions [`Journal::trim_later`] handed it; after [`Journal::close`] it returns at
     /// once.
     fn drop(&mut self) {

@@ -781,18 +781,17 @@ async fn disk_bytes_is_what_the_segment_files_take() {
         assert_eq!(journal.disk_bytes(), files_bytes(dir.path()), "after trim");
         assert_eq!(journal.trim_later(u64::MAX), 1);
         let asked = std::time::Instant::now();
-        while segment_files(dir.path()).len() > 1 {
+        // Deleted, and then (after the directory's fsync) no longer counted.
+        while segment_files(dir.path()).len() > 1 || journal.disk_bytes() != files_bytes(dir.path())
+        {
             assert!(
                 asked.elapsed() < Duration::from_secs(5),
-                "the writer deletes it"
+                "the writer deletes it: {} bytes counted, {} on disk",
+                journal.disk_bytes(),
+                files_bytes(dir.path())
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert_eq!(
-            journal.disk_bytes(),
-            files_bytes(dir.path()),
-            "after trim_later"
-        );
     }
     // A torn record after the last one: cut on open, and not counted.
     let last = segment_files(dir.path()).pop().expect("a segment is left");
@@ -822,33 +821,60 @@ async fn disk_bytes_is_what_the_segment_files_take() {
     );
 }
 
+/// Waits up to 5 s for `done`, polling.
+async fn within_5s(what: &str, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_idle_journal_probes_its_disk_without_changing_what_replays() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = JournalOptions {
         stalled_after: Duration::from_millis(50),
+        probe_idle: true,
         ..opts(DEFAULT_SEGMENT_BYTES)
     };
     let (journal, _) = Journal::open(dir.path(), options).expect("open");
     let active = segment_files(dir.path()).pop().expect("the active segment");
-    let opened = std::time::Instant::now();
-    while fs::metadata(&active).expect("stat").len() == 0 {
-        assert!(
-            opened.elapsed() < Duration::from_secs(5),
-            "the writer probes a disk it has not written to"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The byte is counted once its fsync is done.
+    within_5s("the writer probes a disk it has not written to", || {
+        journal.disk_bytes() == 1
+    })
+    .await;
     assert_eq!(fs::read(&active).expect("read"), vec![0], "one zero byte");
-    assert_eq!(journal.disk_bytes(), 1, "the probe's byte is counted");
     append_seqs(&journal, 1..=2).await;
     assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
-    // Idle again: probes over the zeros written ahead of the records.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Idle again: the next probe writes over the zeros ahead of the records.
+    let appended = journal.shared.answered_at.load(Ordering::Relaxed);
+    within_5s("the writer probes again once idle", || {
+        journal.shared.answered_at.load(Ordering::Relaxed) != appended
+    })
+    .await;
     assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
     drop(journal);
     let (_journal, replay) = open(dir.path(), DEFAULT_SEGMENT_BYTES);
     assert_eq!((seqs(&replay), replay.cut_bytes), (vec![1, 2], 0));
+}
+
+#[tokio::test]
+async fn a_journal_that_does_not_probe_writes_nothing_while_idle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = JournalOptions {
+        stalled_after: Duration::from_millis(10),
+        ..opts(DEFAULT_SEGMENT_BYTES)
+    };
+    let (journal, _) = Journal::open(dir.path(), options).expect("open");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((journal.disk_bytes(), files_bytes(dir.path())), (0, 0));
+    assert_eq!(
+        journal.shared.answered_at.load(Ordering::Relaxed),
+        0,
+        "no write at all"
+    );
 }
 
 #[tokio::test]

@@ -253,7 +253,8 @@ pub(super) fn run(shared: &Shared) {
             return;
         };
         committer.commit_queued(shared, shared.queue());
-        if probe {
+        // Unless a commit answered while this thread waited for the committer.
+        if probe && !closing && shared.probe_due() {
             committer.writer.probe(shared);
         }
         for done in recover {
@@ -310,16 +311,20 @@ fn wait_for_work<'a>(
         if queue.buf.is_empty() {
             // The next append wakes it.
             queue.writer_sleep = Sleep::Idle;
+            if !shared.probe_idle {
+                queue = shared
+                    .wake_writer
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            // Or, with nothing written meanwhile, the disk is probed.
             let (woken, timeout) = shared
                 .wake_writer
                 .wait_timeout(queue, shared.stalled_after)
                 .unwrap_or_else(PoisonError::into_inner);
             queue = woken;
-            if timeout.timed_out()
-                && queue.buf.is_empty()
-                && shared.disk_idle_for() >= shared.stalled_after
-                && !shared.is_failed.load(Ordering::Acquire)
-            {
+            if timeout.timed_out() && queue.buf.is_empty() && shared.probe_due() {
                 queue.writer_sleep = Sleep::Awake;
                 queue.probe_due = true;
                 return queue;
@@ -586,7 +591,10 @@ impl Writer {
     fn trim_tail(&mut self, shared: &Shared) {
         if self.allocated > self.len && !shared.is_failed.load(Ordering::Acquire) {
             match self.file.set_len(self.len) {
-                Ok(()) => self.allocated = self.len,
+                Ok(()) => {
+                    self.allocated = self.len;
+                    shared.segments().active_bytes = self.allocated;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, segment = self.number, "Cannot cut the zeroed tail off the journal segment; replay skips it.")
                 }
