@@ -542,8 +542,9 @@ pub struct JournalConfig {
     /// is logged, until it completes (at least 1s). Requests waiting on it are answered
     /// then; those on other serving threads than the one stuck in it get 503 `timeout` at
     /// --request-timeout (outcome unknown: the write may still complete). A journal that
-    /// has written nothing for this long writes and fsyncs one byte, so that a disk that
-    /// stopped answering while idle is caught before an increment waits on it.
+    /// has written nothing for this long writes and fsyncs one zero byte, so that a disk
+    /// that stopped answering while idle is caught before an increment waits on it; while
+    /// that probe hangs, increments on every serving thread get 503 `timeout`.
     #[arg(long = "journal-stalled-after", value_name = "JOURNAL_STALLED_AFTER", env = "TALLY_JOURNAL_STALLED_AFTER", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub stalled_after: Duration,

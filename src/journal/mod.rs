@@ -24,9 +24,9 @@
 //! Each commit zero-fills the active segment up to 1 MiB ahead of its records and writes
 //! each group over those zeros, so that a group's `fdatasync` commits data and not a new file
 //! size; the zeros are cut off when the segment is closed. A crash leaves them: replay ends at
-//! a record boundary followed by nothing but zeros as at the end of the file. So does the one
-//! zero byte the writer thread writes where the next record goes to probe an idle disk
-//! ([`JournalOptions::probe_idle`]).
+//! a record boundary followed by nothing but zeros as at the end of the file. The one zero
+//! byte with which the writer thread probes an idle disk ([`JournalOptions::probe_idle`])
+//! is written where the next record goes, so it is such a tail too.
 //!
 //! `seq` is the batch (generation) the aggregator put these deltas into. The exact layout,
 //! and the rule that it never changes in place, live in [`record`].
@@ -58,8 +58,8 @@
 //! see `crate::sched`) sleeps on a condition variable and commits the rest: appends from
 //! other threads (tests, tools), a group older than the commit delay while the serving
 //! threads stay busy, and anything a serving thread left for
-//! [`JournalOptions::leader_wait`]. It alone rotates a failed segment and closes the
-//! journal.
+//! [`JournalOptions::leader_wait`]. It alone rotates a failed segment, probes an idle disk
+//! ([`JournalOptions::probe_idle`]) and closes the journal.
 //!
 //! If a write or an fsync fails (a full disk, an I/O error), the waiters of that group get the
 //! error and the journal turns **failed**: every later append fails with
@@ -196,8 +196,9 @@ pub struct JournalOptions {
     /// busy with requests that append nothing). The writer wakes this often while such
     /// records are queued. Default 20 ms.
     pub leader_wait: Duration,
-    /// A group's write and fsync still running after this long means a stalled disk
-    /// ([`Journal::stalled`]): the service then fails `/readyz` and logs it. Default 5 s.
+    /// A write and fsync (a group's, or a probe's) still running after this long means a
+    /// stalled disk ([`Journal::stalled`]): the service then fails `/readyz` and logs it.
+    /// Default 5 s.
     pub stalled_after: Duration,
     /// Whether the writer thread probes an idle disk: once nothing has been written for
     /// `stalled_after` (if that is not zero), it writes and fsyncs one zero byte where the
@@ -384,7 +385,7 @@ pub struct Journal {
 /// A write and fsync in progress ([`Shared::busy`]). Ends when dropped, however they end (a
 /// panic in them, on the writer thread or caught on a serving thread by [`Shared::lead`],
 /// must not leave a stall reported forever): counts it in `stalls` if it ran at least
-/// `stalled_after`, and clears [`Shared::busy_since`].
+/// `stalled_after`, clears [`Shared::busy_since`] and stamps `last_write_ended`.
 struct Busy<'a>(&'a Shared);
 
 impl Busy<'_> {
@@ -400,7 +401,9 @@ impl Drop for Busy<'_> {
             self.0.stalls.fetch_add(1, Ordering::Relaxed);
         }
         self.0.busy_since.store(0, Ordering::Release);
-        self.0.answered_at.store(self.0.stamp(), Ordering::Relaxed);
+        self.0
+            .last_write_ended
+            .store(self.0.stamp(), Ordering::Relaxed);
     }
 }
 
@@ -415,7 +418,7 @@ struct Shared {
     /// The writer thread probes a disk idle for `stalled_after` ([`JournalOptions::probe_idle`]).
     probe_idle: bool,
     /// When the journal opened: the origin of `pending_since`, `busy_since` and
-    /// `answered_at`.
+    /// `last_write_ended`.
     opened: Instant,
     /// When the first record of the group being gathered was queued ([`Shared::stamp`]);
     /// 0 while none is queued. Written under the `queue` lock, read without it by
@@ -428,9 +431,9 @@ struct Shared {
     /// When the last write and fsync ended, however it ended ([`Shared::stamp`]; 0: none
     /// yet). The writer thread probes a disk idle for `stalled_after` (see
     /// `writer::Writer::probe`).
-    answered_at: AtomicU64,
-    /// Group writes and fsyncs (and probes, idle or recovering) that ran at least `stalled_after`,
-    /// counted as each ends ([`Busy`]): [`Journal::stalls`].
+    last_write_ended: AtomicU64,
+    /// Writes and fsyncs (groups, and probes of an idle or a failed disk) that ran at least
+    /// `stalled_after`, counted as each ends ([`Busy`]): [`Journal::stalls`].
     stalls: AtomicU64,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
@@ -492,8 +495,6 @@ struct Queue {
     closing: bool,
     close_acks: Vec<oneshot::Sender<()>>,
     recover: Vec<oneshot::Sender<Result<(), JournalError>>>,
-    /// The disk has written nothing for `stalled_after`: the writer thread probes it.
-    probe_due: bool,
     /// Closed segments whose every record the store has (see [`Journal::trim_later`]): the
     /// writer thread deletes them.
     doomed: Vec<(u64, Closed)>,
@@ -534,7 +535,7 @@ impl Segments {
         let taken: Vec<_> = (self.closed)
             .extract_if(.., |_, closed| doomed(closed))
             .collect();
-        self.deleting += bytes(&taken);
+        self.deleting += total_bytes(&taken);
         taken
     }
 
@@ -552,13 +553,18 @@ impl Segments {
 
     /// Puts segments taken to be deleted back on the closed list (they were not deleted).
     fn put_back(&mut self, doomed: Vec<(u64, Closed)>) {
-        self.deleting -= bytes(&doomed);
+        self.deleting -= total_bytes(&doomed);
         self.closed.extend(doomed);
     }
 }
 
+/// The numbers of segments taken off the list (for the log).
+fn numbers(segments: &[(u64, Closed)]) -> Vec<u64> {
+    segments.iter().map(|&(n, _)| n).collect()
+}
+
 /// The bytes of segments taken off the list.
-fn bytes(segments: &[(u64, Closed)]) -> u64 {
+fn total_bytes(segments: &[(u64, Closed)]) -> u64 {
     segments.iter().map(|(_, c)| c.bytes).sum()
 }
 
@@ -683,23 +689,27 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    /// How long the write and fsync of the group being committed have been running, if one is.
+    /// How long the write and fsync in progress (a group's, or a probe's) have been running,
+    /// if one is.
     fn busy_for(&self) -> Option<Duration> {
         self.since(self.busy_since.load(Ordering::Acquire))
     }
 
-    /// Whether the writer thread should probe the disk now: it probes idle disks, nothing
-    /// has been written for `stalled_after` (since the journal opened, if nothing yet), and
-    /// the journal is not failed (recovery probes it then).
-    fn probe_due(&self) -> bool {
+    /// How long until the writer thread probes the idle disk (zero: now): once nothing has
+    /// been written for `stalled_after` (since the journal opened, if nothing yet). `None`
+    /// without probes, and while the journal is failed (recovery probes it then).
+    fn probe_in(&self) -> Option<Duration> {
+        if !self.probe_idle || self.is_failed.load(Ordering::Acquire) {
+            return None;
+        }
         let idle_for = self
-            .since(self.answered_at.load(Ordering::Relaxed))
+            .since(self.last_write_ended.load(Ordering::Relaxed))
             .unwrap_or_else(|| self.opened.elapsed());
-        self.probe_idle && idle_for >= self.stalled_after && !self.is_failed.load(Ordering::Acquire)
+        Some(self.stalled_after.saturating_sub(idle_for))
     }
 
-    /// Marks a group's write and fsync (or a recovery's probe) as begun, until the returned
-    /// guard drops.
+    /// Marks a write and fsync (a group's, or a probe's) as begun, until the returned guard
+    /// drops.
     fn busy(&self) -> Busy<'_> {
         self.busy_since.store(self.stamp(), Ordering::Release);
         Busy(self)
@@ -917,17 +927,17 @@ impl Shared {
     /// Deletes segments taken off the list (already gone is fine), then fsyncs the
     /// directory. They are no longer counted in [`Journal::disk_bytes`] either way.
     fn remove_segments(&self, doomed: &[(u64, Closed)]) -> Result<(), JournalError> {
-        let result = doomed
-            .iter()
-            .try_for_each(|&(n, _)| writer::remove(&self.dir, n));
-        let result = result.and_then(|()| {
-            if doomed.is_empty() {
-                Ok(())
-            } else {
-                writer::sync_dir(&self.dir)
+        let remove = || {
+            for &(n, _) in doomed {
+                writer::remove(&self.dir, n)?;
             }
-        });
-        self.segments().deleting -= bytes(doomed);
+            if !doomed.is_empty() {
+                writer::sync_dir(&self.dir)?;
+            }
+            Ok(())
+        };
+        let result = remove();
+        self.segments().deleting -= total_bytes(doomed);
         result
     }
 }
@@ -1019,7 +1029,7 @@ impl Journal {
             opened: Instant::now(),
             pending_since: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
-            answered_at: AtomicU64::new(0),
+            last_write_ended: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
@@ -1140,10 +1150,11 @@ impl Journal {
     }
 
     /// How long the write and fsync in progress (a group's, or a probe's) have been
-    /// running, once that is at least [`JournalOptions::stalled_after`]: the disk has stalled (a frozen or
-    /// disconnected volume, a storage controller retrying). Appends queue meanwhile and
-    /// their requests wait; so do the other connections of a serving thread that commits
-    /// (see [`Journal::follow_workers`]). Lock-free, so it answers during the stall.
+    /// running, once that is at least [`JournalOptions::stalled_after`]: the disk has
+    /// stalled (a frozen or disconnected volume, a storage controller retrying). Appends
+    /// queue meanwhile and their requests wait; so do the other connections of a serving
+    /// thread that commits (see [`Journal::follow_workers`]). Lock-free, so it answers
+    /// during the stall.
     pub fn stalled(&self) -> Option<Duration> {
         self.shared
             .busy_for()
@@ -1160,7 +1171,8 @@ impl Journal {
     /// to the writer thread to delete included) and the active one with the zeros written
     /// ahead of its records. Kept in memory as segments are written, rotated, replayed and
     /// deleted, so it answers without touching the disk, also while the disk stalls. A
-    /// segment whose deletion failed is no longer counted (that failure is logged).
+    /// segment whose deletion failed is no longer counted (the failure is logged, or
+    /// returned by [`Journal::trim`] and [`Journal::close`]).
     pub fn disk_bytes(&self) -> u64 {
         let segs = self.shared.segments();
         segs.closed.values().map(|c| c.bytes).sum::<u64>() + segs.deleting + segs.active_bytes
@@ -1207,7 +1219,7 @@ impl Journal {
         let doomed = self.shared.applied_segments(applied_seq);
         self.shared.remove_segments(&doomed)?;
         if !doomed.is_empty() {
-            let segments: Vec<u64> = doomed.iter().map(|&(n, _)| n).collect();
+            let segments = numbers(&doomed);
             tracing::debug!(?segments, applied_seq, "Trimmed the journal.");
         }
         Ok(doomed.len())
@@ -1295,10 +1307,9 @@ impl Journal {
 impl Drop for Journal {
     /// Lets the writer finish what is still queued (appends whose futures were dropped) and
     /// joins it, so the directory lock is released only once nothing writes any more. Blocks
-    /// for at most two group writes (one a serving thread began, and the writer's, or its
-    /// probe) and the
-    /// deletions [`Journal::trim_later`] handed it; after [`Journal::close`] it returns at
-    /// once.
+    /// for at most two writes (a group a serving thread began, and the writer's group or
+    /// probe) and the deletions [`Journal::trim_later`] handed it; after [`Journal::close`]
+    /// it returns at once.
     fn drop(&mut self) {
         let mut queue = self.shared.queue();
         queue.closing = true;

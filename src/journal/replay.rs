@@ -16,9 +16,9 @@ pub(super) enum Repair {
 
 /// Replays segments `numbers` (ascending) of `dir`, handing each record to `on_record` as
 /// it is read (one segment's bytes are in memory at a time, never every record). Returns
-/// the bytes cut or skipped and, for every segment kept, its highest seq and size. The rest of a
-/// segment after a bad record is skipped; with [`Repair::Yes`] a bad tail of the last
-/// segment is truncated off and empty segments are deleted.
+/// the bytes cut or skipped and, for every segment kept, its highest seq and size. The
+/// rest of a segment after a bad record is skipped; with [`Repair::Yes`] a bad tail of the
+/// last segment is truncated off and empty segments are deleted.
 pub(super) fn replay(
     dir: &Path,
     numbers: &[u64],

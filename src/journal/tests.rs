@@ -780,18 +780,11 @@ async fn disk_bytes_is_what_the_segment_files_take() {
         );
         assert_eq!(journal.disk_bytes(), files_bytes(dir.path()), "after trim");
         assert_eq!(journal.trim_later(u64::MAX), 1);
-        let asked = std::time::Instant::now();
         // Deleted, and then (after the directory's fsync) no longer counted.
-        while segment_files(dir.path()).len() > 1 || journal.disk_bytes() != files_bytes(dir.path())
-        {
-            assert!(
-                asked.elapsed() < Duration::from_secs(5),
-                "the writer deletes it: {} bytes counted, {} on disk",
-                journal.disk_bytes(),
-                files_bytes(dir.path())
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        within_5s("the writer deletes it", || {
+            segment_files(dir.path()).len() == 1 && journal.disk_bytes() == files_bytes(dir.path())
+        })
+        .await;
     }
     // A torn record after the last one: cut on open, and not counted.
     let last = segment_files(dir.path()).pop().expect("a segment is left");
@@ -849,9 +842,9 @@ async fn an_idle_journal_probes_its_disk_without_changing_what_replays() {
     append_seqs(&journal, 1..=2).await;
     assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
     // Idle again: the next probe writes over the zeros ahead of the records.
-    let appended = journal.shared.answered_at.load(Ordering::Relaxed);
+    let appended = journal.shared.last_write_ended.load(Ordering::Relaxed);
     within_5s("the writer probes again once idle", || {
-        journal.shared.answered_at.load(Ordering::Relaxed) != appended
+        journal.shared.last_write_ended.load(Ordering::Relaxed) != appended
     })
     .await;
     assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
@@ -871,7 +864,7 @@ async fn a_journal_that_does_not_probe_writes_nothing_while_idle() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!((journal.disk_bytes(), files_bytes(dir.path())), (0, 0));
     assert_eq!(
-        journal.shared.answered_at.load(Ordering::Relaxed),
+        journal.shared.last_write_ended.load(Ordering::Relaxed),
         0,
         "no write at all"
     );

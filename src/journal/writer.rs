@@ -222,9 +222,9 @@ const KEEP_BUFFER_BYTES: usize = 1 << 20;
 /// The writer thread. Commits the groups that no serving thread does (see
 /// `Journal::follow_workers`): those with records appended elsewhere (tests, other
 /// runtimes), which a commit delay may gather, overdue ones, and any left to it for
-/// `leader_wait`; answers `recover` and `close`, and deletes the segments `trim_later`
-/// hands over. Returns once the journal is closed or dropped, after writing everything
-/// appended before that.
+/// `leader_wait`; answers `recover` and `close`, deletes the segments `trim_later` hands
+/// over, and probes an idle disk. Returns once the journal is closed or dropped, after
+/// writing everything appended before that.
 pub(super) fn run(shared: &Shared) {
     let _exit = ExitGuard(shared);
     loop {
@@ -241,7 +241,6 @@ pub(super) fn run(shared: &Shared) {
             queue
         };
         let recover = std::mem::take(&mut queue.recover);
-        let probe = std::mem::take(&mut queue.probe_due);
         let doomed = std::mem::take(&mut queue.doomed);
         let closing = queue.closing;
         let close_acks = std::mem::take(&mut queue.close_acks);
@@ -253,9 +252,9 @@ pub(super) fn run(shared: &Shared) {
             return;
         };
         committer.commit_queued(shared, shared.queue());
-        // Unless a commit answered while this thread waited for the committer.
-        if probe && !closing && shared.probe_due() {
-            committer.writer.probe(shared);
+        // Checked again here: a serving thread may have written a group meanwhile.
+        if !closing && shared.probe_in().is_some_and(|due| due.is_zero()) {
+            committer.writer.probe_idle_disk(shared);
         }
         for done in recover {
             let _ = done.send(committer.writer.recover(shared));
@@ -282,7 +281,7 @@ fn remove_doomed(shared: &Shared, doomed: &[(u64, Closed)]) {
         return;
     }
     let result = shared.remove_segments(doomed);
-    let segments: Vec<u64> = doomed.iter().map(|&(n, _)| n).collect();
+    let segments = super::numbers(doomed);
     match result {
         Ok(()) => tracing::debug!(?segments, "Trimmed the journal."),
         Err(e) => tracing::warn!(
@@ -295,7 +294,8 @@ fn remove_doomed(shared: &Shared, doomed: &[(u64, Closed)]) {
 }
 
 /// Sleeps (no spin) until the writer has something to do: records that need it, a request,
-/// or records that no serving thread committed within a `leader_wait`.
+/// records that no serving thread committed within a `leader_wait`, or a probe of the idle
+/// disk ([`super::JournalOptions::probe_idle`]).
 fn wait_for_work<'a>(
     shared: &'a Shared,
     mut queue: MutexGuard<'a, Queue>,
@@ -311,24 +311,19 @@ fn wait_for_work<'a>(
         if queue.buf.is_empty() {
             // The next append wakes it.
             queue.writer_sleep = Sleep::Idle;
-            if !shared.probe_idle {
-                queue = shared
-                    .wake_writer
-                    .wait(queue)
-                    .unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            // Or, with nothing written meanwhile, the disk is probed.
-            let (woken, timeout) = shared
-                .wake_writer
-                .wait_timeout(queue, shared.stalled_after)
-                .unwrap_or_else(PoisonError::into_inner);
-            queue = woken;
-            if timeout.timed_out() && queue.buf.is_empty() && shared.probe_due() {
-                queue.writer_sleep = Sleep::Awake;
-                queue.probe_due = true;
-                return queue;
-            }
+            // With probes, so does the time to probe the idle disk.
+            queue = match shared.probe_in() {
+                None => (shared.wake_writer.wait(queue)).unwrap_or_else(PoisonError::into_inner),
+                Some(due) if due.is_zero() => {
+                    queue.writer_sleep = Sleep::Awake;
+                    return queue;
+                }
+                Some(due) => {
+                    (shared.wake_writer.wait_timeout(queue, due))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
             continue;
         }
         // Records a serving thread appended: the last of them to run dry commits them.
@@ -449,7 +444,7 @@ impl Writer {
     /// increment waits on it, and one that fails turns the journal failed. The byte lies
     /// over the zeros written ahead of the records, or past the last record: the next
     /// group overwrites it, and replay ends at a zeroed tail either way.
-    pub(super) fn probe(&mut self, shared: &Shared) {
+    fn probe_idle_disk(&mut self, shared: &Shared) {
         let _ = self.watched(shared, 0, |writer| {
             let seg = || path(&shared.dir, writer.number);
             writer

@@ -14,3 +14,18 @@ pub fn journal_segments(data_dir: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// What the journal's segment files in `data_dir` take on disk, in bytes.
+#[allow(
+    dead_code,
+    reason = "used by the durability tests only; the api tests include this file too"
+)]
+pub fn journal_files_bytes(data_dir: &Path) -> u64 {
+    journal_segments(data_dir)
+        .iter()
+        .map(|name| {
+            let path = data_dir.join("journal").join(name);
+            std::fs::metadata(path).map_or(0, |m| m.len())
+        })
+        .sum()
+}
