@@ -430,7 +430,7 @@ struct Shared {
     busy_since: AtomicU64,
     /// When the last write and fsync ended, however it ended ([`Shared::stamp`]; 0: none
     /// yet). The writer thread probes a disk idle for `stalled_after` (see
-    /// `writer::Writer::probe`).
+    /// `writer::Writer::probe_idle_disk`).
     last_write_ended: AtomicU64,
     /// Writes and fsyncs (groups, and probes of an idle or a failed disk) that ran at least
     /// `stalled_after`, counted as each ends ([`Busy`]): [`Journal::stalls`].
