@@ -62,6 +62,9 @@ pub const JOURNAL_STALLS: &str = "tally_journal_stalls_total";
 /// Bytes the journal's segment files take on disk. It grows while the store is behind (a
 /// database outage) and falls as the store catches up and segments are deleted.
 pub const JOURNAL_BYTES: &str = "tally_journal_bytes";
+/// Attempts to delete journal segments the store has every record of that failed. Such
+/// segments stay on disk (in [`JOURNAL_BYTES`]) and are tried again after the next batch.
+pub const JOURNAL_TRIM_FAILURES: &str = "tally_journal_trim_failures_total";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -112,6 +115,8 @@ pub struct Metrics {
     pub journal_stalls: Counter,
     /// [`JOURNAL_BYTES`], set at scrape time.
     pub journal_bytes: Gauge,
+    /// [`JOURNAL_TRIM_FAILURES`], set from the journal's own count at scrape time.
+    pub journal_trim_failures: Counter,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -216,6 +221,7 @@ impl Metrics {
                 journal_stalled: metrics::gauge!(JOURNAL_STALLED),
                 journal_stalls: metrics::counter!(JOURNAL_STALLS),
                 journal_bytes: metrics::gauge!(JOURNAL_BYTES),
+                journal_trim_failures: metrics::counter!(JOURNAL_TRIM_FAILURES),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -365,6 +371,10 @@ fn describe() {
         JOURNAL_BYTES,
         metrics::Unit::Bytes,
         "Bytes the journal's segment files take on disk; grows while the store is behind."
+    );
+    describe_counter!(
+        JOURNAL_TRIM_FAILURES,
+        "Failed attempts to delete journal segments the store has every record of; retried after the next batch."
     );
     describe_counter!(
         RATE_LIMITED,

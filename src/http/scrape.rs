@@ -40,6 +40,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .set(f64::from(u8::from(journal_stalled)));
     if let Some(journal) = journal {
         metrics.journal_stalls.absolute(journal.stalls());
+        metrics
+            .journal_trim_failures
+            .absolute(journal.trim_failures());
         // Read from memory: a scrape never waits on the journal's disk.
         metrics.journal_bytes.set(journal.disk_bytes() as f64);
     }

@@ -435,6 +435,10 @@ struct Shared {
     /// Writes and fsyncs (groups, and probes of an idle or a failed disk) that ran at least
     /// `stalled_after`, counted as each ends ([`Busy`]): [`Journal::stalls`].
     stalls: AtomicU64,
+    /// Attempts to delete trimmed segments that failed ([`Journal::trim_failures`]), and
+    /// whether the last one did (so a run of failures logs one warning).
+    trim_failures: AtomicU64,
+    trim_failing: AtomicBool,
     /// The write/fsync error that failed the journal, until [`Journal::recover`] clears it.
     failed: Mutex<Option<JournalError>>,
     /// `failed.is_some()`, readable without the lock on every append.
@@ -925,19 +929,60 @@ impl Shared {
     }
 
     /// Deletes segments taken off the list (already gone is fine), then fsyncs the
-    /// directory. They are no longer counted in [`Journal::disk_bytes`] either way.
-    fn remove_segments(&self, doomed: &[(u64, Closed)]) -> Result<(), JournalError> {
-        let remove = || {
-            for &(n, _) in doomed {
-                writer::remove(&self.dir, n)?;
+    /// directory. A segment that cannot be deleted goes back on the list: it still takes
+    /// disk ([`Journal::disk_bytes`]), and the next trim tries it again. Counts the failure
+    /// ([`Journal::trim_failures`]) and logs a warning on the first of a run of them only,
+    /// so a deletion that fails after every batch does not flood the log; the end of the
+    /// run is logged too.
+    fn remove_segments(&self, doomed: Vec<(u64, Closed)>) -> Result<(), JournalError> {
+        let (mut removed, mut left, mut error) = (Vec::new(), Vec::new(), None);
+        for segment in doomed {
+            match writer::remove(&self.dir, segment.0) {
+                Ok(()) => removed.push(segment),
+                Err(e) => {
+                    error.get_or_insert(e);
+                    left.push(segment);
+                }
             }
-            if !doomed.is_empty() {
-                writer::sync_dir(&self.dir)?;
-            }
+        }
+        let synced = if removed.is_empty() {
             Ok(())
+        } else {
+            writer::sync_dir(&self.dir)
         };
-        let result = remove();
-        self.segments().deleting -= total_bytes(doomed);
+        let result = error.map_or(synced, Err);
+        let (deleted, kept) = (numbers(&removed), numbers(&left));
+        {
+            let mut segments = self.segments();
+            segments.deleting -= total_bytes(&removed);
+            segments.put_back(left);
+        }
+        let was_failing = self.trim_failing.swap(result.is_err(), Ordering::Relaxed);
+        match &result {
+            Err(e) => {
+                self.trim_failures.fetch_add(1, Ordering::Relaxed);
+                if was_failing {
+                    tracing::debug!(error = %e, ?deleted, ?kept, "Still cannot delete journal segments.");
+                } else {
+                    tracing::warn!(
+                        error = %e,
+                        ?deleted,
+                        ?kept,
+                        "Cannot delete journal segments the store has every record of; \
+                         they stay on disk (tally_journal_bytes) and are tried again after \
+                         the next batch. Until then the journal's disk use grows."
+                    );
+                }
+            }
+            Ok(()) if was_failing => tracing::info!(
+                ?deleted,
+                "Deleted the journal segments that could not be deleted before."
+            ),
+            Ok(()) if !deleted.is_empty() => {
+                tracing::debug!(segments = ?deleted, "Trimmed the journal.");
+            }
+            Ok(()) => {}
+        }
         result
     }
 }
@@ -1031,6 +1076,8 @@ impl Journal {
             busy_since: AtomicU64::new(0),
             last_write_ended: AtomicU64::new(0),
             stalls: AtomicU64::new(0),
+            trim_failures: AtomicU64::new(0),
+            trim_failing: AtomicBool::new(false),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
             segments: Mutex::new(Segments {
@@ -1167,6 +1214,13 @@ impl Journal {
         self.shared.stalls.load(Ordering::Relaxed)
     }
 
+    /// How many attempts to delete segments whose every record the store has failed (a
+    /// directory made read-only, an immutable file, an I/O error). Such segments stay on
+    /// disk, counted in [`Journal::disk_bytes`], and are tried again at the next trim.
+    pub fn trim_failures(&self) -> u64 {
+        self.shared.trim_failures.load(Ordering::Relaxed)
+    }
+
     /// Bytes the journal's segment files take: every segment not yet deleted (those handed
     /// to the writer thread to delete included) and the active one with the zeros written
     /// ahead of its records. Kept in memory as segments are written, rotated, replayed and
@@ -1212,17 +1266,14 @@ impl Journal {
     ///
     /// # Errors
     ///
-    /// [`JournalError::Io`] if a deletion or the directory fsync fails. The journal then
-    /// forgets those segments anyway; any file left behind is replayed (and its records
-    /// skipped by seq) on the next open, then trimmed again.
+    /// [`JournalError::Io`] if a deletion or the directory fsync fails. A segment not
+    /// deleted stays on the list, to be tried again at the next trim; a file left behind
+    /// at exit is replayed (and its records skipped by seq) on the next open, then trimmed.
     pub fn trim(&self, applied_seq: u64) -> Result<usize, JournalError> {
         let doomed = self.shared.applied_segments(applied_seq);
-        self.shared.remove_segments(&doomed)?;
-        if !doomed.is_empty() {
-            let segments = numbers(&doomed);
-            tracing::debug!(?segments, applied_seq, "Trimmed the journal.");
-        }
-        Ok(doomed.len())
+        let count = doomed.len();
+        self.shared.remove_segments(doomed)?;
+        Ok(count)
     }
 
     /// Like [`Journal::trim`], but the segments are deleted by the writer thread, so the
@@ -1295,7 +1346,7 @@ impl Journal {
             }
             segs.take_all()
         };
-        self.shared.remove_segments(&doomed)?;
+        self.shared.remove_segments(doomed)?;
         tracing::info!(
             applied_seq,
             "Closed the journal; every record is in the store, segments removed."

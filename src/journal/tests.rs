@@ -747,6 +747,63 @@ async fn trim_later_has_the_writer_thread_delete_applied_segments() {
     );
 }
 
+/// A segment the store has every record of but that cannot be deleted stays on the list:
+/// counted in `disk_bytes`, tried again at every trim (the synchronous one and the writer
+/// thread's), and deleted at the first trim after it can be. The others go meanwhile.
+#[tokio::test]
+async fn a_segment_that_cannot_be_deleted_stays_counted_and_is_tried_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 100);
+    append_seqs(&journal, 1..=12).await; // {1,2,3} {4,5,6} {7,8,9}, active {10,11,12}
+    let before = journal.disk_bytes();
+    // Stands for a file that cannot be deleted (immutable, or in a directory made
+    // read-only, for a user without root): a directory in segment 1's place, which
+    // `remove_file` refuses whoever runs the test.
+    let first = writer::path(dir.path(), 1);
+    let bytes = |n| {
+        fs::metadata(writer::path(dir.path(), n))
+            .expect("a segment")
+            .len()
+    };
+    let (second, third) = (bytes(2), bytes(3));
+    fs::remove_file(&first).expect("remove segment 1");
+    fs::create_dir(&first).expect("a directory in its place");
+
+    assert!(journal.trim(6).is_err(), "segment 1 cannot be deleted");
+    assert_eq!(journal.trim_failures(), 1);
+    assert!(
+        !writer::path(dir.path(), 2).exists(),
+        "segment 2 is deleted"
+    );
+    assert_eq!(
+        journal.disk_bytes(),
+        before - second,
+        "segment 1 still counts"
+    );
+
+    assert_eq!(
+        journal.trim_later(9),
+        2,
+        "segment 1 is handed over again, with 3"
+    );
+    within_5s("the writer thread fails to delete it", || {
+        journal.trim_failures() == 2
+    })
+    .await;
+    assert!(
+        !writer::path(dir.path(), 3).exists(),
+        "segment 3 is deleted"
+    );
+    assert!(first.exists(), "segment 1 is left");
+    assert_eq!(journal.disk_bytes(), before - second - third);
+
+    fs::remove_dir(&first).expect("it can be deleted now");
+    assert_eq!(journal.trim(9).expect("trim"), 1, "tried again, and gone");
+    assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
+    assert_eq!(segment_files(dir.path()), vec![writer::path(dir.path(), 4)]);
+    assert_eq!(journal.trim_failures(), 2, "only failures count");
+}
+
 /// What the segment files in `dir` take, read from the disk.
 fn files_bytes(dir: &Path) -> u64 {
     segment_files(dir)

@@ -248,7 +248,7 @@ pub(super) fn run(shared: &Shared) {
         // The committer first, then the queue: the order every committer takes them in.
         let mut guard = shared.committer();
         let Some(committer) = guard.as_mut() else {
-            remove_doomed(shared, &doomed);
+            remove_doomed(shared, doomed);
             return;
         };
         committer.commit_queued(shared, shared.queue());
@@ -260,7 +260,7 @@ pub(super) fn run(shared: &Shared) {
             let _ = done.send(committer.writer.recover(shared));
         }
         if closing {
-            remove_doomed(shared, &doomed);
+            remove_doomed(shared, doomed);
             committer.writer.trim_tail(shared);
             for ack in close_acks {
                 let _ = ack.send(());
@@ -271,25 +271,15 @@ pub(super) fn run(shared: &Shared) {
         // on committing meanwhile, and no group waits for the deletions.
         drop(guard);
         shared.lead_if_wanted();
-        remove_doomed(shared, &doomed);
+        remove_doomed(shared, doomed);
     }
 }
 
-/// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over.
-fn remove_doomed(shared: &Shared, doomed: &[(u64, Closed)]) {
-    if doomed.is_empty() {
-        return;
-    }
-    let result = shared.remove_segments(doomed);
-    let segments = super::numbers(doomed);
-    match result {
-        Ok(()) => tracing::debug!(?segments, "Trimmed the journal."),
-        Err(e) => tracing::warn!(
-            error = %e,
-            ?segments,
-            "Could not delete journal segments the store has every record of; they are \
-             replayed, and skipped, on the next start."
-        ),
+/// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over; a
+/// failure is counted and logged there, and those segments are tried again at the next trim.
+fn remove_doomed(shared: &Shared, doomed: Vec<(u64, Closed)>) {
+    if !doomed.is_empty() {
+        let _ = shared.remove_segments(doomed);
     }
 }
 

@@ -327,8 +327,50 @@ const CUT_BATCHES: usize = 8;
 const CUT_BATCH_ITEMS: usize = 10_000;
 
 async fn journal_bytes(client: &reqwest::Client, address: &str) -> u64 {
+    journal_metric(client, address, "tally_journal_bytes").await
+}
+
+async fn journal_metric(client: &reqwest::Client, address: &str, name: &str) -> u64 {
     let exposition = crate::metrics::scrape(client, address).await;
-    crate::metrics::metric(&exposition, "tally_journal_bytes") as u64
+    crate::metrics::metric(&exposition, name) as u64
+}
+
+/// Journal segments of 1 MiB, so that the cut batches close one.
+fn small_segments(config: &mut tally::config::Config) {
+    config.journal.segment_bytes = tally::journal::MIN_SEGMENT_BYTES;
+}
+
+/// Sends the [`CUT_BATCHES`] of [`CUT_BATCH_ITEMS`] keys `away-NNNNN`, each answered 202.
+async fn send_cut_batches(client: &reqwest::Client, address: &str) {
+    let body: Vec<_> = (0..CUT_BATCH_ITEMS)
+        .map(|i| serde_json::json!({ "key": format!("away-{i:05}"), "value": 1 }))
+        .collect();
+    for _ in 0..CUT_BATCHES {
+        let answer = client
+            .post(format!("{address}/increments"))
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 202, "a batch while the database is cut");
+    }
+}
+
+/// Asserts that the store holds each key of the cut batches exactly [`CUT_BATCHES`] times,
+/// besides `others` keys of the test's own.
+async fn assert_cut_batches_stored_once(dir: &tempfile::TempDir, db: &PgDatabase, others: usize) {
+    let counters = Direct::open(dir.path(), Some(db)).await.counters().await;
+    assert_eq!(
+        counters.len(),
+        CUT_BATCH_ITEMS + others,
+        "every key of the batches"
+    );
+    assert!(
+        (counters.iter())
+            .filter(|(key, _)| key.starts_with("away-"))
+            .all(|(_, &v)| v == CUT_BATCHES as i64),
+        "every increment stored once"
+    );
 }
 
 /// While the database is away the journal holds everything acknowledged since, and the
@@ -336,9 +378,6 @@ async fn journal_bytes(client: &reqwest::Client, address: &str) -> u64 {
 /// caught up the closed segments are deleted and the gauge falls with them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_catches_up() {
-    let small_segments = |config: &mut tally::config::Config| {
-        config.journal.segment_bytes = tally::journal::MIN_SEGMENT_BYTES;
-    };
     let Some(Proxied {
         db,
         proxy,
@@ -352,18 +391,7 @@ async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_cat
     let empty = journal_bytes(&client, &app.address).await;
 
     proxy.cut();
-    let body: Vec<_> = (0..CUT_BATCH_ITEMS)
-        .map(|i| serde_json::json!({ "key": format!("away-{i:05}"), "value": 1 }))
-        .collect();
-    for _ in 0..CUT_BATCHES {
-        let answer = client
-            .post(format!("{}/increments", app.address))
-            .json(&body)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(answer.status(), 202, "a batch while the database is cut");
-    }
+    send_cut_batches(&client, &app.address).await;
     let away = journal_bytes(&client, &app.address).await;
     let on_disk = crate::journal::journal_files_bytes(dir.path());
     let segments = crate::journal::journal_segments(dir.path()).len();
@@ -397,15 +425,93 @@ async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_cat
         "the gauge is what the segment files take, after the trim"
     );
     app.shutdown().await.expect("drains after the outage");
-    let counters = Direct::open(dir.path(), Some(&db)).await.counters().await;
-    assert_eq!(counters.len(), CUT_BATCH_ITEMS, "every key of the batches");
-    assert!(
-        counters.values().all(|&v| v == CUT_BATCHES as i64),
-        "every increment stored once"
-    );
+    assert_cut_batches_stored_once(&dir, &db, 0).await;
     shout(&format!(
         "journal bytes: {empty} at start, {away} with the database cut ({segments} segment \
          files), {after} {caught_up_after:.1?} after the restore"
+    ));
+}
+
+/// A segment the store has every record of that cannot be deleted (here a directory in its
+/// place, which `unlink` refuses whoever runs the test; in the field an immutable file or a
+/// directory made read-only) stays counted in `tally_journal_bytes`, every failed attempt
+/// shows in `tally_journal_trim_failures_total`, the other segments are deleted meanwhile,
+/// and it goes after the first batch once it can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be() {
+    let Some(Proxied {
+        db,
+        proxy,
+        dir,
+        app,
+    }) = journal_behind_proxy("journal_trim", small_segments).await
+    else {
+        return;
+    };
+    let client = reqwest::Client::new();
+    proxy.cut();
+    send_cut_batches(&client, &app.address).await;
+    let mut segments = crate::journal::journal_segments(dir.path());
+    segments.sort();
+    assert!(segments.len() > 1, "the batches closed a segment");
+    let journal = dir.path().join("journal");
+    let (oldest, active) = (
+        journal.join(&segments[0]),
+        journal.join(&segments[segments.len() - 1]),
+    );
+    let oldest_bytes = std::fs::metadata(&oldest)
+        .expect("the oldest segment")
+        .len();
+    std::fs::remove_file(&oldest).expect("remove the oldest segment");
+    std::fs::create_dir(&oldest).expect("a directory in its place");
+
+    proxy.restore();
+    let (client, address, data) = (&client, app.address.as_str(), dir.path());
+    eventually(
+        READYZ_TIMEOUT,
+        "the store catches up, the deletion fails and the other closed segments go",
+        || async move {
+            journal_metric(client, address, "tally_journal_trim_failures_total").await >= 1
+                && crate::journal::journal_segments(data).len() == 2
+        },
+    )
+    .await;
+    let active_bytes = std::fs::metadata(&active)
+        .expect("the active segment")
+        .len();
+    assert_eq!(
+        journal_bytes(client, address).await,
+        oldest_bytes + active_bytes,
+        "the segment not deleted still counts"
+    );
+
+    std::fs::remove_dir(&oldest).expect("it can be deleted now");
+    assert_eq!(
+        increment(client, address, "after").await,
+        202,
+        "an increment"
+    );
+    // Its file is gone already (the test removed the directory): what changes once the next
+    // batch's trim has tried it again is the gauge.
+    eventually(
+        READYZ_TIMEOUT,
+        "the gauge falls to what the segment files take after the next batch",
+        || async move {
+            journal_bytes(client, address).await == crate::journal::journal_files_bytes(data)
+        },
+    )
+    .await;
+    assert_eq!(
+        crate::journal::journal_segments(data).len(),
+        1,
+        "the active one"
+    );
+    let failures = journal_metric(client, address, "tally_journal_trim_failures_total").await;
+    app.shutdown().await.expect("drains");
+    assert_cut_batches_stored_once(&dir, &db, 1).await;
+    shout(&format!(
+        "undeletable journal segment: {oldest_bytes} bytes counted through {failures} failed \
+         deletions, gone after the next batch once it could be"
     ));
 }
 
