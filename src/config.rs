@@ -419,8 +419,9 @@ pub struct HttpConfig {
     pub max_connections: NonZeroUsize,
 
     /// Threads that serve HTTP connections, each running its own connections from accept
-    /// to close [default: one per CPU]. Where other busy processes share the cores, fewer
-    /// may serve as fast with fewer context switches.
+    /// to close [default: one per CPU, and one more with --ack journal, where the thread
+    /// that commits a journal group sleeps in its fsync]. Where other busy processes share
+    /// the cores, fewer may serve as fast with fewer context switches.
     #[arg(long, env = "TALLY_HTTP_THREADS")]
     pub http_threads: Option<NonZeroUsize>,
 
@@ -722,15 +723,16 @@ impl Config {
     pub fn defaults() -> Self {
         Self::parse_from(["tally"])
     }
+
+    /// `--http-threads`, or its default for `--ack`
+    /// ([`crate::http::threads::default_count`]).
+    pub fn http_threads(&self) -> NonZeroUsize {
+        (self.http.http_threads)
+            .unwrap_or_else(|| crate::http::threads::default_count(self.journal.ack))
+    }
 }
 
 impl HttpConfig {
-    /// `--http-threads`, or its default.
-    pub fn threads(&self) -> NonZeroUsize {
-        self.http_threads
-            .unwrap_or_else(crate::http::threads::default_count)
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         positive("header-read-timeout", self.header_read_timeout)?;
         positive("idle-timeout", self.idle_timeout)?;
@@ -928,8 +930,9 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {} {} {} {} {} {} {}",
+            "{} http-threads={} {} {} {} {} {} {} {}",
             self.http,
+            self.http_threads(),
             self.limits,
             self.store,
             self.flush,
@@ -946,15 +949,13 @@ impl fmt::Display for HttpConfig {
         write!(
             f,
             "listen={} metrics-listen={} header-read-timeout={} idle-timeout={} \
-             request-timeout={} max-connections={} http-threads={} shutdown-delay={} \
-             shutdown-timeout={}",
+             request-timeout={} max-connections={} shutdown-delay={} shutdown-timeout={}",
             self.listen,
             Or(self.metrics_listen.as_ref(), "(main listener)"),
             human(self.header_read_timeout),
             human(self.idle_timeout),
             human(self.request_timeout),
             self.max_connections,
-            self.threads(),
             human(self.shutdown_delay),
             human(self.shutdown_timeout),
         )

@@ -243,7 +243,7 @@ impl App {
         // (see `crate::idle`).
         let idle = IdleWorkers::new();
         let threads = Arc::new(
-            ServingThreads::start(config.http.threads(), &idle)
+            ServingThreads::start(config.http_threads(), &idle)
                 .context("cannot start the HTTP serving threads")?,
         );
         if let Some(journal) = &state.journal {

@@ -30,6 +30,7 @@ use metrics::Gauge;
 use tokio::runtime::Handle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::config::Ack;
 use crate::idle::IdleWorkers;
 
 /// The serving threads. [`ServingThreads::shut_down`] stops them and waits until they have
@@ -183,8 +184,24 @@ pub(crate) async fn join(threads: Vec<std::thread::JoinHandle<()>>) {
         tokio::task::spawn_blocking(move || threads.into_iter().for_each(|j| drop(j.join()))).await;
 }
 
-/// The default for `--http-threads`: one per CPU this process may use.
-pub fn default_count() -> NonZeroUsize {
+/// The default for `--http-threads`: one per CPU this process may use ([`per_cpu`]), and
+/// under `--ack journal` one more. There the serving thread that runs out of work last
+/// commits the journal's group itself and sleeps in its `fdatasync`
+/// (`Journal::follow_workers`), and its CPU would idle meanwhile: no other thread runs its
+/// connections. One thread more keeps every CPU busy then. Measured with
+/// `tally-bench/bench/side-by-side.sh` on 2 cores (docs/benchmarks.md, session of
+/// 2026-12-07 10:07 UTC): `ack=journal` on 1,000 keys 119–122k → 128–133k req/s (0.74–0.76×
+/// → 0.78–0.82× of a plain axum no-op); `ack=memory` and `ack=store` gained nothing from
+/// it, having no thread that sleeps on a disk.
+pub fn default_count(ack: Ack) -> NonZeroUsize {
+    match ack {
+        Ack::Journal => per_cpu().saturating_add(1),
+        Ack::Memory | Ack::Store => per_cpu(),
+    }
+}
+
+/// One per CPU this process may use.
+pub fn per_cpu() -> NonZeroUsize {
     std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
 }
 
@@ -193,6 +210,27 @@ mod tests {
     use std::sync::mpsc::TryRecvError;
 
     use super::*;
+
+    #[test]
+    fn under_ack_journal_one_serving_thread_more_than_cpus_by_default() {
+        assert_eq!(default_count(Ack::Journal).get(), per_cpu().get() + 1);
+        assert_eq!(default_count(Ack::Memory), per_cpu());
+        assert_eq!(default_count(Ack::Store), per_cpu());
+        let config = |args: &[&str]| {
+            <crate::config::Config as clap::Parser>::parse_from(args).http_threads()
+        };
+        assert_eq!(
+            config(&["tally"]),
+            default_count(Ack::Journal),
+            "journal is the default"
+        );
+        assert_eq!(config(&["tally", "--ack", "memory"]), per_cpu());
+        assert_eq!(
+            config(&["tally", "--http-threads", "5"]).get(),
+            5,
+            "the flag wins"
+        );
+    }
 
     fn loads(threads: &ServingThreads) -> Vec<usize> {
         threads

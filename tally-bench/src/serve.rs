@@ -191,7 +191,7 @@ pub async fn noop(
         // Connections on serving threads of their own, as in tally.
         threads: Some(std::sync::Arc::new(
             tally::http::threads::ServingThreads::start(
-                defaults.http.threads(),
+                tally::http::threads::per_cpu(),
                 &tally::idle::IdleWorkers::new(),
             )
             .context("cannot start the serving threads")?,
