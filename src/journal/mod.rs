@@ -550,8 +550,12 @@ impl Segments {
             max_seq: self.active_max_seq,
             bytes: std::mem::take(&mut self.active_bytes),
         };
-        self.deleting += active.bytes;
-        all.push((self.active, active));
+        // After a close whose deletion failed, the active segment is on the closed list
+        // already (put back with its size): taken above.
+        if all.iter().all(|&(n, _)| n != self.active) {
+            self.deleting += active.bytes;
+            all.push((self.active, active));
+        }
         all
     }
 
@@ -930,11 +934,14 @@ impl Shared {
 
     /// Deletes segments taken off the list (already gone is fine), then fsyncs the
     /// directory. A segment that cannot be deleted goes back on the list: it still takes
-    /// disk ([`Journal::disk_bytes`]), and the next trim tries it again. Counts the failure
-    /// ([`Journal::trim_failures`]) and logs a warning on the first of a run of them only,
-    /// so a deletion that fails after every batch does not flood the log; the end of the
-    /// run is logged too.
+    /// disk ([`Journal::disk_bytes`]), and the next trim tries it again. Counts each failed
+    /// call ([`Journal::trim_failures`]) and logs a warning on the first of a run of calls
+    /// that leave segments behind only, so a deletion that fails after every batch does not
+    /// flood the log; the end of the run is logged too.
     fn remove_segments(&self, doomed: Vec<(u64, Closed)>) -> Result<(), JournalError> {
+        if doomed.is_empty() {
+            return Ok(());
+        }
         let (mut removed, mut left, mut error) = (Vec::new(), Vec::new(), None);
         for segment in doomed {
             match writer::remove(&self.dir, segment.0) {
@@ -950,40 +957,40 @@ impl Shared {
         } else {
             writer::sync_dir(&self.dir)
         };
-        let result = error.map_or(synced, Err);
         let (deleted, kept) = (numbers(&removed), numbers(&left));
         {
             let mut segments = self.segments();
             segments.deleting -= total_bytes(&removed);
             segments.put_back(left);
         }
-        let was_failing = self.trim_failing.swap(result.is_err(), Ordering::Relaxed);
-        match &result {
-            Err(e) => {
-                self.trim_failures.fetch_add(1, Ordering::Relaxed);
-                if was_failing {
-                    tracing::debug!(error = %e, ?deleted, ?kept, "Still cannot delete journal segments.");
-                } else {
-                    tracing::warn!(
-                        error = %e,
-                        ?deleted,
-                        ?kept,
-                        "Cannot delete journal segments the store has every record of; \
-                         they stay on disk (tally_journal_bytes) and are tried again after \
-                         the next batch. Until then the journal's disk use grows."
-                    );
-                }
+        if error.is_some() || synced.is_err() {
+            self.trim_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let was_failing = self.trim_failing.swap(!kept.is_empty(), Ordering::Relaxed);
+        if let Err(e) = &synced {
+            // The files are gone; a crash may bring some back, to be replayed (their
+            // records skipped by seq) and deleted again.
+            tracing::warn!(error = %e, ?deleted, "Deleted journal segments, but could not fsync their directory.");
+        }
+        match &error {
+            Some(e) if was_failing => {
+                tracing::debug!(error = %e, ?deleted, ?kept, "Still cannot delete journal segments.");
             }
-            Ok(()) if was_failing => tracing::info!(
+            Some(e) => tracing::warn!(
+                error = %e,
+                ?deleted,
+                ?kept,
+                "Cannot delete journal segments the store has every record of; they stay on \
+                 disk (tally_journal_bytes) and are tried again after the next batch. Until \
+                 then the journal's disk use grows."
+            ),
+            None if was_failing => tracing::info!(
                 ?deleted,
                 "Deleted the journal segments that could not be deleted before."
             ),
-            Ok(()) if !deleted.is_empty() => {
-                tracing::debug!(segments = ?deleted, "Trimmed the journal.");
-            }
-            Ok(()) => {}
+            None => tracing::debug!(segments = ?deleted, "Trimmed the journal."),
         }
-        result
+        error.map_or(synced, Err)
     }
 }
 
@@ -1225,8 +1232,8 @@ impl Journal {
     /// to the writer thread to delete included) and the active one with the zeros written
     /// ahead of its records. Kept in memory as segments are written, rotated, replayed and
     /// deleted, so it answers without touching the disk, also while the disk stalls. A
-    /// segment whose deletion failed is no longer counted (the failure is logged, or
-    /// returned by [`Journal::trim`] and [`Journal::close`]).
+    /// segment whose deletion failed still counts: it stays on the list, to be tried again
+    /// ([`Journal::trim_failures`]).
     pub fn disk_bytes(&self) -> u64 {
         let segs = self.shared.segments();
         segs.closed.values().map(|c| c.bytes).sum::<u64>() + segs.deleting + segs.active_bytes
@@ -1280,8 +1287,8 @@ impl Journal {
     /// caller never waits on the disk: the flusher calls this after every batch, from a
     /// runtime that also runs the accept loop and the store's connections, and a stalled
     /// disk must hold none of them. Returns how many segments were handed over; a deletion
-    /// that fails is logged there (the file is replayed, and skipped by seq, on the next
-    /// open). After [`Journal::close`], or once the writer thread is gone, does nothing.
+    /// that fails is counted and logged there, and the segment is handed over again by the
+    /// next call. After [`Journal::close`], or once the writer thread is gone, does nothing.
     pub fn trim_later(&self, applied_seq: u64) -> usize {
         let mut queue = self.shared.queue();
         if queue.closing || self.shared.writer_gone.load(Ordering::Acquire) {

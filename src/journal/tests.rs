@@ -804,6 +804,33 @@ async fn a_segment_that_cannot_be_deleted_stays_counted_and_is_tried_again() {
     assert_eq!(journal.trim_failures(), 2, "only failures count");
 }
 
+/// A close that cannot delete the segments keeps counting them, once each with its size,
+/// and a later close deletes them.
+#[tokio::test]
+async fn a_close_that_cannot_delete_keeps_counting_the_segment_and_can_be_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, _) = open(dir.path(), 100);
+    append_seqs(&journal, 1..=2).await; // the active segment 1 holds {1,2}
+    // As in the test above: a directory in its place, which `remove_file` refuses.
+    let active = writer::path(dir.path(), 1);
+    fs::remove_file(&active).expect("remove segment 1");
+    fs::create_dir(&active).expect("a directory in its place");
+
+    assert!(
+        journal.close(2).await.is_err(),
+        "segment 1 cannot be deleted"
+    );
+    let kept = journal.disk_bytes();
+    assert!(kept > 0, "the segment still counts");
+    assert!(journal.close(2).await.is_err(), "nor the second time");
+    assert_eq!(journal.disk_bytes(), kept, "counted once, with its size");
+
+    fs::remove_dir(&active).expect("it can be deleted now");
+    journal.close(2).await.expect("a third close deletes it");
+    assert_eq!(journal.disk_bytes(), 0);
+    assert_eq!(journal.trim_failures(), 2);
+}
+
 /// What the segment files in `dir` take, read from the disk.
 fn files_bytes(dir: &Path) -> u64 {
     segment_files(dir)

@@ -31,6 +31,7 @@ mod disk_full;
 mod disk_stall;
 mod drain;
 mod fencing;
+mod immutable;
 mod memory;
 mod outage;
 mod owner;
