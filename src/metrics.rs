@@ -65,6 +65,9 @@ pub const JOURNAL_BYTES: &str = "tally_journal_bytes";
 /// Attempts to delete journal segments the store has every record of that failed. Such
 /// segments stay on disk (in [`JOURNAL_BYTES`]) and are tried again after the next batch.
 pub const JOURNAL_TRIM_FAILURES: &str = "tally_journal_trim_failures_total";
+/// 1 while journal segments the store has every record of are left on disk because their
+/// deletion failed, until a later attempt deletes them.
+pub const JOURNAL_TRIM_FAILING: &str = "tally_journal_trim_failing";
 /// HTTP request duration, by `route`, `method` and `status`.
 pub const HTTP_DURATION: &str = "tally_http_request_duration_seconds";
 /// Requests refused with 429 because their client was over its rate limit.
@@ -117,6 +120,8 @@ pub struct Metrics {
     pub journal_bytes: Gauge,
     /// [`JOURNAL_TRIM_FAILURES`], set from the journal's own count at scrape time.
     pub journal_trim_failures: Counter,
+    /// [`JOURNAL_TRIM_FAILING`], set at scrape time.
+    pub journal_trim_failing: Gauge,
     /// [`FLUSH_BATCHES`], one per `result`.
     pub flush_batches: FlushBatches,
     /// [`FLUSH_KEYS`].
@@ -222,6 +227,7 @@ impl Metrics {
                 journal_stalls: metrics::counter!(JOURNAL_STALLS),
                 journal_bytes: metrics::gauge!(JOURNAL_BYTES),
                 journal_trim_failures: metrics::counter!(JOURNAL_TRIM_FAILURES),
+                journal_trim_failing: metrics::gauge!(JOURNAL_TRIM_FAILING),
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
@@ -375,6 +381,10 @@ fn describe() {
     describe_counter!(
         JOURNAL_TRIM_FAILURES,
         "Failed attempts to delete journal segments the store has every record of; retried after the next batch."
+    );
+    describe_gauge!(
+        JOURNAL_TRIM_FAILING,
+        "1 while journal segments the store has every record of are left on disk because their deletion failed."
     );
     describe_counter!(
         RATE_LIMITED,

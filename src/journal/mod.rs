@@ -1228,6 +1228,13 @@ impl Journal {
         self.shared.trim_failures.load(Ordering::Relaxed)
     }
 
+    /// Whether the last attempt to delete segments left some behind: true from a failed
+    /// deletion until a later attempt deletes them (after a batch), however long no batch
+    /// comes.
+    pub fn trim_failing(&self) -> bool {
+        self.shared.trim_failing.load(Ordering::Relaxed)
+    }
+
     /// Bytes the journal's segment files take: every segment not yet deleted (those handed
     /// to the writer thread to delete included) and the active one with the zeros written
     /// ahead of its records. Kept in memory as segments are written, rotated, replayed and

@@ -769,8 +769,10 @@ async fn a_segment_that_cannot_be_deleted_stays_counted_and_is_tried_again() {
     fs::remove_file(&first).expect("remove segment 1");
     fs::create_dir(&first).expect("a directory in its place");
 
+    assert!(!journal.trim_failing());
     assert!(journal.trim(6).is_err(), "segment 1 cannot be deleted");
     assert_eq!(journal.trim_failures(), 1);
+    assert!(journal.trim_failing(), "until a retry deletes it");
     assert!(
         !writer::path(dir.path(), 2).exists(),
         "segment 2 is deleted"
@@ -802,6 +804,7 @@ async fn a_segment_that_cannot_be_deleted_stays_counted_and_is_tried_again() {
     assert_eq!(journal.disk_bytes(), files_bytes(dir.path()));
     assert_eq!(segment_files(dir.path()), vec![writer::path(dir.path(), 4)]);
     assert_eq!(journal.trim_failures(), 2, "only failures count");
+    assert!(!journal.trim_failing(), "nothing is left behind");
 }
 
 /// A close that cannot delete the segments keeps counting them, once each with its size,

@@ -99,6 +99,7 @@ async fn tally_starts_with_a_journal_segment_it_cannot_delete_and_deletes_it_onc
         tally.metric("tally_journal_trim_failures_total").await >= 1.0,
         "the trim after replay failed"
     );
+    assert_eq!(tally.metric("tally_journal_trim_failing").await, 1.0);
     let counted = tally.metric("tally_journal_bytes").await as u64;
     assert!(
         counted >= oldest_bytes && oldest.exists(),
@@ -117,6 +118,7 @@ async fn tally_starts_with_a_journal_segment_it_cannot_delete_and_deletes_it_onc
         },
     )
     .await;
+    assert_eq!(tally.metric("tally_journal_trim_failing").await, 0.0);
     let mut tally = tally;
     let status = tally.terminate().await;
     assert!(status.success(), "SIGTERM drains and exits 0: {status}");

@@ -484,6 +484,11 @@ async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be(
         oldest_bytes + active_bytes,
         "the segment not deleted still counts"
     );
+    assert_eq!(
+        journal_metric(client, address, "tally_journal_trim_failing").await,
+        1,
+        "while it is left on disk"
+    );
 
     std::fs::remove_dir(&oldest).expect("it can be deleted now");
     assert_eq!(
@@ -505,6 +510,11 @@ async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be(
         crate::journal::journal_segments(data).len(),
         1,
         "the active one"
+    );
+    assert_eq!(
+        journal_metric(client, address, "tally_journal_trim_failing").await,
+        0,
+        "nothing is left behind"
     );
     let failures = journal_metric(client, address, "tally_journal_trim_failures_total").await;
     app.shutdown().await.expect("drains");
