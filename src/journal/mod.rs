@@ -545,18 +545,14 @@ impl Segments {
 
     /// Takes every segment, the active one too, to be deleted (the journal is closed).
     fn take_all(&mut self) -> Vec<(u64, Closed)> {
-        let mut all = self.take_closed(|_| true);
         let active = Closed {
             max_seq: self.active_max_seq,
             bytes: std::mem::take(&mut self.active_bytes),
         };
-        // After a close whose deletion failed, the active segment is on the closed list
-        // already (put back with its size): taken above.
-        if all.iter().all(|&(n, _)| n != self.active) {
-            self.deleting += active.bytes;
-            all.push((self.active, active));
-        }
-        all
+        // The active segment is closed now. Only once: a close whose deletion failed put
+        // it back on the closed list with its size (and left `active_bytes` at 0).
+        self.closed.entry(self.active).or_insert(active);
+        self.take_closed(|_| true)
     }
 
     /// Puts segments taken to be deleted back on the closed list (they were not deleted).

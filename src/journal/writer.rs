@@ -278,9 +278,7 @@ pub(super) fn run(shared: &Shared) {
 /// Deletes the segments [`Journal::trim_later`](super::Journal::trim_later) handed over; a
 /// failure is counted and logged there, and those segments are tried again at the next trim.
 fn remove_doomed(shared: &Shared, doomed: Vec<(u64, Closed)>) {
-    if !doomed.is_empty() {
-        let _ = shared.remove_segments(doomed);
-    }
+    let _ = shared.remove_segments(doomed);
 }
 
 /// Sleeps (no spin) until the writer has something to do: records that need it, a request,

@@ -12,11 +12,9 @@ use std::time::Duration;
 use crate::common::data_dir;
 use crate::journal::{journal_files_bytes, journal_segments};
 use crate::pg::shout;
-use crate::support::{Direct, Tally, TallyConfig, eventually, increment};
-
-/// Keys of the batches that fill more than one 1 MiB segment: 8 × 10,000 entries.
-const BATCHES: usize = 8;
-const ITEMS: usize = 10_000;
+use crate::support::{
+    Tally, TallyConfig, assert_batches_stored_once, eventually, increment, send_batches,
+};
 
 /// `chattr` on `file`, or why not.
 fn chattr(flag: &str, file: &Path) -> Result<(), String> {
@@ -68,18 +66,7 @@ async fn tally_starts_with_a_journal_segment_it_cannot_delete_and_deletes_it_onc
     config.extra = vec!["--journal-segment-bytes".to_owned(), "1048576".to_owned()];
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
-    let body: Vec<_> = (0..ITEMS)
-        .map(|i| serde_json::json!({ "key": format!("k-{i:05}"), "value": 1 }))
-        .collect();
-    for _ in 0..BATCHES {
-        let answer = client
-            .post(format!("{}/increments", tally.address))
-            .json(&body)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(answer.status(), 202, "a batch");
-    }
+    send_batches(&client, &tally.address).await;
     tally.kill9().await;
     let mut segments = journal_segments(dir.path());
     segments.sort();
@@ -131,14 +118,7 @@ async fn tally_starts_with_a_journal_segment_it_cannot_delete_and_deletes_it_onc
         log.contains("Deleted the journal segments that could not be deleted before"),
         "the recovery is logged"
     );
-    let counters = Direct::open(dir.path(), None).await.counters().await;
-    assert_eq!(counters.len(), ITEMS + 1, "every key, and the one after");
-    assert!(
-        (counters.iter())
-            .filter(|(key, _)| key.starts_with("k-"))
-            .all(|(_, &v)| v == BATCHES as i64),
-        "every increment of the batches stored once"
-    );
+    assert_batches_stored_once(dir.path(), None, 1).await;
     shout(&format!(
         "immutable journal segment at start: tally started, counted its {oldest_bytes} bytes, \
          deleted it after a batch once it could"

@@ -23,7 +23,8 @@ use crate::app::{spawn_app, test_config};
 use crate::common::{Backend, data_dir};
 use crate::pg::{self, PgDatabase, shout};
 use crate::support::{
-    Direct, Ledger, Load, Rng, Tally, TallyConfig, eventually, increment, key_name, seed,
+    Direct, Ledger, Load, Rng, Tally, TallyConfig, assert_batches_stored_once, eventually,
+    increment, key_name, seed, send_batches,
 };
 
 const KEYS: usize = 100;
@@ -321,11 +322,6 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     ));
 }
 
-/// Batches the journal-size test sends while the database is cut: 8 × 10,000 entries of
-/// 22 bytes, about 1.76 MB of records, so 1 MiB segments close one while the store is away.
-const CUT_BATCHES: usize = 8;
-const CUT_BATCH_ITEMS: usize = 10_000;
-
 async fn journal_bytes(client: &reqwest::Client, address: &str) -> u64 {
     journal_metric(client, address, "tally_journal_bytes").await
 }
@@ -335,42 +331,9 @@ async fn journal_metric(client: &reqwest::Client, address: &str, name: &str) -> 
     crate::metrics::metric(&exposition, name) as u64
 }
 
-/// Journal segments of 1 MiB, so that the cut batches close one.
+/// Journal segments of 1 MiB, so that the [`send_batches`] close one.
 fn small_segments(config: &mut tally::config::Config) {
     config.journal.segment_bytes = tally::journal::MIN_SEGMENT_BYTES;
-}
-
-/// Sends the [`CUT_BATCHES`] of [`CUT_BATCH_ITEMS`] keys `away-NNNNN`, each answered 202.
-async fn send_cut_batches(client: &reqwest::Client, address: &str) {
-    let body: Vec<_> = (0..CUT_BATCH_ITEMS)
-        .map(|i| serde_json::json!({ "key": format!("away-{i:05}"), "value": 1 }))
-        .collect();
-    for _ in 0..CUT_BATCHES {
-        let answer = client
-            .post(format!("{address}/increments"))
-            .json(&body)
-            .send()
-            .await
-            .expect("an answer");
-        assert_eq!(answer.status(), 202, "a batch while the database is cut");
-    }
-}
-
-/// Asserts that the store holds each key of the cut batches exactly [`CUT_BATCHES`] times,
-/// besides `others` keys of the test's own.
-async fn assert_cut_batches_stored_once(dir: &tempfile::TempDir, db: &PgDatabase, others: usize) {
-    let counters = Direct::open(dir.path(), Some(db)).await.counters().await;
-    assert_eq!(
-        counters.len(),
-        CUT_BATCH_ITEMS + others,
-        "every key of the batches"
-    );
-    assert!(
-        (counters.iter())
-            .filter(|(key, _)| key.starts_with("away-"))
-            .all(|(_, &v)| v == CUT_BATCHES as i64),
-        "every increment stored once"
-    );
 }
 
 /// While the database is away the journal holds everything acknowledged since, and the
@@ -391,7 +354,7 @@ async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_cat
     let empty = journal_bytes(&client, &app.address).await;
 
     proxy.cut();
-    send_cut_batches(&client, &app.address).await;
+    send_batches(&client, &app.address).await;
     let away = journal_bytes(&client, &app.address).await;
     let on_disk = crate::journal::journal_files_bytes(dir.path());
     let segments = crate::journal::journal_segments(dir.path()).len();
@@ -425,7 +388,7 @@ async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_cat
         "the gauge is what the segment files take, after the trim"
     );
     app.shutdown().await.expect("drains after the outage");
-    assert_cut_batches_stored_once(&dir, &db, 0).await;
+    assert_batches_stored_once(dir.path(), Some(&db), 0).await;
     shout(&format!(
         "journal bytes: {empty} at start, {away} with the database cut ({segments} segment \
          files), {after} {caught_up_after:.1?} after the restore"
@@ -450,7 +413,7 @@ async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be(
     };
     let client = reqwest::Client::new();
     proxy.cut();
-    send_cut_batches(&client, &app.address).await;
+    send_batches(&client, &app.address).await;
     let mut segments = crate::journal::journal_segments(dir.path());
     segments.sort();
     assert!(segments.len() > 1, "the batches closed a segment");
@@ -518,7 +481,7 @@ async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be(
     );
     let failures = journal_metric(client, address, "tally_journal_trim_failures_total").await;
     app.shutdown().await.expect("drains");
-    assert_cut_batches_stored_once(&dir, &db, 1).await;
+    assert_batches_stored_once(dir.path(), Some(&db), 1).await;
     shout(&format!(
         "undeletable journal segment: {oldest_bytes} bytes counted through {failures} failed \
          deletions, gone after the next batch once it could be"

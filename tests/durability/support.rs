@@ -637,3 +637,42 @@ impl Ledger {
             .collect()
     }
 }
+
+/// [`send_batches`] sends this many batches of [`BATCH_ITEMS`] keys: 8 × 10,000 entries of
+/// 22 bytes, about 1.76 MB of records, so that 1 MiB journal segments close one.
+pub const BATCHES: usize = 8;
+pub const BATCH_ITEMS: usize = 10_000;
+
+/// Sends the [`BATCHES`] to `POST /increments`, each of keys `batch-00000` … adding 1, each
+/// answered 202.
+pub async fn send_batches(client: &reqwest::Client, address: &str) {
+    let body: Vec<_> = (0..BATCH_ITEMS)
+        .map(|i| serde_json::json!({ "key": format!("batch-{i:05}"), "value": 1 }))
+        .collect();
+    for _ in 0..BATCHES {
+        let answer = client
+            .post(format!("{address}/increments"))
+            .json(&body)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status(), 202, "a batch");
+    }
+}
+
+/// Asserts that the store of `data_dir` (or `db`) holds each key of [`send_batches`] exactly
+/// [`BATCHES`] times, besides `others` keys of the test's own.
+pub async fn assert_batches_stored_once(data_dir: &Path, db: Option<&PgDatabase>, others: usize) {
+    let counters = Direct::open(data_dir, db).await.counters().await;
+    assert_eq!(
+        counters.len(),
+        BATCH_ITEMS + others,
+        "every key of the batches"
+    );
+    assert!(
+        (counters.iter())
+            .filter(|(key, _)| key.starts_with("batch-"))
+            .all(|(_, &v)| v == BATCHES as i64),
+        "every increment stored once"
+    );
+}
