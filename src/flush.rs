@@ -219,6 +219,14 @@ impl Flusher {
             .inflight()
             .or_else(|| self.aggregator.seal())
         else {
+            // No batch, so no trim after one: retry the segments whose deletion failed here,
+            // on the tick, so that a fault mended while no increments come clears
+            // `tally_journal_trim_failing` (and its alert) without waiting for traffic.
+            if let Some(journal) = &self.journal
+                && journal.trim_failing()
+            {
+                journal.trim_later(self.aggregator.applied_seq());
+            }
             return Flushed::Nothing;
         };
         let Ok(keys) = self.commit(&batch).await else {

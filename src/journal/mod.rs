@@ -977,7 +977,7 @@ impl Shared {
                 ?deleted,
                 ?kept,
                 "Cannot delete journal segments the store has every record of; they stay on \
-                 disk (tally_journal_bytes) and are tried again after the next batch. Until \
+                 disk (tally_journal_bytes) and are tried again after the next batch or flush tick. Until \
                  then the journal's disk use grows."
             ),
             None if was_failing => tracing::info!(
