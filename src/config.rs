@@ -71,9 +71,9 @@ const MIN_HEADER_BYTES: usize = 8192;
 pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
 
 /// Default cap on open client connections. Each costs a file descriptor and a few KiB of
-/// buffers; 4,096 is far above what a load balancer keeps open to one instance and well below
-/// a typical `ulimit -n` of 20,000+ (keep it below yours: at the descriptor limit `accept`
-/// fails instead of queueing).
+/// buffers; 4,096 is far above what a load balancer keeps open to one instance. Where the
+/// open-file limit leaves fewer descriptors, tally caps connections lower (see
+/// [`crate::fds`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Default number of clients the rate limiter remembers. One entry is about 100 bytes, so
@@ -413,8 +413,11 @@ pub struct HttpConfig {
           value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
-    /// Most client connections open at once. Further connections wait in the listen
-    /// backlog until one closes.
+    /// Most client connections open at once. At the cap a new client takes the slot of
+    /// the connection idle longest; with none idle it waits in the listen backlog. Capped
+    /// lower, with a warning at start, if the open-file limit (raised to the hard limit at
+    /// start) leaves fewer descriptors after 64 + --database-pool-size for tally's own
+    /// files: tally_http_connections_max shows the cap in force.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = nonzero(DEFAULT_MAX_CONNECTIONS))]
     pub max_connections: NonZeroUsize,
 

@@ -16,6 +16,7 @@
 //! # Map
 //!
 //! - [`config`]: every flag, its environment variable and its default.
+//! - [`fds`]: the open-file limit, raised at start, and the connection cap it allows.
 //! - [`startup`]: builds the [`startup::App`] and wires its tasks together.
 //! - [`shutdown`]: signals and the drain order.
 //! - [`key`]: the validated [`key::Key`] and the [`key::Increment`] it travels in.
@@ -35,7 +36,7 @@
 //! # Why these modules are public
 //!
 //! The library is not a published API. Its modules are public because the crate's other
-//! users build on them: the `tally` binary (`config`, `startup`, `shutdown`, `telemetry`, `idle`),
+//! users build on them: the `tally` binary (`config`, `fds`, `startup`, `shutdown`, `telemetry`, `idle`),
 //! the `tally-journal` binary (`journal`: `Journal::read`, `Replay`), the
 //! integration tests (`store`, `config`, `startup`, `metrics`), the benchmark crate
 //! `tally-bench` (`aggregate`, `flush`, `store`, `http::serve`) and the fuzz targets
@@ -45,6 +46,7 @@
 pub mod aggregate;
 pub mod applied;
 pub mod config;
+pub mod fds;
 pub mod flush;
 pub mod http;
 pub mod idle;

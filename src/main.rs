@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Parser;
 use tally::config::Config;
 use tally::startup::App;
-use tally::{shutdown, telemetry};
+use tally::{fds, shutdown, telemetry};
 use tokio::signal::unix::SignalKind;
 
 /// mimalloc instead of glibc's malloc: under the journal's load, where every request's
@@ -69,5 +69,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::signal::unix::signal(SignalKind::from_raw(libc::SIGXFSZ))
             .context("cannot install the SIGXFSZ handler")?,
     );
+    // Before anything opens a file: connections, segments and the store's files share it.
+    match fds::raise_soft_limit() {
+        Ok(limit) if limit.soft > limit.was => tracing::info!(
+            was = limit.was,
+            now = limit.soft,
+            "Raised the open-file limit (soft) to the hard limit."
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "Cannot raise the open-file limit; keeping it."),
+    }
     App::build(config).await?.run_until(stop).await
 }

@@ -77,6 +77,11 @@ pub const RATE_LIMITED: &str = "tally_rate_limited_total";
 pub const CONNECTIONS_YIELDED: &str = "tally_http_connections_yielded_total";
 /// Client connections open, by the serving `thread` that runs them (`--http-threads`).
 pub const CONNECTIONS_OPEN: &str = "tally_http_connections_open";
+/// Most client connections open at once: `--max-connections`, or fewer if the open-file
+/// limit leaves fewer (see [`crate::fds`]).
+pub const CONNECTIONS_MAX: &str = "tally_http_connections_max";
+/// Times `accept` failed for lack of resources (no file descriptor or memory left).
+pub const ACCEPT_FAILURES: &str = "tally_http_accept_failures_total";
 
 /// The [`CONNECTIONS_OPEN`] gauge of serving thread `thread`. Resolved once per thread when
 /// the threads start, after the recorder is installed.
@@ -102,6 +107,10 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// [`CONNECTIONS_YIELDED`].
     pub connections_yielded: Counter,
+    /// [`CONNECTIONS_MAX`].
+    pub connections_max: Gauge,
+    /// [`ACCEPT_FAILURES`].
+    pub accept_failures: Counter,
     /// [`DEAD_LETTERS`].
     pub dead_letters: Counter,
     /// [`STORE_CONNECTIONS_DISCARDED`].
@@ -218,6 +227,8 @@ impl Metrics {
                 shed: metrics::counter!(SHED),
                 rate_limited: metrics::counter!(RATE_LIMITED),
                 connections_yielded: metrics::counter!(CONNECTIONS_YIELDED),
+                connections_max: metrics::gauge!(CONNECTIONS_MAX),
+                accept_failures: metrics::counter!(ACCEPT_FAILURES),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
                 store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
                 pending_keys: metrics::gauge!(PENDING_KEYS),
@@ -397,6 +408,14 @@ fn describe() {
     describe_gauge!(
         CONNECTIONS_OPEN,
         "Client connections open, by the serving thread that runs them."
+    );
+    describe_gauge!(
+        CONNECTIONS_MAX,
+        "Most client connections open at once: --max-connections, or fewer if the open-file limit leaves fewer."
+    );
+    describe_counter!(
+        ACCEPT_FAILURES,
+        "Times accept failed for lack of resources (no file descriptor or memory left)."
     );
     describe_histogram!(
         HTTP_DURATION,

@@ -19,6 +19,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::aggregate::Aggregator;
 use crate::config::{Ack, Config};
+use crate::fds;
 use crate::flush::Flusher;
 use crate::http::BodyBudget;
 use crate::http::auth::Auth;
@@ -42,6 +43,8 @@ pub struct App {
     /// Limits and guards of the main router (authorization, rate limit, timeouts).
     router: RouterOptions,
     flusher: Flusher,
+    /// `--max-connections`, or fewer if the open-file limit leaves fewer.
+    max_connections: usize,
     /// Held for the life of the process: a second tally on the same data directory would
     /// share its instance id and journal.
     _lock: File,
@@ -57,6 +60,8 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         config.validate()?;
         tracing::info!(%config, "Starting tally.");
+        // Before the store is touched: a limit too low to serve is reported at once.
+        let max_connections = max_connections(&config)?;
         if config.flush.exceeds_contract() {
             tracing::warn!(
                 interval = %humantime::format_duration(config.flush.interval),
@@ -90,7 +95,7 @@ impl App {
                 )
             }
         };
-        Self::assemble(config, store).await
+        Self::assemble(config, store, max_connections).await
     }
 
     /// Builds the app on an already opened store (tests wrap a real store to inject faults).
@@ -100,11 +105,17 @@ impl App {
     /// As [`App::build`].
     pub async fn build_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         config.validate()?;
-        Self::assemble(config, store).await
+        let max_connections = max_connections(&config)?;
+        Self::assemble(config, store, max_connections).await
     }
 
-    /// Builds the app on `store` from a validated configuration.
-    async fn assemble(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    /// Builds the app on `store` from a validated configuration, serving at most
+    /// `max_connections` clients at once.
+    async fn assemble(
+        config: Config,
+        store: Arc<dyn Store>,
+        max_connections: usize,
+    ) -> anyhow::Result<Self> {
         let store: Arc<dyn Store> = Arc::new(Timed::new(store, config.store.store_timeout));
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
@@ -193,6 +204,7 @@ impl App {
             state,
             router,
             flusher,
+            max_connections,
             _lock: lock,
         })
     }
@@ -236,6 +248,7 @@ impl App {
             state,
             router,
             flusher,
+            max_connections,
             _lock,
         } = self;
         // First, so that a failure leaves nothing running. The serving threads report to
@@ -290,7 +303,7 @@ impl App {
             header_read_timeout: config.http.header_read_timeout,
             idle_timeout: config.http.idle_timeout,
             max_header_bytes: config.limits.max_header_bytes,
-            max_connections: config.http.max_connections.get(),
+            max_connections,
             // Only the guards read the peer address (the rate limit, the failed-auth budget).
             connect_info: router.rate_limit.is_some() || router.auth.is_some(),
             draining: draining.clone(),
@@ -307,6 +320,8 @@ impl App {
             let options = ServeOptions {
                 connect_info: false,
                 threads: None,
+                // Counted in the descriptors kept apart from the clients' (`fds::reserved`).
+                max_connections: fds::METRICS_CONNECTIONS,
                 ..options.clone()
             };
             tokio::spawn(serve(
@@ -465,6 +480,47 @@ fn watch_for_stalls(journal: &Arc<Journal>, stop: CancellationToken) -> std::io:
             }
         })?;
     Ok(())
+}
+
+/// `--max-connections`, or what the open-file limit leaves for connections if that is
+/// fewer (see [`crate::fds`]); exported as `tally_http_connections_max`.
+fn max_connections(config: &Config) -> anyhow::Result<usize> {
+    let requested = config.http.max_connections.get();
+    let limit = match fds::soft_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot read the open-file limit; not capping connections by it.");
+            u64::MAX
+        }
+    };
+    // The serving threads, start-up's and the flusher's: one runtime each.
+    let runtimes = config.http_threads().get() + 2;
+    let store = match config.store.database_url {
+        // The pool and the connection that holds the instance id's lock.
+        Some(_) => (config.store.database_pool_size.get() as u64).saturating_add(1),
+        None => fds::SQLITE_FILES,
+    };
+    let metrics = config
+        .http
+        .metrics_listen
+        .map_or(0, |_| fds::METRICS_CONNECTIONS);
+    let reserved = fds::reserved(runtimes, store, metrics);
+    let cap = fds::connection_cap(requested, limit, reserved)?;
+    if cap < requested {
+        tracing::warn!(
+            limit,
+            reserved,
+            cap,
+            max_connections = requested,
+            needed = reserved.saturating_add(requested as u64),
+            "The open-file limit leaves room for fewer connections than --max-connections: \
+             capping them there, so that the journal and the store always have descriptors \
+             (at the cap the longest-idle connection makes room for a new client). Raise the \
+             limit (`ulimit -n`, systemd's LimitNOFILE=) to `needed` to allow them all."
+        );
+    }
+    Metrics::global().connections_max.set(cap as f64);
+    Ok(cap)
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

@@ -47,7 +47,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -133,6 +133,7 @@ pub async fn serve(
     builder.keep_alive(true);
     // The read buffer's cap: a request head larger than this gets 431 before it is held.
     builder.max_buf_size(options.max_header_bytes);
+    let mut accept_failing = AcceptFailures::default();
     loop {
         let (permit, accepted) = match Arc::clone(&slots).try_acquire_owned() {
             Ok(permit) => (permit, None),
@@ -167,12 +168,13 @@ pub async fn serve(
             Ok(accepted) => accepted,
             Err(e) => {
                 if !is_connection_error(&e) {
-                    tracing::warn!(error = %e, "Cannot accept a connection; pausing.");
+                    accept_failing.failed(&e);
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
                 continue;
             }
         };
+        accept_failing.accepted();
         // Responses are written in one go; Nagle's algorithm would only add latency.
         let _ = stream.set_nodelay(true);
         let service = ConnectionService {
@@ -439,6 +441,67 @@ impl Registry {
             tracing::debug!(
                 "At --max-connections: closing the longest-idle connection for a new client."
             );
+        }
+    }
+}
+
+/// `accept` failures for lack of resources: each is counted
+/// (`tally_http_accept_failures_total`) and logged as a warning at most once per
+/// [`ACCEPT_WARN_EVERY`] with the count since the last one (at the limit, failures and
+/// accepts alternate as connections close: one line each would flood the log), and once
+/// accepts work again after a warning, that is logged too.
+#[derive(Default)]
+struct AcceptFailures {
+    /// When the last warning was logged.
+    warned_at: Option<Instant>,
+    /// Failures since that warning.
+    unwarned: u64,
+    /// A warning was logged since the last accept.
+    warned_in_run: bool,
+}
+
+/// Least time between two warnings of [`AcceptFailures`].
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
+
+impl AcceptFailures {
+    fn failed(&mut self, e: &std::io::Error) {
+        crate::metrics::Metrics::global()
+            .accept_failures
+            .increment(1);
+        self.unwarned += 1;
+        if self
+            .warned_at
+            .is_some_and(|at| at.elapsed() < ACCEPT_WARN_EVERY)
+        {
+            tracing::debug!(error = %e, "Still cannot accept connections.");
+            return;
+        }
+        let cause = match e.raw_os_error() {
+            Some(libc::EMFILE) => {
+                "tally is out of file descriptors (EMFILE): raise its open-file limit \
+                 (LimitNOFILE=, ulimit -n) or lower --max-connections"
+            }
+            Some(libc::ENFILE) => {
+                "the host is out of file descriptors (ENFILE): see /proc/sys/fs/file-nr and \
+                 fs.file-max"
+            }
+            Some(libc::ENOMEM | libc::ENOBUFS) => "the host is out of memory for sockets",
+            _ => "see the error",
+        };
+        tracing::warn!(
+            error = %e,
+            failures = self.unwarned,
+            "Cannot accept connections, pausing {ACCEPT_BACKOFF:?} after each failure; new \
+             clients wait. {cause}. tally_http_accept_failures_total counts the failures."
+        );
+        self.warned_at = Some(Instant::now());
+        self.unwarned = 0;
+        self.warned_in_run = true;
+    }
+
+    fn accepted(&mut self) {
+        if std::mem::take(&mut self.warned_in_run) {
+            tracing::info!("Accepting connections again.");
         }
     }
 }

@@ -30,6 +30,7 @@ mod datadir;
 mod disk_full;
 mod disk_stall;
 mod drain;
+mod fd_limit;
 mod fencing;
 mod immutable;
 mod memory;
