@@ -99,6 +99,10 @@ pub fn handle() -> PrometheusHandle {
 pub struct Metrics {
     /// Renders the exposition served on `/metrics`.
     render: PrometheusHandle,
+    /// The standard `process_*` series (CPU, memory, open and maximum file descriptors,
+    /// threads, start time), as every Prometheus client library exports them; sampled at
+    /// scrape time ([`Metrics::sample_process`]).
+    process: metrics_process::Collector,
     /// [`INCREMENTS`].
     pub increments: Counter,
     /// [`SHED`].
@@ -211,6 +215,13 @@ pub mod http {
 }
 
 impl Metrics {
+    /// Samples the `process_*` series (`/proc/self`): `process_open_fds` against
+    /// `process_max_fds` shows how close the process is to its open-file limit (see
+    /// [`crate::fds`]).
+    pub fn sample_process(&self) {
+        self.process.collect();
+    }
+
     /// The process-wide handles; the first call installs the recorder and registers every
     /// series.
     ///
@@ -223,6 +234,7 @@ impl Metrics {
             let render = install();
             let metrics = Metrics {
                 render,
+                process: metrics_process::Collector::default(),
                 increments: metrics::counter!(INCREMENTS),
                 shed: metrics::counter!(SHED),
                 rate_limited: metrics::counter!(RATE_LIMITED),
@@ -326,6 +338,7 @@ fn install() -> PrometheusHandle {
     // handles below record into that one and ours renders nothing.
     let _ = metrics::set_global_recorder(recorder);
     describe();
+    metrics_process::Collector::default().describe();
     handle
 }
 

@@ -25,6 +25,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Gauges of "now" are sampled at scrape time: set by the flusher, the lag would read as
     // it was right after the last flush, always below the real one.
     let metrics = Metrics::global();
+    metrics.sample_process();
     metrics.flush_lag.set(state.aggregator.lag().as_secs_f64());
     metrics
         .pending_keys

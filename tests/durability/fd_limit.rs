@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::common::data_dir;
 use crate::journal::journal_segments;
-use crate::metrics::scrape;
+use crate::metrics::{metric, scrape};
 use crate::pg::shout;
 use crate::support::{Tally, TallyConfig, assert_batches_stored_once, increment, send_batches};
 
@@ -88,6 +88,12 @@ async fn under_a_low_open_file_limit_connections_are_capped_and_the_journal_keep
         exposition.contains("\ntally_http_accept_failures_total 0\n"),
         "accept never ran out of descriptors"
     );
+    assert_eq!(metric(&exposition, "process_max_fds"), LIMIT as f64);
+    let open_fds = metric(&exposition, "process_open_fds");
+    assert!(
+        open_fds > cap as f64 / 2.0 && open_fds < LIMIT as f64,
+        "{open_fds} descriptors open under the limit of {LIMIT}"
+    );
 
     let status = tally.terminate().await;
     assert!(status.success(), "SIGTERM drains and exits 0: {status}");
@@ -128,6 +134,7 @@ async fn tally_raises_its_soft_open_file_limit_to_the_hard_one() {
     config.wrapper = prlimit(LIMIT, hard);
     let mut tally = Tally::start(&config).await;
     assert_eq!(open_file_limits(tally.pid()), (hard, hard));
+    assert_eq!(tally.metric("process_max_fds").await, hard as f64);
     // Capped by the raised limit, not by the 160 it was started with.
     let cap = tally.metric("tally_http_connections_max").await as u64;
     assert!(
