@@ -416,8 +416,9 @@ pub struct HttpConfig {
     /// Most client connections open at once. At the cap a new client takes the slot of
     /// the connection idle longest; with none idle it waits in the listen backlog. Capped
     /// lower, with a warning at start, if the open-file limit (raised to the hard limit at
-    /// start) leaves fewer descriptors after 64 + --database-pool-size for tally's own
-    /// files: tally_http_connections_max shows the cap in force.
+    /// start) leaves fewer descriptors after those tally keeps for its journal, store and
+    /// threads (32 + 4 per runtime + the pool + 1 on PostgreSQL or 8 on SQLite + 16 with
+    /// --metrics-listen; 60 on 2 cores): tally_http_connections_max shows the cap in force.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = nonzero(DEFAULT_MAX_CONNECTIONS))]
     pub max_connections: NonZeroUsize,
 

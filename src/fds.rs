@@ -86,7 +86,7 @@ pub fn soft_limit() -> io::Result<u64> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "the open-file limit is {limit}, and tally keeps {reserved} descriptors for its journal, \
-     store and threads: that leaves {left} for client connections, fewer than {MIN_CONNECTIONS}. \
+     store and threads: that leaves {left} for client connections, too few to serve. \
      Raise the limit (`ulimit -n`, systemd's LimitNOFILE=) to {fits} to allow \
      --max-connections (at the very least to {needed})"
 )]
@@ -108,19 +108,22 @@ pub struct TooFewDescriptors {
 ///
 /// # Errors
 ///
-/// [`TooFewDescriptors`] if fewer than [`MIN_CONNECTIONS`] fit.
+/// [`TooFewDescriptors`] if fewer than [`MIN_CONNECTIONS`] fit (or than `requested`, if
+/// that is fewer).
 pub fn connection_cap(
     requested: usize,
     limit: u64,
     reserved: u64,
 ) -> Result<usize, TooFewDescriptors> {
     let left = limit.saturating_sub(reserved);
-    if left < MIN_CONNECTIONS {
+    // Fewer than MIN_CONNECTIONS are fine when that is all the operator asked for.
+    let least = MIN_CONNECTIONS.min(requested as u64);
+    if left < least {
         return Err(TooFewDescriptors {
             limit,
             reserved,
             left,
-            needed: reserved.saturating_add(MIN_CONNECTIONS),
+            needed: reserved.saturating_add(least),
             fits: reserved.saturating_add(requested as u64),
         });
     }
@@ -139,6 +142,10 @@ mod tests {
         assert_eq!(connection_cap(10, 1024, 72), Ok(10));
         assert_eq!(connection_cap(4096, 72 + 16, 72), Ok(16));
         assert_eq!(connection_cap(4096, u64::MAX, 72), Ok(4096));
+        // Fewer than MIN_CONNECTIONS, when that is all that was asked for.
+        assert_eq!(connection_cap(4, 80, 72), Ok(4));
+        assert_eq!(connection_cap(8, 80, 72), Ok(8));
+        assert!(connection_cap(9, 80, 72).is_err());
     }
 
     #[test]
@@ -177,7 +184,9 @@ mod tests {
         );
     }
 
-    /// Linux only, like tally: there the hard limit is the ceiling (macOS caps it lower).
+    /// On Linux the hard limit is the ceiling (macOS caps it lower). Raises the limit of
+    /// the test process, harmlessly: only up to its own hard limit.
+    #[cfg(target_os = "linux")]
     #[test]
     fn the_soft_limit_is_raised_to_the_hard_one() {
         let limit = raise_soft_limit().expect("the limit can be read and raised");

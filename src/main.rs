@@ -69,7 +69,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::signal::unix::signal(SignalKind::from_raw(libc::SIGXFSZ))
             .context("cannot install the SIGXFSZ handler")?,
     );
-    // Before anything opens a file: connections, segments and the store's files share it.
+    // Before the store, the journal and the listener open theirs: connections, segments and
+    // the store's files all count against this one limit.
     match fds::raise_soft_limit() {
         Ok(limit) if limit.soft > limit.was => tracing::info!(
             was = limit.was,

@@ -63,7 +63,8 @@ pub const JOURNAL_STALLS: &str = "tally_journal_stalls_total";
 /// database outage) and falls as the store catches up and segments are deleted.
 pub const JOURNAL_BYTES: &str = "tally_journal_bytes";
 /// Attempts to delete journal segments the store has every record of that failed. Such
-/// segments stay on disk (in [`JOURNAL_BYTES`]) and are tried again after the next batch.
+/// segments stay on disk (in [`JOURNAL_BYTES`]) and are tried again after the next batch or
+/// flush tick.
 pub const JOURNAL_TRIM_FAILURES: &str = "tally_journal_trim_failures_total";
 /// 1 while journal segments the store has every record of are left on disk because their
 /// deletion failed, until a later attempt deletes them.
@@ -404,7 +405,7 @@ fn describe() {
     );
     describe_counter!(
         JOURNAL_TRIM_FAILURES,
-        "Failed attempts to delete journal segments the store has every record of; retried after the next batch."
+        "Failed attempts to delete journal segments the store has every record of; retried after the next batch or flush tick."
     );
     describe_gauge!(
         JOURNAL_TRIM_FAILING,

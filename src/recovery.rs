@@ -443,7 +443,7 @@ pub(crate) async fn replay_journal(
         tracing::info!(requests, cut_bytes, "Replayed the journal.");
     }
     // A segment that cannot be deleted is logged, counted and kept on the journal's list,
-    // to be tried again after the next batch: no reason not to start.
+    // to be tried again after the next batch or flush tick: no reason not to start.
     let _ = journal.trim(applied);
     Ok(applied)
 }

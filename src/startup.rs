@@ -514,7 +514,7 @@ fn max_connections(config: &Config) -> anyhow::Result<usize> {
             max_connections = requested,
             needed = reserved.saturating_add(requested as u64),
             "The open-file limit leaves room for fewer connections than --max-connections: \
-             capping them there, so that the journal and the store always have descriptors \
+             capping them there, so that the journal and the store keep descriptors \
              (at the cap the longest-idle connection makes room for a new client). Raise the \
              limit (`ulimit -n`, systemd's LimitNOFILE=) to `needed` to allow them all."
         );

@@ -167,8 +167,15 @@ pub async fn serve(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                if !is_connection_error(&e) {
-                    accept_failing.failed(&e);
+                if let Some(cause) = lack_of_resources(&e) {
+                    accept_failing.failed(&e, cause);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                } else if !is_connection_error(&e) {
+                    // A network error of the new connection, which accept(2) passes on
+                    // (ENETDOWN, EPROTO, EHOSTUNREACH, EPERM from a firewall, …): retried,
+                    // as the man page says; the pause keeps an error that persists from
+                    // spinning.
+                    tracing::debug!(error = %e, "Cannot accept a connection; retrying.");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
                 continue;
@@ -445,7 +452,7 @@ impl Registry {
     }
 }
 
-/// `accept` failures for lack of resources: each is counted
+/// `accept` failures for lack of resources ([`lack_of_resources`]): each is counted
 /// (`tally_http_accept_failures_total`) and logged as a warning at most once per
 /// [`ACCEPT_WARN_EVERY`] with the count since the last one (at the limit, failures and
 /// accepts alternate as connections close: one line each would flood the log), and once
@@ -464,7 +471,8 @@ struct AcceptFailures {
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl AcceptFailures {
-    fn failed(&mut self, e: &std::io::Error) {
+    /// `accept` failed with `e` for lack of resources, as [`lack_of_resources`] explains.
+    fn failed(&mut self, e: &std::io::Error, cause: &str) {
         crate::metrics::Metrics::global()
             .accept_failures
             .increment(1);
@@ -476,18 +484,6 @@ impl AcceptFailures {
             tracing::debug!(error = %e, "Still cannot accept connections.");
             return;
         }
-        let cause = match e.raw_os_error() {
-            Some(libc::EMFILE) => {
-                "tally is out of file descriptors (EMFILE): raise its open-file limit \
-                 (LimitNOFILE=, ulimit -n) or lower --max-connections"
-            }
-            Some(libc::ENFILE) => {
-                "the host is out of file descriptors (ENFILE): see /proc/sys/fs/file-nr and \
-                 fs.file-max"
-            }
-            Some(libc::ENOMEM | libc::ENOBUFS) => "the host is out of memory for sockets",
-            _ => "see the error",
-        };
         tracing::warn!(
             error = %e,
             failures = self.unwarned,
@@ -501,9 +497,29 @@ impl AcceptFailures {
 
     fn accepted(&mut self) {
         if std::mem::take(&mut self.warned_in_run) {
-            tracing::info!("Accepting connections again.");
+            tracing::info!(
+                failures_since_warning = self.unwarned,
+                "Accepting connections again."
+            );
         }
     }
+}
+
+/// Why `accept` failed, if for lack of resources (counted, warned, paused after): then
+/// every new client waits until some are freed.
+fn lack_of_resources(e: &std::io::Error) -> Option<&'static str> {
+    Some(match e.raw_os_error()? {
+        libc::EMFILE => {
+            "tally is out of file descriptors (EMFILE): raise its open-file limit \
+             (LimitNOFILE=, ulimit -n) or lower --max-connections"
+        }
+        libc::ENFILE => {
+            "the host is out of file descriptors (ENFILE): see /proc/sys/fs/file-nr and \
+             fs.file-max"
+        }
+        libc::ENOMEM | libc::ENOBUFS => "the host is out of memory for sockets",
+        _ => return None,
+    })
 }
 
 /// Errors that concern one connection only (the client gave up during the handshake).

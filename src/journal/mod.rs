@@ -1225,8 +1225,8 @@ impl Journal {
     }
 
     /// Whether the last attempt to delete segments left some behind: true from a failed
-    /// deletion until a later attempt deletes them (after a batch), however long no batch
-    /// comes.
+    /// deletion until a later attempt deletes them (after a batch, or at a flush tick with
+    /// nothing to flush).
     pub fn trim_failing(&self) -> bool {
         self.shared.trim_failing.load(Ordering::Relaxed)
     }
@@ -1287,7 +1287,8 @@ impl Journal {
     }
 
     /// Like [`Journal::trim`], but the segments are deleted by the writer thread, so the
-    /// caller never waits on the disk: the flusher calls this after every batch, from a
+    /// caller never waits on the disk: the flusher calls this after every batch (and, while
+    /// [`Journal::trim_failing`], at ticks with nothing to flush), from a
     /// runtime that also runs the accept loop and the store's connections, and a stalled
     /// disk must hold none of them. Returns how many segments were handed over; a deletion
     /// that fails is counted and logged there, and the segment is handed over again by the

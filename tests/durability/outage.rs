@@ -399,7 +399,7 @@ async fn the_journal_size_shows_while_the_database_is_away_and_falls_once_it_cat
 /// place, which `unlink` refuses whoever runs the test; in the field an immutable file or a
 /// directory made read-only) stays counted in `tally_journal_bytes`, every failed attempt
 /// shows in `tally_journal_trim_failures_total`, the other segments are deleted meanwhile,
-/// and it goes after the first batch once it can.
+/// and it goes at the next flush tick once it can, with no traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be() {
     let Some(Proxied {
@@ -454,21 +454,21 @@ async fn a_journal_segment_that_cannot_be_deleted_stays_counted_until_it_can_be(
     );
 
     std::fs::remove_dir(&oldest).expect("it can be deleted now");
-    assert_eq!(
-        increment(client, address, "after").await,
-        202,
-        "an increment"
-    );
-    // Its file is gone already (the test removed the directory): what changes once the next
-    // batch's trim has tried it again is the gauge.
+    // Its file is gone already (the test removed the directory): what changes once the
+    // flush tick has tried it again, with no increment coming, is the gauge.
     eventually(
         READYZ_TIMEOUT,
-        "the gauge falls to what the segment files take after the next batch",
+        "the gauge falls to what the segment files take, with no traffic",
         || async move {
             journal_bytes(client, address).await == crate::journal::journal_files_bytes(data)
         },
     )
     .await;
+    assert_eq!(
+        increment(client, address, "after").await,
+        202,
+        "an increment"
+    );
     assert_eq!(
         crate::journal::journal_segments(data).len(),
         1,
