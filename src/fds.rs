@@ -23,8 +23,9 @@ use std::io;
 /// Descriptors tally keeps for what is not a client connection, besides those of
 /// [`reserved`]'s per-runtime and store terms: stdio, the data directory's and the journal's
 /// locks, the journal's active segment, the next one and the directory it syncs, the
-/// listeners, and the signal pipe. A default tally holds 30–36 descriptors in all (`ls
-/// /proc/<pid>/fd`: 3 serving threads, SQLite or an idle pool).
+/// listeners, and the signal pipe. A default tally holds 30–38 descriptors in all (`ls
+/// /proc/<pid>/fd` and `process_open_fds`: 3 serving threads, SQLite or an idle pool, a
+/// scrape's connection).
 pub const BASE_RESERVED: u64 = 32;
 
 /// Descriptors per Tokio runtime: its epoll instances and wake-up eventfd (about 3 each,

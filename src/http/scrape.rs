@@ -44,7 +44,9 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         metrics
             .journal_trim_failures
             .absolute(journal.trim_failures());
-        (metrics.journal_trim_failing).set(f64::from(u8::from(journal.trim_failing())));
+        metrics
+            .journal_trim_failing
+            .set(f64::from(u8::from(journal.trim_failing())));
         // Read from memory: a scrape never waits on the journal's disk.
         metrics.journal_bytes.set(journal.disk_bytes() as f64);
     }

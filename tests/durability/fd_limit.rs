@@ -15,7 +15,7 @@ use crate::support::{Tally, TallyConfig, assert_batches_stored_once, increment, 
 
 /// The limit tally runs under, soft and hard, so that it cannot raise it.
 const LIMIT: u64 = 160;
-/// Descriptors a running tally holds besides its clients' (30–36 counted).
+/// Descriptors a running tally holds besides its clients' (30–38 counted).
 const HELD_BY_TALLY: u64 = 30;
 /// Clients that each open a connection and keep it: more than the limit allows.
 const CLIENTS: usize = 200;
