@@ -22,7 +22,9 @@ use crate::common::data_dir;
 use crate::journal::journal_segments;
 use crate::metrics::metric;
 use crate::pg::{PgDatabase, shout};
-use crate::support::{Direct, Tally, TallyConfig, assert_logged_once, increment, increment_answer};
+use crate::support::{
+    Direct, Tally, TallyConfig, assert_logged_once, eventually, increment, increment_answer,
+};
 
 /// `--journal-stalled-after` of the child.
 const STALLED_AFTER: &str = "1s";
@@ -321,6 +323,15 @@ async fn an_idle_instance_notices_its_journal_disk_stalled_before_an_increment_w
     .await;
     until_metric_is(&address, "tally_journal_stalled", 1.0).await;
     let noticed = frozen.elapsed();
+    // The watch thread looks once a second: thawed at once, a stall just past
+    // --journal-stalled-after could end before it logs one (seen once in CI). Wait for it.
+    let tally_ref = &tally;
+    eventually(
+        Duration::from_secs(5),
+        "the stall is logged while it lasts",
+        || async move { tally_ref.log().contains("The journal's disk is stalled") },
+    )
+    .await;
     disk.thaw();
     until(&address, "/readyz", "ready again", |s, _| s == 200).await;
     until_metric_is(&address, "tally_journal_stalls_total", 1.0).await;
