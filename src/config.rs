@@ -481,6 +481,7 @@ pub struct StoreConfig {
 
     /// File holding the PostgreSQL password (its first line), so that neither the command
     /// line (visible in `ps`) nor the environment carries it. The URL then has no password.
+    /// Read again for every new connection: a rotated password is used without a restart.
     #[arg(long, env = "TALLY_DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
 
@@ -763,11 +764,8 @@ impl StoreConfig {
     /// If the file cannot be read.
     pub fn database_password(&self) -> std::io::Result<Option<String>> {
         self.database_password_file
-            .as_ref()
-            .map(|path| {
-                std::fs::read_to_string(path)
-                    .map(|text| text.lines().next().unwrap_or_default().to_owned())
-            })
+            .as_deref()
+            .map(crate::store::password::read)
             .transpose()
     }
 

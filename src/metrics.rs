@@ -43,6 +43,10 @@ pub const FLUSH_LAG: &str = "tally_flush_lag_seconds";
 /// did not finish cleanly: an error, or an attempt that `--store-timeout` gave up on (which
 /// may still be running on the server, so the next user would queue behind it).
 pub const STORE_CONNECTIONS_DISCARDED: &str = "tally_store_connections_discarded_total";
+/// Reads of `--database-password-file` as a PostgreSQL connection is opened, by `result`:
+/// `unchanged`, `changed` (a rotated password, used from this connection on) and `failed`
+/// (unreadable or emptied: the password read before is used).
+pub const STORE_PASSWORD_READS: &str = "tally_store_password_reads_total";
 /// Deltas set aside in the dead-letter table because the store refused them.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 /// Time of one journal fsync (one group).
@@ -120,6 +124,8 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// [`STORE_CONNECTIONS_DISCARDED`].
     pub store_connections_discarded: Counter,
+    /// [`STORE_PASSWORD_READS`], one per `result`.
+    pub store_password_reads: PasswordReads,
     /// [`PENDING_KEYS`].
     pub pending_keys: Gauge,
     /// [`FLUSH_LAG`].
@@ -152,6 +158,13 @@ pub struct Metrics {
     rejected: Box<[Counter]>,
     /// [`HTTP_DURATION`], one slot per route × method × status of [`http`].
     http: Box<[OnceLock<Histogram>]>,
+}
+
+/// [`STORE_PASSWORD_READS`] by `result`.
+pub struct PasswordReads {
+    pub unchanged: Counter,
+    pub changed: Counter,
+    pub failed: Counter,
 }
 
 /// [`FLUSH_BATCHES`] by `result`.
@@ -244,6 +257,11 @@ impl Metrics {
                 accept_failures: metrics::counter!(ACCEPT_FAILURES),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
                 store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
+                store_password_reads: PasswordReads {
+                    unchanged: metrics::counter!(STORE_PASSWORD_READS, "result" => "unchanged"),
+                    changed: metrics::counter!(STORE_PASSWORD_READS, "result" => "changed"),
+                    failed: metrics::counter!(STORE_PASSWORD_READS, "result" => "failed"),
+                },
                 pending_keys: metrics::gauge!(PENDING_KEYS),
                 flush_lag: metrics::gauge!(FLUSH_LAG),
                 journal_failed: metrics::gauge!(JOURNAL_FAILED),
@@ -370,6 +388,10 @@ fn describe() {
     describe_counter!(
         STORE_CONNECTIONS_DISCARDED,
         "PostgreSQL connections closed instead of pooled after an unclean use (an error, or an attempt given up on)."
+    );
+    describe_counter!(
+        STORE_PASSWORD_READS,
+        "Reads of --database-password-file as a PostgreSQL connection is opened, by result (unchanged, changed: a rotated password taken up; failed: the one read before used)."
     );
     describe_counter!(
         DEAD_LETTERS,

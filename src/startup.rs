@@ -31,6 +31,7 @@ use crate::idle::IdleWorkers;
 use crate::journal::{GroupStats, Journal, JournalOptions, no_follow, sync_parent};
 use crate::metrics::{self as m, Metrics};
 use crate::recovery::{self, Ownership};
+use crate::store::password::PasswordFile;
 use crate::store::{PgStore, SqliteStore, Store, Timed};
 
 /// A built, not yet serving, tally instance.
@@ -72,12 +73,15 @@ impl App {
             Some(url) => {
                 let password = config
                     .store
-                    .database_password()
+                    .database_password_file
+                    .as_deref()
+                    .map(PasswordFile::open)
+                    .transpose()
                     .context("cannot read --database-password-file")?;
                 Arc::new(
                     PgStore::connect_with_password(
                         url.expose(),
-                        password.as_deref(),
+                        password,
                         config.store.database_pool_size.get(),
                     )
                     .await

@@ -24,6 +24,7 @@
 //!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
 
 mod migrate;
+pub mod password;
 pub mod postgres;
 pub mod sqlite;
 pub mod timed;

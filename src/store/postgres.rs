@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::mem;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::Poll;
@@ -22,6 +22,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::password::PasswordFile;
 use super::{
     Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
     seq_from_sql, seq_to_sql,
@@ -204,12 +205,60 @@ impl Drop for Conn {
     }
 }
 
+/// How every new connection is opened, the pool's and the instance lock's alike: the URL's
+/// settings, with the password of `--database-password-file` as the file says now.
+#[derive(Clone)]
+struct Connector {
+    config: tokio_postgres::Config,
+    password: Option<Arc<PasswordFile>>,
+}
+
+impl Connector {
+    /// `config` with the password of this moment, for a connection about to be opened.
+    fn with_password(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
+        let mut config = config.clone();
+        if let Some(file) = &self.password {
+            config.password(file.current());
+        }
+        config
+    }
+
+    /// The settings for a connection of tally's own (not the pool's) opened now.
+    fn config(&self) -> tokio_postgres::Config {
+        self.with_password(&self.config)
+    }
+}
+
+/// A pooled connection as deadpool takes it: the client, and the task that drives it.
+type Connected =
+    Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>;
+
+/// The pool opens its connections here, so that each reads the password file again.
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
+        let config = self.with_password(pg_config);
+        Box::pin(async move {
+            let (client, connection) = config.connect(NoTls).await?;
+            // As deadpool's own connector does it.
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "A pooled PostgreSQL connection ended with an error.");
+                }
+            });
+            Ok((client, driver))
+        })
+    }
+}
+
 /// The PostgreSQL backend: a connection pool, plus one connection per claimed instance id
 /// that holds the id's lock.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
-    config: tokio_postgres::Config,
+    connector: Connector,
     /// Instance ids whose lock this store holds. Dropping the last clone of the store
     /// drops the guards, which close the lock connections (an app restarted in-process, as
     /// the tests do, must be able to claim its id again).
@@ -250,21 +299,18 @@ impl PgStore {
         Self::connect_with_password(url, None, pool_size).await
     }
 
-    /// [`PgStore::connect`], with the password given apart from the URL
-    /// (`--database-password-file`).
+    /// [`PgStore::connect`], with the password apart from the URL, in a file read again for
+    /// every new connection (`--database-password-file`; see [`PasswordFile`]).
     ///
     /// # Errors
     ///
     /// As [`PgStore::connect`].
     pub async fn connect_with_password(
         url: &str,
-        password: Option<&str>,
+        password: Option<PasswordFile>,
         pool_size: usize,
     ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse()?;
-        if let Some(password) = password {
-            config.password(password);
-        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -281,9 +327,13 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tally");
         }
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+        let connector = Connector {
+            config,
+            password: password.map(Arc::new),
+        };
+        let manager = Manager::from_connect(
+            connector.config.clone(),
+            connector.clone(),
             ManagerConfig {
                 // Fast: a pooled connection is reused as it is (unless closed), without a
                 // check query, which was one more round trip before every batch. A connection
@@ -300,7 +350,7 @@ impl PgStore {
             .map_err(StoreError::unavailable)?;
         let store = Self {
             pool,
-            config,
+            connector,
             held: Arc::default(),
         };
         store.migrate().await?;
@@ -362,7 +412,7 @@ impl PgStore {
         let started = Instant::now();
         let mut announced = false;
         let client = loop {
-            if let Some(client) = try_hold(&self.config, instance_id).await? {
+            if let Some(client) = try_hold(&self.connector, instance_id).await? {
                 break client;
             }
             if started.elapsed() >= HOLDER_WAIT {
@@ -384,11 +434,11 @@ impl PgStore {
         let stop = CancellationToken::new();
         // Dropping the guard below (with the last clone of the store) cancels the task; its
         // client goes with it, which ends the connection and with it the lock.
-        let (config, id) = (self.config.clone(), instance_id.to_owned());
+        let (connector, id) = (self.connector.clone(), instance_id.to_owned());
         let keeping = stop.clone();
         tokio::spawn(async move {
             keeping
-                .run_until_cancelled(hold_forever(config, id, client))
+                .run_until_cancelled(hold_forever(connector, id, client))
                 .await
         });
         self.lock_held()
@@ -407,11 +457,8 @@ impl PgStore {
 }
 
 /// A connection holding `instance_id`'s lock, or `None` when another session holds it.
-async fn try_hold(
-    config: &tokio_postgres::Config,
-    instance_id: &str,
-) -> Result<Option<Holder>, StoreError> {
-    let mut config = config.clone();
+async fn try_hold(connector: &Connector, instance_id: &str) -> Result<Option<Holder>, StoreError> {
+    let mut config = connector.config();
     config.application_name(HOLDER_APPLICATION);
     let (client, connection) = config.connect(NoTls).await?;
     let connection = tokio::spawn(connection);
@@ -428,7 +475,7 @@ struct Holder {
 }
 
 /// Keeps `holder` open; when its connection ends, takes the lock again on a new one.
-async fn hold_forever(config: tokio_postgres::Config, instance_id: String, mut holder: Holder) {
+async fn hold_forever(connector: Connector, instance_id: String, mut holder: Holder) {
     loop {
         let ended = (&mut holder.connection).await;
         drop(holder.client);
@@ -439,7 +486,7 @@ async fn hold_forever(config: tokio_postgres::Config, instance_id: String, mut h
         );
         holder = loop {
             tokio::time::sleep(HOLDER_WAIT).await;
-            match try_hold(&config, &instance_id).await {
+            match try_hold(&connector, &instance_id).await {
                 Ok(Some(holder)) => break holder,
                 Ok(None) => {
                     tracing::warn!(%instance_id, "Another session holds this instance id's lock; this process will be fenced off if it claimed the id.")

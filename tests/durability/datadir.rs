@@ -109,7 +109,8 @@ async fn a_symlinked_instance_id_temp_file_does_not_redirect_the_write() {
 
 /// A PostgreSQL password read from `--database-password-file` is used and never shown: the
 /// start-up line names the file, not its content. (The test server trusts every local
-/// connection, so what this shows is that tally starts with it and keeps it out of the log.)
+/// connection, so what this shows is that tally starts with it and keeps it out of the log;
+/// `password.rs` logs in to a server that asks for it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_file_is_read_and_never_logged() {
     let Some(db) = crate::pg::PgDatabase::create("password_file").await else {

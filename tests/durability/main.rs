@@ -36,6 +36,7 @@ mod immutable;
 mod memory;
 mod outage;
 mod owner;
+mod password;
 mod poison;
 mod replay;
 mod support;

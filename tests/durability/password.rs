@@ -1,0 +1,286 @@
+//! A rotated `--database-password-file`: the password is read again for every new PostgreSQL
+//! connection, so when the role's password changes and the file with it, connections opened
+//! after (here: after every session of tally's is terminated) log in with the new one, and
+//! the batches go on landing, with no restart.
+//!
+//! The shared test server trusts every local connection and never asks for a password, so
+//! this test starts a PostgreSQL of its own that does (`scram-sha-256`), from the server's
+//! `initdb` and `pg_ctl` (Debian's `/usr/lib/postgresql/<version>/bin`, or the `PATH`), as
+//! the `postgres` user when the tests run as root. Without them it skips loudly, and fails
+//! under `TALLY_REQUIRE_POSTGRES=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::common::data_dir;
+use crate::pg::shout;
+use crate::support::{Tally, TallyConfig, eventually, free_port, increment};
+
+/// The superuser's password of the private server.
+const ADMIN_SECRET: &str = "admin-secret-of-the-test-server";
+
+/// A PostgreSQL server of this test's own, in a temporary directory, that asks every client
+/// for a password; stopped when dropped.
+struct PrivatePostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    /// Run its commands as the `postgres` user (the tests run as root, which PostgreSQL
+    /// refuses to run as).
+    as_postgres: bool,
+}
+
+impl PrivatePostgres {
+    /// Starts one, or says loudly why it cannot (a panic under `TALLY_REQUIRE_POSTGRES=1`).
+    fn start() -> Option<Self> {
+        match Self::try_start() {
+            Ok(server) => Some(server),
+            Err(why) if std::env::var("TALLY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
+                panic!("TALLY_REQUIRE_POSTGRES=1, but no private PostgreSQL server starts: {why}")
+            }
+            Err(why) => {
+                shout(&format!(
+                    "SKIPPED password rotation test: no private PostgreSQL server starts ({why}). \
+                     Install PostgreSQL's server binaries (initdb, pg_ctl)."
+                ));
+                None
+            }
+        }
+    }
+
+    fn try_start() -> Result<Self, String> {
+        let bin = server_bin().ok_or("initdb not found")?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let server = Self {
+            bin,
+            dir,
+            port: free_port(),
+            as_postgres,
+        };
+        let secret = server.dir.path().join("admin-secret");
+        std::fs::write(&secret, ADMIN_SECRET).map_err(|e| e.to_string())?;
+        if as_postgres {
+            run(Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(server.dir.path()))?;
+        }
+        let data = server.dir.path().join("data");
+        run(server
+            .command("initdb")
+            .args([
+                "--username=postgres",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+            ])
+            .args(["--no-locale", "--no-sync"])
+            .arg(format!("--pwfile={}", secret.display()))
+            .arg("-D")
+            .arg(&data))?;
+        let options = format!(
+            "-p {} -h 127.0.0.1 -k {} -c fsync=off",
+            server.port,
+            server.dir.path().display()
+        );
+        run(server
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(server.dir.path().join("log"))
+            .args(["-o", &options, "-w", "-t", "30", "start"]))?;
+        Ok(server)
+    }
+
+    /// `program` of the server's binaries, as the user the server runs as.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// The URL of `database` as `user`, with no password in it.
+    fn url(&self, user: &str, database: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    async fn admin(&self, database: &str) -> tokio_postgres::Client {
+        let mut config: tokio_postgres::Config =
+            self.url("postgres", database).parse().expect("a valid URL");
+        config.password(ADMIN_SECRET);
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("the superuser logs in with its password");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+/// The directory of `initdb` and `pg_ctl`: Debian's newest, else the `PATH`'s.
+fn server_bin() -> Option<PathBuf> {
+    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").is_file())
+        .collect();
+    debian.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(Path::file_name)
+            .and_then(|v| v.to_str()?.parse::<u32>().ok())
+    });
+    debian.pop().or_else(|| {
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file()))
+    })
+}
+
+fn run(command: &mut Command) -> Result<(), String> {
+    let output = command.output().map_err(|e| format!("{command:?}: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command:?}: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Writes `password` to `file` the way secret managers do: a new file renamed over the old.
+fn rotate(file: &Path, password: &str) {
+    let next = file.with_extension("next");
+    std::fs::write(&next, format!("{password}\n")).expect("write the new password");
+    std::fs::rename(&next, file).expect("rename it into place");
+}
+
+/// Posts an increment of `rotated` and waits until the store holds `value` for it.
+async fn counted(
+    client: &reqwest::Client,
+    address: &str,
+    counters: &tokio_postgres::Client,
+    value: i64,
+    what: &str,
+) {
+    assert_eq!(increment(client, address, "rotated").await, 202, "{what}");
+    eventually(
+        Duration::from_secs(15),
+        &format!("{what} is stored"),
+        || async {
+            counters
+                .query_opt("SELECT value FROM counters WHERE key = 'rotated'", &[])
+                .await
+                .ok()
+                .flatten()
+                .map(|row| row.get::<_, i64>(0))
+                == Some(value)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
+    let Some(server) = PrivatePostgres::start() else {
+        return;
+    };
+    let admin = server.admin("postgres").await;
+    for statement in [
+        "CREATE ROLE tally LOGIN PASSWORD 'first-secret'",
+        "CREATE DATABASE tally OWNER tally",
+    ] {
+        admin.batch_execute(statement).await.expect(statement);
+    }
+    let secrets = data_dir();
+    let file = secrets.path().join("pgpass");
+    rotate(&file, "first-secret");
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.database_url = Some(server.url("tally", "tally"));
+    config.extra = vec![
+        "--database-password-file".to_owned(),
+        file.display().to_string(),
+    ];
+    let mut tally = Tally::start(&config).await;
+    let client = reqwest::Client::new();
+    let counters = server.admin("tally").await;
+    counted(&client, &tally.address, &counters, 1, "the first increment").await;
+
+    // The rotation: the role's password, then the file, then every session of tally's ends
+    // (what a database restart or a network fault does), so each connection is opened anew.
+    admin
+        .batch_execute("ALTER ROLE tally PASSWORD 'second-secret'")
+        .await
+        .expect("change the role's password");
+    rotate(&file, "second-secret");
+    let ended: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'tally'",
+            &[],
+        )
+        .await
+        .expect("terminate tally's sessions")
+        .get(0);
+    assert!(
+        ended >= 2,
+        "a pooled connection and the instance lock's: {ended}"
+    );
+
+    // Stored only through a connection opened with the new password.
+    counted(
+        &client,
+        &tally.address,
+        &counters,
+        2,
+        "the increment after the rotation",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "the instance lock is taken again, with the new password",
+        || async {
+            tally
+                .log()
+                .contains("Holding this instance id's lock again.")
+        },
+    )
+    .await;
+    assert!(
+        tally
+            .metric("tally_store_password_reads_total{result=\"changed\"}")
+            .await
+            >= 1.0,
+        "the new password is counted"
+    );
+    assert!(tally.terminate().await.success());
+    let log = tally.log();
+    assert!(
+        log.contains("Read a new password from --database-password-file"),
+        "the rotation is logged:\n{log}"
+    );
+    for secret in ["first-secret", "second-secret"] {
+        assert!(!log.contains(secret), "a password is in the log:\n{log}");
+    }
+}
