@@ -485,6 +485,13 @@ pub struct StoreConfig {
     #[arg(long, env = "TALLY_DATABASE_PASSWORD_FILE")]
     pub database_password_file: Option<PathBuf>,
 
+    /// PEM file of certificates to verify the PostgreSQL server's certificate with, besides
+    /// the system's roots (a managed service's CA, a private one). For a URL with
+    /// `sslmode=require`, which makes tally connect over TLS and verify the server's
+    /// certificate and host name; without it, connections are plain.
+    #[arg(long, env = "TALLY_DATABASE_CA_FILE")]
+    pub database_ca_file: Option<PathBuf>,
+
     /// Largest PostgreSQL connection pool size.
     #[arg(long, env = "TALLY_DATABASE_POOL_SIZE", default_value_t = nonzero(8))]
     pub database_pool_size: NonZeroUsize,
@@ -792,6 +799,19 @@ impl StoreConfig {
                 );
             }
         }
+        if self.database_ca_file.is_some() {
+            let requires_tls = self.database_url.as_ref().is_some_and(|url| {
+                url.expose()
+                    .parse::<tokio_postgres::Config>()
+                    .is_ok_and(|c| c.get_ssl_mode() == tokio_postgres::config::SslMode::Require)
+            });
+            if !requires_tls {
+                return fail(
+                    "database-ca-file",
+                    "needs --database-url with sslmode=require (connections are plain without it)",
+                );
+            }
+        }
         if let Some(id) = &self.instance_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
         {
@@ -991,9 +1011,16 @@ impl fmt::Display for StoreConfig {
         }
         write!(
             f,
-            " database-password-file={} database-pool-size={} store-timeout={} instance-id={}",
+            " database-password-file={} database-ca-file={} database-pool-size={} store-timeout={} instance-id={}",
             Or(
                 self.database_password_file
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .as_ref(),
+                "(none)"
+            ),
+            Or(
+                self.database_ca_file
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .as_ref(),

@@ -79,9 +79,10 @@ impl App {
                     .transpose()
                     .context("cannot read --database-password-file")?;
                 Arc::new(
-                    PgStore::connect_with_password(
+                    PgStore::connect_with(
                         url.expose(),
                         password,
+                        config.store.database_ca_file.as_deref(),
                         config.store.database_pool_size.get(),
                     )
                     .await

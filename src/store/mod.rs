@@ -28,6 +28,7 @@ pub mod password;
 pub mod postgres;
 pub mod sqlite;
 pub mod timed;
+pub mod tls;
 
 use std::error::Error as StdError;
 
@@ -132,6 +133,10 @@ pub enum StoreError {
     /// outcome is unknown; retrying the same batch is safe.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] Box<dyn StdError + Send + Sync>),
+    /// TLS to the store, which its URL asks for, cannot be set up (a certificate file that
+    /// cannot be read, no root certificate at all).
+    #[error("cannot set up TLS to PostgreSQL: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The store refused the data itself; retrying the same batch fails again. `keys` names
     /// the offending keys when the backend can tell (empty when it cannot).
     #[error("store rejected the batch: {reason}")]

@@ -19,17 +19,32 @@ use crate::metrics::Metrics;
 ///
 /// # Errors
 ///
-/// If the file cannot be read.
+/// If the file cannot be read, or its first line is empty (PostgreSQL has no empty
+/// passwords; a file caught between truncation and write looks like that).
 pub fn read(path: &Path) -> io::Result<String> {
     let text = std::fs::read_to_string(path)?;
-    Ok(text.lines().next().unwrap_or_default().to_owned())
+    match text.lines().next() {
+        Some(line) if !line.is_empty() => Ok(line.to_owned()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "its first line is empty",
+        )),
+    }
 }
 
 /// A password file, and the password last read from it.
-#[derive(Debug)]
 pub struct PasswordFile {
     path: PathBuf,
     last: Mutex<String>,
+}
+
+/// Names the file, never the password.
+impl std::fmt::Debug for PasswordFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PasswordFile {
@@ -37,7 +52,7 @@ impl PasswordFile {
     ///
     /// # Errors
     ///
-    /// If the file cannot be read.
+    /// As [`read`].
     pub fn open(path: &Path) -> io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
@@ -50,11 +65,14 @@ impl PasswordFile {
     /// place, caught between truncation and write), the password read before, with a
     /// warning: that one may still be the right one.
     pub fn current(&self) -> String {
+        // Read before the lock is taken: a slow file (a secret on a network mount) holds up
+        // only the connection that reads it.
+        let now = read(&self.path);
         let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
         let reads = &Metrics::global().store_password_reads;
-        match read(&self.path) {
+        match now {
             Ok(password) if password == *last => reads.unchanged.increment(1),
-            Ok(password) if !password.is_empty() => {
+            Ok(password) => {
                 tracing::info!(
                     path = %self.path.display(),
                     "Read a new password from --database-password-file; new PostgreSQL connections use it."
@@ -62,10 +80,7 @@ impl PasswordFile {
                 reads.changed.increment(1);
                 *last = password;
             }
-            read => {
-                let error = read
-                    .err()
-                    .map_or_else(|| "its first line is empty".to_owned(), |e| e.to_string());
+            Err(error) => {
                 tracing::warn!(
                     path = %self.path.display(),
                     %error,
@@ -112,9 +127,12 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_file_fails_the_start() {
+    fn a_missing_or_empty_file_fails_the_start() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let missing = dir.path().join("missing");
-        assert!(PasswordFile::open(&missing).is_err());
+        let path = dir.path().join("password");
+        assert!(PasswordFile::open(&path).is_err(), "missing");
+        std::fs::write(&path, "\nsecond line\n").expect("write the file");
+        let error = PasswordFile::open(&path).expect_err("an empty first line");
+        assert!(error.to_string().contains("empty"), "{error}");
     }
 }

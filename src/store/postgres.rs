@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::mem;
+use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,7 +20,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::types::ToSql;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::password::PasswordFile;
@@ -184,7 +187,9 @@ impl Drop for Conn {
             // has come, so each attempt given up on would keep a server connection for as
             // long as the lock is held, a new one every --store-timeout, until the server
             // ran out of them. Cancelling ends the statement, and with it the connection.
-            // (On a connection that is idle, a cancel request does nothing.)
+            // (On a connection that is idle, a cancel request does nothing.) It goes without
+            // TLS whatever the connection's: PostgreSQL takes a cancel request before any
+            // authentication, so `hostssl` lines of `pg_hba.conf` do not apply to it.
             let cancel = client.cancel_token();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
@@ -206,14 +211,36 @@ impl Drop for Conn {
 }
 
 /// How every new connection is opened, the pool's and the instance lock's alike: the URL's
-/// settings, with the password of `--database-password-file` as the file says now.
+/// settings, with the password of `--database-password-file` as the file says now, over TLS
+/// when the URL says `sslmode=require` (see [`super::tls`]).
 #[derive(Clone)]
 struct Connector {
     config: tokio_postgres::Config,
     password: Option<Arc<PasswordFile>>,
+    tls: Option<MakeRustlsConnect>,
 }
 
+/// The task that drives a connection, boxed so that a plain one and a TLS one are alike.
+type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
 impl Connector {
+    /// Opens a connection with `config`: the client, and the future to spawn to drive it.
+    async fn open(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
+        Ok(match &self.tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                (client, Box::pin(connection))
+            }
+            Some(tls) => {
+                let (client, connection) = config.connect(tls.clone()).await?;
+                (client, Box::pin(connection))
+            }
+        })
+    }
+
     /// `config` with the password of this moment, for a connection about to be opened.
     fn with_password(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
         let mut config = config.clone();
@@ -241,7 +268,7 @@ impl deadpool_postgres::Connect for Connector {
     ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
         let config = self.with_password(pg_config);
         Box::pin(async move {
-            let (client, connection) = config.connect(NoTls).await?;
+            let (client, connection) = self.open(&config).await?;
             // As deadpool's own connector does it.
             let driver = tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -296,21 +323,28 @@ impl PgStore {
     /// [`StoreError::Migration`] if the schema cannot be brought up to date;
     /// [`StoreError::Encoding`] if the database's encoding cannot hold every key.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, StoreError> {
-        Self::connect_with_password(url, None, pool_size).await
+        Self::connect_with(url, None, None, pool_size).await
     }
 
     /// [`PgStore::connect`], with the password apart from the URL, in a file read again for
-    /// every new connection (`--database-password-file`; see [`PasswordFile`]).
+    /// every new connection (`--database-password-file`; see [`PasswordFile`]), and more
+    /// root certificates for TLS (`--database-ca-file`; see [`super::tls`]).
     ///
     /// # Errors
     ///
-    /// As [`PgStore::connect`].
-    pub async fn connect_with_password(
+    /// As [`PgStore::connect`], and [`StoreError::Tls`] if the URL asks for TLS
+    /// (`sslmode=require`) and it cannot be set up.
+    pub async fn connect_with(
         url: &str,
         password: Option<PasswordFile>,
+        ca_file: Option<&Path>,
         pool_size: usize,
     ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse()?;
+        let tls = match config.get_ssl_mode() {
+            SslMode::Require => Some(super::tls::connector(ca_file)?),
+            _ => None,
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -330,6 +364,7 @@ impl PgStore {
         let connector = Connector {
             config,
             password: password.map(Arc::new),
+            tls,
         };
         let manager = Manager::from_connect(
             connector.config.clone(),
@@ -460,7 +495,7 @@ impl PgStore {
 async fn try_hold(connector: &Connector, instance_id: &str) -> Result<Option<Holder>, StoreError> {
     let mut config = connector.config();
     config.application_name(HOLDER_APPLICATION);
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = connector.open(&config).await?;
     let connection = tokio::spawn(connection);
     let row = client.query_one(TRY_HOLD, &[&instance_id]).await?;
     Ok(row

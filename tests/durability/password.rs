@@ -1,17 +1,22 @@
-//! A rotated `--database-password-file`: the password is read again for every new PostgreSQL
-//! connection, so when the role's password changes and the file with it, connections opened
-//! after (here: after every session of tally's is terminated) log in with the new one, and
-//! the batches go on landing, with no restart.
+//! Logging in to a PostgreSQL that asks for it: a rotated `--database-password-file` (the
+//! password is read again for every new connection, so when the role's password changes and
+//! the file with it, connections opened after, here after every session of tally's is
+//! terminated, log in with the new one, and the batches go on landing, with no restart), and
+//! TLS with `sslmode=require` (the server's certificate verified against `--database-ca-file`).
 //!
 //! The shared test server trusts every local connection and never asks for a password, so
-//! this test starts a PostgreSQL of its own that does (`scram-sha-256`), from the server's
+//! these tests start a PostgreSQL of their own that does (`scram-sha-256`), from the server's
 //! `initdb` and `pg_ctl` (Debian's `/usr/lib/postgresql/<version>/bin`, or the `PATH`), as
 //! the `postgres` user when the tests run as root. Without them it skips loudly, and fails
 //! under `TALLY_REQUIRE_POSTGRES=1`.
 
+use std::fs::Permissions;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+
+use tempfile::TempDir;
 
 use crate::common::data_dir;
 use crate::pg::shout;
@@ -33,8 +38,10 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     /// Starts one, or says loudly why it cannot (a panic under `TALLY_REQUIRE_POSTGRES=1`).
-    fn start() -> Option<Self> {
-        match Self::try_start() {
+    /// With `tls`, it serves TLS with a certificate for 127.0.0.1 signed by a CA of its own
+    /// (`ca.crt` in [`Self::file`]), and the role `tally` may log in over TLS only.
+    fn start(tls: bool) -> Option<Self> {
+        match Self::try_start(tls) {
             Ok(server) => Some(server),
             Err(why) if std::env::var("TALLY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
                 panic!("TALLY_REQUIRE_POSTGRES=1, but no private PostgreSQL server starts: {why}")
@@ -49,7 +56,7 @@ impl PrivatePostgres {
         }
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(tls: bool) -> Result<Self, String> {
         let bin = server_bin().ok_or("initdb not found")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -60,8 +67,53 @@ impl PrivatePostgres {
             port: free_port(),
             as_postgres,
         };
-        let secret = server.dir.path().join("admin-secret");
+        let secret = server.file("admin-secret");
         std::fs::write(&secret, ADMIN_SECRET).map_err(|e| e.to_string())?;
+        if tls {
+            // A CA, and a certificate for 127.0.0.1 that it signs (rustls refuses a CA
+            // certificate as the server's own).
+            let extensions = server.file("server.ext");
+            std::fs::write(
+                &extensions,
+                "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+            )
+            .map_err(|e| e.to_string())?;
+            run(Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=tally test CA", "-keyout"])
+                .arg(server.file("ca.key"))
+                .arg("-out")
+                .arg(server.file("ca.crt")))?;
+            run(Command::new("openssl")
+                .args([
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
+                    "/CN=127.0.0.1",
+                ])
+                .arg("-keyout")
+                .arg(server.file("server.key"))
+                .arg("-out")
+                .arg(server.file("server.csr")))?;
+            run(Command::new("openssl")
+                .args(["x509", "-req", "-days", "1", "-set_serial", "1", "-in"])
+                .arg(server.file("server.csr"))
+                .arg("-CA")
+                .arg(server.file("ca.crt"))
+                .arg("-CAkey")
+                .arg(server.file("ca.key"))
+                .arg("-extfile")
+                .arg(&extensions)
+                .arg("-out")
+                .arg(server.file("server.crt")))?;
+            // PostgreSQL refuses a key that others can read.
+            std::fs::set_permissions(server.file("server.key"), Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+        }
         if as_postgres {
             run(Command::new("chown")
                 .args(["-R", "postgres"])
@@ -79,11 +131,25 @@ impl PrivatePostgres {
             .arg(format!("--pwfile={}", secret.display()))
             .arg("-D")
             .arg(&data))?;
-        let options = format!(
+        let mut options = format!(
             "-p {} -h 127.0.0.1 -k {} -c fsync=off",
             server.port,
             server.dir.path().display()
         );
+        if tls {
+            // The superuser (the test's own connections) plain, `tally` over TLS only.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "host all postgres 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all tally 127.0.0.1/32 scram-sha-256\n",
+            )
+            .map_err(|e| e.to_string())?;
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                server.file("server.crt").display(),
+                server.file("server.key").display()
+            ));
+        }
         run(server
             .command("pg_ctl")
             .arg("-D")
@@ -92,6 +158,11 @@ impl PrivatePostgres {
             .arg(server.dir.path().join("log"))
             .args(["-o", &options, "-w", "-t", "30", "start"]))?;
         Ok(server)
+    }
+
+    /// A file of the server's directory.
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// `program` of the server's binaries, as the user the server runs as.
@@ -201,21 +272,28 @@ async fn counted(
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
-    let Some(server) = PrivatePostgres::start() else {
-        return;
-    };
+/// Creates the role `tally` with `password` and its database `tally` (as the superuser,
+/// whose connection it returns), and a directory whose `pgpass` file holds the password.
+async fn role(server: &PrivatePostgres, password: &str) -> (tokio_postgres::Client, TempDir) {
     let admin = server.admin("postgres").await;
     for statement in [
-        "CREATE ROLE tally LOGIN PASSWORD 'first-secret'",
-        "CREATE DATABASE tally OWNER tally",
+        format!("CREATE ROLE tally LOGIN PASSWORD '{password}'"),
+        "CREATE DATABASE tally OWNER tally".to_owned(),
     ] {
-        admin.batch_execute(statement).await.expect(statement);
+        admin.batch_execute(&statement).await.expect(&statement);
     }
     let secrets = data_dir();
+    rotate(&secrets.path().join("pgpass"), password);
+    (admin, secrets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
+    let Some(server) = PrivatePostgres::start(false) else {
+        return;
+    };
+    let (admin, secrets) = role(&server, "first-secret").await;
     let file = secrets.path().join("pgpass");
-    rotate(&file, "first-secret");
     let dir = data_dir();
     let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
     config.database_url = Some(server.url("tally", "tally"));
@@ -247,6 +325,12 @@ async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
         ended >= 2,
         "a pooled connection and the instance lock's: {ended}"
     );
+    eventually(
+        Duration::from_secs(10),
+        "tally's sessions have ended",
+        || async { tally_sessions(&admin).await.0 == 0 },
+    )
+    .await;
 
     // Stored only through a connection opened with the new password.
     counted(
@@ -283,4 +367,77 @@ async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
     for secret in ["first-secret", "second-secret"] {
         assert!(!log.contains(secret), "a password is in the log:\n{log}");
     }
+}
+
+/// How many sessions of the role `tally` the server has, and how many of them use TLS.
+async fn tally_sessions(admin: &tokio_postgres::Client) -> (i64, i64) {
+    let row = admin
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'tally'",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_activity");
+    (row.get(0), row.get(1))
+}
+
+/// With `sslmode=require` tally connects over TLS, every connection (the pool's and the
+/// instance lock's), verifying the server's certificate against `--database-ca-file`; without
+/// that file the certificate of a private CA is refused and tally does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_file() {
+    let Some(server) = PrivatePostgres::start(true) else {
+        return;
+    };
+    let (admin, secrets) = role(&server, "tls-secret").await;
+    let file = secrets.path().join("pgpass");
+    let url = format!("{}?sslmode=require", server.url("tally", "tally"));
+    let flags = |ca: bool| {
+        let mut flags = vec![
+            "--database-password-file".to_owned(),
+            file.display().to_string(),
+        ];
+        if ca {
+            flags.push("--database-ca-file".to_owned());
+            flags.push(server.file("ca.crt").display().to_string());
+        }
+        flags
+    };
+
+    // Without the CA file, the system's roots do not vouch for the server.
+    let refused = data_dir();
+    let mut config = TallyConfig::new(refused.path(), None, "journal", "100ms");
+    config.database_url = Some(url.clone());
+    config.extra = flags(false);
+    let mut tally = Tally::spawn(&config);
+    let status = tally.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "tally must not start: {status}");
+    let log = tally.log();
+    assert!(
+        log.contains("certificate") && log.contains("--database-url"),
+        "the refusal says why:\n{log}"
+    );
+
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.database_url = Some(url);
+    config.extra = flags(true);
+    let mut tally = Tally::start(&config).await;
+    let client = reqwest::Client::new();
+    let counters = server.admin("tally").await;
+    counted(
+        &client,
+        &tally.address,
+        &counters,
+        1,
+        "an increment over TLS",
+    )
+    .await;
+    let (sessions, over_tls) = tally_sessions(&admin).await;
+    assert!(
+        sessions >= 2 && over_tls == sessions,
+        "{over_tls} of tally's {sessions} sessions use TLS (a pooled one and the lock's at least)"
+    );
+    assert!(tally.terminate().await.success());
 }

@@ -117,6 +117,34 @@ fn help_does_not_print_secrets_from_the_environment() {
     }
 }
 
+/// `--database-ca-file` is for TLS, which only `sslmode=require` in the URL turns on: without
+/// it the flag would do nothing, so it is refused, naming the flag, with exit 2.
+#[test]
+fn a_database_ca_file_needs_a_url_that_requires_tls() {
+    let dir = data_dir();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write the CA file");
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    for url in [
+        None,
+        Some("postgres://u@127.0.0.1/db"),
+        Some("postgres://u@127.0.0.1/db?sslmode=prefer"),
+    ] {
+        let mut args = vec!["--database-ca-file", ca];
+        if let Some(url) = url {
+            args.extend(["--database-url", url]);
+        }
+        let output = tally(&args);
+        let stderr = stderr_of(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: invalid --database-ca-file: ")
+                && stderr.contains("sslmode=require"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// `--database-password-file` is checked before start: it needs a URL without a password of
 /// its own, and a file that can be read; each refusal names the flag and exits 2.
 #[test]
@@ -127,6 +155,9 @@ fn a_database_password_file_is_checked_before_start() {
     let secret = secret.to_str().expect("UTF-8 temp path");
     let missing = dir.path().join("missing");
     let missing = missing.to_str().expect("UTF-8 temp path");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write an empty password file");
+    let empty = empty.to_str().expect("UTF-8 temp path");
     for (args, why) in [
         (
             vec!["--database-password-file", secret],
@@ -149,6 +180,15 @@ fn a_database_password_file_is_checked_before_start() {
                 missing,
             ],
             "cannot read",
+        ),
+        (
+            vec![
+                "--database-url",
+                "postgres://u@127.0.0.1/db",
+                "--database-password-file",
+                empty,
+            ],
+            "its first line is empty",
         ),
     ] {
         let output = tally(&args);

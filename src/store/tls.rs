@@ -1,0 +1,94 @@
+//! TLS to PostgreSQL, for servers that require it (managed services do, and any server whose
+//! `pg_hba.conf` says `hostssl`): rustls, the server's certificate verified, host name
+//! included, against the system's root certificates plus `--database-ca-file`.
+//!
+//! It is used when the URL says `sslmode=require`. Without it (tokio-postgres' default is
+//! `prefer`) or with `sslmode=disable`, connections are plain, as they always were: libpq's
+//! `prefer` encrypts without verifying anything, and verifying there would refuse the servers
+//! `prefer` exists for (Debian's own PostgreSQL answers TLS with a self-signed certificate).
+
+use std::path::{Path, PathBuf};
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Why TLS to PostgreSQL cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read the certificates of --database-ca-file {}: {source}", path.display())]
+    CaFile {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("--database-ca-file {} holds no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error(
+        "no root certificate to verify the server with: the system has none readable and no \
+         --database-ca-file is given"
+    )]
+    NoRoots,
+    #[error("cannot set up TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A connector that verifies the server against the system's roots and `ca_file`'s
+/// certificates (PEM).
+///
+/// # Errors
+///
+/// If `ca_file` cannot be read or holds no certificate, or there is no root at all.
+pub fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let system = rustls_native_certs::load_native_certs();
+    for error in &system.errors {
+        tracing::debug!(%error, "A system root certificate could not be loaded.");
+    }
+    let (added, _) = roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let failed = |source| TlsError::CaFile {
+            path: path.to_owned(),
+            source,
+        };
+        let certificates = CertificateDer::pem_file_iter(path)
+            .map_err(failed)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(failed)?;
+        if certificates.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: path.to_owned(),
+            });
+        }
+        for certificate in certificates {
+            roots.add(certificate)?;
+        }
+    } else if added == 0 {
+        return Err(TlsError::NoRoots);
+    }
+    // The process's default crypto provider: `ring`, the only one this build enables
+    // (Cargo.toml), so the builder always finds it.
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_an_error_that_names_it() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").expect("write the file");
+        let error = connector(Some(&path)).err().expect("an error");
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+        assert!(error.to_string().contains("ca.pem"), "{error}");
+
+        let missing = dir.path().join("missing.pem");
+        let error = connector(Some(&missing)).err().expect("an error");
+        assert!(matches!(error, TlsError::CaFile { .. }), "{error}");
+    }
+}
