@@ -811,6 +811,9 @@ impl StoreConfig {
                     "needs --database-url with sslmode=require (connections are plain without it)",
                 );
             }
+            if let Err(e) = crate::store::tls::connector(self.database_ca_file.as_deref()) {
+                return fail("database-ca-file", e.to_string());
+            }
         }
         if let Some(id) = &self.instance_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))

@@ -151,16 +151,23 @@ const CLAIMANT: &str = "SELECT CASE WHEN claimed_epoch = epoch THEN claimed_by E
 /// that `--store-timeout` gave up on) or after an error is taken out of the pool and closed
 /// instead: it may still be running the abandoned transaction, and the next user would
 /// queue behind it. This is what lets the pool skip the check query on reuse.
-struct Conn(Option<deadpool_postgres::Client>);
+struct Conn {
+    client: Option<deadpool_postgres::Client>,
+    /// The TLS of the store's connections, for the cancel request (see `drop`).
+    tls: Option<MakeRustlsConnect>,
+}
 
 impl Conn {
-    async fn get(pool: &Pool) -> Result<Self, StoreError> {
-        Ok(Self(Some(pool.get().await?)))
+    async fn get(store: &PgStore) -> Result<Self, StoreError> {
+        Ok(Self {
+            client: Some(store.pool.get().await?),
+            tls: store.connector.tls.clone(),
+        })
     }
 
     /// Back to the pool, for reuse.
     fn release(mut self) {
-        self.0.take();
+        self.client.take();
     }
 }
 
@@ -169,31 +176,34 @@ impl std::ops::Deref for Conn {
 
     fn deref(&self) -> &Self::Target {
         // Only `release` and `drop` take the client, and both consume the guard.
-        self.0.as_ref().expect("a connection until released")
+        self.client.as_ref().expect("a connection until released")
     }
 }
 
 impl std::ops::DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.0.as_mut().expect("a connection until released")
+        self.client.as_mut().expect("a connection until released")
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
+        if let Some(client) = self.client.take() {
             // The server may still be running the abandoned statement (e.g. waiting on a
             // row lock): the client's connection stays open until every answer it awaits
             // has come, so each attempt given up on would keep a server connection for as
             // long as the lock is held, a new one every --store-timeout, until the server
             // ran out of them. Cancelling ends the statement, and with it the connection.
-            // (On a connection that is idle, a cancel request does nothing.) It goes without
-            // TLS whatever the connection's: PostgreSQL takes a cancel request before any
-            // authentication, so `hostssl` lines of `pg_hba.conf` do not apply to it.
-            let cancel = client.cancel_token();
+            // (On a connection that is idle, a cancel request does nothing.) The token keeps
+            // the connection's `sslmode`, so under `require` it must go over TLS too.
+            let (cancel, tls) = (client.cancel_token(), self.tls.take());
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    if let Err(e) = cancel.cancel_query(NoTls).await {
+                    let cancelled = match tls {
+                        None => cancel.cancel_query(NoTls).await,
+                        Some(tls) => cancel.cancel_query(tls).await,
+                    };
+                    if let Err(e) = cancelled {
                         tracing::debug!(error = %e, "Could not cancel the abandoned statement; its connection closes when it ends.");
                     }
                 });
@@ -393,7 +403,7 @@ impl PgStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut client = Conn::get(&self.pool).await?;
+        let mut client = Conn::get(self).await?;
         // Checked first, so that nothing is created in a database tally cannot use: in any
         // other encoding a key outside its character set fails the batch (22P05), and its
         // dead letter fails the same way, so the flusher would retry that batch for ever.
@@ -567,7 +577,7 @@ impl Store for PgStore {
 
     async fn claim(&self, instance_id: &str, by: Claimant<'_>) -> Result<Claim, StoreError> {
         self.hold(instance_id).await?;
-        let client = Conn::get(&self.pool).await?;
+        let client = Conn::get(self).await?;
         let claimed = client
             .query_opt(CLAIM, &[&instance_id, &by.journal, &by.exclusive])
             .await?;
@@ -598,7 +608,7 @@ impl Store for PgStore {
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         let seq = seq_to_sql(batch.seq)?;
         let epoch = seq_to_sql(batch.epoch)?;
-        let client = Conn::get(&self.pool).await?;
+        let client = Conn::get(self).await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
         let ensure_row = client.prepare_cached(ENSURE_ROW).await?;
@@ -683,7 +693,7 @@ impl Store for PgStore {
     }
 
     async fn probe(&self, entries: &[(&str, i64)]) -> Result<(), StoreError> {
-        let mut client = Conn::get(&self.pool).await?;
+        let mut client = Conn::get(self).await?;
         let tx = client.transaction().await?;
         let (keys, deltas) = split(entries);
         let upsert = tx.prepare_cached(UPSERT).await?;
@@ -694,7 +704,7 @@ impl Store for PgStore {
     }
 
     async fn read(&self, key: &str, instance_id: &str) -> Result<Stored, StoreError> {
-        let client = Conn::get(&self.pool).await?;
+        let client = Conn::get(self).await?;
         let row = client
             .query_one(
                 "SELECT (SELECT value FROM counters WHERE key = $1), \
@@ -711,7 +721,7 @@ impl Store for PgStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let client = Conn::get(&self.pool).await?;
+        let client = Conn::get(self).await?;
         client.simple_query("SELECT 1").await?;
         client.release();
         Ok(())

@@ -29,8 +29,12 @@ pub enum TlsError {
          --database-ca-file is given"
     )]
     NoRoots,
-    #[error("cannot set up TLS: {0}")]
-    Rustls(#[from] rustls::Error),
+    #[error("a certificate of --database-ca-file {} cannot be used: {source}", path.display())]
+    BadCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
 }
 
 /// A connector that verifies the server against the system's roots and `ca_file`'s
@@ -61,7 +65,12 @@ pub fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, TlsError> 
             });
         }
         for certificate in certificates {
-            roots.add(certificate)?;
+            roots
+                .add(certificate)
+                .map_err(|source| TlsError::BadCertificate {
+                    path: path.to_owned(),
+                    source,
+                })?;
         }
     } else if added == 0 {
         return Err(TlsError::NoRoots);

@@ -20,7 +20,9 @@ use tempfile::TempDir;
 
 use crate::common::data_dir;
 use crate::pg::shout;
-use crate::support::{Tally, TallyConfig, eventually, free_port, increment};
+use crate::support::{
+    Tally, TallyConfig, assert_given_up_on_and_cancelled, eventually, free_port, increment,
+};
 
 /// The superuser's password of the private server.
 const ADMIN_SECRET: &str = "admin-secret-of-the-test-server";
@@ -399,8 +401,7 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
             file.display().to_string(),
         ];
         if ca {
-            flags.push("--database-ca-file".to_owned());
-            flags.push(server.file("ca.crt").display().to_string());
+            flags.extend(ca_file(&server));
         }
         flags
     };
@@ -415,7 +416,8 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
     assert!(!status.success(), "tally must not start: {status}");
     let log = tally.log();
     assert!(
-        log.contains("certificate") && log.contains("--database-url"),
+        log.contains("invalid peer certificate: UnknownIssuer")
+            || log.contains("no root certificate to verify the server with"),
         "the refusal says why:\n{log}"
     );
 
@@ -439,5 +441,82 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
         sessions >= 2 && over_tls == sessions,
         "{over_tls} of tally's {sessions} sessions use TLS (a pooled one and the lock's at least)"
     );
+    assert!(tally.terminate().await.success());
+}
+
+/// The flag that makes tally trust `server`'s CA.
+fn ca_file(server: &PrivatePostgres) -> [String; 2] {
+    [
+        "--database-ca-file".to_owned(),
+        server.file("ca.crt").display().to_string(),
+    ]
+}
+
+/// Under TLS too, the batches given up on while someone holds the instance's row lock are
+/// cancelled on the server, not left waiting there, each holding a connection (the cancel
+/// request keeps the connection's `sslmode`, so it must go over TLS as well; the plain
+/// server's case is `outage::batches_given_up_on_a_held_lock_do_not_pile_up_on_the_server`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_tls_batches_given_up_on_a_held_lock_are_cancelled() {
+    let Some(server) = PrivatePostgres::start(true) else {
+        return;
+    };
+    let (admin, secrets) = role(&server, "tls-secret").await;
+    let dir = data_dir();
+    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+    config.database_url = Some(format!("{}?sslmode=require", server.url("tally", "tally")));
+    config.extra = [
+        "--database-password-file".to_owned(),
+        secrets.path().join("pgpass").display().to_string(),
+        "--store-timeout".to_owned(),
+        "1s".to_owned(),
+        "--instance-id".to_owned(),
+        "locked".to_owned(),
+    ]
+    .into_iter()
+    .chain(ca_file(&server))
+    .collect();
+    let mut tally = Tally::start(&config).await;
+    let client = reqwest::Client::new();
+    let counters = server.admin("tally").await;
+    counted(&client, &tally.address, &counters, 1, "an increment").await;
+
+    let holder = server.admin("tally").await;
+    holder
+        .batch_execute(
+            "BEGIN; SELECT 1 FROM tally_instances WHERE instance_id = 'locked' FOR UPDATE",
+        )
+        .await
+        .expect("hold the instance's row");
+    assert_eq!(increment(&client, &tally.address, "rotated").await, 202);
+    // About five attempts are given up on in six seconds.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut most = 0;
+    for _ in 0..30 {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE usename = 'tally' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_activity")
+            .get(0);
+        most = most.max(waiting);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_given_up_on_and_cancelled(&tally, most).await;
+    holder.batch_execute("ROLLBACK").await.expect("release");
+    eventually(
+        Duration::from_secs(10),
+        "the batch is stored once the lock is released",
+        || async {
+            counters
+                .query_one("SELECT value FROM counters WHERE key = 'rotated'", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 2)
+        },
+    )
+    .await;
     assert!(tally.terminate().await.success());
 }

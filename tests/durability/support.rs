@@ -424,6 +424,25 @@ pub async fn increment_answer(client: &reqwest::Client, address: &str, key: &str
     (status, code)
 }
 
+/// Asserts that `tally` gave batches up on while a row lock was held (`--store-timeout`) and
+/// that at most `most` sessions waited on that lock at once: the attempt in progress, and one
+/// being cancelled; the abandoned ones were cancelled, not left on the server.
+pub async fn assert_given_up_on_and_cancelled(tally: &Tally, most: i64) {
+    assert!(
+        tally
+            .metric("tally_flush_batches_total{result=\"failed\"}")
+            .await
+            >= 3.0,
+        "attempts were given up on"
+    );
+    assert!(
+        (1..=2).contains(&most),
+        "{most} sessions wait on the lock: only the attempt in progress (and one being \
+         cancelled) may\n{}",
+        tally.log_tail()
+    );
+}
+
 /// Asserts that a run's whole `log` holds `line` exactly once: one line per change of state.
 pub fn assert_logged_once(log: &str, line: &str, when: &str) {
     assert_eq!(log.matches(line).count(), 1, "one line {when}:\n{log}");
