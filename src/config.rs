@@ -763,19 +763,6 @@ impl HttpConfig {
 }
 
 impl StoreConfig {
-    /// The password of `--database-password-file` (its first line, without the line end),
-    /// if one is configured.
-    ///
-    /// # Errors
-    ///
-    /// If the file cannot be read.
-    pub fn database_password(&self) -> std::io::Result<Option<String>> {
-        self.database_password_file
-            .as_deref()
-            .map(crate::store::password::read)
-            .transpose()
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         positive("store-timeout", self.store_timeout)?;
         if let Some(path) = &self.database_password_file {
@@ -792,14 +779,14 @@ impl StoreConfig {
                     "--database-url carries a password too; give it in one place",
                 );
             }
-            if let Err(e) = self.database_password() {
+            if let Err(e) = crate::store::password::read(path) {
                 return fail(
                     "database-password-file",
                     format!("cannot read {}: {e}", path.display()),
                 );
             }
         }
-        if self.database_ca_file.is_some() {
+        if let Some(path) = &self.database_ca_file {
             let requires_tls = self.database_url.as_ref().is_some_and(|url| {
                 url.expose()
                     .parse::<tokio_postgres::Config>()
@@ -811,7 +798,8 @@ impl StoreConfig {
                     "needs --database-url with sslmode=require (connections are plain without it)",
                 );
             }
-            if let Err(e) = crate::store::tls::connector(self.database_ca_file.as_deref()) {
+            // The file alone: the system's roots are loaded once, when the store connects.
+            if let Err(e) = crate::store::tls::ca_certificates(path) {
                 return fail("database-ca-file", e.to_string());
             }
         }

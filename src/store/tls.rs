@@ -37,6 +37,28 @@ pub enum TlsError {
     },
 }
 
+/// The certificates (PEM) of `path`, `--database-ca-file`.
+///
+/// # Errors
+///
+/// If the file cannot be read or holds no certificate.
+pub fn ca_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let failed = |source| TlsError::CaFile {
+        path: path.to_owned(),
+        source,
+    };
+    let certificates = CertificateDer::pem_file_iter(path)
+        .map_err(failed)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(failed)?;
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certificates)
+}
+
 /// A connector that verifies the server against the system's roots and `ca_file`'s
 /// certificates (PEM).
 ///
@@ -51,20 +73,7 @@ pub fn connector(ca_file: Option<&Path>) -> Result<MakeRustlsConnect, TlsError> 
     }
     let (added, _) = roots.add_parsable_certificates(system.certs);
     if let Some(path) = ca_file {
-        let failed = |source| TlsError::CaFile {
-            path: path.to_owned(),
-            source,
-        };
-        let certificates = CertificateDer::pem_file_iter(path)
-            .map_err(failed)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(failed)?;
-        if certificates.is_empty() {
-            return Err(TlsError::NoCertificate {
-                path: path.to_owned(),
-            });
-        }
-        for certificate in certificates {
+        for certificate in ca_certificates(path)? {
             roots
                 .add(certificate)
                 .map_err(|source| TlsError::BadCertificate {

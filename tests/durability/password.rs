@@ -289,6 +289,29 @@ async fn role(server: &PrivatePostgres, password: &str) -> (tokio_postgres::Clie
     (admin, secrets)
 }
 
+/// A tally on `dir` for the role `tally` at `url`, with the password file of [`role`]'s
+/// `secrets`, then `more` flags.
+fn tally_config(dir: &Path, url: String, secrets: &TempDir, more: &[String]) -> TallyConfig {
+    let mut config = TallyConfig::new(dir, None, "journal", "100ms");
+    config.database_url = Some(url);
+    config.extra = [
+        "--database-password-file".to_owned(),
+        secrets.path().join("pgpass").display().to_string(),
+    ]
+    .into_iter()
+    .chain(more.iter().cloned())
+    .collect();
+    config
+}
+
+/// Starts `config`, which must fail, and returns its log.
+async fn refused(config: &TallyConfig) -> String {
+    let mut tally = Tally::spawn(config);
+    let status = tally.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "tally must not start: {status}");
+    tally.log()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
     let Some(server) = PrivatePostgres::start(false) else {
@@ -297,12 +320,7 @@ async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
     let (admin, secrets) = role(&server, "first-secret").await;
     let file = secrets.path().join("pgpass");
     let dir = data_dir();
-    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.database_url = Some(server.url("tally", "tally"));
-    config.extra = vec![
-        "--database-password-file".to_owned(),
-        file.display().to_string(),
-    ];
+    let config = tally_config(dir.path(), server.url("tally", "tally"), &secrets, &[]);
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
     let counters = server.admin("tally").await;
@@ -393,28 +411,25 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
         return;
     };
     let (admin, secrets) = role(&server, "tls-secret").await;
-    let file = secrets.path().join("pgpass");
     let url = format!("{}?sslmode=require", server.url("tally", "tally"));
-    let flags = |ca: bool| {
-        let mut flags = vec![
-            "--database-password-file".to_owned(),
-            file.display().to_string(),
-        ];
-        if ca {
-            flags.extend(ca_file(&server));
-        }
-        flags
-    };
+
+    // Without sslmode=require the connection is plain, which the server refuses to `tally`.
+    let plain = data_dir();
+    let log = refused(&tally_config(
+        plain.path(),
+        server.url("tally", "tally"),
+        &secrets,
+        &[],
+    ))
+    .await;
+    assert!(
+        log.contains("no encryption"),
+        "the refusal says why:\n{log}"
+    );
 
     // Without the CA file, the system's roots do not vouch for the server.
-    let refused = data_dir();
-    let mut config = TallyConfig::new(refused.path(), None, "journal", "100ms");
-    config.database_url = Some(url.clone());
-    config.extra = flags(false);
-    let mut tally = Tally::spawn(&config);
-    let status = tally.wait_exit(Duration::from_secs(30)).await;
-    assert!(!status.success(), "tally must not start: {status}");
-    let log = tally.log();
+    let no_ca = data_dir();
+    let log = refused(&tally_config(no_ca.path(), url.clone(), &secrets, &[])).await;
     assert!(
         log.contains("invalid peer certificate: UnknownIssuer")
             || log.contains("no root certificate to verify the server with"),
@@ -422,9 +437,7 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
     );
 
     let dir = data_dir();
-    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.database_url = Some(url);
-    config.extra = flags(true);
+    let config = tally_config(dir.path(), url, &secrets, &ca_file(&server));
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
     let counters = server.admin("tally").await;
@@ -463,19 +476,13 @@ async fn under_tls_batches_given_up_on_a_held_lock_are_cancelled() {
     };
     let (admin, secrets) = role(&server, "tls-secret").await;
     let dir = data_dir();
-    let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-    config.database_url = Some(format!("{}?sslmode=require", server.url("tally", "tally")));
-    config.extra = [
-        "--database-password-file".to_owned(),
-        secrets.path().join("pgpass").display().to_string(),
-        "--store-timeout".to_owned(),
-        "1s".to_owned(),
-        "--instance-id".to_owned(),
-        "locked".to_owned(),
-    ]
-    .into_iter()
-    .chain(ca_file(&server))
-    .collect();
+    let more = ["--store-timeout", "1s", "--instance-id", "locked"]
+        .map(str::to_owned)
+        .into_iter()
+        .chain(ca_file(&server))
+        .collect::<Vec<_>>();
+    let url = format!("{}?sslmode=require", server.url("tally", "tally"));
+    let config = tally_config(dir.path(), url, &secrets, &more);
     let mut tally = Tally::start(&config).await;
     let client = reqwest::Client::new();
     let counters = server.admin("tally").await;

@@ -118,17 +118,25 @@ fn help_does_not_print_secrets_from_the_environment() {
 }
 
 /// `--database-ca-file` is for TLS, which only `sslmode=require` in the URL turns on: without
-/// it the flag would do nothing, so it is refused, naming the flag, with exit 2.
+/// it the flag would do nothing, so it is refused, as is a file with no certificate in it;
+/// each refusal names the flag, with exit 2.
 #[test]
 fn a_database_ca_file_needs_a_url_that_requires_tls() {
     let dir = data_dir();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write the CA file");
+    std::fs::write(&ca, "not a certificate\n").expect("write the CA file");
     let ca = ca.to_str().expect("UTF-8 temp path");
-    for url in [
-        None,
-        Some("postgres://u@127.0.0.1/db"),
-        Some("postgres://u@127.0.0.1/db?sslmode=prefer"),
+    for (url, why) in [
+        (None, "sslmode=require"),
+        (Some("postgres://u@127.0.0.1/db"), "sslmode=require"),
+        (
+            Some("postgres://u@127.0.0.1/db?sslmode=prefer"),
+            "sslmode=require",
+        ),
+        (
+            Some("postgres://u@127.0.0.1/db?sslmode=require"),
+            "holds no certificate",
+        ),
     ] {
         let mut args = vec!["--database-ca-file", ca];
         if let Some(url) = url {
@@ -138,8 +146,7 @@ fn a_database_ca_file_needs_a_url_that_requires_tls() {
         let stderr = stderr_of(&output);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
-            stderr.starts_with("error: invalid --database-ca-file: ")
-                && stderr.contains("sslmode=require"),
+            stderr.starts_with("error: invalid --database-ca-file: ") && stderr.contains(why),
             "{args:?}: {stderr}"
         );
     }
