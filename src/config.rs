@@ -18,6 +18,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
+use tokio_postgres::config::TargetSessionAttrs;
 
 use crate::key::{DEFAULT_MAX_KEY_BYTES, MAX_KEY_BYTES_LIMIT};
 
@@ -256,6 +257,12 @@ fn describe(url: &str, config: &tokio_postgres::Config) -> String {
     }
     if config.get_ssl_mode() != tokio_postgres::config::SslMode::Prefer {
         params.push(format!("sslmode={:?}", config.get_ssl_mode()).to_lowercase());
+    }
+    // Which of several hosts tally may use (a failover pair): read-write skips a standby.
+    match config.get_target_session_attrs() {
+        TargetSessionAttrs::ReadWrite => params.push("target_session_attrs=read-write".to_owned()),
+        TargetSessionAttrs::ReadOnly => params.push("target_session_attrs=read-only".to_owned()),
+        _ => {}
     }
     if !params.is_empty() {
         let _ = write!(out, "?{}", params.join("&"));
@@ -1112,6 +1119,11 @@ mod tests {
                 "postgresql://u:***@h:5432/db?sslmode=require",
             ),
             ("postgres://u:se?cret@h/db", "postgres://u:***@h:5432/db"),
+            // Two hosts, and which of them to use.
+            (
+                "postgres://u:secret@a:5433,b/db?target_session_attrs=read-write",
+                "postgres://u:***@a:5433,b:5432/db?target_session_attrs=read-write",
+            ),
             // A raw `@` in the password: the driver would read "cret@h" as the host. Masked
             // by shape, up to the last `@`.
             (

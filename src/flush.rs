@@ -290,6 +290,14 @@ impl Flusher {
                     counter.increment(1);
                     metrics.flush_keys.record(entries.len() as f64);
                     self.health.set(None);
+                    if attempt > 1 {
+                        tracing::info!(
+                            seq = batch.seq,
+                            keys = entries.len(),
+                            failed_attempts = attempt - 1,
+                            "Batch written after failed attempts; the store takes batches again."
+                        );
+                    }
                     tracing::debug!(
                         seq = batch.seq,
                         keys = entries.len(),

@@ -32,6 +32,7 @@
 //! - [`store`]: the [`store::Store`] contract and its SQLite and PostgreSQL backends.
 //! - [`metrics`]: every metric name and its handle, registered once at start.
 //! - [`telemetry`]: logging set-up.
+//! - [`causes`]: an error and its causes on one line, for log lines and exit messages.
 //!
 //! # Why these modules are public
 //!
@@ -45,6 +46,7 @@
 
 pub mod aggregate;
 pub mod applied;
+pub mod causes;
 pub mod config;
 pub mod fds;
 pub mod flush;

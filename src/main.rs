@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use tally::causes::Causes;
 use tally::config::Config;
 use tally::startup::App;
 use tally::{fds, shutdown, telemetry};
@@ -48,8 +49,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the context chain on one line ("cannot …: because …").
-            tracing::error!(error = %format!("{e:#}"), "Tally stopped with an error.");
+            // The context chain on one line ("cannot …: because …"), each cause once.
+            tracing::error!(error = %Causes(e.as_ref()), "Tally stopped with an error.");
             ExitCode::FAILURE
         }
     }

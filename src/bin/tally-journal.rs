@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use tally::causes::Causes;
 use tally::journal::{Journal, Replay};
 
 /// Prints the increments in a tally journal, without changing anything (the journal may be
@@ -67,7 +68,7 @@ fn main() -> ExitCode {
     match run(&dir, args.above) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", Causes(e.as_ref()));
             ExitCode::FAILURE
         }
     }

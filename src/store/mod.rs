@@ -30,6 +30,7 @@ pub mod sqlite;
 pub mod timed;
 pub mod tls;
 
+use crate::causes::Causes;
 use std::error::Error as StdError;
 
 use async_trait::async_trait;
@@ -131,7 +132,7 @@ pub enum StoreError {
     /// The store could not be reached, or the transaction failed for a reason that may pass
     /// (connection lost, timeout, shutdown of the server). If it happened during COMMIT the
     /// outcome is unknown; retrying the same batch is safe.
-    #[error("store unavailable: {0}")]
+    #[error("store unavailable: {}", Causes(.0.as_ref()))]
     Unavailable(#[source] Box<dyn StdError + Send + Sync>),
     /// TLS to the store, which its URL asks for, cannot be set up (a certificate file that
     /// cannot be read, no root certificate at all).

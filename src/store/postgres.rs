@@ -25,7 +25,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use crate::causes::Causes;
+
 use super::password::PasswordFile;
+use super::tls;
 use super::{
     Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
     seq_from_sql, seq_to_sql,
@@ -204,7 +207,7 @@ impl Drop for Conn {
                         Some(tls) => cancel.cancel_query(tls).await,
                     };
                     if let Err(e) = cancelled {
-                        tracing::debug!(error = %e, "Could not cancel the abandoned statement; its connection closes when it ends.");
+                        tracing::debug!(error = %Causes(&e), "Could not cancel the abandoned statement; its connection closes when it ends.");
                     }
                 });
             }
@@ -282,7 +285,7 @@ impl deadpool_postgres::Connect for Connector {
             // As deadpool's own connector does it.
             let driver = tokio::spawn(async move {
                 if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "A pooled PostgreSQL connection ended with an error.");
+                    tracing::warn!(error = %Causes(&e), "A pooled PostgreSQL connection ended with an error.");
                 }
             });
             Ok((client, driver))
@@ -302,24 +305,43 @@ pub struct PgStore {
     held: Arc<Mutex<HashMap<String, DropGuard>>>,
 }
 
+/// Whether the server refused `e`'s statement for the values in it: SQLSTATE class 22,
+/// "data exception".
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|code| code.code().starts_with("22"))
+}
+
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        match e.code() {
-            // Class 22 is "data exception": the values themselves are at fault.
-            Some(code) if code.code().starts_with("22") => StoreError::Rejected {
+        if is_data_error(&e) {
+            StoreError::Rejected {
                 reason: e
                     .as_db_error()
                     .map_or_else(|| e.to_string(), |d| d.message().to_owned()),
                 keys: Vec::new(),
-            },
-            _ => StoreError::unavailable(e),
+            }
+        } else {
+            StoreError::unavailable(e)
         }
     }
 }
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        StoreError::unavailable(e)
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => not_connected(e),
+            e => StoreError::unavailable(e),
+        }
+    }
+}
+
+/// A connection that could not be opened: never the data's fault (a server that refuses a
+/// connection's settings answers with SQLSTATE class 22 too), so always unavailable, and
+/// with what to do when it was the server's certificate that was refused.
+fn not_connected(e: tokio_postgres::Error) -> StoreError {
+    match tls::explained(e) {
+        Ok(untrusted) => StoreError::unavailable(untrusted),
+        Err(e) => StoreError::unavailable(e),
     }
 }
 
@@ -352,7 +374,7 @@ impl PgStore {
     ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse()?;
         let tls = match config.get_ssl_mode() {
-            SslMode::Require => Some(super::tls::connector(ca_file)?),
+            SslMode::Require => Some(tls::connector(ca_file)?),
             _ => None,
         };
         if config.get_connect_timeout().is_none() {
@@ -505,7 +527,7 @@ impl PgStore {
 async fn try_hold(connector: &Connector, instance_id: &str) -> Result<Option<Holder>, StoreError> {
     let mut config = connector.config();
     config.application_name(HOLDER_APPLICATION);
-    let (client, connection) = connector.open(&config).await?;
+    let (client, connection) = connector.open(&config).await.map_err(not_connected)?;
     let connection = tokio::spawn(connection);
     let row = client.query_one(TRY_HOLD, &[&instance_id]).await?;
     Ok(row
@@ -526,7 +548,7 @@ async fn hold_forever(connector: Connector, instance_id: String, mut holder: Hol
         drop(holder.client);
         tracing::warn!(
             %instance_id,
-            error = ?ended.ok().and_then(Result::err).map(|e| e.to_string()),
+            error = ?ended.ok().and_then(Result::err).map(|e| Causes(&e).to_string()),
             "Lost the connection that holds this instance id's lock; taking it again. (Fencing still keeps another process's writes apart.)"
         );
         holder = loop {
@@ -664,8 +686,24 @@ impl Store for PgStore {
             },
         );
         // Every statement has its answer, and the transaction ended with the last one (a
-        // COMMIT after a failed statement rolls back): the connection is idle again.
-        if ended.is_ok() {
+        // COMMIT after a failed statement rolls back): the connection is idle again. It goes
+        // back to the pool unless a statement failed for a reason other than the data: a
+        // session keeps what it was opened with, so one the server made read-only (a
+        // database set `default_transaction_read_only`, an old primary) would fail every
+        // batch it is given after the server is writable again, where a fresh one works.
+        // (The statements after the first failed one fail only because it did.)
+        let first_failed = [
+            begun.as_ref().err(),
+            ensured.as_ref().err(),
+            row.as_ref().err(),
+            upserted.as_ref().err(),
+            set_aside.as_ref().err(),
+            recorded.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        if ended.is_ok() && first_failed.is_none_or(is_data_error) {
             client.release();
         }
         begun?;

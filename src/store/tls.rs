@@ -7,11 +7,14 @@
 //! `prefer` encrypts without verifying anything, and verifying there would refuse the servers
 //! `prefer` exists for (Debian's own PostgreSQL answers TLS with a self-signed certificate).
 
+use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::causes::Causes;
 
 /// Why TLS to PostgreSQL cannot be set up.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,60 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+}
+
+/// A connection refused because the server's certificate was: the reason, and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{}; {hint}", Causes(.error))]
+pub struct Untrusted {
+    error: tokio_postgres::Error,
+    hint: &'static str,
+}
+
+/// `error`, with what to do if it is a refusal of the server's certificate.
+pub fn explained(error: tokio_postgres::Error) -> Result<Untrusted, tokio_postgres::Error> {
+    match refused_certificate(&error).map(hint) {
+        Some(hint) => Ok(Untrusted { error, hint }),
+        None => Err(error),
+    }
+}
+
+/// What to do about a certificate rustls refused.
+fn hint(refusal: &rustls::CertificateError) -> &'static str {
+    match refusal {
+        rustls::CertificateError::NotValidForName
+        | rustls::CertificateError::NotValidForNameContext { .. } => {
+            "the server's certificate does not name the URL's host: connect by a host name it \
+             names (docs/operations.md, Faults)"
+        }
+        _ => {
+            "the server's certificate is not vouched for by the system's roots or \
+             --database-ca-file: give the certificate of the CA that signed it with \
+             --database-ca-file (docs/operations.md, Faults)"
+        }
+    }
+}
+
+/// The reason rustls refused the server's certificate, if that is what ended `error`. The
+/// TLS stream reports it as an `io::Error` around the `rustls::Error`, whose `source()`
+/// skips it, so each `io::Error` of the chain is looked into.
+fn refused_certificate<'a>(
+    error: &'a (dyn Error + 'static),
+) -> Option<&'a rustls::CertificateError> {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        let rustls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(refusal)) = rustls {
+            return Some(refusal);
+        }
+        cause = error.source();
+    }
+    None
 }
 
 /// The certificates (PEM) of `path`, `--database-ca-file`.

@@ -580,6 +580,98 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
     ));
 }
 
+/// A database made read-only (`ALTER DATABASE … SET default_transaction_read_only`, as for
+/// maintenance; an old primary after a failover refuses writes the same way): every batch
+/// fails with the server's own words in the log and in `/readyz` (not tokio-postgres' bare
+/// "db error"), increments are still acknowledged into the journal, and once the database
+/// takes writes again the sessions it made read-only are not reused: the batch lands, once,
+/// with no restart and no session ended by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_named_and_its_sessions_left_once_it_is_writable() {
+    let Some(db) = PgDatabase::create("read_only").await else {
+        return;
+    };
+    let dir = data_dir();
+    let config = TallyConfig::new(dir.path(), Some(&db), "journal", "100ms");
+    let mut tally = Tally::start(&config).await;
+    // Both opened before the database turns read-only, so both stay writable sessions.
+    let admin = pg::client(&db.url).await;
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+    let client = reqwest::Client::new();
+    let name: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .expect("the database's name")
+        .get(0);
+    let refused = "cannot execute INSERT in a read-only transaction";
+
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} SET default_transaction_read_only = on"
+        ))
+        .await
+        .expect("make the database read-only");
+    // The setting holds for sessions opened from now on; tally's open ones end.
+    let ended: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'tally%'",
+            &[],
+        )
+        .await
+        .expect("end tally's sessions")
+        .get(0);
+    assert!(ended >= 1, "tally had sessions open");
+    for _ in 0..5 {
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the log says why the batch is not written, in the server's words",
+        || async { tally.log().contains(refused) },
+    )
+    .await;
+    let ready = client
+        .get(format!("{}/readyz", tally.address))
+        .send()
+        .await
+        .expect("/readyz answers");
+    assert_eq!(ready.status().as_u16(), 503);
+    let reason = ready.text().await.expect("/readyz's body");
+    assert!(reason.contains(refused), "/readyz says why: {reason}");
+    assert_eq!(
+        direct.value("k").await,
+        Some(1),
+        "nothing written meanwhile"
+    );
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} RESET default_transaction_read_only"
+        ))
+        .await
+        .expect("make the database writable again");
+    let writable_at = Instant::now();
+    direct.wait_for("k", 6, Duration::from_secs(15)).await;
+    let caught_up_after = writable_at.elapsed();
+    let log = tally.log();
+    assert!(
+        log.contains("Batch written after failed attempts"),
+        "the log says the store takes batches again:\n{}",
+        tally.log_tail()
+    );
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(6), "counted once");
+    shout(&format!(
+        "read-only postgres: batches refused with \"{refused}\" in the log and /readyz; \
+         written {caught_up_after:.1?} after the database took writes again, counted once"
+    ));
+}
+
 /// An `sqlite3` shell left in a write transaction: tally's writes run in place on the
 /// flusher's thread, where `--store-timeout` cannot abandon them, so SQLite's own lock wait
 /// must end within it (5 s otherwise): the batch is logged, counted failed, `/readyz` says
