@@ -249,8 +249,9 @@ impl Flusher {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Fenced`] (the only error: others are retried) if another process
-    /// claimed the instance id; the batch stays in flight, unwritten.
+    /// [`StoreError::Fenced`] if another process claimed the instance id, or
+    /// [`StoreError::WentBack`] if the store lost this process's claim (the only errors:
+    /// others are retried); the batch stays in flight, unwritten.
     pub(crate) async fn commit(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let keys = self.write(batch).await?;
         self.aggregator.complete(batch.seq);
@@ -259,7 +260,7 @@ impl Flusher {
     }
 
     /// Applies `batch`, retrying with backoff until it is in the store; returns its key
-    /// count, or the store's [`StoreError::Fenced`].
+    /// count, or the store's [`StoreError::Fenced`] or [`StoreError::WentBack`].
     async fn write(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let mut entries = batch.sorted();
         let mut dead_letters = batch.dead_letters.clone();
@@ -317,12 +318,20 @@ impl Flusher {
                          the other process cleanly and give it its own --instance-id, then restart \
                          this one as it is, to write its journal (docs/operations.md)."
                     );
-                    let _ = self.health.fenced.set(e.to_string());
-                    self.health.set(Some(e.to_string()));
-                    // Nothing more will be applied: `ack=store` requests waiting hear so now
-                    // rather than at their timeout.
-                    self.applied.close();
-                    return Err(e);
+                    return Err(self.fence(e));
+                }
+                Err(e @ StoreError::WentBack { .. }) => {
+                    metrics.flush_batches.fenced.increment(1);
+                    tracing::error!(
+                        error = %e, seq = batch.seq, keys = entries.len(),
+                        "Fenced: the store has gone back in time and lost this process's claim of its \
+                         instance id. Writing nothing more and refusing increments; what is pending \
+                         stays in the journal (ack=journal). Find out what the database lost (a \
+                         failover to a replica behind its primary, a restore from a backup), then \
+                         restart this instance as it is: it claims the id again from what the store \
+                         holds and writes what its journal still has (docs/operations.md)."
+                    );
+                    return Err(self.fence(e));
                 }
                 Err(StoreError::Rejected { reason, keys }) => {
                     metrics.flush_batches.rejected.increment(1);
@@ -347,6 +356,17 @@ impl Flusher {
             backoff = (backoff * 2).min(BACKOFF_MAX);
             attempt += 1;
         }
+    }
+
+    /// Stops this process writing for good after the store refused a batch's claim
+    /// (`error`, returned): increments are refused from now on, and `/readyz` says why.
+    fn fence(&self, error: StoreError) -> StoreError {
+        let _ = self.health.fenced.set(error.to_string());
+        self.health.set(Some(error.to_string()));
+        // Nothing more will be applied: `ack=store` requests waiting hear so now rather than
+        // at their timeout.
+        self.applied.close();
+        error
     }
 
     /// Moves the keys the store refuses from `entries` to `dead_letters`. Uses the store's

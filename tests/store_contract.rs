@@ -533,6 +533,50 @@ async fn a_new_claim_fences_off_the_previous_holder(backend: Backend) {
 }
 on_both_stores!(a_new_claim_fences_off_the_previous_holder);
 
+/// The store goes back to before a claim (a failover to a replica that missed it, a restore
+/// from a backup): the claim's batches are refused as gone back, not as fenced by a newer
+/// claim, since there is none; a claim made again starts from what the store holds.
+async fn a_claim_the_store_lost_is_told_apart_from_a_newer_claim(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    let claim = store.claim("i1", by("j1", false)).await.expect("claim");
+    let one = [("k", 1)];
+    let under = |claim: &Claim, seq| Batch {
+        epoch: claim.epoch,
+        ..batch("i1", seq, &one)
+    };
+    assert_eq!(
+        store.apply(under(&claim, 1)).await.expect("apply"),
+        Applied::Committed
+    );
+    fixture
+        .rows(
+            "UPDATE tally_instances SET epoch = epoch - 1, claimed_epoch = claimed_epoch - 1 \
+             WHERE instance_id = 'i1'",
+        )
+        .await;
+    match store.apply(under(&claim, 2)).await {
+        Err(StoreError::WentBack {
+            instance_id,
+            epoch,
+            current,
+        }) => assert_eq!(
+            (instance_id.as_str(), epoch, current),
+            ("i1", claim.epoch, claim.epoch - 1)
+        ),
+        other => panic!("a batch under the lost claim: want WentBack, got {other:?}"),
+    }
+    assert_eq!(value(&*store, "k").await, Some(1), "nothing written");
+    let again = store.claim("i1", by("j1", false)).await.expect("claim");
+    assert_eq!(again.last_seq, 1);
+    assert_eq!(
+        store.apply(under(&again, 2)).await.expect("apply"),
+        Applied::Committed
+    );
+    assert_eq!(value(&*store, "k").await, Some(2));
+}
+on_both_stores!(a_claim_the_store_lost_is_told_apart_from_a_newer_claim);
+
 /// A claim by journal `journal`.
 fn by(journal: &str, exclusive: bool) -> Claimant<'_> {
     Claimant { journal, exclusive }

@@ -239,8 +239,9 @@ impl IntoResponse for ApiError {
                 },
                 "store_unavailable" => "the store is unavailable; retry later".to_owned(),
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
-                "fenced" => "another process claimed this instance's id (--instance-id); \
-                             retry on another instance"
+                "fenced" => "this instance no longer writes as its id (--instance-id): \
+                             another process claimed it, or the store lost its claim (/readyz \
+                             says which); retry on another instance"
                     .to_owned(),
                 "journal_unavailable" => "the journal cannot write (e.g. a full disk); nothing \
                                           was counted; retry after the Retry-After delay"

@@ -10,7 +10,9 @@
 //!   or turned into a float, and nothing of that batch is applied.
 //! - **Fencing.** [`Store::claim`] makes the caller the one process that writes as an
 //!   instance id: it bumps the id's epoch, and [`Store::apply`] refuses, with
-//!   [`StoreError::Fenced`], a batch whose epoch is no longer the current one. The claim
+//!   [`StoreError::Fenced`], a batch whose epoch is no longer the current one (or
+//!   [`StoreError::WentBack`], when the stored epoch is lower than the batch's: the database
+//!   lost the claim, restored from a backup or failed over to a replica behind). The claim
 //!   waits for a batch of the previous holder that is still being committed (its row lock),
 //!   so the seq it returns includes that batch: a restart after `kill -9` never numbers a
 //!   batch with a seq its dead predecessor has just used.
@@ -153,6 +155,21 @@ pub enum StoreError {
         epoch: u64,
         current: u64,
     },
+    /// The store holds an older claim of the instance id than the batch's: the database has
+    /// gone back in time (restored from a backup, or failed over to a replica that missed
+    /// its last commits), and batches written since that point may be gone with it. Nothing
+    /// was written; a claim made again (a restart) starts from what the store holds now.
+    #[error(
+        "the store holds claim {current} of instance id {instance_id:?}, older than this \
+         process's claim {epoch}: the database has gone back in time (restored from a backup, \
+         or failed over to a replica that missed its last commits), and batches written since \
+         may be gone with it; this process no longer writes as it"
+    )]
+    WentBack {
+        instance_id: String,
+        epoch: u64,
+        current: u64,
+    },
     /// Another live process holds the instance id (PostgreSQL: its session lock), still
     /// after waiting `waited` for it to go away.
     #[error(
@@ -228,8 +245,9 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`StoreError::Fenced`] if the batch's epoch is not the id's current one (nothing
-    /// applied); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
+    /// [`StoreError::Fenced`] if another claim of the id is the current one, or
+    /// [`StoreError::WentBack`] if the store holds an older one than the batch's (nothing
+    /// applied either way); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
     /// applied); [`StoreError::Unavailable`] if the transaction failed or its outcome is
     /// unknown.
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
@@ -268,16 +286,22 @@ pub(crate) fn seq_to_sql(seq: u64) -> Result<i64, StoreError> {
 
 /// The fencing check of [`Store::apply`], the same on every backend: a batch of
 /// `instance_id` carrying `epoch` may be written when the id's stored epoch is `current`
-/// (0 when the id has no row yet).
+/// (0 when the id has no row yet). Claims only ever raise the stored epoch, so a lower one
+/// means the store lost the claim: [`StoreError::WentBack`], not another claimant.
 pub(crate) fn check_epoch(instance_id: &str, epoch: u64, current: u64) -> Result<(), StoreError> {
-    if current == epoch {
-        Ok(())
-    } else {
-        Err(StoreError::Fenced {
-            instance_id: instance_id.to_owned(),
+    let instance_id = instance_id.to_owned();
+    match current.cmp(&epoch) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Greater => Err(StoreError::Fenced {
+            instance_id,
             epoch,
             current,
-        })
+        }),
+        std::cmp::Ordering::Less => Err(StoreError::WentBack {
+            instance_id,
+            epoch,
+            current,
+        }),
     }
 }
 

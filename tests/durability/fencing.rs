@@ -141,20 +141,47 @@ async fn post_one(client: &reqwest::Client, address: &str) -> reqwest::Response 
 /// Claims the shared id as another tally would (a duplicate whose lock connection had
 /// dropped): the id's epoch + 1, recording the claim as passing from this one's journal to
 /// the intruder's at the seq reached.
-async fn take_claim(admin: &tokio_postgres::Client) {
-    admin
-        .batch_execute(&format!(
-            "UPDATE tally_instances SET epoch = epoch + 1, previous_claimant = claimed_by, \
-             handover_seq = last_seq, claimed_by = 'intruder', claimed_epoch = epoch + 1 \
-             WHERE instance_id = '{SHARED_ID}'"
-        ))
-        .await
-        .expect("take the claim");
+fn take_claim() -> String {
+    format!(
+        "UPDATE tally_instances SET epoch = epoch + 1, previous_claimant = claimed_by, \
+         handover_seq = last_seq, claimed_by = 'intruder', claimed_epoch = epoch + 1 \
+         WHERE instance_id = '{SHARED_ID}'"
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing() {
-    let Some(db) = PgDatabase::create("claim_taken").await else {
+    // Another process claims the id, as a duplicate whose lock connection had dropped would.
+    fenced_and_replayed(
+        "claim_taken",
+        &take_claim(),
+        "Fenced: another process claimed this instance id",
+    )
+    .await;
+}
+
+/// The database goes back to before this instance's claim (a failover to a replica that
+/// missed it, a restore from a backup): told apart from another claimant, since claims only
+/// ever raise the epoch, and handled alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_store_lost_its_claim_says_so_and_loses_nothing() {
+    fenced_and_replayed(
+        "claim_lost",
+        // The row as it was before the claim (by the same journal: its previous start).
+        &format!(
+            "UPDATE tally_instances SET epoch = epoch - 1, claimed_epoch = claimed_epoch - 1 \
+             WHERE instance_id = '{SHARED_ID}'"
+        ),
+        "Fenced: the store has gone back in time and lost this process's claim",
+    )
+    .await;
+}
+
+/// An instance whose claim the statement `sabotage` undoes under load: it stops
+/// acknowledging, answers 503 fenced, says `said` in its log, writes nothing more, and its
+/// restart replays what it acknowledged before it knew.
+async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
+    let Some(db) = PgDatabase::create(name).await else {
         return;
     };
     let dir = data_dir();
@@ -169,8 +196,7 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     }
     direct.wait_for("k", 5, Duration::from_secs(10)).await;
 
-    // Another process claims the id, as a duplicate whose lock connection had dropped would.
-    take_claim(&admin).await;
+    admin.batch_execute(sabotage).await.expect(sabotage);
     // Until its next batch is refused, the instance does not know: what it acknowledges
     // meanwhile is journaled. Then it refuses.
     let mut acked_after = 0;
@@ -210,10 +236,7 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
         "a fenced drain is a failed drain: {status}"
     );
     let log = tally.log();
-    assert!(
-        log.contains("Fenced: another process claimed this instance id"),
-        "the log says what happened:\n{log}"
-    );
+    assert!(log.contains(said), "the log says what happened:\n{log}");
 
     // The operator fixes the fleet and restarts it: the journal still has what was
     // acknowledged between the fence and its discovery.
@@ -222,8 +245,8 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     assert!(status.success(), "{status}");
     assert_eq!(direct.value("k").await, Some(5 + acked_after));
     shout(&format!(
-        "fencing postgres: an instance whose claim was taken answered 503 fenced and /readyz 503; \
-         the {acked_after} increments it acknowledged before it knew were replayed from its journal"
+        "fencing postgres ({name}): the instance answered 503 fenced and /readyz 503; the \
+         {acked_after} increments it acknowledged before it knew were replayed from its journal"
     ));
 }
 
@@ -242,7 +265,11 @@ async fn an_ack_store_request_waiting_when_the_claim_is_taken_hears_fenced_at_on
     .await;
     let client = reqwest::Client::new();
     assert_eq!(increment(&client, &tally.address, "k").await, 202);
-    take_claim(&pg::client(&db.url).await).await;
+    pg::client(&db.url)
+        .await
+        .batch_execute(&take_claim())
+        .await
+        .expect("take the claim");
     // This request's batch is the one the store refuses: it waits for a commit that will
     // never come, and hears so when the flusher learns it, not at --request-timeout (30 s).
     let started = std::time::Instant::now();
