@@ -7,20 +7,24 @@
 //! line of its `Display` says nothing an operator can act on. deadpool's pool error, on the
 //! other hand, repeats its cause's text and returns it as `source()` too, so walking the
 //! chain, as `{:#}` does, says the same thing twice or three times. [`Causes`] walks the
-//! chain and adds a cause only when the text so far does not already hold it.
+//! chain and adds a cause only when the text so far does not already hold it. It also keeps
+//! to one line: the server's words come as `ERROR: …\nDETAIL: …\nHINT: …`, and a line
+//! break inside a text log record would split it in two for journald, grep and log
+//! shippers.
 
 use std::error::Error;
 use std::fmt;
 
-/// `error: cause: cause's cause …`, with every cause already in the text left out.
+/// `error: cause: cause's cause …` on one line (a line break becomes `; `), with every
+/// cause already in the text left out.
 pub struct Causes<'a>(pub &'a (dyn Error + 'static));
 
 impl fmt::Display for Causes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut text = self.0.to_string();
+        let mut text = one_line(self.0);
         let mut cause = self.0.source();
         while let Some(error) = cause {
-            let said = error.to_string();
+            let said = one_line(error);
             if !said.is_empty() && !text.contains(&said) {
                 text.push_str(": ");
                 text.push_str(&said);
@@ -28,6 +32,20 @@ impl fmt::Display for Causes<'_> {
             cause = error.source();
         }
         f.write_str(&text)
+    }
+}
+
+/// What `error` says, its lines joined by `; `.
+fn one_line(error: &dyn Error) -> String {
+    let said = error.to_string();
+    if said.contains('\n') {
+        said.lines()
+            .map(str::trim_end)
+            .filter(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ")
+    } else {
+        said
     }
 }
 
@@ -75,6 +93,23 @@ mod tests {
         assert_eq!(
             Causes(&db).to_string(),
             "db error: FATAL: too many connections for role \"t\""
+        );
+    }
+
+    #[test]
+    fn the_servers_detail_and_hint_stay_on_the_line() {
+        // tokio-postgres' DbError: "ERROR: …\nDETAIL: …\nHINT: …".
+        let server = layer(
+            "FATAL: the database system is starting up\nDETAIL: Consistent recovery state has \
+             not been yet reached.\nHINT: Wait.",
+            false,
+            None,
+        );
+        let db = layer("db error", false, Some(server));
+        assert_eq!(
+            Causes(&db).to_string(),
+            "db error: FATAL: the database system is starting up; DETAIL: Consistent recovery \
+             state has not been yet reached.; HINT: Wait."
         );
     }
 

@@ -40,7 +40,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 pub struct FlushHealth {
     /// The error of the last attempt, if it failed; cleared by the next success.
     last_error: Mutex<Option<String>>,
-    /// Set once, when the store refused a batch because another process claimed the id.
+    /// Set once, when the store refused a batch because another process claimed the id or
+    /// the store lost this process's claim.
     fenced: OnceLock<String>,
 }
 
@@ -100,7 +101,8 @@ pub enum Flushed {
     Nothing,
     /// A batch with this many keys is in the store.
     Batch { keys: usize },
-    /// Another process claimed the instance id: nothing was written, and nothing will be.
+    /// Another process claimed the instance id, or the store lost this process's claim:
+    /// nothing was written, and nothing will be.
     Fenced,
 }
 

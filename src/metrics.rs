@@ -31,7 +31,8 @@ pub const PENDING_KEYS: &str = "tally_pending_keys";
 /// Batch write attempts, by `result`: `committed`, `already_applied` (a retry of a batch the
 /// store had already committed), `failed` (to be retried), `rejected` (the store refused
 /// some keys for a data reason; they go to the dead-letter table and the rest is retried) and
-/// `fenced` (another process claimed this instance id; nothing more is written).
+/// `fenced` (another process claimed this instance id, or the store lost its claim; nothing
+/// more is written).
 pub const FLUSH_BATCHES: &str = "tally_flush_batches_total";
 /// Distinct keys per batch.
 pub const FLUSH_KEYS: &str = "tally_flush_keys";

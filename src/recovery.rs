@@ -390,7 +390,8 @@ fn describe(replay: &Replay) -> String {
 ///
 /// # Errors
 ///
-/// Another process claiming the instance id meanwhile, or a failed trim. (A generation
+/// Another process claiming the instance id meanwhile, or the store losing this one's
+/// claim, or a failed trim. (A generation
 /// whose sum for a key does not fit in 64 bits has that key's deltas set aside as dead
 /// letters, as the store's refusals are.)
 pub(crate) async fn replay_journal(

@@ -49,7 +49,8 @@ pub enum ApiError {
     /// The store cannot be read right now. 503 with `Retry-After`.
     #[error("the store is unavailable")]
     StoreUnavailable(#[source] StoreError),
-    /// Another process claimed this instance's id: it writes nothing more, so it accepts
+    /// Another process claimed this instance's id, or the store lost its claim (see
+    /// `StoreError::WentBack`): it writes nothing more, so it accepts
     /// nothing. 503 with `Retry-After` (a retry through the load balancer reaches another
     /// instance; `/readyz` takes this one out).
     #[error("this instance was fenced off")]

@@ -452,7 +452,7 @@ impl PgStore {
             if !done {
                 tx.batch_execute(m.sql)
                     .await
-                    .map_err(|e| StoreError::Migration(e.to_string()))?;
+                    .map_err(|e| StoreError::Migration(Causes(&e).to_string()))?;
                 tx.execute(
                     "INSERT INTO tally_migrations (version, applied_at) VALUES ($1, now()::text)",
                     &[&m.version],

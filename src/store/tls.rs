@@ -48,28 +48,34 @@ pub struct Untrusted {
     hint: &'static str,
 }
 
-/// `error`, with what to do if it is a refusal of the server's certificate.
+/// `error`, with what to do if it is a refusal of the server's certificate that tally's
+/// settings or the server's can mend.
 pub fn explained(error: tokio_postgres::Error) -> Result<Untrusted, tokio_postgres::Error> {
-    match refused_certificate(&error).map(hint) {
+    match refused_certificate(&error).and_then(hint) {
         Some(hint) => Ok(Untrusted { error, hint }),
         None => Err(error),
     }
 }
 
-/// What to do about a certificate rustls refused.
-fn hint(refusal: &rustls::CertificateError) -> &'static str {
-    match refusal {
-        rustls::CertificateError::NotValidForName
-        | rustls::CertificateError::NotValidForNameContext { .. } => {
-            "the server's certificate does not name the URL's host: connect by a host name it \
-             names (docs/operations.md, Faults)"
-        }
-        _ => {
+/// What to do about a certificate rustls refused, when there is something to say.
+fn hint(refusal: &rustls::CertificateError) -> Option<&'static str> {
+    use rustls::CertificateError as E;
+    Some(match refusal {
+        E::UnknownIssuer => {
             "the server's certificate is not vouched for by the system's roots or \
              --database-ca-file: give the certificate of the CA that signed it with \
              --database-ca-file (docs/operations.md, Faults)"
         }
-    }
+        E::NotValidForName | E::NotValidForNameContext { .. } => {
+            "the server's certificate does not name the URL's host: connect by a host name it \
+             names (docs/operations.md, Faults)"
+        }
+        E::Expired | E::ExpiredContext { .. } | E::NotValidYet | E::NotValidYetContext { .. } => {
+            "the server's certificate is out of its validity period: renew it on the server, \
+             or check this host's clock"
+        }
+        _ => return None,
+    })
 }
 
 /// The reason rustls refused the server's certificate, if that is what ended `error`. The

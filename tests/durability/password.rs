@@ -112,6 +112,15 @@ impl PrivatePostgres {
                 .arg(&extensions)
                 .arg("-out")
                 .arg(server.file("server.crt")))?;
+            // A CA that signed nothing of this server's, for a refusal with a CA file given.
+            run(Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=another CA", "-keyout"])
+                .arg(server.file("other-ca.key"))
+                .arg("-out")
+                .arg(server.file("other-ca.crt")))?;
             // PostgreSQL refuses a key that others can read.
             std::fs::set_permissions(server.file("server.key"), Permissions::from_mode(0o600))
                 .map_err(|e| e.to_string())?;
@@ -403,8 +412,9 @@ async fn tally_sessions(admin: &tokio_postgres::Client) -> (i64, i64) {
 }
 
 /// With `sslmode=require` tally connects over TLS, every connection (the pool's and the
-/// instance lock's), verifying the server's certificate against `--database-ca-file`; without
-/// that file the certificate of a private CA is refused and tally does not start.
+/// instance lock's), verifying the server's certificate against `--database-ca-file`; with
+/// another CA's certificate there, the server's is refused and tally does not start, saying
+/// what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_file() {
     let Some(server) = PrivatePostgres::start(true) else {
@@ -427,21 +437,30 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
         "the refusal says why:\n{log}"
     );
 
-    // Without the CA file, the system's roots do not vouch for the server: the refusal
-    // says so once, in rustls' words, and names the flag that fixes it.
-    let no_ca = data_dir();
-    let log = refused(&tally_config(no_ca.path(), url.clone(), &secrets, &[])).await;
+    // With the certificate of a CA that did not sign the server's (and the system's roots,
+    // which do not vouch for it either), the refusal says so once, in rustls' words, and
+    // names the flag that mends it.
+    let other_ca = data_dir();
+    let other = [
+        "--database-ca-file".to_owned(),
+        server.file("other-ca.crt").display().to_string(),
+    ];
+    let log = refused(&tally_config(
+        other_ca.path(),
+        url.clone(),
+        &secrets,
+        &other,
+    ))
+    .await;
     let stopped = log
         .lines()
         .find(|line| line.contains("Tally stopped with an error"))
         .unwrap_or_default();
     assert!(
-        stopped.contains("no root certificate to verify the server with")
-            || (stopped.contains("invalid peer certificate: UnknownIssuer")
-                && stopped.contains(
-                    "give the certificate of the CA that signed it with --database-ca-file"
-                )
-                && stopped.matches("error performing TLS handshake").count() == 1),
+        stopped.contains("invalid peer certificate: UnknownIssuer")
+            && stopped
+                .contains("give the certificate of the CA that signed it with --database-ca-file")
+            && stopped.matches("error performing TLS handshake").count() == 1,
         "the refusal says why, once, and what to do:\n{log}"
     );
 
