@@ -58,6 +58,21 @@ impl PrivatePostgres {
         }
     }
 
+    /// A self-signed CA named `name`, its key and certificate in `<stem>.key` and
+    /// `<stem>.crt` of the server's directory.
+    fn new_ca(&self, name: &str, stem: &str) -> Result<(), String> {
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .arg("-subj")
+            .arg(format!("/CN={name}"))
+            .arg("-keyout")
+            .arg(self.file(&format!("{stem}.key")))
+            .arg("-out")
+            .arg(self.file(&format!("{stem}.crt"))))
+    }
+
     fn try_start(tls: bool) -> Result<Self, String> {
         let bin = server_bin().ok_or("initdb not found")?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -80,14 +95,7 @@ impl PrivatePostgres {
                 "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
             )
             .map_err(|e| e.to_string())?;
-            run(Command::new("openssl")
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                ])
-                .args(["-subj", "/CN=tally test CA", "-keyout"])
-                .arg(server.file("ca.key"))
-                .arg("-out")
-                .arg(server.file("ca.crt")))?;
+            server.new_ca("tally test CA", "ca")?;
             run(Command::new("openssl")
                 .args([
                     "req",
@@ -113,14 +121,7 @@ impl PrivatePostgres {
                 .arg("-out")
                 .arg(server.file("server.crt")))?;
             // A CA that signed nothing of this server's, for a refusal with a CA file given.
-            run(Command::new("openssl")
-                .args([
-                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                ])
-                .args(["-subj", "/CN=another CA", "-keyout"])
-                .arg(server.file("other-ca.key"))
-                .arg("-out")
-                .arg(server.file("other-ca.crt")))?;
+            server.new_ca("another CA", "other-ca")?;
             // PostgreSQL refuses a key that others can read.
             std::fs::set_permissions(server.file("server.key"), Permissions::from_mode(0o600))
                 .map_err(|e| e.to_string())?;
