@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 /// The flusher has stopped (it was dropped at shutdown, or it was fenced: another process
-/// claimed the instance id, or the store lost its claim): a seq not yet applied will not be
+/// claimed the instance id, or the store lost its claim or batches): a seq not yet applied will not be
 /// applied by this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the flusher has stopped before the batch was applied")]

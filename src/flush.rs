@@ -41,7 +41,7 @@ pub struct FlushHealth {
     /// The error of the last attempt, if it failed; cleared by the next success.
     last_error: Mutex<Option<String>>,
     /// Set once, when the store refused a batch because another process claimed the id or
-    /// the store lost this process's claim.
+    /// the store lost this process's claim or batches.
     fenced: OnceLock<String>,
 }
 
@@ -101,7 +101,7 @@ pub enum Flushed {
     Nothing,
     /// A batch with this many keys is in the store.
     Batch { keys: usize },
-    /// Another process claimed the instance id, or the store lost this process's claim:
+    /// Another process claimed the instance id, or the store lost this process's claim or batches:
     /// nothing was written, and nothing will be.
     Fenced,
 }
@@ -252,8 +252,9 @@ impl Flusher {
     /// # Errors
     ///
     /// [`StoreError::Fenced`] if another process claimed the instance id, or
-    /// [`StoreError::WentBack`] if the store lost this process's claim (the only errors:
-    /// others are retried); the batch stays in flight, unwritten.
+    /// [`StoreError::WentBack`] or [`StoreError::LostBatches`] if the store lost this
+    /// process's claim or batches it had committed (the only errors: others are retried);
+    /// the batch stays in flight, unwritten.
     pub(crate) async fn commit(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let keys = self.write(batch).await?;
         self.aggregator.complete(batch.seq);
@@ -262,7 +263,8 @@ impl Flusher {
     }
 
     /// Applies `batch`, retrying with backoff until it is in the store; returns its key
-    /// count, or the store's [`StoreError::Fenced`] or [`StoreError::WentBack`].
+    /// count, or the store's [`StoreError::Fenced`], [`StoreError::WentBack`] or
+    /// [`StoreError::LostBatches`].
     async fn write(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let mut entries = batch.sorted();
         let mut dead_letters = batch.dead_letters.clone();
@@ -276,6 +278,7 @@ impl Flusher {
                     instance_id: &self.instance_id,
                     epoch: self.epoch,
                     seq: batch.seq,
+                    applied: self.applied.get(),
                     entries: &entries,
                     dead_letters: &dead_letters,
                 })
@@ -322,16 +325,17 @@ impl Flusher {
                     );
                     return Err(self.fence(e));
                 }
-                Err(e @ StoreError::WentBack { .. }) => {
+                Err(e @ (StoreError::WentBack { .. } | StoreError::LostBatches { .. })) => {
                     metrics.flush_batches.fenced.increment(1);
                     tracing::error!(
                         error = %e, seq = batch.seq, keys = entries.len(),
                         "Fenced: the store has gone back in time and lost this process's claim of its \
-                         instance id. Writing nothing more and refusing increments; what is pending \
-                         stays in the journal (ack=journal). Find out what the database lost (a \
-                         failover to a replica behind its primary, a restore from a backup), then \
-                         restart this instance as it is: it claims the id again from what the store \
-                         holds and writes what its journal still has (docs/operations.md)."
+                         instance id or batches it had committed (the error says which). Writing \
+                         nothing more and refusing increments; what is pending stays in the journal \
+                         (ack=journal). Find out what the database lost (a failover to a replica \
+                         behind its primary, a restore from a backup), then restart this instance as \
+                         it is: it claims the id again from what the store holds and writes what its \
+                         journal still has, lost batches included (docs/operations.md)."
                     );
                     return Err(self.fence(e));
                 }

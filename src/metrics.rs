@@ -31,7 +31,7 @@ pub const PENDING_KEYS: &str = "tally_pending_keys";
 /// Batch write attempts, by `result`: `committed`, `already_applied` (a retry of a batch the
 /// store had already committed), `failed` (to be retried), `rejected` (the store refused
 /// some keys for a data reason; they go to the dead-letter table and the rest is retried) and
-/// `fenced` (another process claimed this instance id, or the store lost its claim; nothing
+/// `fenced` (another process claimed this instance id, or the store went back in time; nothing
 /// more is written).
 pub const FLUSH_BATCHES: &str = "tally_flush_batches_total";
 /// Distinct keys per batch.

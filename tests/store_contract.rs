@@ -118,6 +118,7 @@ fn batch<'a>(instance_id: &'a str, seq: u64, entries: &'a [(&'a str, i64)]) -> B
         instance_id,
         epoch: 0,
         seq,
+        applied: 0,
         entries,
         dead_letters: &[],
     }
@@ -344,11 +345,8 @@ async fn dead_letters_are_recorded_with_their_batch(backend: Backend) {
     }];
     let entries = [("fine", 1)];
     let with_dead = Batch {
-        instance_id: "i1",
-        epoch: 0,
-        seq: 7,
-        entries: &entries,
         dead_letters: &dead,
+        ..batch("i1", 7, &entries)
     };
     assert_eq!(
         store.apply(with_dead).await.expect("apply"),
@@ -361,11 +359,8 @@ async fn dead_letters_are_recorded_with_their_batch(backend: Backend) {
     );
     // A batch of dead letters only.
     let only_dead = Batch {
-        instance_id: "i1",
-        epoch: 0,
-        seq: 8,
-        entries: &[],
         dead_letters: &dead,
+        ..batch("i1", 8, &[])
     };
     assert_eq!(
         store.apply(only_dead).await.expect("apply"),
@@ -576,6 +571,61 @@ async fn a_claim_the_store_lost_is_told_apart_from_a_newer_claim(backend: Backen
     assert_eq!(value(&*store, "k").await, Some(2));
 }
 on_both_stores!(a_claim_the_store_lost_is_told_apart_from_a_newer_claim);
+
+/// The store goes back to before a batch it had committed (a failover to a replica that
+/// missed it, a restore from a backup), the claim kept: the writer's next batch, which says
+/// what it saw committed, is refused and writes nothing, so that a claim made again
+/// starts below the lost batch and the writer's journal can write it again.
+async fn a_batch_the_store_lost_is_found_and_nothing_written_after_it(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    let claim = store.claim("i1", by("j1", false)).await.expect("claim");
+    for (seq, delta) in [(1, 1), (2, 10)] {
+        let entries = [("k", delta)];
+        let batch = Batch {
+            epoch: claim.epoch,
+            applied: seq - 1,
+            ..batch("i1", seq, &entries)
+        };
+        assert_eq!(store.apply(batch).await.expect("apply"), Applied::Committed);
+    }
+    // Batch 2 is lost, as in a snapshot taken before it: its seq and its sums.
+    fixture
+        .rows("UPDATE tally_instances SET last_seq = 1 WHERE instance_id = 'i1'")
+        .await;
+    fixture
+        .rows("UPDATE counters SET value = 1 WHERE key = 'k'")
+        .await;
+    let after = Batch {
+        epoch: claim.epoch,
+        applied: 2,
+        ..batch("i1", 3, &[("k", 100)])
+    };
+    match store.apply(after).await {
+        Err(StoreError::LostBatches {
+            instance_id,
+            stored,
+            applied,
+        }) => assert_eq!((instance_id.as_str(), stored, applied), ("i1", 1, 2)),
+        other => panic!("a batch after the lost one: want LostBatches, got {other:?}"),
+    }
+    assert_eq!(value(&*store, "k").await, Some(1), "nothing written");
+    assert_eq!(last_seq(&*store, "i1").await, 1, "its seq not recorded");
+    // A claim made again starts from what the store holds: the lost batch can be written.
+    let again = store.claim("i1", by("j1", false)).await.expect("claim");
+    assert_eq!(again.last_seq, 1);
+    for (seq, delta) in [(2, 10), (3, 100)] {
+        let entries = [("k", delta)];
+        let batch = Batch {
+            epoch: again.epoch,
+            applied: seq - 1,
+            ..batch("i1", seq, &entries)
+        };
+        assert_eq!(store.apply(batch).await.expect("apply"), Applied::Committed);
+    }
+    assert_eq!(value(&*store, "k").await, Some(111));
+}
+on_both_stores!(a_batch_the_store_lost_is_found_and_nothing_written_after_it);
 
 /// A claim by journal `journal`.
 fn by(journal: &str, exclusive: bool) -> Claimant<'_> {

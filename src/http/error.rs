@@ -49,8 +49,8 @@ pub enum ApiError {
     /// The store cannot be read right now. 503 with `Retry-After`.
     #[error("the store is unavailable")]
     StoreUnavailable(#[source] StoreError),
-    /// Another process claimed this instance's id, or the store lost its claim (see
-    /// `StoreError::WentBack`): it writes nothing more, so it accepts
+    /// Another process claimed this instance's id, or the store lost its claim or batches
+    /// (see `StoreError::WentBack`, `StoreError::LostBatches`): it writes nothing more, so it accepts
     /// nothing. 503 with `Retry-After` (a retry through the load balancer reaches another
     /// instance; `/readyz` takes this one out).
     #[error("this instance was fenced off")]
@@ -241,7 +241,7 @@ impl IntoResponse for ApiError {
                 "store_unavailable" => "the store is unavailable; retry later".to_owned(),
                 "shutting_down" => "tally is shutting down; retry on another instance".to_owned(),
                 "fenced" => "this instance no longer writes as its id (--instance-id): \
-                             another process claimed it, or the store lost its claim (/readyz \
+                             another process claimed it, or the store went back in time (/readyz \
                              says which); retry on another instance"
                     .to_owned(),
                 "journal_unavailable" => "the journal cannot write (e.g. a full disk); nothing \

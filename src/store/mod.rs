@@ -12,7 +12,9 @@
 //!   instance id: it bumps the id's epoch, and [`Store::apply`] refuses, with
 //!   [`StoreError::Fenced`], a batch whose epoch is no longer the current one (or
 //!   [`StoreError::WentBack`], when the stored epoch is lower than the batch's: the database
-//!   lost the claim, restored from a backup or failed over to a replica behind). The claim
+//!   lost the claim, restored from a backup or failed over to a replica behind), and
+//!   [`StoreError::LostBatches`], a batch whose writer saw the store commit a seq above the
+//!   one it now holds. The claim
 //!   waits for a batch of the previous holder that is still being committed (its row lock),
 //!   so the seq it returns includes that batch: a restart after `kill -9` never numbers a
 //!   batch with a seq its dead predecessor has just used.
@@ -67,6 +69,10 @@ pub struct Batch<'a> {
     /// tests: 0 is the epoch of an unclaimed id).
     pub epoch: u64,
     pub seq: u64,
+    /// The last seq of this instance the writer has seen the store hold: its claim's, or a
+    /// batch committed since (0 for tools and tests that never claimed). A store whose last
+    /// seq is below it has lost batches it had committed.
+    pub applied: u64,
     /// `(key, delta)`, sorted by key, each key once.
     pub entries: &'a [(&'a str, i64)],
     /// Deltas set aside because the store refused them, recorded in the same transaction.
@@ -170,6 +176,23 @@ pub enum StoreError {
         epoch: u64,
         current: u64,
     },
+    /// The store's last seq of the instance id is below one it had committed for the batch's
+    /// writer (`applied`): the database has gone back in time (restored from a backup, or
+    /// failed over to a replica that missed its last commits) and lost batches
+    /// `stored + 1 ..= applied`. Nothing was written: a claim made again (a restart) starts
+    /// from what the store holds, so the writer's journal can write those batches again.
+    #[error(
+        "the store holds batches of instance id {instance_id:?} up to seq {stored}, below seq \
+         {applied} which it had committed: the database has gone back in time (restored from a \
+         backup, or failed over to a replica that missed its last commits) and lost batches {} \
+         to {applied}; this process no longer writes as it",
+        stored + 1
+    )]
+    LostBatches {
+        instance_id: String,
+        stored: u64,
+        applied: u64,
+    },
     /// Another live process holds the instance id (PostgreSQL: its session lock), still
     /// after waiting `waited` for it to go away.
     #[error(
@@ -246,8 +269,9 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     ///
     /// [`StoreError::Fenced`] if another claim of the id is the current one, or
-    /// [`StoreError::WentBack`] if the store holds an older one than the batch's (nothing
-    /// applied either way); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
+    /// [`StoreError::WentBack`] if the store holds an older one than the batch's, or
+    /// [`StoreError::LostBatches`] if its last seq is below the batch's `applied` (nothing
+    /// applied in any of these); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
     /// applied); [`StoreError::Unavailable`] if the transaction failed or its outcome is
     /// unknown.
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
@@ -302,6 +326,24 @@ pub(crate) fn check_epoch(instance_id: &str, epoch: u64, current: u64) -> Result
             epoch,
             current,
         }),
+    }
+}
+
+/// The check of [`Store::apply`] that the store still holds what the batch's writer saw it
+/// commit: its last seq `stored` is not below the batch's `applied`.
+pub(crate) fn check_applied(
+    instance_id: &str,
+    applied: u64,
+    stored: u64,
+) -> Result<(), StoreError> {
+    if stored < applied {
+        Err(StoreError::LostBatches {
+            instance_id: instance_id.to_owned(),
+            stored,
+            applied,
+        })
+    } else {
+        Ok(())
     }
 }
 

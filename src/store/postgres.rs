@@ -30,8 +30,8 @@ use crate::causes::Causes;
 use super::password::PasswordFile;
 use super::tls;
 use super::{
-    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
-    seq_from_sql, seq_to_sql,
+    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_applied,
+    check_epoch, migrate, seq_from_sql, seq_to_sql,
 };
 
 /// How long to wait for a connection (to open, or to get one from the pool) before calling
@@ -77,12 +77,17 @@ macro_rules! upsert {
     };
 }
 
-/// Whether instance `$1` may write its batch `$3` under epoch `$2`: the checks of
-/// [`check_epoch`] and `last_seq < seq` in SQL, on the row `LOCK_SEQ` locked.
-/// [`PgStore::apply`] makes the same checks on `LOCK_SEQ`'s answer.
+/// Whether instance `$1` may write its batch `$3` under epoch `$2`, having seen the store
+/// hold seq `$applied`: the checks of [`check_epoch`], [`check_applied`] and
+/// `last_seq < seq` in SQL, on the row `LOCK_SEQ` locked. [`PgStore::apply`] makes the same
+/// checks on `LOCK_SEQ`'s answer.
 macro_rules! if_claimed {
-    () => {
-        " WHERE (SELECT epoch = $2 AND last_seq < $3 FROM tally_instances WHERE instance_id = $1)"
+    ($applied:literal) => {
+        concat!(
+            " WHERE (SELECT epoch = $2 AND last_seq < $3 AND last_seq >= ",
+            $applied,
+            " FROM tally_instances WHERE instance_id = $1)"
+        )
     };
 }
 
@@ -103,20 +108,21 @@ const LOCK_SEQ: &str =
     "SELECT last_seq, epoch FROM tally_instances WHERE instance_id = $1 FOR UPDATE";
 
 /// The statements after `LOCK_SEQ` in a batch's transaction, parameters `$1` instance id,
-/// `$2` epoch, `$3` seq: each writes only if the batch may be written (`if_claimed!`), so
-/// they can be sent before `LOCK_SEQ`'s answer is known and a refused batch writes nothing.
-const UPSERT_IF_CLAIMED: &str = upsert!("$4", "$5", if_claimed!());
+/// `$2` epoch, `$3` seq, and its applied seq last: each writes only if the batch may be
+/// written (`if_claimed!`), so they can be sent before `LOCK_SEQ`'s answer is known and a
+/// refused batch writes nothing.
+const UPSERT_IF_CLAIMED: &str = upsert!("$4", "$5", if_claimed!("$6"));
 
 const DEAD_LETTERS_IF_CLAIMED: &str = concat!(
     "INSERT INTO tally_dead_letters (instance_id, seq, key, delta, reason) \
      SELECT $1, $3, * FROM unnest($4::text[], $5::int8[], $6::text[])",
-    if_claimed!()
+    if_claimed!("$7")
 );
 
 const RECORD_SEQ_IF_CLAIMED: &str = concat!(
     "INSERT INTO tally_instances (instance_id, last_seq, epoch, updated_at) \
      SELECT $1, $3, $2, now()",
-    if_claimed!(),
+    if_claimed!("$4"),
     " ON CONFLICT (instance_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, \
      updated_at = EXCLUDED.updated_at"
 );
@@ -630,6 +636,7 @@ impl Store for PgStore {
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError> {
         let seq = seq_to_sql(batch.seq)?;
         let epoch = seq_to_sql(batch.epoch)?;
+        let applied = seq_to_sql(batch.applied)?;
         let client = Conn::get(self).await?;
         // Every statement of the batch is prepared once per connection and cached: text
         // statements would cost a parse round trip each time.
@@ -649,7 +656,7 @@ impl Store for PgStore {
         // runs them in order (`biased`: polled, and so sent, in the order written): the
         // instance's row is locked before anything is written and stays locked to the end, and
         // every write is conditional on it (`if_claimed!`), so a batch the checks refuse
-        // (fenced, or already applied) commits nothing; the same checks are made below on the
+        // (fenced, the store gone back, or already applied) commits nothing; the same checks are made below on the
         // lock's answer, to say why. A statement the server fails aborts the transaction, and
         // `COMMIT` then rolls it back; its error is returned. A statement that fails before it
         // is sent (it could not be encoded) turns the `COMMIT` into a `ROLLBACK`, so the others
@@ -659,8 +666,8 @@ impl Store for PgStore {
         // `last_seq` check covers, as for any lost answer to a `COMMIT`.
         let unsent = AtomicBool::new(false);
         let id: &(dyn ToSql + Sync) = &batch.instance_id;
-        let claim: [&(dyn ToSql + Sync); 3] = [id, &epoch, &seq];
-        let upsert_params: [&(dyn ToSql + Sync); 5] = [id, &epoch, &seq, &keys, &deltas];
+        let claim: [&(dyn ToSql + Sync); 4] = [id, &epoch, &seq, &applied];
+        let upsert_params: [&(dyn ToSql + Sync); 6] = [id, &epoch, &seq, &keys, &deltas, &applied];
         let (begun, ensured, row, upserted, set_aside, recorded, ended) = tokio::join!(
             biased;
             noting_unsent(&unsent, client.batch_execute("BEGIN")),
@@ -671,8 +678,8 @@ impl Store for PgStore {
                 if dead.0.is_empty() {
                     return Ok(0);
                 }
-                let params: [&(dyn ToSql + Sync); 6] =
-                    [id, &epoch, &seq, &dead.0, &dead.1, &dead.2];
+                let params: [&(dyn ToSql + Sync); 7] =
+                    [id, &epoch, &seq, &dead.0, &dead.1, &dead.2, &applied];
                 client.execute(&dead_letters, &params).await
             }),
             noting_unsent(&unsent, client.execute(&record_seq, &claim)),
@@ -711,6 +718,7 @@ impl Store for PgStore {
         let row = row?;
         let (last, current): (i64, i64) = (row.get(0), row.get(1));
         check_epoch(batch.instance_id, batch.epoch, seq_from_sql(current))?;
+        check_applied(batch.instance_id, batch.applied, seq_from_sql(last))?;
         if last >= seq {
             return Ok(Applied::AlreadyApplied);
         }

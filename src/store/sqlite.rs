@@ -24,8 +24,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_epoch, migrate,
-    seq_from_sql, seq_to_sql,
+    Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_applied,
+    check_epoch, migrate, seq_from_sql, seq_to_sql,
 };
 
 /// How long a statement waits at most for a lock held by another connection before failing
@@ -315,7 +315,7 @@ impl Store for SqliteStore {
             .map(|(k, d)| ((*k).to_owned(), *d))
             .collect();
         let dead = batch.dead_letters.to_vec();
-        let batch_epoch = batch.epoch;
+        let (batch_epoch, batch_applied) = (batch.epoch, batch.applied);
         Self::with(&self.write, move |conn| {
             // ack=store requests wait for this; the workers serving the rest should not be
             // preempted by it (see `crate::sched`).
@@ -330,6 +330,7 @@ impl Store for SqliteStore {
                 .optional()?
                 .unwrap_or((0, 0));
             check_epoch(&id, batch_epoch, seq_from_sql(current))?;
+            check_applied(&id, batch_applied, seq_from_sql(last))?;
             if last >= seq {
                 return Ok(Applied::AlreadyApplied);
             }
@@ -496,6 +497,7 @@ mod tests {
                 instance_id: "i1",
                 epoch: 0,
                 seq: 1,
+                applied: 0,
                 entries: &[("a", 5), ("b", 1), ("d", -2)],
                 dead_letters: &[],
             })

@@ -268,6 +268,7 @@ async fn capacity_in(
                                         instance_id: "bench-apply",
                                         epoch: 0,
                                         seq: apply_seq,
+                                        applied: 0,
                                         entries: &entries,
                                         dead_letters: &[],
                                     })

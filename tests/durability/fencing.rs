@@ -160,6 +160,23 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
     .await;
 }
 
+/// The database goes back to before this instance's last batch (a failover to a replica that
+/// missed it, a restore from a backup), the claim kept: the instance finds it at its next
+/// batch, writes nothing more, and its restart writes the lost batch again from its journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_whose_store_lost_a_batch_stops_and_its_restart_writes_it_again() {
+    fenced_and_replayed(
+        "batch_lost",
+        // The database as it was before the last batch: its seq and its sum.
+        &format!(
+            "UPDATE tally_instances SET last_seq = last_seq - 1 WHERE instance_id = '{SHARED_ID}'; \
+             UPDATE counters SET value = value - 4 WHERE key = 'k'"
+        ),
+        "Fenced: the store has gone back in time",
+    )
+    .await;
+}
+
 /// The database goes back to before this instance's claim (a failover to a replica that
 /// missed it, a restore from a backup): told apart from another claimant, since claims only
 /// ever raise the epoch, and handled alike.
@@ -177,9 +194,9 @@ async fn an_instance_whose_store_lost_its_claim_says_so_and_loses_nothing() {
     .await;
 }
 
-/// An instance whose claim the statement `sabotage` undoes under load: it stops
-/// acknowledging, answers 503 fenced, says `said` in its log, writes nothing more, and its
-/// restart replays what it acknowledged before it knew.
+/// An instance whose claim, or last batch (+4 to "k"), the statements `sabotage` undo under
+/// load: it stops acknowledging, answers 503 fenced, says `said` in its log, writes nothing
+/// more, and its restart replays what it acknowledged before it knew (and a lost batch).
 async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
     let Some(db) = PgDatabase::create(name).await else {
         return;
@@ -191,12 +208,20 @@ async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
     let client = reqwest::Client::new();
 
     let mut tally = Tally::start(&config).await;
-    for _ in 0..5 {
-        assert_eq!(increment(&client, &tally.address, "k").await, 202);
-    }
+    // Two batches: +1, then +4 in one request, so that the last batch in the store is known.
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
+    let four = client
+        .post(format!("{}/increment", tally.address))
+        .json(&json!({ "key": "k", "value": 4 }))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(four.status(), 202);
     direct.wait_for("k", 5, Duration::from_secs(10)).await;
 
     admin.batch_execute(sabotage).await.expect(sabotage);
+    let at_sabotage = direct.value("k").await;
     // Until its next batch is refused, the instance does not know: what it acknowledges
     // meanwhile is journaled. Then it refuses.
     let mut acked_after = 0;
@@ -226,7 +251,7 @@ async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
     );
     assert_eq!(
         direct.value("k").await,
-        Some(5),
+        at_sabotage,
         "nothing written after the fence"
     );
 
