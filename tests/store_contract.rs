@@ -572,15 +572,10 @@ async fn a_claim_the_store_lost_is_told_apart_from_a_newer_claim(backend: Backen
 }
 on_both_stores!(a_claim_the_store_lost_is_told_apart_from_a_newer_claim);
 
-/// The store goes back to before a batch it had committed (a failover to a replica that
-/// missed it, a restore from a backup), the claim kept: the writer's next batch, which says
-/// what it saw committed, is refused and writes nothing, so that a claim made again
-/// starts below the lost batch and the writer's journal can write it again.
-async fn a_batch_the_store_lost_is_found_and_nothing_written_after_it(backend: Backend) {
-    let fixture = &Fixture::new(backend);
-    let store = fixture.open().await;
-    let claim = store.claim("i1", by("j1", false)).await.expect("claim");
-    for (seq, delta) in [(1, 1), (2, 10)] {
+/// Commits batches `(seq, delta to "k")` of "i1" under `claim`, each saying the one before
+/// it was seen committed.
+async fn commit_in_order(store: &dyn Store, claim: &Claim, batches: &[(u64, i64)]) {
+    for &(seq, delta) in batches {
         let entries = [("k", delta)];
         let batch = Batch {
             epoch: claim.epoch,
@@ -589,6 +584,17 @@ async fn a_batch_the_store_lost_is_found_and_nothing_written_after_it(backend: B
         };
         assert_eq!(store.apply(batch).await.expect("apply"), Applied::Committed);
     }
+}
+
+/// The store goes back to before a batch it had committed (a failover to a replica that
+/// missed it, a restore from a backup), the claim kept: the writer's next batch, which says
+/// what it saw committed, is refused and writes nothing, so that a claim made again
+/// starts below the lost batch and the writer's journal can write it again.
+async fn a_batch_the_store_lost_is_found_and_nothing_written_after_it(backend: Backend) {
+    let fixture = &Fixture::new(backend);
+    let store = fixture.open().await;
+    let claim = store.claim("i1", by("j1", false)).await.expect("claim");
+    commit_in_order(&*store, &claim, &[(1, 1), (2, 10)]).await;
     // Batch 2 is lost, as in a snapshot taken before it: its seq and its sums.
     fixture
         .rows("UPDATE tally_instances SET last_seq = 1 WHERE instance_id = 'i1'")
@@ -614,15 +620,7 @@ async fn a_batch_the_store_lost_is_found_and_nothing_written_after_it(backend: B
     // A claim made again starts from what the store holds: the lost batch can be written.
     let again = store.claim("i1", by("j1", false)).await.expect("claim");
     assert_eq!(again.last_seq, 1);
-    for (seq, delta) in [(2, 10), (3, 100)] {
-        let entries = [("k", delta)];
-        let batch = Batch {
-            epoch: again.epoch,
-            applied: seq - 1,
-            ..batch("i1", seq, &entries)
-        };
-        assert_eq!(store.apply(batch).await.expect("apply"), Applied::Committed);
-    }
+    commit_in_order(&*store, &again, &[(2, 10), (3, 100)]).await;
     assert_eq!(value(&*store, "k").await, Some(111));
 }
 on_both_stores!(a_batch_the_store_lost_is_found_and_nothing_written_after_it);
