@@ -84,6 +84,11 @@ pub struct Flusher {
     applied: Arc<AppliedSeq>,
     /// Written by every attempt, read by `/readyz`.
     health: Arc<FlushHealth>,
+    /// Every acknowledged increment is in the journal (`ack=journal`), so batches the store
+    /// loses can be written again from it by a restart: the flusher stops on such a loss
+    /// rather than write past it. Without (`ack=memory`, `ack=store`) nothing could write
+    /// them again, and it goes on from what the store holds.
+    journaled: bool,
 }
 
 /// A flusher that is gone publishes nothing more: `ack=store` requests still waiting hear
@@ -125,7 +130,16 @@ impl Flusher {
             interval,
             applied,
             health: Arc::default(),
+            journaled: false,
         }
+    }
+
+    /// Says that every acknowledged increment is in the journal (`ack=journal`): batches the
+    /// store loses then stop the flusher, for a restart to write them again.
+    #[must_use]
+    pub fn journaled(mut self, journaled: bool) -> Self {
+        self.journaled = journaled;
+        self
     }
 
     /// Trims `journal` after each applied batch and closes it once drained.
@@ -270,6 +284,8 @@ impl Flusher {
         let mut dead_letters = batch.dead_letters.clone();
         let mut backoff = BACKOFF_START;
         let mut attempt = 1u32;
+        // Set once the store's loss of batches has been taken as it is (see `journaled`).
+        let mut lost_at = None;
         loop {
             let started = Instant::now();
             let result = self
@@ -278,7 +294,7 @@ impl Flusher {
                     instance_id: &self.instance_id,
                     epoch: self.epoch,
                     seq: batch.seq,
-                    applied: self.applied.get(),
+                    applied: lost_at.unwrap_or_else(|| self.applied.get()),
                     entries: &entries,
                     dead_letters: &dead_letters,
                 })
@@ -325,7 +341,30 @@ impl Flusher {
                     );
                     return Err(self.fence(e));
                 }
+                Err(StoreError::LostBatches {
+                    stored, applied, ..
+                }) if !self.journaled => {
+                    metrics.store_lost_batches.increment(applied - stored);
+                    tracing::error!(
+                        seq = batch.seq,
+                        stored,
+                        applied,
+                        "The store has gone back in time and lost batches of this instance it had \
+                         committed, after seq `stored` up to seq `applied` (a failover to a replica \
+                         behind its primary, a restore from a backup). Their increments are lost: \
+                         without --ack journal there is no journal to write them again from. Going \
+                         on from what the store holds (docs/operations.md)."
+                    );
+                    lost_at = Some(stored);
+                    continue;
+                }
                 Err(e @ (StoreError::WentBack { .. } | StoreError::LostBatches { .. })) => {
+                    if let StoreError::LostBatches {
+                        stored, applied, ..
+                    } = e
+                    {
+                        metrics.store_lost_batches.increment(applied - stored);
+                    }
                     metrics.flush_batches.fenced.increment(1);
                     tracing::error!(
                         error = %e, seq = batch.seq, keys = entries.len(),

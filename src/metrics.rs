@@ -50,6 +50,9 @@ pub const STORE_CONNECTIONS_DISCARDED: &str = "tally_store_connections_discarded
 pub const STORE_PASSWORD_READS: &str = "tally_store_password_reads_total";
 /// Deltas set aside in the dead-letter table because the store refused them.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
+/// Batches this instance had committed that the store no longer held when the next batch
+/// came (it went back in time: a failover to a replica behind, a restore from a backup).
+pub const STORE_LOST_BATCHES: &str = "tally_store_lost_batches_total";
 /// Time of one journal fsync (one group).
 pub const JOURNAL_FSYNC: &str = "tally_journal_fsync_seconds";
 /// Records made durable by one journal fsync.
@@ -123,6 +126,8 @@ pub struct Metrics {
     pub accept_failures: Counter,
     /// [`DEAD_LETTERS`].
     pub dead_letters: Counter,
+    /// [`STORE_LOST_BATCHES`].
+    pub store_lost_batches: Counter,
     /// [`STORE_CONNECTIONS_DISCARDED`].
     pub store_connections_discarded: Counter,
     /// [`STORE_PASSWORD_READS`], one per `result`.
@@ -257,6 +262,7 @@ impl Metrics {
                 connections_max: metrics::gauge!(CONNECTIONS_MAX),
                 accept_failures: metrics::counter!(ACCEPT_FAILURES),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
+                store_lost_batches: metrics::counter!(STORE_LOST_BATCHES),
                 store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
                 store_password_reads: PasswordReads {
                     unchanged: metrics::counter!(STORE_PASSWORD_READS, "result" => "unchanged"),
@@ -397,6 +403,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "Deltas set aside because the store refused them."
+    );
+    describe_counter!(
+        STORE_LOST_BATCHES,
+        "Batches this instance had committed that the store no longer held (it went back in time: a failover to a replica behind, a restore)."
     );
     describe_histogram!(
         JOURNAL_FSYNC,

@@ -161,7 +161,8 @@ impl App {
             config.flush.interval,
         )
         .with_epoch(claim.epoch)
-        .with_journal(Arc::clone(&journal));
+        .with_journal(Arc::clone(&journal))
+        .journaled(config.journal.ack == Ack::Journal);
         recovery::replay_journal(&flusher, &journal, replay, applied).await?;
         ownership.finish()?;
 

@@ -167,11 +167,7 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
 async fn an_instance_whose_store_lost_a_batch_stops_and_its_restart_writes_it_again() {
     fenced_and_replayed(
         "batch_lost",
-        // The database as it was before the last batch: its seq and its sum.
-        &format!(
-            "UPDATE tally_instances SET last_seq = last_seq - 1 WHERE instance_id = '{SHARED_ID}'; \
-             UPDATE counters SET value = value - 4 WHERE key = 'k'"
-        ),
+        &lose_last_batch(),
         "Fenced: the store has gone back in time",
     )
     .await;
@@ -194,33 +190,119 @@ async fn an_instance_whose_store_lost_its_claim_says_so_and_loses_nothing() {
     .await;
 }
 
-/// An instance whose claim, or last batch (+4 to "k"), the statements `sabotage` undo under
-/// load: it stops acknowledging, answers 503 fenced, says `said` in its log, writes nothing
-/// more, and its restart replays what it acknowledged before it knew (and a lost batch).
-async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
-    let Some(db) = PgDatabase::create(name).await else {
-        return;
-    };
+/// A tally with `--ack ack` on a fresh database, after [`two_batches`] and the statements
+/// `sabotage`.
+struct Sabotaged {
+    _db: PgDatabase,
+    _dir: tempfile::TempDir,
+    config: TallyConfig,
+    direct: Direct,
+    client: reqwest::Client,
+    tally: Tally,
+}
+
+/// [`Sabotaged`]; `None` when no PostgreSQL answers (see `PgDatabase::create`).
+async fn sabotaged(name: &str, ack: &'static str, sabotage: &str) -> Option<Sabotaged> {
+    let db = PgDatabase::create(name).await?;
     let dir = data_dir();
-    let config = with_shared_id(TallyConfig::new(dir.path(), Some(&db), "journal", "100ms"));
-    let admin = pg::client(&db.url).await;
+    let config = with_shared_id(TallyConfig::new(dir.path(), Some(&db), ack, "100ms"));
     let direct = Direct::open(dir.path(), Some(&db)).await;
     let client = reqwest::Client::new();
+    let tally = Tally::start(&config).await;
+    two_batches(&client, &tally.address, &direct).await;
+    pg::client(&db.url)
+        .await
+        .batch_execute(sabotage)
+        .await
+        .expect(sabotage);
+    Some(Sabotaged {
+        _db: db,
+        _dir: dir,
+        config,
+        direct,
+        client,
+        tally,
+    })
+}
 
-    let mut tally = Tally::start(&config).await;
-    // Two batches: +1, then +4 in one request, so that the last batch in the store is known.
-    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+/// Two batches in the store: +1 to "k", then +4 in one request, so that the last batch is
+/// known.
+async fn two_batches(client: &reqwest::Client, address: &str, direct: &Direct) {
+    assert_eq!(increment(client, address, "k").await, 202);
     direct.wait_for("k", 1, Duration::from_secs(10)).await;
     let four = client
-        .post(format!("{}/increment", tally.address))
+        .post(format!("{address}/increment"))
         .json(&json!({ "key": "k", "value": 4 }))
         .send()
         .await
         .expect("an answer");
     assert_eq!(four.status(), 202);
     direct.wait_for("k", 5, Duration::from_secs(10)).await;
+}
 
-    admin.batch_execute(sabotage).await.expect(sabotage);
+/// The database as it was before [`two_batches`]' last one: its seq and its sum.
+fn lose_last_batch() -> String {
+    format!(
+        "UPDATE tally_instances SET last_seq = last_seq - 1 WHERE instance_id = '{SHARED_ID}'; \
+         UPDATE counters SET value = value - 4 WHERE key = 'k'"
+    )
+}
+
+/// Without a journal (`ack=memory`) nothing could write a lost batch again: the instance
+/// says so, counts it, and goes on from what the store holds, not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_journal_an_instance_whose_store_lost_a_batch_says_so_and_goes_on() {
+    // Every field bound, so that none (the database, the data directory) drops here.
+    let Some(Sabotaged {
+        _db,
+        _dir,
+        config: _,
+        direct,
+        client,
+        mut tally,
+    }) = sabotaged("batch_lost_memory", "memory", &lose_last_batch()).await
+    else {
+        return;
+    };
+    let ten = client
+        .post(format!("{}/increment", tally.address))
+        .json(&json!({ "key": "k", "value": 10 }))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(ten.status(), 202);
+    // The lost +4 stays lost; the +10 is written after it.
+    direct.wait_for("k", 11, Duration::from_secs(10)).await;
+    assert_eq!(tally.metric("tally_store_lost_batches_total").await, 1.0);
+    let log = tally.log();
+    assert!(
+        log.contains("The store has gone back in time and lost batches of this instance"),
+        "the log says what happened:\n{log}"
+    );
+    let (status, ready) = readyz(&client, &tally.address).await;
+    assert_eq!(status, 200, "not fenced: {ready}");
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    shout(
+        "fencing postgres (batch_lost, ack=memory): the loss was logged and counted; the instance went on",
+    );
+}
+
+/// An instance whose claim, or last batch (+4 to "k"), the statements `sabotage` undo under
+/// load: it stops acknowledging, answers 503 fenced, says `said` in its log, writes nothing
+/// more, and its restart replays what it acknowledged before it knew (and a lost batch).
+async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
+    let Some(Sabotaged {
+        _db,
+        _dir,
+        config,
+        direct,
+        client,
+        mut tally,
+    }) = sabotaged(name, "journal", sabotage).await
+    else {
+        return;
+    };
     let at_sabotage = direct.value("k").await;
     // Until its next batch is refused, the instance does not know: what it acknowledges
     // meanwhile is journaled. Then it refuses.
