@@ -87,8 +87,14 @@ pub struct Flusher {
     /// Every acknowledged increment is in the journal (`ack=journal`), so batches the store
     /// loses can be written again from it by a restart: the flusher stops on such a loss
     /// rather than write past it. Without (`ack=memory`, `ack=store`) nothing could write
-    /// them again, and it goes on from what the store holds.
+    /// them again, and it goes on from what the store holds. True unless told otherwise:
+    /// stopping is the side that loses nothing.
     journaled: bool,
+    /// A loss of batches taken as it is (not `journaled`): the seq of the batch that found
+    /// it and the store's last seq then, which that batch's attempts carry as `applied`. On
+    /// the flusher rather than in one call of `write`, since a flush cancelled by shutdown
+    /// writes the same batch again in the drain, where the loss must not count twice.
+    lost: Mutex<Option<(u64, u64)>>,
 }
 
 /// A flusher that is gone publishes nothing more: `ack=store` requests still waiting hear
@@ -130,12 +136,14 @@ impl Flusher {
             interval,
             applied,
             health: Arc::default(),
-            journaled: false,
+            journaled: true,
+            lost: Mutex::default(),
         }
     }
 
-    /// Says that every acknowledged increment is in the journal (`ack=journal`): batches the
-    /// store loses then stop the flusher, for a restart to write them again.
+    /// Whether every acknowledged increment is in the journal (`ack=journal`, the default):
+    /// batches the store loses then stop the flusher, for a restart to write them again;
+    /// otherwise the flusher logs the loss and goes on.
     #[must_use]
     pub fn journaled(mut self, journaled: bool) -> Self {
         self.journaled = journaled;
@@ -266,9 +274,9 @@ impl Flusher {
     /// # Errors
     ///
     /// [`StoreError::Fenced`] if another process claimed the instance id, or
-    /// [`StoreError::WentBack`] or [`StoreError::LostBatches`] if the store lost this
-    /// process's claim or batches it had committed (the only errors: others are retried);
-    /// the batch stays in flight, unwritten.
+    /// [`StoreError::WentBack`] or (when `journaled`) [`StoreError::LostBatches`] if the
+    /// store lost this process's claim or batches it had committed (the only errors: others
+    /// are retried); the batch stays in flight, unwritten.
     pub(crate) async fn commit(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let keys = self.write(batch).await?;
         self.aggregator.complete(batch.seq);
@@ -277,16 +285,21 @@ impl Flusher {
     }
 
     /// Applies `batch`, retrying with backoff until it is in the store; returns its key
-    /// count, or the store's [`StoreError::Fenced`], [`StoreError::WentBack`] or
-    /// [`StoreError::LostBatches`].
+    /// count, or the store's [`StoreError::Fenced`], [`StoreError::WentBack`] or (when
+    /// `journaled`) [`StoreError::LostBatches`].
     async fn write(&self, batch: &Sealed) -> Result<usize, StoreError> {
         let mut entries = batch.sorted();
         let mut dead_letters = batch.dead_letters.clone();
         let mut backoff = BACKOFF_START;
         let mut attempt = 1u32;
-        // Set once the store's loss of batches has been taken as it is (see `journaled`).
-        let mut lost_at = None;
         loop {
+            // The store's last seq, for this batch, once a loss has been taken as it is.
+            let lost_at = self
+                .lost
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .filter(|&(seq, _)| seq == batch.seq)
+                .map(|(_, stored)| stored);
             let started = Instant::now();
             let result = self
                 .store
@@ -355,7 +368,8 @@ impl Flusher {
                          without --ack journal there is no journal to write them again from. Going \
                          on from what the store holds (docs/operations.md)."
                     );
-                    lost_at = Some(stored);
+                    *self.lost.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some((batch.seq, stored));
                     continue;
                 }
                 Err(e @ (StoreError::WentBack { .. } | StoreError::LostBatches { .. })) => {

@@ -185,7 +185,7 @@ pub enum StoreError {
         "the store holds batches of instance id {instance_id:?} up to seq {stored}, below seq \
          {applied} which it had committed: the database has gone back in time (restored from a \
          backup, or failed over to a replica that missed its last commits) and lost batches {} \
-         to {applied}; this process no longer writes as it",
+         to {applied}",
         stored + 1
     )]
     LostBatches {

@@ -256,7 +256,7 @@ async fn without_a_journal_an_instance_whose_store_lost_a_batch_says_so_and_goes
     let Some(Sabotaged {
         _db,
         _dir,
-        config: _,
+        config: _config,
         direct,
         client,
         mut tally,
