@@ -43,6 +43,11 @@ pub struct FlushHealth {
     /// Set once, when the store refused a batch because another process claimed the id or
     /// the store lost this process's claim or batches.
     fenced: OnceLock<String>,
+    /// Cancelled when only a new start can go on: the store lost this process's claim, or
+    /// batches its journal can write again. `startup` then shuts down, exiting 1, for the
+    /// supervisor to start tally again. (Not when another process claimed the id: a new
+    /// start would take the id back from it, and the two would take turns.)
+    restart: CancellationToken,
 }
 
 impl FlushHealth {
@@ -57,6 +62,12 @@ impl FlushHealth {
     /// Why this instance no longer writes, once another process has claimed its id.
     pub fn fenced(&self) -> Option<&str> {
         self.fenced.get().map(String::as_str)
+    }
+
+    /// Cancelled when this process should end, for a new start to go on from what the
+    /// store holds (see `restart`).
+    pub fn restart_wanted(&self) -> CancellationToken {
+        self.restart.clone()
     }
 
     fn set(&self, error: Option<String>) {
@@ -385,11 +396,13 @@ impl Flusher {
                         "Fenced: the store has gone back in time and lost this process's claim of its \
                          instance id or batches it had committed (the error says which). Writing \
                          nothing more and refusing increments; what is pending stays in the journal \
-                         (ack=journal). Find out what the database lost (a failover to a replica \
-                         behind its primary, a restore from a backup), then restart this instance as \
-                         it is: it claims the id again from what the store holds and writes what its \
-                         journal still has, lost batches included (docs/operations.md)."
+                         (ack=journal). Shutting down, to exit 1 for the supervisor to start tally \
+                         again: the new start claims the id from what the store holds and writes \
+                         what its journal still has, lost batches included. Find out what else the \
+                         database lost (a failover to a replica behind its primary, a restore from \
+                         a backup; docs/operations.md)."
                     );
+                    self.health.restart.cancel();
                     return Err(self.fence(e));
                 }
                 Err(StoreError::Rejected { reason, keys }) => {

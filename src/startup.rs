@@ -315,6 +315,7 @@ impl App {
             draining: draining.clone(),
             threads: Some(Arc::clone(&threads)),
         };
+        let restart = state.health.restart_wanted();
         let app = http::app(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);
         let mut server = tokio::spawn(serve(listener, app, options.clone(), http_stop.clone()));
@@ -337,9 +338,17 @@ impl App {
                 http_stop.clone(),
             ))
         });
+        // A signal, or the flusher finding that only a new start can go on (the store went
+        // back in time): the same drain, and for the latter an exit code of 1 from it.
+        let stop = async {
+            tokio::select! {
+                () = shutdown => {}
+                () = restart.cancelled() => {}
+            }
+        };
         let served = tokio::select! {
             result = &mut server => result,
-            () = shutdown => {
+            () = stop => {
                 draining.cancel();
                 if !config.http.shutdown_delay.is_zero() {
                     tracing::info!(

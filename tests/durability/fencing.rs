@@ -162,32 +162,79 @@ async fn an_instance_whose_claim_was_taken_stops_acknowledging_and_loses_nothing
 
 /// The database goes back to before this instance's last batch (a failover to a replica that
 /// missed it, a restore from a backup), the claim kept: the instance finds it at its next
-/// batch, writes nothing more, and its restart writes the lost batch again from its journal.
+/// batch, writes nothing more and exits 1, and its restart writes the lost batch again from
+/// its journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_whose_store_lost_a_batch_stops_and_its_restart_writes_it_again() {
-    fenced_and_replayed(
-        "batch_lost",
-        &lose_last_batch(),
-        "Fenced: the store has gone back in time",
-    )
-    .await;
+async fn an_instance_whose_store_lost_a_batch_exits_and_its_restart_writes_it_again() {
+    exits_and_replays("batch_lost", &lose_last_batch()).await;
 }
 
 /// The database goes back to before this instance's claim (a failover to a replica that
 /// missed it, a restore from a backup): told apart from another claimant, since claims only
-/// ever raise the epoch, and handled alike.
+/// ever raise the epoch: it exits for a new start rather than wait, fenced, for an operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_whose_store_lost_its_claim_says_so_and_loses_nothing() {
-    fenced_and_replayed(
+async fn an_instance_whose_store_lost_its_claim_says_so_exits_and_loses_nothing() {
+    exits_and_replays(
         "claim_lost",
         // The row as it was before the claim (by the same journal: its previous start).
         &format!(
             "UPDATE tally_instances SET epoch = epoch - 1, claimed_epoch = claimed_epoch - 1 \
              WHERE instance_id = '{SHARED_ID}'"
         ),
-        "Fenced: the store has gone back in time and lost this process's claim",
     )
     .await;
+}
+
+/// An instance (`ack=journal`) whose store the statements `sabotage` take back in time, after
+/// [`two_batches`]: at its next batch it says so, writes nothing more and exits 1 by itself,
+/// for its supervisor to start it again; the new start writes every increment acknowledged,
+/// the lost batch's included.
+async fn exits_and_replays(name: &str, sabotage: &str) {
+    let Some(mut sabotaged) = sabotaged(name, "journal", sabotage).await else {
+        return;
+    };
+    let (direct, address) = (&sabotaged.direct, sabotaged.tally.address.clone());
+    let at_sabotage = direct.value("k").await;
+    // Until its next batch is refused, the instance does not know: what it acknowledges
+    // meanwhile is journaled. Then it refuses, and goes.
+    let mut acked_after = 0;
+    for _ in 0..500 {
+        let answer = sabotaged
+            .client
+            .post(format!("{address}/increment"))
+            .json(&json!({ "key": "k", "value": 1 }))
+            .send()
+            .await;
+        match answer.map(|a| a.status().as_u16()) {
+            Ok(202) => acked_after += 1,
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = sabotaged.tally.wait_exit(Duration::from_secs(30)).await;
+    let log = sabotaged.tally.log();
+    assert_eq!(status.code(), Some(1), "exits 1 by itself:\n{log}");
+    assert!(
+        log.contains("Fenced: the store has gone back in time")
+            && log.contains("to exit 1 for the supervisor to start tally again"),
+        "the log says what happened:\n{log}"
+    );
+    let direct = &sabotaged.direct;
+    assert_eq!(
+        direct.value("k").await,
+        at_sabotage,
+        "nothing written after the loss was found"
+    );
+
+    // The supervisor starts it again.
+    let mut again = Tally::start(&sabotaged.config).await;
+    let status = again.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(5 + acked_after));
+    shout(&format!(
+        "fencing postgres ({name}): the instance exited 1 by itself; its new start wrote the \
+         {acked_after} increments acknowledged before it knew, and any lost batch, from its journal"
+    ));
 }
 
 /// A tally with `--ack ack` on a fresh database, after [`two_batches`] and the statements
@@ -288,9 +335,9 @@ async fn without_a_journal_an_instance_whose_store_lost_a_batch_says_so_and_goes
     );
 }
 
-/// An instance whose claim, or last batch (+4 to "k"), the statements `sabotage` undo under
-/// load: it stops acknowledging, answers 503 fenced, says `said` in its log, writes nothing
-/// more, and its restart replays what it acknowledged before it knew (and a lost batch).
+/// An instance whose claim the statements `sabotage` take under load: it stops
+/// acknowledging, answers 503 fenced, says `said` in its log, writes nothing more, and its
+/// restart replays what it acknowledged before it knew.
 async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
     let Some(Sabotaged {
         _db,
