@@ -402,8 +402,9 @@ impl Flusher {
                          database lost (a failover to a replica behind its primary, a restore from \
                          a backup; docs/operations.md)."
                     );
+                    let e = self.fence(e);
                     self.health.restart.cancel();
-                    return Err(self.fence(e));
+                    return Err(e);
                 }
                 Err(StoreError::Rejected { reason, keys }) => {
                     metrics.flush_batches.rejected.increment(1);

@@ -50,6 +50,10 @@ pub const STORE_CONNECTIONS_DISCARDED: &str = "tally_store_connections_discarded
 pub const STORE_PASSWORD_READS: &str = "tally_store_password_reads_total";
 /// Deltas set aside in the dead-letter table because the store refused them.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
+/// When the previous run of this instance found that the store had gone back in time and
+/// exited for a new start (Unix seconds), set by the start that followed; 0 otherwise. The
+/// run that found it lives a few seconds, likely between two scrapes.
+pub const STORE_WENT_BACK: &str = "tally_store_went_back_timestamp_seconds";
 /// Batches this instance had committed that the store no longer held when the next batch
 /// came (it went back in time: a failover to a replica behind, a restore from a backup).
 pub const STORE_LOST_BATCHES: &str = "tally_store_lost_batches_total";
@@ -128,6 +132,8 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// [`STORE_LOST_BATCHES`].
     pub store_lost_batches: Counter,
+    /// [`STORE_WENT_BACK`].
+    pub store_went_back: Gauge,
     /// [`STORE_CONNECTIONS_DISCARDED`].
     pub store_connections_discarded: Counter,
     /// [`STORE_PASSWORD_READS`], one per `result`.
@@ -263,6 +269,7 @@ impl Metrics {
                 accept_failures: metrics::counter!(ACCEPT_FAILURES),
                 dead_letters: metrics::counter!(DEAD_LETTERS),
                 store_lost_batches: metrics::counter!(STORE_LOST_BATCHES),
+                store_went_back: metrics::gauge!(STORE_WENT_BACK),
                 store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
                 store_password_reads: PasswordReads {
                     unchanged: metrics::counter!(STORE_PASSWORD_READS, "result" => "unchanged"),
@@ -403,6 +410,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "Deltas set aside because the store refused them."
+    );
+    describe_gauge!(
+        STORE_WENT_BACK,
+        "When the previous run found the store gone back in time and exited for a new start (Unix seconds); 0 if it did not."
     );
     describe_counter!(
         STORE_LOST_BATCHES,

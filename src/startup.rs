@@ -125,6 +125,7 @@ impl App {
         create_data_dir(&config.store.data_dir)?;
         let lock = lock_data_dir(&config.store.data_dir)?;
         let instance_id: Arc<str> = instance_id(&config)?.into();
+        report_went_back(&config.store.data_dir);
 
         let journal_dir = config.store.data_dir.join("journal");
         let options = JournalOptions {
@@ -241,7 +242,8 @@ impl App {
         &self.state.instance_id
     }
 
-    /// Serves until `shutdown` resolves, then drains (see [`crate::shutdown`]).
+    /// Serves until `shutdown` resolves, or the flusher asks for a new start (the store went
+    /// back in time), then drains (see [`crate::shutdown`]).
     ///
     /// # Errors
     ///
@@ -315,7 +317,7 @@ impl App {
             draining: draining.clone(),
             threads: Some(Arc::clone(&threads)),
         };
-        let restart = state.health.restart_wanted();
+        let (restart, health) = (state.health.restart_wanted(), Arc::clone(&state.health));
         let app = http::app(state, &router);
         let address = listener.local_addr().unwrap_or(config.http.listen);
         let mut server = tokio::spawn(serve(listener, app, options.clone(), http_stop.clone()));
@@ -343,7 +345,9 @@ impl App {
         let stop = async {
             tokio::select! {
                 () = shutdown => {}
-                () = restart.cancelled() => {}
+                () = restart.cancelled() => {
+                    went_back(&config.store.data_dir, health.fenced().unwrap_or_default());
+                }
             }
         };
         let served = tokio::select! {
@@ -536,6 +540,43 @@ fn max_connections(config: &Config) -> anyhow::Result<usize> {
     }
     Metrics::global().connections_max.set(cap as f64);
     Ok(cap)
+}
+
+/// The file in the data directory that says the last run ended because the store had gone
+/// back in time: written by that run, read and removed by the next start.
+const WENT_BACK: &str = "went-back";
+
+/// Notes in `dir` that this run ends because the store went back in time (`reason`), for
+/// the next start to report (best effort: a failure is logged).
+fn went_back(dir: &Path, reason: &str) {
+    if let Err(e) = fs::write(dir.join(WENT_BACK), format!("{reason}\n")) {
+        tracing::warn!(error = %e, "Cannot note in the data directory why this run ends.");
+    }
+}
+
+/// Reports, once, that the last run in `dir` ended because the store had gone back in time:
+/// a log line and [`m::STORE_WENT_BACK`], which an alert reads. The run that found it lived a
+/// few seconds, likely between two scrapes.
+fn report_went_back(dir: &Path) {
+    let path = dir.join(WENT_BACK);
+    let Ok(reason) = fs::read_to_string(&path) else {
+        return;
+    };
+    let when = fs::metadata(&path)
+        .and_then(|meta| meta.modified())
+        .unwrap_or_else(|_| std::time::SystemTime::now());
+    let seconds = when
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    Metrics::global().store_went_back.set(seconds);
+    tracing::warn!(
+        reason = reason.trim_end(),
+        "The last run ended because the store had gone back in time (a failover to a replica behind its primary, a restore from a backup). This start claims the instance id from what the store holds and writes what the journal holds above it; find out what else the database lost (docs/operations.md)."
+    );
+    if let Err(e) = fs::remove_file(&path) {
+        tracing::warn!(error = %e, path = %path.display(), "Cannot remove the note of the last run's end; the next start reports it again.");
+    }
 }
 
 fn create_data_dir(dir: &Path) -> anyhow::Result<()> {

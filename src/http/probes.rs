@@ -69,11 +69,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// message of the 503.
 async fn not_ready(state: &AppState) -> Option<(&'static str, String)> {
     if state.draining.is_cancelled() {
-        return Some((
-            "shutting_down",
+        let mut message =
             "shutting down: still serving until --shutdown-delay ends; send new requests elsewhere"
-                .to_owned(),
-        ));
+                .to_owned();
+        // A shutdown the flusher asked for (the store went back in time) says why.
+        if let Some(reason) = state.health.fenced() {
+            message.push_str("; fenced: ");
+            message.push_str(reason);
+        }
+        return Some(("shutting_down", message));
     }
     not_able(state).await.map(|message| ("not_ready", message))
 }

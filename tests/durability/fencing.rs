@@ -226,8 +226,25 @@ async fn exits_and_replays(name: &str, sabotage: &str) {
         "nothing written after the loss was found"
     );
 
-    // The supervisor starts it again.
+    // The supervisor starts it again; that start says why, once, for the alert the run that
+    // found it was too short-lived to raise.
+    let went_back = sabotaged.config.data_dir.join("went-back");
+    assert!(went_back.exists(), "the run notes why it ended");
     let mut again = Tally::start(&sabotaged.config).await;
+    assert!(
+        again
+            .metric("tally_store_went_back_timestamp_seconds")
+            .await
+            > 0.0
+    );
+    assert!(
+        again
+            .log()
+            .contains("The last run ended because the store had gone back in time"),
+        "the new start says why the last run ended:\n{}",
+        again.log()
+    );
+    assert!(!went_back.exists(), "reported once");
     let status = again.terminate().await;
     assert!(status.success(), "{status}");
     assert_eq!(direct.value("k").await, Some(5 + acked_after));
@@ -391,6 +408,10 @@ async fn fenced_and_replayed(name: &str, sabotage: &str, said: &str) {
     );
     let log = tally.log();
     assert!(log.contains(said), "the log says what happened:\n{log}");
+    assert!(
+        !log.contains("to exit 1 for the supervisor"),
+        "another claimant does not make it exit by itself (a new start would take the id back):\n{log}"
+    );
 
     // The operator fixes the fleet and restarts it: the journal still has what was
     // acknowledged between the fence and its discovery.
