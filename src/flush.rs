@@ -123,8 +123,8 @@ pub enum Flushed {
     Nothing,
     /// A batch with this many keys is in the store.
     Batch { keys: usize },
-    /// Another process claimed the instance id, or the store lost this process's claim or batches:
-    /// nothing was written, and nothing will be.
+    /// Another process claimed the instance id, or the store lost this process's claim or
+    /// batches: nothing was written, and nothing will be.
     Fenced,
 }
 
@@ -365,30 +365,28 @@ impl Flusher {
                     );
                     return Err(self.fence(e));
                 }
-                Err(StoreError::LostBatches {
-                    stored, applied, ..
-                }) if !self.journaled => {
-                    metrics.store_lost_batches.increment(applied - stored);
-                    tracing::error!(
-                        seq = batch.seq,
-                        stored,
-                        applied,
-                        "The store has gone back in time and lost batches of this instance it had \
-                         committed, after seq `stored` up to seq `applied` (a failover to a replica \
-                         behind its primary, a restore from a backup). Their increments are lost: \
-                         without --ack journal there is no journal to write them again from. Going \
-                         on from what the store holds (docs/operations.md)."
-                    );
-                    *self.lost.lock().unwrap_or_else(PoisonError::into_inner) =
-                        Some((batch.seq, stored));
-                    continue;
-                }
                 Err(e @ (StoreError::WentBack { .. } | StoreError::LostBatches { .. })) => {
                     if let StoreError::LostBatches {
                         stored, applied, ..
                     } = e
                     {
                         metrics.store_lost_batches.increment(applied - stored);
+                        if !self.journaled {
+                            tracing::error!(
+                                seq = batch.seq,
+                                stored,
+                                applied,
+                                "The store has gone back in time and lost batches of this instance \
+                                 it had committed, after seq `stored` up to seq `applied` (a \
+                                 failover to a replica behind its primary, a restore from a \
+                                 backup). Their increments are lost: without --ack journal there \
+                                 is no journal to write them again from. Going on from what the \
+                                 store holds (docs/operations.md)."
+                            );
+                            *self.lost.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some((batch.seq, stored));
+                            continue;
+                        }
                     }
                     metrics.flush_batches.fenced.increment(1);
                     tracing::error!(

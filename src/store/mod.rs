@@ -34,10 +34,11 @@ pub mod sqlite;
 pub mod timed;
 pub mod tls;
 
-use crate::causes::Causes;
 use std::error::Error as StdError;
 
 use async_trait::async_trait;
+
+use crate::causes::Causes;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -271,7 +272,8 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::Fenced`] if another claim of the id is the current one, or
     /// [`StoreError::WentBack`] if the store holds an older one than the batch's, or
     /// [`StoreError::LostBatches`] if its last seq is below the batch's `applied` (nothing
-    /// applied in any of these); [`StoreError::Rejected`] if a sum leaves the 64-bit range (nothing
+    /// applied in any of these); [`StoreError::Rejected`] if a sum leaves the 64-bit range
+    /// (nothing
     /// applied); [`StoreError::Unavailable`] if the transaction failed or its outcome is
     /// unknown.
     async fn apply(&self, batch: Batch<'_>) -> Result<Applied, StoreError>;
@@ -313,16 +315,16 @@ pub(crate) fn seq_to_sql(seq: u64) -> Result<i64, StoreError> {
 /// (0 when the id has no row yet). Claims only ever raise the stored epoch, so a lower one
 /// means the store lost the claim: [`StoreError::WentBack`], not another claimant.
 pub(crate) fn check_epoch(instance_id: &str, epoch: u64, current: u64) -> Result<(), StoreError> {
-    let instance_id = instance_id.to_owned();
+    let owned = || instance_id.to_owned();
     match current.cmp(&epoch) {
         std::cmp::Ordering::Equal => Ok(()),
         std::cmp::Ordering::Greater => Err(StoreError::Fenced {
-            instance_id,
+            instance_id: owned(),
             epoch,
             current,
         }),
         std::cmp::Ordering::Less => Err(StoreError::WentBack {
-            instance_id,
+            instance_id: owned(),
             epoch,
             current,
         }),

@@ -656,8 +656,8 @@ impl Store for PgStore {
         // runs them in order (`biased`: polled, and so sent, in the order written): the
         // instance's row is locked before anything is written and stays locked to the end, and
         // every write is conditional on it (`if_claimed!`), so a batch the checks refuse
-        // (fenced, the store gone back, or already applied) commits nothing; the same checks are made below on the
-        // lock's answer, to say why. A statement the server fails aborts the transaction, and
+        // (fenced, the store gone back, or already applied) commits nothing; the same checks
+        // are made below on the lock's answer, to say why. A statement the server fails aborts the transaction, and
         // `COMMIT` then rolls it back; its error is returned. A statement that fails before it
         // is sent (it could not be encoded) turns the `COMMIT` into a `ROLLBACK`, so the others
         // cannot commit without it. If this future is dropped (store timeout) once sent, the

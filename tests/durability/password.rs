@@ -464,6 +464,21 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
             && stopped.matches("error performing TLS handshake").count() == 1,
         "the refusal says why, once, and what to do:\n{log}"
     );
+    // With the right CA but a host name the certificate does not name (it names
+    // 127.0.0.1), the refusal says to connect by one it names.
+    let by_name = data_dir();
+    let localhost = url.replace("127.0.0.1", "localhost");
+    let log = refused(&tally_config(
+        by_name.path(),
+        localhost,
+        &secrets,
+        &ca_file(&server),
+    ))
+    .await;
+    assert!(
+        log.contains("not valid for name") && log.contains("connect by a host name it names"),
+        "the refusal says why and what to do:\n{log}"
+    );
 
     let dir = data_dir();
     let config = tally_config(dir.path(), url, &secrets, &ca_file(&server));
