@@ -5,252 +5,17 @@
 //! TLS with `sslmode=require` (the server's certificate verified against `--database-ca-file`).
 //!
 //! The shared test server trusts every local connection and never asks for a password, so
-//! these tests start a PostgreSQL of their own that does (`scram-sha-256`), from the server's
-//! `initdb` and `pg_ctl` (Debian's `/usr/lib/postgresql/<version>/bin`, or the `PATH`), as
-//! the `postgres` user when the tests run as root. Without them it skips loudly, and fails
-//! under `TALLY_REQUIRE_POSTGRES=1`.
+//! these tests start a PostgreSQL of their own that does (`scram-sha-256`;
+//! [`PrivatePostgres`]).
 
-use std::fs::Permissions;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
 use crate::common::data_dir;
-use crate::pg::shout;
-use crate::support::{
-    Tally, TallyConfig, assert_given_up_on_and_cancelled, eventually, free_port, increment,
-};
-
-/// The superuser's password of the private server.
-const ADMIN_SECRET: &str = "admin-secret-of-the-test-server";
-
-/// A PostgreSQL server of this test's own, in a temporary directory, that asks every client
-/// for a password; stopped when dropped.
-struct PrivatePostgres {
-    bin: PathBuf,
-    dir: tempfile::TempDir,
-    port: u16,
-    /// Run its commands as the `postgres` user (the tests run as root, which PostgreSQL
-    /// refuses to run as).
-    as_postgres: bool,
-}
-
-impl PrivatePostgres {
-    /// Starts one, or says loudly why it cannot (a panic under `TALLY_REQUIRE_POSTGRES=1`).
-    /// With `tls`, it serves TLS with a certificate for 127.0.0.1 signed by a CA of its own
-    /// (`ca.crt` in [`Self::file`]), and the role `tally` may log in over TLS only.
-    fn start(tls: bool) -> Option<Self> {
-        match Self::try_start(tls) {
-            Ok(server) => Some(server),
-            Err(why) if std::env::var("TALLY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") => {
-                panic!("TALLY_REQUIRE_POSTGRES=1, but no private PostgreSQL server starts: {why}")
-            }
-            Err(why) => {
-                shout(&format!(
-                    "SKIPPED password rotation test: no private PostgreSQL server starts ({why}). \
-                     Install PostgreSQL's server binaries (initdb, pg_ctl)."
-                ));
-                None
-            }
-        }
-    }
-
-    /// A self-signed CA named `name`, its key and certificate in `<stem>.key` and
-    /// `<stem>.crt` of the server's directory.
-    fn new_ca(&self, name: &str, stem: &str) -> Result<(), String> {
-        run(Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            ])
-            .arg("-subj")
-            .arg(format!("/CN={name}"))
-            .arg("-keyout")
-            .arg(self.file(&format!("{stem}.key")))
-            .arg("-out")
-            .arg(self.file(&format!("{stem}.crt"))))
-    }
-
-    fn try_start(tls: bool) -> Result<Self, String> {
-        let bin = server_bin().ok_or("initdb not found")?;
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let as_postgres = unsafe { libc::geteuid() } == 0;
-        let server = Self {
-            bin,
-            dir,
-            port: free_port(),
-            as_postgres,
-        };
-        let secret = server.file("admin-secret");
-        std::fs::write(&secret, ADMIN_SECRET).map_err(|e| e.to_string())?;
-        if tls {
-            // A CA, and a certificate for 127.0.0.1 that it signs (rustls refuses a CA
-            // certificate as the server's own).
-            let extensions = server.file("server.ext");
-            std::fs::write(
-                &extensions,
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
-            )
-            .map_err(|e| e.to_string())?;
-            server.new_ca("tally test CA", "ca")?;
-            run(Command::new("openssl")
-                .args([
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    "/CN=127.0.0.1",
-                ])
-                .arg("-keyout")
-                .arg(server.file("server.key"))
-                .arg("-out")
-                .arg(server.file("server.csr")))?;
-            run(Command::new("openssl")
-                .args(["x509", "-req", "-days", "1", "-set_serial", "1", "-in"])
-                .arg(server.file("server.csr"))
-                .arg("-CA")
-                .arg(server.file("ca.crt"))
-                .arg("-CAkey")
-                .arg(server.file("ca.key"))
-                .arg("-extfile")
-                .arg(&extensions)
-                .arg("-out")
-                .arg(server.file("server.crt")))?;
-            // A CA that signed nothing of this server's, for a refusal with a CA file given.
-            server.new_ca("another CA", "other-ca")?;
-            // PostgreSQL refuses a key that others can read.
-            std::fs::set_permissions(server.file("server.key"), Permissions::from_mode(0o600))
-                .map_err(|e| e.to_string())?;
-        }
-        if as_postgres {
-            run(Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(server.dir.path()))?;
-        }
-        let data = server.dir.path().join("data");
-        run(server
-            .command("initdb")
-            .args([
-                "--username=postgres",
-                "--auth=scram-sha-256",
-                "--encoding=UTF8",
-            ])
-            .args(["--no-locale", "--no-sync"])
-            .arg(format!("--pwfile={}", secret.display()))
-            .arg("-D")
-            .arg(&data))?;
-        let mut options = format!(
-            "-p {} -h 127.0.0.1 -k {} -c fsync=off",
-            server.port,
-            server.dir.path().display()
-        );
-        if tls {
-            // The superuser (the test's own connections) plain, `tally` over TLS only.
-            std::fs::write(
-                data.join("pg_hba.conf"),
-                "host all postgres 127.0.0.1/32 scram-sha-256\n\
-                 hostssl all tally 127.0.0.1/32 scram-sha-256\n",
-            )
-            .map_err(|e| e.to_string())?;
-            options.push_str(&format!(
-                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
-                server.file("server.crt").display(),
-                server.file("server.key").display()
-            ));
-        }
-        run(server
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(server.dir.path().join("log"))
-            .args(["-o", &options, "-w", "-t", "30", "start"]))?;
-        Ok(server)
-    }
-
-    /// A file of the server's directory.
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `program` of the server's binaries, as the user the server runs as.
-    fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if self.as_postgres {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(path);
-            command
-        } else {
-            Command::new(path)
-        }
-    }
-
-    /// The URL of `database` as `user`, with no password in it.
-    fn url(&self, user: &str, database: &str) -> String {
-        format!("postgres://{user}@127.0.0.1:{}/{database}", self.port)
-    }
-
-    async fn admin(&self, database: &str) -> tokio_postgres::Client {
-        let mut config: tokio_postgres::Config =
-            self.url("postgres", database).parse().expect("a valid URL");
-        config.password(ADMIN_SECRET);
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("the superuser logs in with its password");
-        tokio::spawn(connection);
-        client
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .args(["-m", "immediate", "stop"])
-            .output();
-    }
-}
-
-/// The directory of `initdb` and `pg_ctl`: Debian's newest, else the `PATH`'s.
-fn server_bin() -> Option<PathBuf> {
-    let mut debian: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path().join("bin"))
-        .filter(|bin| bin.join("initdb").is_file())
-        .collect();
-    debian.sort_by_key(|bin| {
-        bin.parent()
-            .and_then(Path::file_name)
-            .and_then(|v| v.to_str()?.parse::<u32>().ok())
-    });
-    debian.pop().or_else(|| {
-        std::env::var_os("PATH")
-            .and_then(|path| std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file()))
-    })
-}
-
-fn run(command: &mut Command) -> Result<(), String> {
-    let output = command.output().map_err(|e| format!("{command:?}: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{command:?}: {}\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
+use crate::private_pg::PrivatePostgres;
+use crate::support::{Tally, TallyConfig, assert_given_up_on_and_cancelled, eventually, increment};
 
 /// Writes `password` to `file` the way secret managers do: a new file renamed over the old.
 fn rotate(file: &Path, password: &str) {
@@ -324,7 +89,7 @@ async fn refused(config: &TallyConfig) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_password_file_is_used_by_the_connections_opened_after() {
-    let Some(server) = PrivatePostgres::start(false) else {
+    let Some(server) = PrivatePostgres::start(false, "password rotation") else {
         return;
     };
     let (admin, secrets) = role(&server, "first-secret").await;
@@ -418,7 +183,7 @@ async fn tally_sessions(admin: &tokio_postgres::Client) -> (i64, i64) {
 /// what to do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_file() {
-    let Some(server) = PrivatePostgres::start(true) else {
+    let Some(server) = PrivatePostgres::start(true, "TLS") else {
         return;
     };
     let (admin, secrets) = role(&server, "tls-secret").await;
@@ -515,7 +280,7 @@ fn ca_file(server: &PrivatePostgres) -> [String; 2] {
 /// server's case is `outage::batches_given_up_on_a_held_lock_do_not_pile_up_on_the_server`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_tls_batches_given_up_on_a_held_lock_are_cancelled() {
-    let Some(server) = PrivatePostgres::start(true) else {
+    let Some(server) = PrivatePostgres::start(true, "TLS") else {
         return;
     };
     let (admin, secrets) = role(&server, "tls-secret").await;

@@ -1,0 +1,267 @@
+//! PostgreSQL failing over the way a highly available setup does it: a primary with a
+//! streaming standby of its own (`pg_basebackup -R`), the standby promoted, and tally's URL
+//! naming both hosts with `target_session_attrs=read-write`, so that it finds the one that
+//! takes writes by itself. Real servers and real replication, no statement run to imitate
+//! one (`fencing.rs` takes a store back in time by hand; these check that a real failover
+//! is what it takes for).
+//!
+//! Both run `--ack journal`, the default, with a private primary and standby each
+//! ([`PrivatePostgres`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::common::data_dir;
+use crate::pg::shout;
+use crate::private_pg::{ADMIN_SECRET, PrivatePostgres};
+use crate::support::{Ledger, Load, Rng, Tally, TallyConfig, eventually, seed};
+
+/// Keys of the switchover's load, and its requests in flight.
+const KEYS: usize = 50;
+const IN_FLIGHT: usize = 8;
+/// The longest the switchover's load runs (it is stopped long before).
+const LOAD_CAP: Duration = Duration::from_secs(60);
+
+/// A primary, its standby, and the configuration of a tally that may write to either.
+struct Pair {
+    primary: PrivatePostgres,
+    standby: PrivatePostgres,
+    config: TallyConfig,
+    _secrets: TempDir,
+    _dir: TempDir,
+}
+
+impl Pair {
+    /// `None` (having said so) when no private server starts; see [`PrivatePostgres::start`].
+    fn start(what: &str, more: &[&str]) -> Option<Self> {
+        let primary = PrivatePostgres::start(false, what)?;
+        let standby = primary.standby(what)?;
+        let secrets = data_dir();
+        let password = secrets.path().join("pgpass");
+        std::fs::write(&password, ADMIN_SECRET).expect("write the password file");
+        let dir = data_dir();
+        let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
+        // The standby first: only `target_session_attrs` keeps tally off it until promoted.
+        config.database_url = Some(format!(
+            "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
+            standby.address(),
+            primary.address()
+        ));
+        config.extra = ["--database-password-file", &password.display().to_string()]
+            .into_iter()
+            .chain(more.iter().copied())
+            .map(str::to_owned)
+            .collect();
+        Some(Self {
+            primary,
+            standby,
+            config,
+            _secrets: secrets,
+            _dir: dir,
+        })
+    }
+}
+
+/// Every counter `server` holds; an error while a standby has yet to replay the table.
+async fn try_counters(server: &PrivatePostgres) -> Result<HashMap<String, i64>, String> {
+    let client = server.admin("postgres").await;
+    let rows =
+        (client.query("SELECT key, value FROM counters", &[]).await).map_err(|e| e.to_string())?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
+async fn counters(server: &PrivatePostgres) -> HashMap<String, i64> {
+    try_counters(server).await.expect("read the counters")
+}
+
+/// The value `server` holds for `k`, 0 when it holds none.
+async fn value(server: &PrivatePostgres) -> i64 {
+    counters(server).await.get("k").copied().unwrap_or(0)
+}
+
+/// Waits until `server` holds `total` for `k`.
+async fn holds(server: &PrivatePostgres, total: i64, what: &str) {
+    eventually(Duration::from_secs(15), what, || async {
+        try_counters(server)
+            .await
+            .is_ok_and(|counters| counters.get("k") == Some(&total))
+    })
+    .await;
+}
+
+/// A switchover, as an operator or a cluster manager (Patroni, pg_auto_failover) does one:
+/// the primary stopped cleanly, which first sends its standby every WAL record, then the
+/// standby promoted. Under steady load: while neither server takes writes the batches fail
+/// and the journal goes on acknowledging; then they land on the new primary, found through
+/// `target_session_attrs`, with no restart. Every acknowledged increment is stored once,
+/// a batch whose commit the stop cut off from its answer included (written again, and
+/// found already applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
+    let Some(pair) = Pair::start("switchover", &[]) else {
+        return;
+    };
+    let mut tally = Tally::start(&pair.config).await;
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    let mut ledger = Ledger::new(KEYS);
+    let load = Load::start(&tally.address, KEYS, IN_FLIGHT, &mut rng, LOAD_CAP);
+    eventually(
+        Duration::from_secs(15),
+        "the primary holds increments",
+        || async { !counters(&pair.primary).await.is_empty() },
+    )
+    .await;
+
+    pair.primary.stop("fast");
+    eventually(
+        Duration::from_secs(15),
+        "a batch fails: the primary is gone and the standby refuses writes",
+        || async {
+            tally
+                .metric("tally_flush_batches_total{result=\"failed\"}")
+                .await
+                >= 1.0
+        },
+    )
+    .await;
+    pair.standby.promote();
+    eventually(
+        Duration::from_secs(15),
+        "the batches land on the new primary",
+        || async {
+            tally
+                .log()
+                .contains("Batch written after failed attempts; the store takes batches again.")
+        },
+    )
+    .await;
+    // More load, on the new primary only.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = ledger.record(&load.finish().await);
+    assert!(
+        counts.acked == counts.attempted && ledger.other_statuses.is_empty(),
+        "every increment acknowledged through the switchover: {} of {}, others {:?}",
+        counts.acked,
+        counts.attempted,
+        ledger.other_statuses
+    );
+    let status = tally.terminate().await;
+    assert!(status.success(), "SIGTERM drains and exits 0: {status}");
+    assert_eq!(
+        ledger.stored(&counters(&pair.standby).await),
+        ledger.acked,
+        "seed {seed}: the new primary holds every acknowledged increment, once"
+    );
+    shout(&format!(
+        "failover (switchover): {} increments acknowledged while the primary stopped and its \
+         standby was promoted, every one stored once on the new primary",
+        counts.acked
+    ));
+}
+
+/// A failover that loses commits: the standby had stopped receiving WAL (asynchronous
+/// replication, fallen behind), the primary committed more of tally's batches, then crashed,
+/// and the standby was promoted. The database has lost those batches; tally finds out at its
+/// next batch (the store's last seq is below one it saw committed), answers 503 `fenced`,
+/// and exits 1 by itself; its new start writes them again from its journal. Every
+/// acknowledged increment is stored once on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal() {
+    // A drain that keeps serving a while, so that the 503 is seen before the listener closes.
+    let Some(pair) = Pair::start("lossy failover", &["--shutdown-delay", "2s"]) else {
+        return;
+    };
+    let mut tally = Tally::start(&pair.config).await;
+    let client = reqwest::Client::new();
+    let post = |value: i64| {
+        client
+            .post(format!("{}/increment", tally.address))
+            .json(&json!({ "key": "k", "value": value }))
+            .send()
+    };
+    let status = |answer: reqwest::Result<reqwest::Response>| answer.expect("an answer").status();
+
+    assert_eq!(status(post(5).await), 202);
+    holds(&pair.standby, 5, "the standby has the first increment").await;
+    // The standby falls behind for good: it stops receiving WAL.
+    let standby = pair.standby.admin("postgres").await;
+    for statement in [
+        "ALTER SYSTEM SET primary_conninfo = ''",
+        "SELECT pg_reload_conf()",
+    ] {
+        standby.batch_execute(statement).await.expect(statement);
+    }
+    eventually(
+        Duration::from_secs(15),
+        "the standby's WAL receiver has stopped",
+        || async {
+            standby
+                .query_one("SELECT count(*) FROM pg_stat_wal_receiver", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 0)
+        },
+    )
+    .await;
+    assert_eq!(status(post(7).await), 202);
+    holds(
+        &pair.primary,
+        12,
+        "the primary has committed the second increment",
+    )
+    .await;
+
+    pair.primary.stop("immediate");
+    pair.standby.promote();
+    assert_eq!(
+        value(&pair.standby).await,
+        5,
+        "the promoted standby lost a batch"
+    );
+    // Until its next batch meets the new primary, tally does not know: what it acknowledges
+    // meanwhile is journaled. Then it refuses increments, and goes.
+    let mut acked_after = 0;
+    let refusal = loop {
+        let answer = post(1).await.expect("an answer while tally drains");
+        if answer.status() != 202 {
+            break (answer.status(), answer.text().await.unwrap_or_default());
+        }
+        acked_after += 1;
+        assert!(acked_after < 3_000, "tally never found the loss");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        refusal.0 == 503 && refusal.1.contains("fenced"),
+        "refused as fenced: {refusal:?}"
+    );
+    let exited = tally.wait_exit(Duration::from_secs(30)).await;
+    let log = tally.log();
+    assert_eq!(exited.code(), Some(1), "exits 1 by itself:\n{log}");
+    assert!(
+        log.contains("Fenced: the store has gone back in time") && log.contains("lost batches"),
+        "the log says what happened:\n{log}"
+    );
+    assert_eq!(
+        value(&pair.standby).await,
+        5,
+        "nothing written after the loss was found"
+    );
+
+    // Its supervisor starts it again.
+    let mut again = Tally::start(&pair.config).await;
+    let exited = again.terminate().await;
+    assert!(exited.success(), "{exited}");
+    assert_eq!(
+        value(&pair.standby).await,
+        12 + acked_after,
+        "the new primary holds every acknowledged increment, once"
+    );
+    shout(&format!(
+        "failover (lost commits): tally found the promoted standby's loss, exited 1, and its \
+         new start wrote the lost batch and the {acked_after} increments acknowledged \
+         meanwhile from its journal"
+    ));
+}
