@@ -416,10 +416,11 @@ impl Flusher {
                 }
                 Err(e) => e,
             };
-            metrics.flush_batches.failed.increment(1);
+            let reason = error.failure();
+            metrics.flush_batches.failed(reason).increment(1);
             self.health.set(Some(error.to_string()));
             tracing::warn!(
-                error = %error, seq = batch.seq, keys = entries.len(), attempt,
+                error = %error, reason = reason.label(), seq = batch.seq, keys = entries.len(), attempt,
                 retry_in_ms = backoff.as_millis() as u64,
                 "Batch not written; retrying."
             );

@@ -19,6 +19,7 @@ use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::http::error::ERROR_CODES;
+use crate::store::Failure;
 
 /// Increments accepted (items, so a batch of 1,000 counts 1,000).
 pub const INCREMENTS: &str = "tally_increments_total";
@@ -29,7 +30,9 @@ pub const SHED: &str = "tally_shed_total";
 /// Keys not yet in the store: the live generation plus the batch in flight.
 pub const PENDING_KEYS: &str = "tally_pending_keys";
 /// Batch write attempts, by `result`: `committed`, `already_applied` (a retry of a batch the
-/// store had already committed), `failed` (to be retried), `rejected` (the store refused
+/// store had already committed), `failed` (to be retried; with a `reason`, one of
+/// [`Failure::label`]'s: `timeout`, `not_connected`, `connection_lost`, `database_error`,
+/// `other`), `rejected` (the store refused
 /// some keys for a data reason; they go to the dead-letter table and the rest is retried) and
 /// `fenced` (another process claimed this instance id, or the store went back in time; nothing
 /// more is written).
@@ -183,9 +186,18 @@ pub struct PasswordReads {
 pub struct FlushBatches {
     pub committed: Counter,
     pub already_applied: Counter,
-    pub failed: Counter,
+    /// `result="failed"`, by `reason`, in the order of [`Failure::ALL`].
+    failed: [Counter; Failure::ALL.len()],
     pub rejected: Counter,
     pub fenced: Counter,
+}
+
+impl FlushBatches {
+    /// The count of batches failed for `reason`.
+    pub fn failed(&self, reason: Failure) -> &Counter {
+        let i = Failure::ALL.iter().position(|&r| r == reason);
+        &self.failed[i.unwrap_or(Failure::ALL.len() - 1)]
+    }
 }
 
 /// The `reason` values of [`REJECTED`]: the error codes an [`crate::http::error::ApiError`]
@@ -287,7 +299,9 @@ impl Metrics {
                 flush_batches: FlushBatches {
                     committed: metrics::counter!(FLUSH_BATCHES, "result" => "committed"),
                     already_applied: metrics::counter!(FLUSH_BATCHES, "result" => "already_applied"),
-                    failed: metrics::counter!(FLUSH_BATCHES, "result" => "failed"),
+                    failed: Failure::ALL.map(|reason| {
+                        metrics::counter!(FLUSH_BATCHES, "result" => "failed", "reason" => reason.label())
+                    }),
                     rejected: metrics::counter!(FLUSH_BATCHES, "result" => "rejected"),
                     fenced: metrics::counter!(FLUSH_BATCHES, "result" => "fenced"),
                 },

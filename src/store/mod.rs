@@ -238,6 +238,81 @@ impl StoreError {
     pub(crate) fn unavailable(e: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
         Self::Unavailable(e.into())
     }
+
+    /// Why an operation that may be retried failed, from the first cause that tells: the
+    /// `reason` of `tally_flush_batches_total{result="failed"}`.
+    pub fn failure(&self) -> Failure {
+        let cause = match self {
+            Self::Unavailable(e) => e.as_ref(),
+            Self::Tls(_) => return Failure::NotConnected,
+            _ => return Failure::Other,
+        };
+        let mut cause: Option<&(dyn StdError + 'static)> = Some(cause);
+        while let Some(e) = cause {
+            if e.is::<timed::TimedOut>() {
+                return Failure::Timeout;
+            }
+            if e.is::<postgres::NotConnected>() {
+                return Failure::NotConnected;
+            }
+            if let Some(e) = e.downcast_ref::<tokio_postgres::Error>() {
+                match e.code().map(|code| &code.code()[..2]) {
+                    // Connection exception, operator intervention (the server shutting
+                    // down, the session terminated).
+                    Some("08" | "57") => return Failure::ConnectionLost,
+                    Some(_) => return Failure::DatabaseError,
+                    None if e.is_closed() => return Failure::ConnectionLost,
+                    None => {}
+                }
+            }
+            if e.is::<rusqlite::Error>() {
+                return Failure::DatabaseError;
+            }
+            if e.is::<std::io::Error>() {
+                return Failure::ConnectionLost;
+            }
+            cause = e.source();
+        }
+        Failure::Other
+    }
+}
+
+/// Why a store operation failed: [`StoreError::failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer within `--store-timeout`: a hung connection or database.
+    Timeout,
+    /// No connection could be opened: refused, unreachable, a login or TLS refused, or no
+    /// host that takes writes (`target_session_attrs=read-write` during a failover).
+    NotConnected,
+    /// The connection broke during the operation, or the server ended the session.
+    ConnectionLost,
+    /// The database answered with an error: read-only, permissions, out of disk, a SQLite
+    /// file locked by another process.
+    DatabaseError,
+    /// Anything else (the log line has the error).
+    Other,
+}
+
+impl Failure {
+    pub const ALL: [Self; 5] = [
+        Self::Timeout,
+        Self::NotConnected,
+        Self::ConnectionLost,
+        Self::DatabaseError,
+        Self::Other,
+    ];
+
+    /// Its name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::NotConnected => "not_connected",
+            Self::ConnectionLost => "connection_lost",
+            Self::DatabaseError => "database_error",
+            Self::Other => "other",
+        }
+    }
 }
 
 /// The contract every backend keeps; see the module docs.
@@ -352,4 +427,40 @@ pub(crate) fn check_applied(
 /// Reads a seq back from a signed 64-bit column (never negative: only `seq_to_sql` writes it).
 pub(crate) fn seq_from_sql(seq: i64) -> u64 {
     u64::try_from(seq).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Failure, StoreError, timed::Timed};
+
+    /// The causes the integration tests cannot bring about on demand (a connection reset
+    /// mid-batch) and the ones that must not be taken for another.
+    #[tokio::test]
+    async fn each_failure_is_told_by_the_first_cause_that_tells() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            StoreError::unavailable(reset).failure(),
+            Failure::ConnectionLost
+        );
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert_eq!(StoreError::from(busy).failure(), Failure::DatabaseError);
+        let timed_out: Result<(), _> =
+            Timed::within_for("a test", Duration::ZERO, std::future::pending()).await;
+        let timed_out = timed_out.expect_err("given up on at once");
+        assert_eq!(timed_out.failure(), Failure::Timeout);
+        assert_eq!(
+            StoreError::unavailable("a SQLite call panicked").failure(),
+            Failure::Other
+        );
+        let rejected = StoreError::Rejected {
+            reason: "out of range".to_owned(),
+            keys: Vec::new(),
+        };
+        assert_eq!(rejected.failure(), Failure::Other);
+    }
 }

@@ -346,10 +346,16 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// with what to do when it was the server's certificate that was refused.
 fn not_connected(e: tokio_postgres::Error) -> StoreError {
     match tls::explained(e) {
-        Ok(untrusted) => StoreError::unavailable(untrusted),
-        Err(e) => StoreError::unavailable(e),
+        Ok(untrusted) => StoreError::unavailable(NotConnected(untrusted.into())),
+        Err(e) => StoreError::unavailable(NotConnected(e.into())),
     }
 }
+
+/// A connection that could not be opened ([`not_connected`]), told apart by
+/// [`StoreError::failure`]; it reads as its cause.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct NotConnected(Box<dyn std::error::Error + Send + Sync>);
 
 impl PgStore {
     /// Connects a pool of at most `pool_size` connections to `url` and applies pending

@@ -44,17 +44,22 @@ impl Timed {
         Self::within_for(operation, self.timeout, f).await
     }
 
-    async fn within_for<T>(
+    pub(super) async fn within_for<T>(
         operation: &'static str,
         timeout: Duration,
         f: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        tokio::time::timeout(timeout, f).await.map_err(|_| {
-            StoreError::unavailable(format!(
-                "{operation} got no answer within {timeout:?} (--store-timeout)"
-            ))
-        })?
+        (tokio::time::timeout(timeout, f).await)
+            .map_err(|_| StoreError::unavailable(TimedOut { operation, timeout }))?
     }
+}
+
+/// An operation given up on at its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} got no answer within {timeout:?} (--store-timeout)")]
+pub struct TimedOut {
+    operation: &'static str,
+    timeout: Duration,
 }
 
 #[async_trait]

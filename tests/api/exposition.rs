@@ -51,7 +51,11 @@ async fn every_metric_is_exported_from_the_first_scrape() {
     let series = [
         r#"tally_flush_batches_total{result="committed"}"#,
         r#"tally_flush_batches_total{result="already_applied"}"#,
-        r#"tally_flush_batches_total{result="failed"}"#,
+        r#"tally_flush_batches_total{result="failed",reason="timeout"}"#,
+        r#"tally_flush_batches_total{result="failed",reason="not_connected"}"#,
+        r#"tally_flush_batches_total{result="failed",reason="connection_lost"}"#,
+        r#"tally_flush_batches_total{result="failed",reason="database_error"}"#,
+        r#"tally_flush_batches_total{result="failed",reason="other"}"#,
         r#"tally_flush_batches_total{result="rejected"}"#,
         r#"tally_rejected_total{reason="overloaded"}"#,
         r#"tally_rejected_total{reason="timeout"}"#,

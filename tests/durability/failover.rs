@@ -139,6 +139,13 @@ async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
         },
     )
     .await;
+    // Failed for no host taking writes (the standby before its promotion), and perhaps for
+    // the session the stop ended; each failure told apart.
+    let failed = async |reason: &str| {
+        let series = format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}");
+        tally.metric(&series).await
+    };
+    assert!(failed("not_connected").await >= 1.0 && failed("other").await == 0.0);
     // More load, on the new primary only.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let counts = ledger.record(&load.finish().await);

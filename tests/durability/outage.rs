@@ -560,9 +560,12 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
     slow.set(false).await;
     let log = tally.log();
     assert!(
-        log.contains("Batch not written; retrying") && log.contains("--store-timeout"),
+        log.contains("Batch not written; retrying")
+            && log.contains("--store-timeout")
+            && log.contains("reason=\"timeout\""),
         "the log says the attempt timed out:\n{log}"
     );
+    assert_failed_for(&tally, "timeout").await;
     // The abandoned COMMIT is cancelled, or lands first if it was through already; the
     // retry writes the batch or finds it applied. Either way, once.
     direct.wait_for("k", 6, Duration::from_secs(20)).await;
@@ -663,6 +666,7 @@ async fn a_read_only_database_is_named_and_its_sessions_left_once_it_is_writable
         "the log says the store takes batches again:\n{}",
         tally.log_tail()
     );
+    assert_failed_for(&tally, "database_error").await;
     let status = tally.terminate().await;
     assert!(status.success(), "{status}");
     assert_eq!(direct.value("k").await, Some(6), "counted once");
@@ -702,6 +706,7 @@ async fn a_sqlite_database_another_process_keeps_locked_fails_batches_within_the
     )
     .await;
 
+    assert_failed_for(&tally, "database_error").await;
     shell.execute_batch("ROLLBACK").expect("let the lock go");
     drop(shell);
     direct.wait_for("k", 6, Duration::from_secs(20)).await;
@@ -779,6 +784,19 @@ async fn locked_after_one_write(
 
 /// Adds 1 to `k` five times (each answered 202) and waits until the flusher has counted a
 /// batch failed; returns how long that took.
+/// Asserts that every batch `tally` counted failed was for `reason`, and at least one.
+pub async fn assert_failed_for(tally: &Tally, reason: &str) {
+    let failed = r#"tally_flush_batches_total{result="failed"}"#;
+    let (all, for_reason) = (
+        tally.metric(failed).await,
+        (tally.metric(&failed.replace('}', &format!(",reason=\"{reason}\"}}")))).await,
+    );
+    assert!(
+        for_reason >= 1.0 && for_reason == all,
+        "{for_reason} of {all} failed batches counted with reason {reason:?}"
+    );
+}
+
 async fn five_increments_until_counted_failed(tally: &Tally, client: &reqwest::Client) -> Duration {
     let started = Instant::now();
     for _ in 0..5 {
