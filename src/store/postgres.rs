@@ -39,6 +39,9 @@ use super::{
 /// the flusher retries anyway.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The least of [`CONNECT_TIMEOUT`]'s share that each host of a URL naming several gets.
+const MIN_HOST_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Unacknowledged-data limit and keepalive idle time of every connection (see `connect`).
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -334,8 +337,17 @@ impl From<tokio_postgres::Error> for StoreError {
 
 impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::{PoolError, TimeoutType};
         match e {
-            deadpool_postgres::PoolError::Backend(e) => not_connected(e),
+            PoolError::Backend(e) => not_connected(e),
+            // deadpool's own words, "Timeout occurred while creating a new object", do not
+            // say what timed out.
+            PoolError::Timeout(TimeoutType::Create) => StoreError::unavailable(NotConnected(
+                "no connection to PostgreSQL opened in time: no host of --database-url \
+                 answered (a server or network that drops packets, or every host tried in \
+                 turn)"
+                    .into(),
+            )),
             e => StoreError::unavailable(e),
         }
     }
@@ -389,9 +401,19 @@ impl PgStore {
             SslMode::Require => Some(tls::connector(ca_file)?),
             _ => None,
         };
+        // Several hosts (a primary and its standby): tokio-postgres tries them in turn, each
+        // for up to `connect_timeout`, so a first host that does not answer at all (its
+        // machine down, its packets dropped) must leave the next one time within the
+        // pool's wait for a new connection: each host gets its share of that wait.
+        let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+            config.connect_timeout((CONNECT_TIMEOUT / hosts).max(MIN_HOST_CONNECT_TIMEOUT));
         }
+        let create_timeout = config
+            .get_connect_timeout()
+            .map_or(CONNECT_TIMEOUT, |per_host| {
+                per_host.saturating_mul(hosts).max(CONNECT_TIMEOUT)
+            });
         // A peer that vanished without a reset (a failover, a partition): the kernel drops
         // a connection whose data stays unacknowledged this long, instead of retrying for
         // ~15 minutes, and keepalives find idle pooled connections that died.
@@ -424,7 +446,7 @@ impl PgStore {
             .max_size(pool_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(create_timeout))
             .build()
             .map_err(StoreError::unavailable)?;
         let store = Self {

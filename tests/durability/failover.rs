@@ -9,7 +9,8 @@
 //! ([`PrivatePostgres`]).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tempfile::TempDir;
@@ -25,43 +26,73 @@ const IN_FLIGHT: usize = 8;
 /// The longest the switchover's load runs (it is stopped long before).
 const LOAD_CAP: Duration = Duration::from_secs(60);
 
-/// A primary, its standby, and the configuration of a tally that may write to either.
+/// A primary, its standby, and a tally that may write to either.
 struct Pair {
     primary: PrivatePostgres,
     standby: PrivatePostgres,
+    tally: ToBoth,
+}
+
+impl Pair {
+    /// `None` (having said so) when no private server starts; see [`PrivatePostgres::start`].
+    /// Returns once the standby streams from the primary.
+    async fn start(what: &str, more: &[&str]) -> Option<Self> {
+        let primary = PrivatePostgres::start(false, what)?;
+        let standby = primary.standby(what)?;
+        // The standby first: only `target_session_attrs` keeps tally off it until promoted.
+        let tally = ToBoth::new(&[standby.address(), primary.address()], more);
+        let admin = primary.admin("postgres").await;
+        eventually(
+            Duration::from_secs(15),
+            "the standby streams from the primary",
+            || async {
+                admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                        &[],
+                    )
+                    .await
+                    .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+            },
+        )
+        .await;
+        Some(Self {
+            primary,
+            standby,
+            tally,
+        })
+    }
+}
+
+/// The configuration of a tally (`--ack journal`) whose URL names `hosts` in that order, with
+/// `target_session_attrs=read-write`, as the private servers' superuser.
+struct ToBoth {
     config: TallyConfig,
     _secrets: TempDir,
     _dir: TempDir,
 }
 
-impl Pair {
-    /// `None` (having said so) when no private server starts; see [`PrivatePostgres::start`].
-    fn start(what: &str, more: &[&str]) -> Option<Self> {
-        let primary = PrivatePostgres::start(false, what)?;
-        let standby = primary.standby(what)?;
+impl ToBoth {
+    fn new(hosts: &[String], more: &[&str]) -> Self {
         let secrets = data_dir();
         let password = secrets.path().join("pgpass");
         std::fs::write(&password, ADMIN_SECRET).expect("write the password file");
         let dir = data_dir();
         let mut config = TallyConfig::new(dir.path(), None, "journal", "100ms");
-        // The standby first: only `target_session_attrs` keeps tally off it until promoted.
         config.database_url = Some(format!(
-            "postgres://postgres@{},{}/postgres?target_session_attrs=read-write",
-            standby.address(),
-            primary.address()
+            "postgres://postgres@{}/postgres?target_session_attrs=read-write",
+            hosts.join(",")
         ));
         config.extra = ["--database-password-file", &password.display().to_string()]
             .into_iter()
             .chain(more.iter().copied())
             .map(str::to_owned)
             .collect();
-        Some(Self {
-            primary,
-            standby,
+        Self {
             config,
             _secrets: secrets,
             _dir: dir,
-        })
+        }
     }
 }
 
@@ -96,15 +127,15 @@ async fn holds(server: &PrivatePostgres, total: i64, what: &str) {
 /// the primary stopped cleanly, which first sends its standby every WAL record, then the
 /// standby promoted. Under steady load: while neither server takes writes the batches fail
 /// and the journal goes on acknowledging; then they land on the new primary, found through
-/// `target_session_attrs`, with no restart. Every acknowledged increment is stored once,
-/// a batch whose commit the stop cut off from its answer included (written again, and
-/// found already applied).
+/// `target_session_attrs`, with no restart. Every acknowledged increment is stored once (a
+/// batch whose commit the stop cut off from its answer would be written again and found
+/// already applied; the run says whether one was).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
-    let Some(pair) = Pair::start("switchover", &[]) else {
+    let Some(pair) = Pair::start("switchover", &[]).await else {
         return;
     };
-    let mut tally = Tally::start(&pair.config).await;
+    let mut tally = Tally::start(&pair.tally.config).await;
     let seed = seed();
     let mut rng = Rng::new(seed);
     let mut ledger = Ledger::new(KEYS);
@@ -156,6 +187,9 @@ async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
         counts.attempted,
         ledger.other_statuses
     );
+    let already = tally
+        .metric(r#"tally_flush_batches_total{result="already_applied"}"#)
+        .await;
     let status = tally.terminate().await;
     assert!(status.success(), "SIGTERM drains and exits 0: {status}");
     assert_eq!(
@@ -165,7 +199,8 @@ async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
     );
     shout(&format!(
         "failover (switchover): {} increments acknowledged while the primary stopped and its \
-         standby was promoted, every one stored once on the new primary",
+         standby was promoted, every one stored once on the new primary ({already} batches \
+         found already applied)",
         counts.acked
     ));
 }
@@ -179,10 +214,10 @@ async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal() {
     // A drain that keeps serving a while, so that the 503 is seen before the listener closes.
-    let Some(pair) = Pair::start("lossy failover", &["--shutdown-delay", "2s"]) else {
+    let Some(pair) = Pair::start("lossy failover", &["--shutdown-delay", "2s"]).await else {
         return;
     };
-    let mut tally = Tally::start(&pair.config).await;
+    let mut tally = Tally::start(&pair.tally.config).await;
     let client = reqwest::Client::new();
     let post = |value: i64| {
         client
@@ -213,11 +248,20 @@ async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal(
         },
     )
     .await;
+    let committed = r#"tally_flush_batches_total{result="committed"}"#;
+    let before = tally.metric(committed).await;
     assert_eq!(status(post(7).await), 202);
     holds(
         &pair.primary,
         12,
         "the primary has committed the second increment",
+    )
+    .await;
+    // And tally has its answer: the batch counts as one it saw committed.
+    eventually(
+        Duration::from_secs(15),
+        "tally has seen the commit",
+        || async { tally.metric(committed).await > before },
     )
     .await;
 
@@ -258,7 +302,7 @@ async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal(
     );
 
     // Its supervisor starts it again.
-    let mut again = Tally::start(&pair.config).await;
+    let mut again = Tally::start(&pair.tally.config).await;
     let exited = again.terminate().await;
     assert!(exited.success(), "{exited}");
     assert_eq!(
@@ -270,5 +314,44 @@ async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal(
         "failover (lost commits): tally found the promoted standby's loss, exited 1, and its \
          new start wrote the lost batch and the {acked_after} increments acknowledged \
          meanwhile from its journal"
+    ));
+}
+
+/// A first host that does not answer at all (its machine down, its packets dropped: here a
+/// listener whose queue is full, so that a connection to it hangs) is passed over for the
+/// next one within the pool's wait for a connection, at start and after. With the whole
+/// wait spent on the first host, as before, tally did not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_host_that_does_not_answer_is_passed_over_for_the_next() {
+    let Some(server) = PrivatePostgres::start(false, "unanswering host") else {
+        return;
+    };
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    // SAFETY: listen on a socket this process owns; a second listen() only sets the
+    // backlog, here to none: its one queued connection fills it, and others hang.
+    assert_eq!(unsafe { libc::listen(silent.as_raw_fd(), 0) }, 0);
+    let address = silent.local_addr().expect("its address");
+    let _queued = std::net::TcpStream::connect(address).expect("fill its queue");
+    let both = ToBoth::new(&[address.to_string(), server.address()], &[]);
+    let started = Instant::now();
+    let mut tally = Tally::start(&both.config).await;
+    let took = started.elapsed();
+    let client = reqwest::Client::new();
+    let answer = (client.post(format!("{}/increment", tally.address)))
+        .json(&json!({ "key": "k", "value": 3 }))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status(), 202);
+    holds(
+        &server,
+        3,
+        "the increment is stored on the host that answers",
+    )
+    .await;
+    assert!(tally.terminate().await.success());
+    shout(&format!(
+        "failover (a first host that does not answer): passed over for the next, tally \
+         started in {took:.1?}"
     ));
 }

@@ -36,7 +36,9 @@ impl PrivatePostgres {
     }
 
     /// A streaming standby of this server (`pg_basebackup -R`), started and serving reads:
-    /// one to fail over to. `None` as for [`Self::start`].
+    /// one to fail over to. `None` as for [`Self::start`]. Not of a TLS server, whose
+    /// `pg_hba.conf` has no `replication` line. (The failover tests also change the
+    /// standby's `primary_conninfo` by reload, which PostgreSQL allows from version 13.)
     pub fn standby(&self, what: &str) -> Option<Self> {
         or_skip(self.try_standby(), what)
     }
