@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
-use tokio_postgres::config::SslMode;
+use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -406,6 +406,15 @@ impl PgStore {
         // machine down, its packets dropped) must leave the next one time within the
         // pool's wait for a new connection: each host gets its share of that wait.
         let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        if hosts > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
+            tracing::warn!(
+                hosts,
+                "--database-url names several hosts without target_session_attrs=read-write: \
+                 a connection may be opened on a standby, where every batch fails as \
+                 read-only. Add ?target_session_attrs=read-write to the URL \
+                 (docs/operations.md, Faults)."
+            );
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout((CONNECT_TIMEOUT / hosts).max(MIN_HOST_CONNECT_TIMEOUT));
         }

@@ -355,3 +355,25 @@ async fn a_first_host_that_does_not_answer_is_passed_over_for_the_next() {
          started in {took:.1?}"
     ));
 }
+
+/// Several hosts without `target_session_attrs=read-write` (so a connection may be opened on
+/// a standby, where every batch would fail): tally says so at start, and what to add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_hosts_without_target_session_attrs_are_warned_about() {
+    let Some(server) = PrivatePostgres::start(false, "several hosts") else {
+        return;
+    };
+    let mut both = ToBoth::new(&[server.address(), server.address()], &[]);
+    let url = both.config.database_url.take().unwrap_or_default();
+    both.config.database_url = url
+        .strip_suffix("?target_session_attrs=read-write")
+        .map(str::to_owned);
+    let mut tally = Tally::start(&both.config).await;
+    assert!(tally.terminate().await.success());
+    let log = tally.log();
+    assert!(
+        log.contains("names several hosts without target_session_attrs=read-write")
+            && log.contains("Add ?target_session_attrs=read-write"),
+        "the start warns and says what to add:\n{log}"
+    );
+}
