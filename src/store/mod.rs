@@ -256,13 +256,19 @@ impl StoreError {
                 return Failure::NotConnected;
             }
             if let Some(e) = e.downcast_ref::<tokio_postgres::Error>() {
-                match e.code().map(|code| &code.code()[..2]) {
+                let code = e.code().map(tokio_postgres::error::SqlState::code);
+                match (code, code.and_then(|code| code.get(..2))) {
+                    // The server's `statement_timeout`, or a cancel by an operator.
+                    (Some("57014"), _) => return Failure::Timeout,
                     // Connection exception, operator intervention (the server shutting
-                    // down, the session terminated).
-                    Some("08" | "57") => return Failure::ConnectionLost,
-                    Some(_) => return Failure::DatabaseError,
-                    None if e.is_closed() => return Failure::ConnectionLost,
-                    None => {}
+                    // down, the session terminated), a session ended for idling in its
+                    // transaction.
+                    (Some("25P03"), _) | (_, Some("08" | "57")) => {
+                        return Failure::ConnectionLost;
+                    }
+                    (Some(_), _) => return Failure::DatabaseError,
+                    (None, _) if e.is_closed() => return Failure::ConnectionLost,
+                    (None, _) => {}
                 }
             }
             if e.is::<rusqlite::Error>() {

@@ -28,6 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::causes::Causes;
 
 use super::password::PasswordFile;
+use super::timed::TimedOut;
 use super::tls;
 use super::{
     Applied, Batch, Claim, Claimant, Handover, Store, StoreError, Stored, check_applied,
@@ -343,11 +344,15 @@ impl From<deadpool_postgres::PoolError> for StoreError {
             // deadpool's own words, "Timeout occurred while creating a new object", do not
             // say what timed out.
             PoolError::Timeout(TimeoutType::Create) => StoreError::unavailable(NotConnected(
-                "no connection to PostgreSQL opened in time: no host of --database-url \
-                 answered (a server or network that drops packets, or every host tried in \
-                 turn)"
+                "no connection to PostgreSQL opened in time (--database-url: a host whose \
+                 packets are dropped, or one that accepts and does not answer, holds the \
+                 wait)"
                     .into(),
             )),
+            PoolError::Timeout(TimeoutType::Wait) => StoreError::unavailable(TimedOut {
+                operation: "waiting for a pooled connection",
+                timeout: CONNECT_TIMEOUT,
+            }),
             e => StoreError::unavailable(e),
         }
     }
@@ -405,7 +410,9 @@ impl PgStore {
         // for up to `connect_timeout`, so a first host that does not answer at all (its
         // machine down, its packets dropped) must leave the next one time within the
         // pool's wait for a new connection: each host gets its share of that wait.
-        let hosts = u32::try_from(config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        // Each host, or each `hostaddr` where there are more of them, is one try.
+        let tries = config.get_hosts().len().max(config.get_hostaddrs().len());
+        let hosts = u32::try_from(tries.max(1)).unwrap_or(u32::MAX);
         if hosts > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
             tracing::warn!(
                 hosts,

@@ -58,8 +58,8 @@ impl Timed {
 #[derive(Debug, thiserror::Error)]
 #[error("{operation} got no answer within {timeout:?} (--store-timeout)")]
 pub struct TimedOut {
-    operation: &'static str,
-    timeout: Duration,
+    pub operation: &'static str,
+    pub timeout: Duration,
 }
 
 #[async_trait]

@@ -279,6 +279,12 @@ impl Tally {
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
 
+    /// How many batches it counted failed for `reason` (`tally_flush_batches_total`).
+    pub async fn failed_for(&self, reason: &str) -> f64 {
+        let series = format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}");
+        self.metric(&series).await
+    }
+
     /// A metric's current value (0 when the series is not exported yet).
     pub async fn metric(&self, series: &str) -> f64 {
         metric(
