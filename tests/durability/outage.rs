@@ -239,6 +239,13 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     let seed = seed();
     let mut rng = Rng::new(seed);
 
+    // The recorder is process-wide (other in-process apps share it): counts are compared
+    // with those before.
+    let failed = |reason: &str| {
+        let series = format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}");
+        crate::metrics::metric(&tally::metrics::handle().render(), &series)
+    };
+    let before = ["not_connected", "connection_lost", "other"].map(failed);
     let load = Load::start(&app.address, KEYS, IN_FLIGHT, &mut rng, LOAD_CAP);
     tokio::time::sleep(BEFORE_CUT).await;
     assert_eq!(
@@ -272,6 +279,13 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     )
     .await;
     let ready_after = restored_at.elapsed();
+    let after = ["not_connected", "connection_lost", "other"].map(failed);
+    let [not_connected, lost, other] = [0, 1, 2].map(|i| after[i] - before[i]);
+    assert!(
+        not_connected >= 1.0 && other == 0.0,
+        "the cut's failures told apart: {not_connected} not_connected (new connections closed \
+         at once), {lost} connection_lost, {other} other"
+    );
     tokio::time::sleep(AFTER_RECOVERY).await;
 
     let sent = load.finish().await;
@@ -316,6 +330,7 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     shout(&format!(
         "outage postgres ack=journal: {} requests, all 202 ({during_outage} during the {OUTAGE:?} cut); \
          /readyz 503 {not_ready_after:.1?} after the cut, 200 {ready_after:.1?} after the restore; \
+         failed batches: {not_connected} not_connected, {lost} connection_lost; \
          stored == acked for all {KEYS} keys (Σ {})",
         ledger.requests_attempted,
         ledger.acked_total()
