@@ -244,6 +244,33 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
         log.contains("not valid for name") && log.contains("connect by a host name it names"),
         "the refusal says why and what to do:\n{log}"
     );
+    // With the right CA and name but a certificate past its validity, the refusal says to
+    // renew it (or look at this host's clock).
+    server.expire_certificate().expect("an expired certificate");
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    let expired = data_dir();
+    let log = refused(&tally_config(
+        expired.path(),
+        url.clone(),
+        &secrets,
+        &ca_file(&server),
+    ))
+    .await;
+    assert!(
+        log.contains("invalid peer certificate: certificate expired")
+            && log.contains("out of its validity period: renew it on the server"),
+        "the refusal says why and what to do:\n{log}"
+    );
+    server
+        .renew_certificate()
+        .expect("the valid certificate back");
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
 
     let dir = data_dir();
     let config = tally_config(dir.path(), url, &secrets, &ca_file(&server));

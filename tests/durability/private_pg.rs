@@ -219,6 +219,56 @@ impl PrivatePostgres {
         Ok(server)
     }
 
+    /// Writes over the server's certificate (of a TLS server) one for the same name and key,
+    /// signed by the same CA, that was valid on 1 January 2020 only (`openssl ca` dates one
+    /// in the past; `openssl x509` cannot), keeping the valid one in `server.crt.valid`. The
+    /// server reads it at its next reload.
+    pub fn expire_certificate(&self) -> Result<(), String> {
+        std::fs::copy(self.file("server.crt"), self.file("server.crt.valid"))
+            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            self.file("ca.cnf"),
+            "[ca]\ndefault_ca = test\n[test]\ndatabase = index.txt\nnew_certs_dir = .\n\
+             serial = serial\ndefault_md = sha256\npolicy = any\n[any]\ncommonName = supplied\n",
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(self.file("index.txt"), "").map_err(|e| e.to_string())?;
+        std::fs::write(self.file("serial"), "02\n").map_err(|e| e.to_string())?;
+        run(Command::new("openssl")
+            .args(["req", "-new", "-subj", "/CN=127.0.0.1", "-key"])
+            .arg(self.file("server.key"))
+            .arg("-out")
+            .arg(self.file("expired.csr")))?;
+        run(Command::new("openssl")
+            .current_dir(self.dir.path())
+            .args(["ca", "-batch", "-notext", "-config", "ca.cnf"])
+            .args([
+                "-cert",
+                "ca.crt",
+                "-keyfile",
+                "ca.key",
+                "-in",
+                "expired.csr",
+            ])
+            .args([
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20200102000000Z",
+            ])
+            .args(["-extfile", "server.ext", "-out", "expired.crt"]))?;
+        std::fs::copy(self.file("expired.crt"), self.file("server.crt"))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Puts back the certificate [`Self::expire_certificate`] wrote over.
+    pub fn renew_certificate(&self) -> Result<(), String> {
+        std::fs::copy(self.file("server.crt.valid"), self.file("server.crt"))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
     /// A file of the server's directory.
     pub fn file(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
