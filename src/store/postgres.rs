@@ -241,6 +241,9 @@ struct Connector {
     config: tokio_postgres::Config,
     password: Option<Arc<PasswordFile>>,
     tls: Option<MakeRustlsConnect>,
+    /// The longest a new connection may take to open, every host tried: the pool's wait,
+    /// and the bound on taking the instance id's lock on a connection of its own.
+    open_timeout: Duration,
 }
 
 /// The task that drives a connection, boxed so that a plain one and a TLS one are alike.
@@ -447,6 +450,7 @@ impl PgStore {
             config,
             password: password.map(Arc::new),
             tls,
+            open_timeout: create_timeout,
         };
         let manager = Manager::from_connect(
             connector.config.clone(),
@@ -575,6 +579,21 @@ impl PgStore {
 
 /// A connection holding `instance_id`'s lock, or `None` when another session holds it.
 async fn try_hold(connector: &Connector, instance_id: &str) -> Result<Option<Holder>, StoreError> {
+    // `connect_timeout` bounds each host's TCP connect only: a server that accepts and
+    // never answers would hold this attempt, and with it the lock's retake, for good.
+    let timeout = connector.open_timeout;
+    (tokio::time::timeout(timeout, try_hold_now(connector, instance_id)).await).map_err(|_| {
+        StoreError::unavailable(TimedOut {
+            operation: "taking the instance id's lock",
+            timeout,
+        })
+    })?
+}
+
+async fn try_hold_now(
+    connector: &Connector,
+    instance_id: &str,
+) -> Result<Option<Holder>, StoreError> {
     let mut config = connector.config();
     config.application_name(HOLDER_APPLICATION);
     let (client, connection) = connector.open(&config).await.map_err(not_connected)?;
@@ -601,12 +620,18 @@ async fn hold_forever(connector: Connector, instance_id: String, mut holder: Hol
             error = ?ended.ok().and_then(Result::err).map(|e| Causes(&e).to_string()),
             "Lost the connection that holds this instance id's lock; taking it again. (Fencing still keeps another process's writes apart.)"
         );
+        let mut failed = 0u32;
         holder = loop {
             tokio::time::sleep(HOLDER_WAIT).await;
             match try_hold(&connector, &instance_id).await {
                 Ok(Some(holder)) => break holder,
                 Ok(None) => {
                     tracing::warn!(%instance_id, "Another session holds this instance id's lock; this process will be fenced off if it claimed the id.")
+                }
+                // The first failure says why; the rest of an outage is the flusher's to tell.
+                Err(e) if failed == 0 => {
+                    failed += 1;
+                    tracing::warn!(%instance_id, error = %e, retry_every = ?HOLDER_WAIT, "Cannot take the instance id's lock yet; trying again.")
                 }
                 Err(e) => {
                     tracing::debug!(%instance_id, error = %e, "Cannot take the instance id's lock yet.")
@@ -821,6 +846,35 @@ impl Store for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that accepts the connection and never answers holds a lock attempt no
+    /// longer than a new connection may take.
+    #[tokio::test]
+    async fn taking_the_lock_from_a_server_that_never_answers_is_given_up_on() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = silent.local_addr().expect("its address").port();
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(port).user("tally");
+        let connector = Connector {
+            config,
+            password: None,
+            tls: None,
+            open_timeout: Duration::from_millis(200),
+        };
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(Duration::from_secs(5), try_hold(&connector, "id"))
+            .await
+            .expect("given up on by its own deadline");
+        assert!(matches!(&attempt, Err(e) if e.failure() == super::super::Failure::Timeout));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(silent);
+    }
 
     #[tokio::test]
     async fn only_a_statement_failing_on_its_first_poll_counts_as_unsent() {
