@@ -3,10 +3,11 @@
 //! The drain order, each step logged at info by [`crate::startup::App::run_until`]:
 //! 1. SIGTERM or SIGINT arrives, or the flusher finds that the store has gone back in time
 //!    and only a new start can go on (it then notes why in the data directory, for the next
-//!    start to report; the drain below ends with exit 1, and a signal during it is not heard,
-//!    so the drain runs to its timeouts). With `--shutdown-delay`, `/readyz` answers 503 "draining" for
-//!    that long while everything is still served, so that a load balancer takes the
-//!    instance out first. Then the listener closes: no new connection is accepted.
+//!    start to report; the drain below ends with exit 1, and a signal during it is heard as
+//!    during any drain: the first is logged, a second exits at once). With
+//!    `--shutdown-delay`, `/readyz` answers 503 "draining" for that long while everything
+//!    is still served, so that a load balancer takes the instance out first. Then the
+//!    listener closes: no new connection is accepted.
 //! 2. Requests in flight finish (bounded by `--shutdown-timeout`). The flusher still runs
 //!    meanwhile, so `ack=store` requests get their commit.
 //! 3. The flusher is told to stop: it seals what is pending and writes batches until

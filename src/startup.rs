@@ -248,7 +248,10 @@ impl App {
     /// # Errors
     ///
     /// If the server fails or the final flush cannot finish in time.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let Self {
             config,
             listener,
@@ -343,10 +346,14 @@ impl App {
         // A signal, or the flusher finding that only a new start can go on (the store went
         // back in time): the same drain, and for the latter an exit code of 1 from it.
         let stop = async {
+            let mut shutdown = Box::pin(shutdown);
             tokio::select! {
-                () = shutdown => {}
+                () = &mut shutdown => {}
                 () = restart.cancelled() => {
                     went_back(&config.store.data_dir, health.fenced().unwrap_or_default());
+                    // Still heard during this drain: the first signal is said to be one
+                    // more drain, the second exits at once (`shutdown::signal`).
+                    tokio::spawn(shutdown);
                 }
             }
         };

@@ -202,8 +202,9 @@ async fn a_switchover_to_the_standby_loses_nothing_and_counts_nothing_twice() {
 /// replication, fallen behind), the primary committed more of tally's batches, then crashed,
 /// and the standby was promoted. The database has lost those batches; tally finds out at its
 /// next batch (the store's last seq is below one it saw committed), answers 503 `fenced`,
-/// and exits 1 by itself; its new start writes them again from its journal. Every
-/// acknowledged increment is stored once on the new primary.
+/// and drains to exit 1 by itself (here an operator's two signals end that drain at once);
+/// its new start writes them again from its journal. Every acknowledged increment is stored
+/// once on the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal() {
     // A drain that keeps serving a while, so that the 503 is seen before the listener closes.
@@ -281,9 +282,22 @@ async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal(
         refusal.0 == 503 && refusal.1.contains("fenced"),
         "refused as fenced: {refusal:?}"
     );
+    // The operator's signals are heard during this drain (within its 2 s delay): the first
+    // is logged, the second exits at once; the journal still holds everything.
+    tally.sigterm();
+    eventually(
+        Duration::from_secs(5),
+        "the signal is heard during the drain",
+        || async { tally.log().contains("Shutdown requested; draining.") },
+    )
+    .await;
+    tally.sigterm();
     let exited = tally.wait_exit(Duration::from_secs(30)).await;
     let log = tally.log();
-    assert_eq!(exited.code(), Some(1), "exits 1 by itself:\n{log}");
+    assert!(
+        exited.code() == Some(130) && log.contains("Second signal: exiting without draining."),
+        "a second signal exits at once: {exited}\n{log}"
+    );
     assert!(
         log.contains("Fenced: the store has gone back in time") && log.contains("lost batches"),
         "the log says what happened:\n{log}"
