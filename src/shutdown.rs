@@ -36,10 +36,12 @@ pub fn signal() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     Ok(async move {
         signals.recv().await;
         drop(signals);
+        // Fresh streams, installed before the log line invites the second signal: they see
+        // only signals sent from now on.
+        let again = Signals::install();
         tracing::info!("Shutdown requested; draining. Send the signal again to exit at once.");
         tokio::spawn(async move {
-            // Fresh streams: they see only signals sent from now on.
-            let Ok(mut again) = Signals::install() else {
+            let Ok(mut again) = again else {
                 return;
             };
             again.recv().await;

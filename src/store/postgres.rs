@@ -24,6 +24,7 @@ use tokio_postgres::config::{SslMode, TargetSessionAttrs};
 use tokio_postgres::types::ToSql;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::causes::Causes;
 
@@ -597,11 +598,16 @@ async fn try_hold_now(
     let mut config = connector.config();
     config.application_name(HOLDER_APPLICATION);
     let (client, connection) = connector.open(&config).await.map_err(not_connected)?;
-    let connection = tokio::spawn(connection);
+    // Until it is handed over in a `Holder`, the connection ends with this attempt: one
+    // given up on at `try_hold`'s deadline must not keep its session open (a client
+    // dropped mid-query leaves its connection waiting for the answer), nor a lock the
+    // server may have granted meanwhile.
+    let connection = AbortOnDropHandle::new(tokio::spawn(connection));
     let row = client.query_one(TRY_HOLD, &[&instance_id]).await?;
-    Ok(row
-        .get::<_, bool>(0)
-        .then_some(Holder { client, connection }))
+    Ok(row.get::<_, bool>(0).then(|| Holder {
+        client,
+        connection: connection.detach(),
+    }))
 }
 
 /// The connection that holds an instance id's lock, and the task driving it.
@@ -847,6 +853,18 @@ impl Store for PgStore {
 mod tests {
     use super::*;
 
+    /// A connector without TLS or password to 127.0.0.1:`port`, as user `tally`.
+    fn plain_connector(port: u16, open_timeout: Duration) -> Connector {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(port).user("tally");
+        Connector {
+            config,
+            password: None,
+            tls: None,
+            open_timeout,
+        }
+    }
+
     /// A server that accepts the connection and never answers holds a lock attempt no
     /// longer than a new connection may take.
     #[tokio::test]
@@ -855,14 +873,7 @@ mod tests {
             .await
             .expect("bind");
         let port = silent.local_addr().expect("its address").port();
-        let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(port).user("tally");
-        let connector = Connector {
-            config,
-            password: None,
-            tls: None,
-            open_timeout: Duration::from_millis(200),
-        };
+        let connector = plain_connector(port, Duration::from_millis(200));
         let started = Instant::now();
         let attempt = tokio::time::timeout(Duration::from_secs(5), try_hold(&connector, "id"))
             .await
@@ -874,6 +885,41 @@ mod tests {
             started.elapsed()
         );
         drop(silent);
+    }
+
+    /// One that logs tally in and then never answers its lock query: the attempt given up
+    /// on closes its connection (a lock the server granted meanwhile goes with it).
+    #[tokio::test]
+    async fn a_lock_attempt_given_up_on_mid_query_closes_its_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("its address").port();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("a connection");
+            let mut buffer = [0u8; 4096];
+            // The startup message; then AuthenticationOk and ReadyForQuery (idle).
+            let _ = socket.read(&mut buffer).await.expect("the startup message");
+            socket
+                .write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+                .await
+                .expect("log in");
+            // Then silence, until the client closes the connection.
+            loop {
+                match socket.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        });
+        let connector = plain_connector(port, Duration::from_millis(300));
+        let attempt = try_hold(&connector, "id").await;
+        assert!(matches!(&attempt, Err(e) if e.failure() == super::super::Failure::Timeout));
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the connection is closed once the attempt is given up on")
+            .expect("the fake server");
     }
 
     #[tokio::test]
