@@ -283,24 +283,27 @@ impl StoreError {
     }
 }
 
-/// Why a store operation failed: [`StoreError::failure`].
+/// Why a store operation failed: [`StoreError::failure`]. Declared in the order of
+/// [`Failure::ALL`] (checked below).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// No answer within `--store-timeout`: a hung connection or database.
     Timeout,
-    /// No connection could be opened: refused, unreachable, a login or TLS refused, or no
+    /// No connection could be opened: refused, no route, a login or TLS refused, or no
     /// host that takes writes (`target_session_attrs=read-write` during a failover).
     NotConnected,
-    /// The connection broke during the operation, or the server ended the session.
+    /// The connection broke during the operation, or the server ended the session (also
+    /// when it crashed, as a PostgreSQL out of disk may).
     ConnectionLost,
-    /// The database answered with an error: read-only, permissions, out of disk, a SQLite
-    /// file locked by another process.
+    /// The database answered with an error: read-only, permissions; a SQLite file locked
+    /// by another process, or full.
     DatabaseError,
     /// Anything else (the log line has the error).
     Other,
 }
 
 impl Failure {
+    /// Every reason, in declaration order: `reason as usize` is its index here.
     pub const ALL: [Self; 5] = [
         Self::Timeout,
         Self::NotConnected,
@@ -320,6 +323,15 @@ impl Failure {
         }
     }
 }
+
+// `Failure::ALL[i] as usize == i`, so that a reason indexes what is kept per reason.
+const _: () = {
+    let mut i = 0;
+    while i < Failure::ALL.len() {
+        assert!(Failure::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// The contract every backend keeps; see the module docs.
 #[async_trait]

@@ -626,7 +626,7 @@ async fn hold_forever(connector: Connector, instance_id: String, mut holder: Hol
             error = ?ended.ok().and_then(Result::err).map(|e| Causes(&e).to_string()),
             "Lost the connection that holds this instance id's lock; taking it again. (Fencing still keeps another process's writes apart.)"
         );
-        let mut failed = 0u32;
+        let mut warned = false;
         holder = loop {
             tokio::time::sleep(HOLDER_WAIT).await;
             match try_hold(&connector, &instance_id).await {
@@ -635,8 +635,8 @@ async fn hold_forever(connector: Connector, instance_id: String, mut holder: Hol
                     tracing::warn!(%instance_id, "Another session holds this instance id's lock; this process will be fenced off if it claimed the id.")
                 }
                 // The first failure says why; the rest of an outage is the flusher's to tell.
-                Err(e) if failed == 0 => {
-                    failed += 1;
+                Err(e) if !warned => {
+                    warned = true;
                     tracing::warn!(%instance_id, error = %e, retry_every = ?HOLDER_WAIT, "Cannot take the instance id's lock yet; trying again.")
                 }
                 Err(e) => {

@@ -32,6 +32,12 @@ pub fn metric(exposition: &str, series: &str) -> f64 {
         .sum()
 }
 
+/// The series of batches `tally_flush_batches_total` counted failed for `reason`.
+#[allow(dead_code, reason = "used by the durability tests only")]
+pub fn failed_for(reason: &str) -> String {
+    format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}")
+}
+
 /// A series' name and its labels without the braces (`""` when it has none).
 fn split(series: &str) -> (&str, &str) {
     match series.split_once('{') {

@@ -242,7 +242,7 @@ async fn ingest_continues_through_a_database_outage_and_totals_are_exact_after_r
     // The recorder is process-wide (other in-process apps share it): counts are compared
     // with those before.
     let failed = |reason: &str| {
-        let series = format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}");
+        let series = crate::metrics::failed_for(reason);
         crate::metrics::metric(&tally::metrics::handle().render(), &series)
     };
     let before = ["not_connected", "connection_lost", "other"].map(failed);
@@ -799,7 +799,7 @@ async fn locked_after_one_write(
 
 /// Asserts that `tally` counted at least one batch failed for `reason`, and none it could
 /// not tell (`other`).
-pub async fn assert_failed_for(tally: &Tally, reason: &str) {
+async fn assert_failed_for(tally: &Tally, reason: &str) {
     let (for_reason, other) = (
         tally.failed_for(reason).await,
         tally.failed_for("other").await,

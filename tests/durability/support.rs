@@ -281,8 +281,7 @@ impl Tally {
 
     /// How many batches it counted failed for `reason` (`tally_flush_batches_total`).
     pub async fn failed_for(&self, reason: &str) -> f64 {
-        let series = format!("tally_flush_batches_total{{result=\"failed\",reason=\"{reason}\"}}");
-        self.metric(&series).await
+        self.metric(&crate::metrics::failed_for(reason)).await
     }
 
     /// A metric's current value (0 when the series is not exported yet).
