@@ -47,6 +47,11 @@ pub const FLUSH_LAG: &str = "tally_flush_lag_seconds";
 /// did not finish cleanly: an error, or an attempt that `--store-timeout` gave up on (which
 /// may still be running on the server, so the next user would queue behind it).
 pub const STORE_CONNECTIONS_DISCARDED: &str = "tally_store_connections_discarded_total";
+/// Hosts of a `--database-url` naming several that were passed over for the next while a
+/// connection was opened, by `reason`: `timeout` (no connection within the host's share of
+/// the wait: a host down, or one that accepts and hangs) and `refused` (an error: a standby
+/// where `target_session_attrs=read-write` asks for a primary, a server not running).
+pub const STORE_HOSTS_PASSED_OVER: &str = "tally_store_hosts_passed_over_total";
 /// Reads of `--database-password-file` as a PostgreSQL connection is opened, by `result`:
 /// `unchanged`, `changed` (a rotated password, used from this connection on) and `failed`
 /// (unreadable or emptied: the password read before is used).
@@ -139,6 +144,8 @@ pub struct Metrics {
     pub store_went_back: Gauge,
     /// [`STORE_CONNECTIONS_DISCARDED`].
     pub store_connections_discarded: Counter,
+    /// [`STORE_HOSTS_PASSED_OVER`], one per `reason`.
+    pub store_hosts_passed_over: HostsPassedOver,
     /// [`STORE_PASSWORD_READS`], one per `result`.
     pub store_password_reads: PasswordReads,
     /// [`PENDING_KEYS`].
@@ -173,6 +180,12 @@ pub struct Metrics {
     rejected: Box<[Counter]>,
     /// [`HTTP_DURATION`], one slot per route × method × status of [`http`].
     http: Box<[OnceLock<Histogram>]>,
+}
+
+/// [`STORE_HOSTS_PASSED_OVER`] by `reason`.
+pub struct HostsPassedOver {
+    pub timeout: Counter,
+    pub refused: Counter,
 }
 
 /// [`STORE_PASSWORD_READS`] by `result`.
@@ -282,6 +295,10 @@ impl Metrics {
                 store_lost_batches: metrics::counter!(STORE_LOST_BATCHES),
                 store_went_back: metrics::gauge!(STORE_WENT_BACK),
                 store_connections_discarded: metrics::counter!(STORE_CONNECTIONS_DISCARDED),
+                store_hosts_passed_over: HostsPassedOver {
+                    timeout: metrics::counter!(STORE_HOSTS_PASSED_OVER, "reason" => "timeout"),
+                    refused: metrics::counter!(STORE_HOSTS_PASSED_OVER, "reason" => "refused"),
+                },
                 store_password_reads: PasswordReads {
                     unchanged: metrics::counter!(STORE_PASSWORD_READS, "result" => "unchanged"),
                     changed: metrics::counter!(STORE_PASSWORD_READS, "result" => "changed"),
@@ -415,6 +432,10 @@ fn describe() {
     describe_counter!(
         STORE_CONNECTIONS_DISCARDED,
         "PostgreSQL connections closed instead of pooled after an unclean use (an error, or an attempt given up on)."
+    );
+    describe_counter!(
+        STORE_HOSTS_PASSED_OVER,
+        "Hosts of a --database-url naming several passed over for the next as a connection was opened, by reason (timeout: no connection in the host's share of the wait; refused: an error, such as a standby)."
     );
     describe_counter!(
         STORE_PASSWORD_READS,

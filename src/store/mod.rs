@@ -27,6 +27,7 @@
 //! - [`Store::read`] returns a key's value together with this instance's last applied seq,
 //!   from one snapshot, so a reader can tell which of its pending deltas the value includes.
 
+mod hosts;
 mod migrate;
 pub mod password;
 pub mod postgres;

@@ -28,6 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::causes::Causes;
 
+use super::hosts::{Host, Hosts};
 use super::password::PasswordFile;
 use super::timed::TimedOut;
 use super::tls;
@@ -236,10 +237,11 @@ impl Drop for Conn {
 
 /// How every new connection is opened, the pool's and the instance lock's alike: the URL's
 /// settings, with the password of `--database-password-file` as the file says now, over TLS
-/// when the URL says `sslmode=require` (see [`super::tls`]).
+/// when the URL says `sslmode=require` (see [`super::tls`]), to the first of the URL's hosts
+/// that opens one, each host within [`Hosts::per_host`] (see [`super::hosts`]).
 #[derive(Clone)]
 struct Connector {
-    config: tokio_postgres::Config,
+    hosts: Arc<Hosts>,
     password: Option<Arc<PasswordFile>>,
     tls: Option<MakeRustlsConnect>,
     /// The longest a new connection may take to open, every host tried: the pool's wait,
@@ -251,8 +253,51 @@ struct Connector {
 type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
 
 impl Connector {
-    /// Opens a connection with `config`: the client, and the future to spawn to drive it.
+    /// Opens a connection on the first host that opens one, as `application_name` if given
+    /// (else the URL's, or tally's): the client, and the future to spawn to drive it.
+    ///
+    /// Every host but the last is given [`Hosts::per_host`] for the whole attempt; the last
+    /// has what is left of the caller's wait, which is at least as long (an error of
+    /// tokio-postgres' own, the only kind it returns, cannot be made for a time-out).
     async fn open(
+        &self,
+        application_name: Option<&str>,
+    ) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
+        let (before, last) = self.hosts.in_turn();
+        let passed_over = &crate::metrics::Metrics::global().store_hosts_passed_over;
+        for host in before {
+            let config = self.settings(host, application_name);
+            match tokio::time::timeout(self.hosts.per_host, self.open_on(&config)).await {
+                Ok(Ok(opened)) => return Ok(opened),
+                Ok(Err(e)) if !timed_out(&e) => {
+                    passed_over.refused.increment(1);
+                    tracing::debug!(host = %host.name, error = %Causes(&e), "A PostgreSQL host did not open a connection; trying the next.");
+                }
+                // Ours, or tokio-postgres' `connect_timeout` on the TCP connect.
+                Ok(Err(_)) | Err(_) => {
+                    passed_over.timeout.increment(1);
+                    tracing::warn!(host = %host.name, within = ?self.hosts.per_host, "A PostgreSQL host did not open a connection in time (it does not answer, or too slowly); trying the next. If it is down for good, stop it or take it out of --database-url.");
+                }
+            }
+        }
+        self.open_on(&self.settings(last, application_name)).await
+    }
+
+    /// `host`'s settings, with the password of this moment, for a connection about to be
+    /// opened as `application_name` if given.
+    fn settings(&self, host: &Host, application_name: Option<&str>) -> tokio_postgres::Config {
+        let mut config = host.config.clone();
+        if let Some(file) = &self.password {
+            config.password(file.current());
+        }
+        if let Some(name) = application_name {
+            config.application_name(name);
+        }
+        config
+    }
+
+    /// Opens a connection with `config`, one host's.
+    async fn open_on(
         &self,
         config: &tokio_postgres::Config,
     ) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
@@ -267,20 +312,20 @@ impl Connector {
             }
         })
     }
+}
 
-    /// `config` with the password of this moment, for a connection about to be opened.
-    fn with_password(&self, config: &tokio_postgres::Config) -> tokio_postgres::Config {
-        let mut config = config.clone();
-        if let Some(file) = &self.password {
-            config.password(file.current());
+/// Whether `e` is a time-out of the TCP connect (tokio-postgres' `connect_timeout`).
+fn timed_out(e: &tokio_postgres::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
         }
-        config
+        cause = e.source();
     }
-
-    /// The settings for a connection of tally's own (not the pool's) opened now.
-    fn config(&self) -> tokio_postgres::Config {
-        self.with_password(&self.config)
-    }
+    false
 }
 
 /// A pooled connection as deadpool takes it: the client, and the task that drives it.
@@ -291,11 +336,10 @@ type Connected =
 impl deadpool_postgres::Connect for Connector {
     fn connect(
         &self,
-        pg_config: &tokio_postgres::Config,
+        _: &tokio_postgres::Config,
     ) -> Pin<Box<dyn Future<Output = Connected> + Send + '_>> {
-        let config = self.with_password(pg_config);
         Box::pin(async move {
-            let (client, connection) = self.open(&config).await?;
+            let (client, connection) = self.open(None).await?;
             // As deadpool's own connector does it.
             let driver = tokio::spawn(async move {
                 if let Err(e) = connection.await {
@@ -410,13 +454,12 @@ impl PgStore {
             SslMode::Require => Some(tls::connector(ca_file)?),
             _ => None,
         };
-        // Several hosts (a primary and its standby): tokio-postgres tries them in turn, each
-        // for up to `connect_timeout`, so a first host that does not answer at all (its
-        // machine down, its packets dropped) must leave the next one time within the
-        // pool's wait for a new connection: each host gets its share of that wait.
-        // Each host, or each `hostaddr` where there are more of them, is one try.
-        let tries = config.get_hosts().len().max(config.get_hostaddrs().len());
-        let hosts = u32::try_from(tries.max(1)).unwrap_or(u32::MAX);
+        // Several hosts (a primary and its standby): each is tried in turn for its share
+        // of the pool's wait for a new connection (see `Connector::open`), so that a first
+        // host that does not answer at all (its machine down, its packets dropped) or
+        // accepts and then hangs leaves the next one time within that wait.
+        let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
+        let hosts = u32::try_from(hosts.max(1)).unwrap_or(u32::MAX);
         if hosts > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
             tracing::warn!(
                 hosts,
@@ -426,14 +469,11 @@ impl PgStore {
                  (docs/operations.md, Faults)."
             );
         }
+        let per_host = (CONNECT_TIMEOUT / hosts).max(MIN_HOST_CONNECT_TIMEOUT);
+        // Also tokio-postgres' bound on each TCP connect.
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout((CONNECT_TIMEOUT / hosts).max(MIN_HOST_CONNECT_TIMEOUT));
+            config.connect_timeout(per_host);
         }
-        let create_timeout = config
-            .get_connect_timeout()
-            .map_or(CONNECT_TIMEOUT, |per_host| {
-                per_host.saturating_mul(hosts).max(CONNECT_TIMEOUT)
-            });
         // A peer that vanished without a reset (a failover, a partition): the kernel drops
         // a connection whose data stays unacknowledged this long, instead of retrying for
         // ~15 minutes, and keepalives find idle pooled connections that died.
@@ -447,14 +487,16 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tally");
         }
+        let hosts = Hosts::new(&config, per_host).map_err(StoreError::unavailable)?;
+        let create_timeout = (hosts.per_host.saturating_mul(hosts.count())).max(CONNECT_TIMEOUT);
         let connector = Connector {
-            config,
+            hosts: Arc::new(hosts),
             password: password.map(Arc::new),
             tls,
             open_timeout: create_timeout,
         };
         let manager = Manager::from_connect(
-            connector.config.clone(),
+            config,
             connector.clone(),
             ManagerConfig {
                 // Fast: a pooled connection is reused as it is (unless closed), without a
@@ -595,9 +637,8 @@ async fn try_hold_now(
     connector: &Connector,
     instance_id: &str,
 ) -> Result<Option<Holder>, StoreError> {
-    let mut config = connector.config();
-    config.application_name(HOLDER_APPLICATION);
-    let (client, connection) = connector.open(&config).await.map_err(not_connected)?;
+    let (client, connection) =
+        (connector.open(Some(HOLDER_APPLICATION)).await).map_err(not_connected)?;
     // Until it is handed over in a `Holder`, the connection ends with this attempt: one
     // given up on at `try_hold`'s deadline must not keep its session open (a client
     // dropped mid-query leaves its connection waiting for the answer), nor a lock the
@@ -858,7 +899,7 @@ mod tests {
         let mut config = tokio_postgres::Config::new();
         config.host("127.0.0.1").port(port).user("tally");
         Connector {
-            config,
+            hosts: Arc::new(Hosts::new(&config, open_timeout).expect("one host")),
             password: None,
             tls: None,
             open_timeout,

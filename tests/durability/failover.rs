@@ -330,16 +330,40 @@ async fn a_failover_to_a_standby_that_missed_commits_is_healed_from_the_journal(
 /// wait spent on the first host, as before, tally did not start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_host_that_does_not_answer_is_passed_over_for_the_next() {
-    let Some(server) = PrivatePostgres::start(false, "unanswering host") else {
-        return;
-    };
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
     // SAFETY: listen on a socket this process owns; a second listen() only sets the
     // backlog, here to none: its one queued connection fills it, and others hang.
     assert_eq!(unsafe { libc::listen(silent.as_raw_fd(), 0) }, 0);
     let address = silent.local_addr().expect("its address");
     let _queued = std::net::TcpStream::connect(address).expect("fill its queue");
-    let both = ToBoth::new(&[address.to_string(), server.address()], &[]);
+    passed_over_for_the_next(address, "a first host that does not answer").await;
+}
+
+/// A first host that takes the connection and then never answers (a server whose disk
+/// hangs, a proxy whose backend is gone; here a listener that queues every connection and
+/// reads nothing) is passed over for the next one, with a warning that names it and a
+/// count. Before, tokio-postgres' `connect_timeout` bounded the TCP connect alone, so the
+/// whole wait went to the first host, and tally did not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_host_that_accepts_and_hangs_is_passed_over_for_the_next() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    let address = hung.local_addr().expect("its address");
+    let what = "a first host that accepts and hangs";
+    let Some(log) = passed_over_for_the_next(address, what).await else {
+        return;
+    };
+    assert!(
+        log.contains("did not open a connection in time") && log.contains(&address.to_string()),
+        "the host passed over is named:\n{log}"
+    );
+}
+
+/// Starts a tally whose URL names `first` and then a real server, checks that it starts in
+/// time and stores an increment on the real one, counting `first` passed over for time.
+/// Returns tally's log; `None` (having said so) when no private server starts.
+async fn passed_over_for_the_next(first: std::net::SocketAddr, what: &str) -> Option<String> {
+    let server = PrivatePostgres::start(false, what)?;
+    let both = ToBoth::new(&[first.to_string(), server.address()], &[]);
     let started = Instant::now();
     let mut tally = Tally::start(&both.config).await;
     let took = started.elapsed();
@@ -358,11 +382,16 @@ async fn a_first_host_that_does_not_answer_is_passed_over_for_the_next() {
         "the increment is stored on the host that answers",
     )
     .await;
+    let timeouts = (tally.metric(r#"tally_store_hosts_passed_over_total{reason="timeout"}"#)).await;
+    assert!(
+        timeouts >= 1.0,
+        "the first host is counted passed over for time: {timeouts}"
+    );
     assert!(tally.terminate().await.success());
     shout(&format!(
-        "failover (a first host that does not answer): passed over for the next, tally \
-         started in {took:.1?}"
+        "failover ({what}): passed over for the next, tally started in {took:.1?}"
     ));
+    Some(tally.log())
 }
 
 /// Several hosts without `target_session_attrs=read-write` (so a connection may be opened on
