@@ -78,16 +78,27 @@ impl App {
                     .map(PasswordFile::open)
                     .transpose()
                     .context("cannot read --database-password-file")?;
-                Arc::new(
-                    PgStore::connect_with(
-                        url.expose(),
-                        password,
-                        config.store.database_ca_file.as_deref(),
-                        config.store.database_pool_size.get(),
-                    )
-                    .await
-                    .context("cannot use the PostgreSQL store (--database-url)")?,
+                let store = PgStore::connect_with(
+                    url.expose(),
+                    password,
+                    config.store.database_ca_file.as_deref(),
+                    config.store.database_pool_size.get(),
                 )
+                .await
+                .context("cannot use the PostgreSQL store (--database-url)")?;
+                // A batch that gives up first starts again from the first host.
+                let before_last = store.before_last_host();
+                if before_last >= config.store.store_timeout {
+                    tracing::warn!(
+                        ?before_last,
+                        store_timeout = ?config.store.store_timeout,
+                        "--database-url's hosts before the last may take longer to open a \
+                         connection than --store-timeout allows a batch: while they do not \
+                         answer, every batch gives up before the last host is tried. Lower \
+                         the URL's connect_timeout, name fewer hosts, or raise --store-timeout."
+                    );
+                }
+                Arc::new(store)
             }
             None => {
                 create_data_dir(&config.store.data_dir)?;

@@ -614,6 +614,15 @@ impl PgStore {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The longest a new connection may spend on the URL's other hosts before it tries the
+    /// last one (each host's share of the wait, or the URL's `connect_timeout`, times the
+    /// hosts before it); zero for a URL with one host.
+    pub fn before_last_host(&self) -> Duration {
+        let (before, _) = self.connector.hosts.in_turn();
+        let before = u32::try_from(before.count()).unwrap_or(u32::MAX);
+        self.connector.hosts.per_host.saturating_mul(before)
+    }
+
     /// The pool, for tests and tools that inspect the database directly.
     pub fn pool(&self) -> &Pool {
         &self.pool

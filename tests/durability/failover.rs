@@ -395,13 +395,19 @@ async fn passed_over_for_the_next(first: std::net::SocketAddr, what: &str) -> Op
 }
 
 /// Several hosts without `target_session_attrs=read-write` (so a connection may be opened on
-/// a standby, where every batch would fail): tally says so at start, and what to add.
+/// a standby, where every batch would fail): tally says so at start, and what to add. And
+/// hosts before the last that may take longer than `--store-timeout` (each gets 2.5 s of
+/// two, against 2 s here): every batch would give up before the last host while the others
+/// hang, which tally says too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_hosts_without_target_session_attrs_are_warned_about() {
     let Some(server) = PrivatePostgres::start(false, "several hosts") else {
         return;
     };
-    let mut both = ToBoth::new(&[server.address(), server.address()], &[]);
+    let mut both = ToBoth::new(
+        &[server.address(), server.address()],
+        &["--store-timeout", "2s"],
+    );
     let url = both.config.database_url.take().unwrap_or_default();
     both.config.database_url = url
         .strip_suffix("?target_session_attrs=read-write")
@@ -413,5 +419,10 @@ async fn several_hosts_without_target_session_attrs_are_warned_about() {
         log.contains("names several hosts without target_session_attrs=read-write")
             && log.contains("Add ?target_session_attrs=read-write"),
         "the start warns and says what to add:\n{log}"
+    );
+    assert!(
+        log.contains("every batch gives up before the last host is tried")
+            && log.contains("before_last=2.5s"),
+        "the start warns of hosts slower than --store-timeout:\n{log}"
     );
 }
