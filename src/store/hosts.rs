@@ -9,6 +9,7 @@
 //! into one per host and tries them itself ([`super::postgres`]).
 
 use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio_postgres::Config;
@@ -19,8 +20,31 @@ use tokio_postgres::config::{Host as Address, LoadBalanceHosts};
 pub(super) struct Host {
     /// The URL's settings with this host alone (its `hostaddr` and port with it).
     pub config: Config,
-    /// How logs name it: `host:port`, or the `hostaddr`.
+    /// How logs name it: `host:port`, or the `hostaddr`'s socket address.
     pub name: String,
+    /// The host name to look up for its addresses, and the port: a TCP host given by name
+    /// without a `hostaddr`.
+    lookup: Option<(String, u16)>,
+}
+
+impl Host {
+    /// Where to try this host now, each try with its own deadline, as libpq's
+    /// `connect_timeout` applies "separately to each host name or IP address": one config
+    /// per address its name has now (with `hostaddr` set, the name kept for TLS), or itself
+    /// when given by address or as a socket directory.
+    pub async fn addresses(&self) -> std::io::Result<Vec<(Config, String)>> {
+        let Some((name, port)) = &self.lookup else {
+            return Ok(vec![(self.config.clone(), self.name.clone())]);
+        };
+        let found = tokio::net::lookup_host((name.as_str(), *port)).await?;
+        Ok(found
+            .map(|address| {
+                let mut config = self.config.clone();
+                config.hostaddr(address.ip());
+                (config, format!("{} ({address})", self.name))
+            })
+            .collect())
+    }
 }
 
 /// The hosts of a URL, and how long each may take to open a connection.
@@ -69,6 +93,7 @@ impl Hosts {
             vec![Host {
                 config: config.clone(),
                 name: name(config, 0),
+                lookup: None,
             }]
         };
         Ok(Self {
@@ -160,25 +185,38 @@ fn alone(config: &Config, i: usize) -> Host {
         .channel_binding(config.get_channel_binding())
         // Among the addresses of one host name, as tokio-postgres does.
         .load_balance_hosts(config.get_load_balance_hosts());
+    let lookup = match (config.get_hosts().get(i), config.get_hostaddrs().get(i)) {
+        (Some(Address::Tcp(host)), None) => Some((host.clone(), port(config, i))),
+        _ => None,
+    };
     Host {
         name: name(config, i),
         config: one,
+        lookup,
     }
+}
+
+/// The port of `config`'s `i`th host: its own, the one for all, or PostgreSQL's.
+fn port(config: &Config, i: usize) -> u16 {
+    let ports = config.get_ports();
+    ports
+        .get(i)
+        .or_else(|| ports.first())
+        .copied()
+        .unwrap_or(5432)
 }
 
 /// How logs name `config`'s `i`th host.
 fn name(config: &Config, i: usize) -> String {
-    let ports = config.get_ports();
-    let port = ports
-        .get(i)
-        .or_else(|| ports.first())
-        .copied()
-        .unwrap_or(5432);
+    let port = port(config, i);
     match (config.get_hosts().get(i), config.get_hostaddrs().get(i)) {
-        (Some(Address::Tcp(host)), _) => format!("{host}:{port}"),
+        (Some(Address::Tcp(host)), _) => match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, port).to_string(),
+            Err(_) => format!("{host}:{port}"),
+        },
         #[cfg(unix)]
         (Some(Address::Unix(path)), _) => format!("{}:{port}", path.display()),
-        (None, Some(addr)) => format!("{addr}:{port}"),
+        (None, Some(&addr)) => SocketAddr::new(addr, port).to_string(),
         (None, None) => "(no host)".to_owned(),
     }
 }
@@ -212,12 +250,7 @@ mod tests {
             parse("host=h1 hostaddr=10.0.0.1 port=5433"),
             parse("host=/run/pg hostaddr=10.0.0.2 port=5434"),
         ];
-        assert_eq!(format!("{alone:?}"), format!("{expected:?}"));
-        for (alone, expected) in alone.iter().zip(&expected) {
-            // Not in `Config`'s Debug.
-            assert_eq!(alone.get_password(), expected.get_password());
-            assert_eq!(alone.get_ssl_negotiation(), expected.get_ssl_negotiation());
-        }
+        assert_eq!(alone, expected);
         let names: Vec<_> = hosts.hosts.iter().map(|h| h.name.as_str()).collect();
         assert_eq!(names, ["h1:5433", "/run/pg:5434"]);
         assert_eq!(hosts.per_host, Duration::from_secs(3), "the URL's own");
@@ -239,6 +272,48 @@ mod tests {
         for host in &hosts.hosts {
             assert_eq!(host.config.get_ports(), [6000]);
             assert_eq!(host.config.get_hostaddrs().len(), 1);
+        }
+    }
+
+    /// A host by name is tried at each of its addresses (the name kept, for TLS); one by
+    /// address, or a socket directory, once.
+    #[tokio::test]
+    async fn a_host_by_name_is_tried_at_each_of_its_addresses() {
+        let whole = parse("host=localhost,::1,/run/pg port=5433");
+        let hosts = Hosts::new(&whole, Duration::from_secs(1)).expect("paired");
+        for (i, name, address) in [
+            (0, "localhost", "localhost:5433 ("),
+            (1, "::1", "[::1]:5433 ("),
+        ] {
+            let tries = hosts.hosts[i].addresses().await.expect("resolves");
+            assert!(!tries.is_empty());
+            for (config, tried) in &tries {
+                assert_eq!(
+                    config.get_hosts(),
+                    [Address::Tcp(name.into())],
+                    "kept for TLS"
+                );
+                let [addr] = config.get_hostaddrs() else {
+                    panic!("one address per try: {config:?}");
+                };
+                assert!(addr.is_loopback(), "{addr}");
+                assert!(tried.starts_with(address), "{tried}");
+            }
+        }
+        let by_address = Hosts::new(
+            &parse("hostaddr=::1,10.0.0.1 port=5433"),
+            Duration::from_secs(1),
+        )
+        .expect("paired");
+        let hosts = [
+            (&hosts.hosts[2], "/run/pg:5433"),
+            (&by_address.hosts[0], "[::1]:5433"),
+        ];
+        for (host, name) in hosts {
+            let tries = host.addresses().await.expect("nothing to look up");
+            assert_eq!(tries.len(), 1);
+            assert_eq!(tries[0].0, host.config, "as it is");
+            assert_eq!(tries[0].1, name);
         }
     }
 

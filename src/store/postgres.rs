@@ -28,7 +28,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::causes::Causes;
 
-use super::hosts::{Host, Hosts};
+use super::hosts::Hosts;
 use super::password::PasswordFile;
 use super::timed::TimedOut;
 use super::tls;
@@ -256,44 +256,49 @@ impl Connector {
     /// Opens a connection on the first host that opens one, as `application_name` if given
     /// (else the URL's, or tally's): the client, and the future to spawn to drive it.
     ///
-    /// Every host but the last is given [`Hosts::per_host`] for the whole attempt; the last
-    /// has what is left of the caller's wait, which is at least as long (an error of
+    /// Every host but the last is looked up, and tried at each of its addresses, each try
+    /// given [`Hosts::per_host`] for the whole attempt; the last is left to tokio-postgres,
+    /// with what is left of the caller's wait, which is at least as long (an error of
     /// tokio-postgres' own, the only kind it returns, cannot be made for a time-out).
     async fn open(
         &self,
         application_name: Option<&str>,
     ) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
+        // Read once for every host tried.
+        let password = self.password.as_ref().map(|file| file.current());
+        let settings = |config: &tokio_postgres::Config| {
+            let mut config = config.clone();
+            if let Some(password) = &password {
+                config.password(password);
+            }
+            if let Some(name) = application_name {
+                config.application_name(name);
+            }
+            config
+        };
         let (before, last) = self.hosts.in_turn();
-        let passed_over = &crate::metrics::Metrics::global().store_hosts_passed_over;
+        let per_host = self.hosts.per_host;
         for host in before {
-            let config = self.settings(host, application_name);
-            match tokio::time::timeout(self.hosts.per_host, self.open_on(&config)).await {
-                Ok(Ok(opened)) => return Ok(opened),
-                Ok(Err(e)) if !timed_out(&e) => {
-                    passed_over.refused.increment(1);
-                    tracing::debug!(host = %host.name, error = %Causes(&e), "A PostgreSQL host did not open a connection; trying the next.");
+            let addresses = match tokio::time::timeout(per_host, host.addresses()).await {
+                Ok(Ok(addresses)) => addresses,
+                Ok(Err(e)) => {
+                    passed_over(&host.name, &e, false);
+                    continue;
                 }
-                // Ours, or tokio-postgres' `connect_timeout` on the TCP connect.
-                Ok(Err(_)) | Err(_) => {
-                    passed_over.timeout.increment(1);
-                    tracing::warn!(host = %host.name, within = ?self.hosts.per_host, "A PostgreSQL host did not open a connection in time (it does not answer, or too slowly); trying the next. If it is down for good, stop it or take it out of --database-url.");
+                Err(_) => {
+                    passed_over(&host.name, &"its name was not looked up in time", true);
+                    continue;
+                }
+            };
+            for (config, name) in addresses {
+                match tokio::time::timeout(per_host, self.open_on(&settings(&config))).await {
+                    Ok(Ok(opened)) => return Ok(opened),
+                    Ok(Err(e)) => passed_over(&name, &Causes(&e), timed_out(&e)),
+                    Err(_) => passed_over(&name, &"no answer in time", true),
                 }
             }
         }
-        self.open_on(&self.settings(last, application_name)).await
-    }
-
-    /// `host`'s settings, with the password of this moment, for a connection about to be
-    /// opened as `application_name` if given.
-    fn settings(&self, host: &Host, application_name: Option<&str>) -> tokio_postgres::Config {
-        let mut config = host.config.clone();
-        if let Some(file) = &self.password {
-            config.password(file.current());
-        }
-        if let Some(name) = application_name {
-            config.application_name(name);
-        }
-        config
+        self.open_on(&settings(&last.config)).await
     }
 
     /// Opens a connection with `config`, one host's.
@@ -311,6 +316,20 @@ impl Connector {
                 (client, Box::pin(connection))
             }
         })
+    }
+}
+
+/// Counts and logs a host (or one address of it) passed over for the next: at warn when it
+/// took too long (our deadline, or tokio-postgres' on the TCP connect), as a host that hangs
+/// is a fault; at info when it refused, as a standby does while another host is primary.
+fn passed_over(host: &str, why: &dyn std::fmt::Display, timeout: bool) {
+    let counts = &crate::metrics::Metrics::global().store_hosts_passed_over;
+    if timeout {
+        counts.timeout.increment(1);
+        tracing::warn!(host, error = %why, "A PostgreSQL host did not open a connection in time (it does not answer, or too slowly); trying the next. If it is down for good, stop it or take it out of --database-url.");
+    } else {
+        counts.refused.increment(1);
+        tracing::info!(host, error = %why, "A PostgreSQL host did not open a connection; trying the next.");
     }
 }
 
