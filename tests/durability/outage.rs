@@ -598,6 +598,57 @@ async fn a_hung_commit_is_abandoned_after_the_store_timeout_and_counted_once() {
     ));
 }
 
+/// A batch whose session the server ends under it (an operator's `pg_terminate_backend`, a
+/// server restarting, a failover cutting its sessions) fails as `connection_lost`, is retried
+/// on a fresh connection and counted once: here the session is ended while its COMMIT sleeps
+/// in a trigger, so the end lands mid-transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_session_is_ended_under_it_is_counted_lost_and_written_once() {
+    let Some(db) = PgDatabase::create("session_ended").await else {
+        return;
+    };
+    let dir = data_dir();
+    let config = TallyConfig::new(dir.path(), Some(&db), "journal", "100ms");
+    let mut tally = Tally::start(&config).await;
+    let admin = pg::client(&db.url).await;
+    let slow = pg::SlowCommits::install(&admin, Duration::from_secs(3)).await;
+    let client = reqwest::Client::new();
+    let direct = Direct::open(dir.path(), Some(&db)).await;
+
+    assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    direct.wait_for("k", 1, Duration::from_secs(10)).await;
+    slow.set(true).await;
+    for _ in 0..5 {
+        assert_eq!(increment(&client, &tally.address, "k").await, 202);
+    }
+    eventually(Duration::from_secs(10), "a batch's commit sleeps", || {
+        slow.sleeping()
+    })
+    .await;
+    slow.set(false).await;
+    let ended: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'tally' \
+             AND wait_event = 'PgSleep'",
+            &[],
+        )
+        .await
+        .expect("end the batch's session")
+        .get(0);
+    assert_eq!(ended, 1, "the batch's session is ended");
+    direct.wait_for("k", 6, Duration::from_secs(20)).await;
+    assert_failed_for(&tally, "connection_lost").await;
+    let status = tally.terminate().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(direct.value("k").await, Some(6), "counted once");
+    let log = tally.log();
+    assert!(
+        log.contains("reason=\"connection_lost\"") && log.contains("terminating connection"),
+        "the log says the session was ended, in the server's words:\n{log}"
+    );
+}
+
 /// A database made read-only (`ALTER DATABASE … SET default_transaction_read_only`, as for
 /// maintenance; an old primary after a failover refuses writes the same way): every batch
 /// fails with the server's own words in the log and in `/readyz` (not tokio-postgres' bare
