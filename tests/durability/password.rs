@@ -247,10 +247,7 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
     // With the right CA and name but a certificate past its validity, the refusal says to
     // renew it (or look at this host's clock).
     server.expire_certificate().expect("an expired certificate");
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
+    server.reload().await;
     let expired = data_dir();
     let log = refused(&tally_config(
         expired.path(),
@@ -267,10 +264,7 @@ async fn with_sslmode_require_every_connection_is_tls_verified_against_the_ca_fi
     server
         .renew_certificate()
         .expect("the valid certificate back");
-    admin
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
+    server.reload().await;
 
     let dir = data_dir();
     let config = tally_config(dir.path(), url, &secrets, &ca_file(&server));

@@ -308,6 +308,30 @@ impl PrivatePostgres {
         tokio::spawn(connection);
         client
     }
+
+    /// Has the server read its configuration and certificate files again, and returns
+    /// once it has: `pg_reload_conf()` only signals the postmaster, and a connection opened
+    /// before it gets round to it would meet the old files. A session forked after the
+    /// reload carries the postmaster's new load time.
+    pub async fn reload(&self) {
+        let admin = self.admin("postgres").await;
+        let before: String = (admin
+            .query_one("SELECT pg_conf_load_time()::text", &[])
+            .await)
+            .expect("the load time")
+            .get(0);
+        (admin.batch_execute("SELECT pg_reload_conf()").await).expect("reload");
+        let reloaded = "SELECT pg_conf_load_time() > $1::text::timestamptz";
+        crate::support::eventually(
+            std::time::Duration::from_secs(10),
+            "the server reloads",
+            || async {
+                let fresh = self.admin("postgres").await;
+                (fresh.query_one(reloaded, &[&before]).await).is_ok_and(|row| row.get(0))
+            },
+        )
+        .await;
+    }
 }
 
 impl Drop for PrivatePostgres {
