@@ -36,8 +36,17 @@ impl Host {
         let Some((name, port)) = &self.lookup else {
             return Ok(vec![(self.config.clone(), self.name.clone())]);
         };
-        let found = tokio::net::lookup_host((name.as_str(), *port)).await?;
-        Ok(found
+        let found: Vec<_> = tokio::net::lookup_host((name.as_str(), *port))
+            .await?
+            .collect();
+        // As tokio-postgres spreads connections over a name's addresses.
+        let first = if self.config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+            random_below(found.len())
+        } else {
+            0
+        };
+        let (before, after) = found.split_at(first);
+        Ok((after.iter().chain(before))
             .map(|address| {
                 let mut config = self.config.clone();
                 config.hostaddr(address.ip());
@@ -113,19 +122,19 @@ impl Hosts {
     /// apart, as it is tried differently.
     pub fn in_turn(&self) -> (impl Iterator<Item = &Host>, &Host) {
         let count = self.hosts.len();
-        let first = if self.random {
-            // A random start without a crate for it: std's hasher keys are random per
-            // process and per `RandomState`.
-            let random = RandomState::new().hash_one(0_u8);
-            usize::try_from(random % count as u64).unwrap_or(0)
-        } else {
-            0
-        };
+        let first = if self.random { random_below(count) } else { 0 };
         // `new` keeps at least one host.
         let last = &self.hosts[(first + count - 1) % count];
         let before = (0..count - 1).map(move |i| &self.hosts[(first + i) % count]);
         (before, last)
     }
+}
+
+/// A number below `bound` (0 if `bound` is), at random: a start in a list, where no crate
+/// is needed for it, as std's hasher keys are random per process and per `RandomState`.
+fn random_below(bound: usize) -> usize {
+    let random = RandomState::new().hash_one(0_u8);
+    usize::try_from(random % bound.max(1) as u64).unwrap_or(0)
 }
 
 /// `config` with its `i`th host alone. tokio-postgres' `Config` can add a host but not take
