@@ -87,7 +87,7 @@ impl App {
                 .await
                 .context("cannot use the PostgreSQL store (--database-url)")?;
                 // A batch that gives up first starts again from the first host.
-                let before_last = store.before_last_host();
+                let before_last = store.wait_before_last_host();
                 if before_last >= config.store.store_timeout {
                     tracing::warn!(
                         ?before_last,

@@ -39,6 +39,9 @@ impl Host {
         let found: Vec<_> = tokio::net::lookup_host((name.as_str(), *port))
             .await?
             .collect();
+        if found.is_empty() {
+            return Err(std::io::Error::other("its name has no address"));
+        }
         // As tokio-postgres spreads connections over a name's addresses.
         let first = if self.config.get_load_balance_hosts() == LoadBalanceHosts::Random {
             random_below(found.len())
@@ -62,8 +65,12 @@ pub(super) struct Hosts {
     hosts: Vec<Host>,
     random: bool,
     /// Each host's share of the wait for a new connection, or the URL's `connect_timeout`:
-    /// the bound of one host's whole attempt (TCP, TLS, start-up, authentication).
+    /// the bound of one try's whole attempt (TCP, TLS, start-up, authentication) at one
+    /// address of a host before the last, and of each TCP connect.
     pub per_host: Duration,
+    /// The wait for a new connection, every host tried: `per_host` for each host, and at
+    /// least the wait asked for.
+    pub wait: Duration,
 }
 
 /// A URL whose lists of hosts, `hostaddr`s and ports do not pair up.
@@ -79,9 +86,10 @@ pub struct Unpaired {
 }
 
 impl Hosts {
-    /// `config`'s hosts, each given `per_host` (the URL's `connect_timeout` if it sets one).
-    /// A URL with one host (or none: tokio-postgres then says what is missing) is kept whole.
-    pub fn new(config: &Config, per_host: Duration) -> Result<Self, Unpaired> {
+    /// `config`'s hosts, each given its share of `wait`, at least `least` (or the URL's
+    /// `connect_timeout` if it sets one), which also bounds each TCP connect. A URL with
+    /// one host (or none: tokio-postgres then says what is missing) is kept whole.
+    pub fn new(config: &Config, wait: Duration, least: Duration) -> Result<Self, Unpaired> {
         let (hosts, addrs, ports) = (
             config.get_hosts().len(),
             config.get_hostaddrs().len(),
@@ -95,8 +103,10 @@ impl Hosts {
                 ports,
             });
         }
-        let per_host = config.get_connect_timeout().copied().unwrap_or(per_host);
-        let hosts = if count > 1 {
+        let factor = u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+        let per_host =
+            (config.get_connect_timeout().copied()).unwrap_or_else(|| (wait / factor).max(least));
+        let mut hosts = if count > 1 {
             (0..count).map(|i| alone(config, i)).collect()
         } else {
             vec![Host {
@@ -105,16 +115,20 @@ impl Hosts {
                 lookup: None,
             }]
         };
+        for host in &mut hosts {
+            host.config.connect_timeout(per_host);
+        }
         Ok(Self {
             hosts,
             random: config.get_load_balance_hosts() == LoadBalanceHosts::Random,
             per_host,
+            wait: per_host.saturating_mul(factor).max(wait),
         })
     }
 
-    /// How many hosts there are, as a factor of [`Hosts::per_host`].
-    pub fn count(&self) -> u32 {
-        u32::try_from(self.hosts.len()).unwrap_or(u32::MAX)
+    /// How many hosts there are.
+    pub fn count(&self) -> usize {
+        self.hosts.len()
     }
 
     /// The hosts in the order to try them now: the URL's, or with `load_balance_hosts=random`
@@ -172,9 +186,8 @@ fn alone(config: &Config, i: usize) -> Host {
     if let Some(&addr) = config.get_hostaddrs().get(i) {
         one.hostaddr(addr);
     }
-    let ports = config.get_ports();
-    if let Some(&port) = ports.get(i).or_else(|| ports.first()) {
-        one.port(port);
+    if !config.get_ports().is_empty() {
+        one.port(port(config, i));
     }
     if let Some(&timeout) = config.get_connect_timeout() {
         one.connect_timeout(timeout);
@@ -253,7 +266,7 @@ mod tests {
     #[test]
     fn each_host_alone_has_every_setting_of_the_url() {
         let whole = parse("host=h1,/run/pg hostaddr=10.0.0.1,10.0.0.2 port=5433,5434");
-        let hosts = Hosts::new(&whole, Duration::from_secs(1)).expect("paired");
+        let hosts = Hosts::new(&whole, Duration::from_secs(1), Duration::ZERO).expect("paired");
         let alone: Vec<_> = hosts.hosts.iter().map(|h| h.config.clone()).collect();
         let expected = [
             parse("host=h1 hostaddr=10.0.0.1 port=5433"),
@@ -271,7 +284,7 @@ mod tests {
         let whole: Config = "hostaddr=10.0.0.1,10.0.0.2 port=6000"
             .parse()
             .expect("valid");
-        let hosts = Hosts::new(&whole, Duration::from_secs(2)).expect("paired");
+        let hosts = Hosts::new(&whole, Duration::from_secs(4), Duration::ZERO).expect("paired");
         assert_eq!(
             names(&hosts),
             ["10.0.0.1:6000", "10.0.0.2:6000"],
@@ -289,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn a_host_by_name_is_tried_at_each_of_its_addresses() {
         let whole = parse("host=localhost,::1,/run/pg port=5433");
-        let hosts = Hosts::new(&whole, Duration::from_secs(1)).expect("paired");
+        let hosts = Hosts::new(&whole, Duration::from_secs(1), Duration::ZERO).expect("paired");
         for (i, name, address) in [
             (0, "localhost", "localhost:5433 ("),
             (1, "::1", "[::1]:5433 ("),
@@ -312,6 +325,7 @@ mod tests {
         let by_address = Hosts::new(
             &parse("hostaddr=::1,10.0.0.1 port=5433"),
             Duration::from_secs(1),
+            Duration::ZERO,
         )
         .expect("paired");
         let hosts = [
@@ -334,7 +348,7 @@ mod tests {
             "hostaddr=10.0.0.1,10.0.0.2 port=1,2,3",
         ] {
             let config: Config = url.parse().expect("parses");
-            let error = Hosts::new(&config, Duration::from_secs(1)).expect_err(url);
+            let error = Hosts::new(&config, Duration::from_secs(1), Duration::ZERO).expect_err(url);
             assert!(error.to_string().contains("one per host"), "{error}");
         }
     }
@@ -342,7 +356,8 @@ mod tests {
     /// With `load_balance_hosts=random` every host comes first some of the time.
     #[test]
     fn random_order_starts_anywhere_and_keeps_every_host() {
-        let hosts = Hosts::new(&parse("host=a,b,c"), Duration::from_secs(1)).expect("paired");
+        let hosts = Hosts::new(&parse("host=a,b,c"), Duration::from_secs(1), Duration::ZERO)
+            .expect("paired");
         let mut first = std::collections::HashSet::new();
         for _ in 0..200 {
             let mut turn = names(&hosts);

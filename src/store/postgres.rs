@@ -244,9 +244,6 @@ struct Connector {
     hosts: Arc<Hosts>,
     password: Option<Arc<PasswordFile>>,
     tls: Option<MakeRustlsConnect>,
-    /// The longest a new connection may take to open, every host tried: the pool's wait,
-    /// and the bound on taking the instance id's lock on a connection of its own.
-    open_timeout: Duration,
 }
 
 /// The task that drives a connection, boxed so that a plain one and a TLS one are alike.
@@ -278,8 +275,16 @@ impl Connector {
         };
         let (before, last) = self.hosts.in_turn();
         let per_host = self.hosts.per_host;
+        // The hosts before the last share what the last's share leaves of the wait, each try
+        // at most `per_host`, however many addresses their names have.
+        let until = Instant::now() + self.hosts.wait.saturating_sub(per_host);
+        let share = || per_host.min(until.saturating_duration_since(Instant::now()));
         for host in before {
-            let addresses = match tokio::time::timeout(per_host, host.addresses()).await {
+            if share().is_zero() {
+                passed_over(&host.name, &"no time left before the last host", true);
+                continue;
+            }
+            let addresses = match tokio::time::timeout(share(), host.addresses()).await {
                 Ok(Ok(addresses)) => addresses,
                 Ok(Err(e)) => {
                     passed_over(&host.name, &e, false);
@@ -291,7 +296,12 @@ impl Connector {
                 }
             };
             for (config, name) in addresses {
-                match tokio::time::timeout(per_host, self.open_on(&settings(&config))).await {
+                let share = share();
+                if share.is_zero() {
+                    passed_over(&name, &"no time left before the last host", true);
+                    continue;
+                }
+                match tokio::time::timeout(share, self.open_on(&settings(&config))).await {
                     Ok(Ok(opened)) => return Ok(opened),
                     Ok(Err(e)) => passed_over(&name, &Causes(&e), timed_out(&e)),
                     Err(_) => passed_over(&name, &"no answer in time", true),
@@ -473,26 +483,6 @@ impl PgStore {
             SslMode::Require => Some(tls::connector(ca_file)?),
             _ => None,
         };
-        // Several hosts (a primary and its standby): each is tried in turn for its share
-        // of the pool's wait for a new connection (see `Connector::open`), so that a first
-        // host that does not answer at all (its machine down, its packets dropped) or
-        // accepts and then hangs leaves the next one time within that wait.
-        let hosts = config.get_hosts().len().max(config.get_hostaddrs().len());
-        let hosts = u32::try_from(hosts.max(1)).unwrap_or(u32::MAX);
-        if hosts > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
-            tracing::warn!(
-                hosts,
-                "--database-url names several hosts without target_session_attrs=read-write: \
-                 a connection may be opened on a standby, where every batch fails as \
-                 read-only. Add ?target_session_attrs=read-write to the URL \
-                 (docs/operations.md, Faults)."
-            );
-        }
-        let per_host = (CONNECT_TIMEOUT / hosts).max(MIN_HOST_CONNECT_TIMEOUT);
-        // Also tokio-postgres' bound on each TCP connect.
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(per_host);
-        }
         // A peer that vanished without a reset (a failover, a partition): the kernel drops
         // a connection whose data stays unacknowledged this long, instead of retrying for
         // ~15 minutes, and keepalives find idle pooled connections that died.
@@ -506,13 +496,26 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("tally");
         }
-        let hosts = Hosts::new(&config, per_host).map_err(StoreError::unavailable)?;
-        let create_timeout = (hosts.per_host.saturating_mul(hosts.count())).max(CONNECT_TIMEOUT);
+        // Several hosts (a primary and its standby): each is tried in turn for its share
+        // of the pool's wait for a new connection (see `Connector::open`), so that a first
+        // host that does not answer at all (its machine down, its packets dropped) or
+        // accepts and then hangs leaves the next one time within that wait.
+        let hosts = Hosts::new(&config, CONNECT_TIMEOUT, MIN_HOST_CONNECT_TIMEOUT)
+            .map_err(StoreError::unavailable)?;
+        if hosts.count() > 1 && config.get_target_session_attrs() != TargetSessionAttrs::ReadWrite {
+            tracing::warn!(
+                hosts = hosts.count(),
+                "--database-url names several hosts without target_session_attrs=read-write: \
+                 a connection may be opened on a standby, where every batch fails as \
+                 read-only. Add ?target_session_attrs=read-write to the URL \
+                 (docs/operations.md, Faults)."
+            );
+        }
+        let create_timeout = hosts.wait;
         let connector = Connector {
             hosts: Arc::new(hosts),
             password: password.map(Arc::new),
             tls,
-            open_timeout: create_timeout,
         };
         let manager = Manager::from_connect(
             config,
@@ -634,12 +637,15 @@ impl PgStore {
     }
 
     /// The longest a new connection may spend on the URL's other hosts before it tries the
-    /// last one (each host's share of the wait, or the URL's `connect_timeout`, times the
-    /// hosts before it); zero for a URL with one host.
-    pub fn before_last_host(&self) -> Duration {
-        let (before, _) = self.connector.hosts.in_turn();
-        let before = u32::try_from(before.count()).unwrap_or(u32::MAX);
-        self.connector.hosts.per_host.saturating_mul(before)
+    /// last one: the wait for a connection less the last host's share; zero for a URL with
+    /// one host.
+    pub fn wait_before_last_host(&self) -> Duration {
+        let hosts = &self.connector.hosts;
+        if hosts.count() > 1 {
+            hosts.wait.saturating_sub(hosts.per_host)
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// The pool, for tests and tools that inspect the database directly.
@@ -652,7 +658,7 @@ impl PgStore {
 async fn try_hold(connector: &Connector, instance_id: &str) -> Result<Option<Holder>, StoreError> {
     // `connect_timeout` bounds each host's TCP connect only: a server that accepts and
     // never answers would hold this attempt, and with it the lock's retake, for good.
-    let timeout = connector.open_timeout;
+    let timeout = connector.hosts.wait;
     (tokio::time::timeout(timeout, try_hold_now(connector, instance_id)).await).map_err(|_| {
         StoreError::unavailable(TimedOut {
             operation: "taking the instance id's lock",
@@ -927,10 +933,9 @@ mod tests {
         let mut config = tokio_postgres::Config::new();
         config.host("127.0.0.1").port(port).user("tally");
         Connector {
-            hosts: Arc::new(Hosts::new(&config, open_timeout).expect("one host")),
+            hosts: Arc::new(Hosts::new(&config, open_timeout, Duration::ZERO).expect("one host")),
             password: None,
             tls: None,
-            open_timeout,
         }
     }
 

@@ -606,10 +606,13 @@ async fn a_batch_whose_session_is_ended_under_it_is_counted_lost_and_written_onc
         return;
     };
     let dir = data_dir();
-    let config = TallyConfig::new(dir.path(), Some(&db), "journal", "100ms");
+    let mut config = TallyConfig::new(dir.path(), Some(&db), "journal", "100ms");
+    // Longer than the commit's sleep, which is long enough for the test to end the session
+    // in it on a busy machine: the batch must not be given up on first.
+    config.extra = vec!["--store-timeout".to_owned(), "30s".to_owned()];
     let mut tally = Tally::start(&config).await;
     let admin = pg::client(&db.url).await;
-    let slow = pg::SlowCommits::install(&admin, Duration::from_secs(3)).await;
+    let slow = pg::SlowCommits::install(&admin, Duration::from_secs(20)).await;
     let client = reqwest::Client::new();
     let direct = Direct::open(dir.path(), Some(&db)).await;
 
